@@ -1,0 +1,46 @@
+"""curvkit: Kronecker-factored curvature for PyTorch.
+
+The public API: Kronecker statistics (:func:`kronecker_factors`,
+:func:`accumulate_kronecker_factors`), the plugin registry (:func:`build_registry`,
+:func:`default_registry`, :data:`hookimpl`) and the user-facing enums.
+"""
+
+from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy
+from curvkit.errors import (
+    CurvkitError,
+    DuplicateComponentError,
+    PluginLoadError,
+    PluginRegistrationError,
+    UnknownComponentError,
+    UnsupportedModuleError,
+    UnsupportedRequestError,
+    WeightTyingError,
+)
+from curvkit.hookspecs import hookimpl
+from curvkit.plugins import build_registry, default_registry
+from curvkit.registry import Registry
+from curvkit.stats import KroneckerFactors, accumulate_kronecker_factors, kronecker_factors
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvkitError",
+    "DuplicateComponentError",
+    "FisherType",
+    "KFACApprox",
+    "KroneckerFactors",
+    "PluginLoadError",
+    "PluginRegistrationError",
+    "Registry",
+    "UnknownComponentError",
+    "UnsupportedModuleError",
+    "UnsupportedPolicy",
+    "UnsupportedRequestError",
+    "WeightTyingError",
+    "__version__",
+    "accumulate_kronecker_factors",
+    "build_registry",
+    "default_registry",
+    "hookimpl",
+    "kronecker_factors",
+]

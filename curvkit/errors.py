@@ -1,0 +1,53 @@
+"""Exception types raised by curvkit.
+
+Every error names the offending value, what would be allowed instead, and how to fix
+it. All inherit from :class:`CurvkitError` so callers can catch them in one place.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CurvkitError",
+    "DuplicateComponentError",
+    "PluginLoadError",
+    "PluginRegistrationError",
+    "UnknownComponentError",
+    "UnsupportedModuleError",
+    "UnsupportedRequestError",
+    "WeightTyingError",
+]
+
+
+class CurvkitError(Exception):
+    """Base class of every error curvkit raises on purpose."""
+
+
+class UnknownComponentError(CurvkitError, KeyError):
+    """A component name that no loaded plugin registered."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateComponentError(CurvkitError, ValueError):
+    """Two plugins (or one plugin twice) registered the same component name."""
+
+
+class PluginLoadError(CurvkitError, ImportError):
+    """A plugin's entry point could not be imported."""
+
+
+class PluginRegistrationError(CurvkitError, RuntimeError):
+    """A plugin's registration hook raised or registered something invalid."""
+
+
+class UnsupportedRequestError(CurvkitError, ValueError):
+    """A statistics backend was asked for something it does not support."""
+
+
+class UnsupportedModuleError(CurvkitError, TypeError):
+    """A module with parameters that no layer handler can process."""
+
+
+class WeightTyingError(CurvkitError, RuntimeError):
+    """A tracked module (or parameter) is used more than once in one forward pass."""

@@ -1,0 +1,112 @@
+"""The statistics-backend contract: requests, capabilities, results.
+
+A backend computes, for one batch, the Kronecker factors of every tracked layer,
+normalised exactly as :func:`curvkit.kronecker_factors` documents (the batch is the whole
+data set). It declares what it supports in a :class:`BackendCapabilities`; the core checks
+a request against it before calling :meth:`StatisticsBackend.compute`, so a backend never
+sees a request it did not claim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Protocol, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.config import FisherType, KFACApprox
+from curvkit.stats.plan import TrackingPlan
+
+__all__ = ["BackendCapabilities", "FactorRequest", "KroneckerFactors", "StatisticsBackend"]
+
+
+class KroneckerFactors(NamedTuple):
+    """The factor pair of one layer: ``G ⊗ A`` approximates its curvature block.
+
+    Attributes:
+        A: Input factor, ``(d_in + 1, d_in + 1)`` with a bias (the last row/column belongs
+            to the appended constant input), else ``(d_in, d_in)``.
+        G: Output-gradient factor, ``(d_out, d_out)``.
+    """
+
+    A: Tensor
+    G: Tensor
+
+
+@dataclass(frozen=True)
+class FactorRequest:
+    """Everything a backend needs to compute the factors of one batch."""
+
+    model: nn.Module
+    loss_fn: nn.Module
+    inputs: Tensor
+    targets: Tensor
+    fisher: FisherType
+    kfac_approx: KFACApprox
+    mc_samples: int
+    generator: torch.Generator | None
+    plan: TrackingPlan
+
+
+def _names(values: Any) -> str:
+    return ", ".join(repr(getattr(v, "value", getattr(v, "__name__", v))) for v in values)
+
+
+@dataclass(frozen=True)
+class BackendCapabilities:
+    """What a backend can compute.
+
+    Attributes:
+        fisher_types: Supported Fisher types.
+        approximations: Supported expand/reduce approximations.
+        module_types: Module types it computes factors for (subclasses included).
+        losses: Supported loss classes.
+        reductions: Supported loss reductions.
+        extra_check: Optional callable ``request -> list[str]`` of further reasons a
+            request is refused (e.g. "Linear on 3-D inputs").
+    """
+
+    fisher_types: frozenset[FisherType]
+    approximations: frozenset[KFACApprox]
+    module_types: tuple[type[nn.Module], ...]
+    losses: tuple[type[nn.Module], ...]
+    reductions: frozenset[str] = frozenset({"mean", "sum"})
+    extra_check: Callable[[FactorRequest], list[str]] | None = field(default=None, compare=False)
+
+    def reasons(self, request: FactorRequest, registry: Any = None) -> list[str]:
+        """Why this backend cannot serve ``request`` (empty if it can)."""
+        out = []
+        if request.fisher not in self.fisher_types:
+            out.append(f"fisher={request.fisher.value!r} (supports {_names(sorted(self.fisher_types))})")
+        if request.kfac_approx not in self.approximations:
+            out.append(
+                f"kfac_approx={request.kfac_approx.value!r} (supports {_names(sorted(self.approximations))})"
+            )
+        if not isinstance(request.loss_fn, self.losses):
+            out.append(f"loss {type(request.loss_fn).__name__} (supports {_names(self.losses)})")
+        elif getattr(request.loss_fn, "reduction", None) not in self.reductions:
+            out.append(f"reduction={request.loss_fn.reduction!r} (supports {_names(sorted(self.reductions))})")
+        bad = sorted({type(layer.module).__name__ for layer in request.plan if not isinstance(layer.module, self.module_types)})
+        if bad:
+            out.append(f"module type(s) {', '.join(bad)} (supports {_names(self.module_types)})")
+        if self.extra_check is not None and not out:
+            out.extend(self.extra_check(request))
+        return out
+
+
+@runtime_checkable
+class StatisticsBackend(Protocol):
+    """Contract of a statistics backend.
+
+    Attributes:
+        name: Registered name (``"hooks"``, ``"backpack"``, ``"asdl"``, ...).
+        capabilities: What it supports.
+    """
+
+    name: str
+    capabilities: BackendCapabilities
+
+    def compute(self, request: FactorRequest) -> dict[str, KroneckerFactors]:
+        """Factors of every tracked layer that ran in the forward pass, by name."""

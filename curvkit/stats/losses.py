@@ -1,0 +1,195 @@
+r"""Fisher sources: the vectors backpropagated from the model output, per loss.
+
+Write the loss as :math:`L = \frac{1}{Z}\sum_t \ell_t` over its *loss terms* ``t`` (one per
+datum, or one per datum and sequence position when the output has extra dimensions),
+with ``Z = N · R_loss`` for ``reduction="mean"`` and ``Z = 1`` for ``"sum"``. For
+``MSELoss`` and ``BCEWithLogitsLoss`` with ``"mean"`` reduction PyTorch also averages
+over the ``C`` output features, so :math:`\ell_t = \kappa \sum_c (\cdot)` with
+``κ = 1/C`` (else ``κ = 1``).
+
+For every loss term a Fisher type supplies ``M`` vectors :math:`v_{t,m}` with
+:math:`\mathbb{E}\sum_m v_{t,m} v_{t,m}^\top = \nabla^2_{f}\ell_t`:
+
+* empirical: ``M = 1``, :math:`\sqrt\kappa\,\nabla_f \ell^{\text{raw}}(f_t, y_t)`;
+* MC: ``M = mc_samples``, the same at targets drawn from the model's predictive
+  distribution (categorical, Gaussian with variance 1/2, Bernoulli), divided by
+  :math:`\sqrt M`;
+* type-2: ``M = C``, the columns of a symmetric square root of :math:`\nabla^2_f\ell_t`.
+
+This reproduces curvlinops' ``KFACLinearOperator`` exactly, including the order in which
+MC targets are drawn from a seeded generator.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.config import FisherType
+from curvkit.errors import UnsupportedRequestError
+
+__all__ = ["LossAdapter", "SUPPORTED_LOSSES", "loss_adapter"]
+
+SUPPORTED_LOSSES: tuple[type[nn.Module], ...] = (nn.CrossEntropyLoss, nn.MSELoss, nn.BCEWithLogitsLoss)
+
+
+@dataclass(frozen=True)
+class LossAdapter:
+    """Per-loss knowledge needed to build backpropagated vectors.
+
+    Attributes:
+        loss_fn: The loss module.
+        reduction: ``"mean"`` or ``"sum"``.
+    """
+
+    loss_fn: nn.Module
+    reduction: str
+
+    @property
+    def is_cross_entropy(self) -> bool:
+        return isinstance(self.loss_fn, nn.CrossEntropyLoss)
+
+    # --- shapes -----------------------------------------------------------------------
+
+    def to_rows(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
+        """Flatten output and target to ``(N·R_loss, C)`` rows (and matching targets)."""
+        if self.is_cross_entropy:
+            if output.ndim < 2:
+                raise UnsupportedRequestError(
+                    f"CrossEntropyLoss output of shape {tuple(output.shape)} has no batch "
+                    "dimension; pass outputs of shape (N, C, ...)."
+                )
+            if target.is_floating_point():
+                raise UnsupportedRequestError(
+                    "CrossEntropyLoss with class-probability targets is not supported; pass "
+                    "integer class indices of shape (N, ...)."
+                )
+            rows = output.movedim(1, -1).reshape(-1, output.shape[1])
+            return rows, target.reshape(-1)
+        if output.shape != target.shape:
+            raise UnsupportedRequestError(
+                f"{type(self.loss_fn).__name__} needs targets shaped like the output; got "
+                f"output {tuple(output.shape)} and target {tuple(target.shape)}."
+            )
+        return output.reshape(-1, output.shape[-1]), target.reshape(-1, target.shape[-1])
+
+    def from_rows(self, rows: Tensor, output: Tensor) -> Tensor:
+        """Inverse of :meth:`to_rows` for a stack ``(M, N·R_loss, C)`` of row vectors."""
+        m = rows.shape[0]
+        if self.is_cross_entropy:
+            moved = output.movedim(1, -1).shape
+            return rows.reshape(m, *moved).movedim(-1, 2)
+        return rows.reshape(m, *output.shape)
+
+    def num_loss_terms(self, output: Tensor, target: Tensor) -> int:
+        """``N · R_loss``: the number of terms a ``mean`` reduction divides by (per C)."""
+        if self.is_cross_entropy:
+            return target.numel()
+        return target.shape[:-1].numel()
+
+    def normaliser(self, output: Tensor, target: Tensor) -> float:
+        """``Z``: what the loss is divided by, feature averaging excluded."""
+        return float(self.num_loss_terms(output, target)) if self.reduction == "mean" else 1.0
+
+    def kappa(self, num_features: int) -> float:
+        if self.reduction == "mean" and not self.is_cross_entropy:
+            return 1.0 / num_features
+        return 1.0
+
+    # --- vectors ----------------------------------------------------------------------
+
+    def vectors(
+        self,
+        rows: Tensor,
+        target_rows: Tensor,
+        fisher: FisherType,
+        mc_samples: int,
+        generator: torch.Generator | None,
+    ) -> Tensor:
+        """Backpropagated vectors ``(M, N·R_loss, C)`` for detached output rows."""
+        f = rows.detach()
+        c = f.shape[-1]
+        root_kappa = math.sqrt(self.kappa(c))
+        if fisher == FisherType.TYPE2:
+            return self._hessian_sqrt_columns(f) * root_kappa
+        if fisher == FisherType.EMPIRICAL:
+            return (self._raw_gradient(f, target_rows) * root_kappa).unsqueeze(0)
+        samples = [self._raw_gradient(f, self.sample(f, generator)) for _ in range(mc_samples)]
+        return torch.stack(samples).mul_(root_kappa / math.sqrt(mc_samples))
+
+    def sample(self, f: Tensor, generator: torch.Generator | None) -> Tensor:
+        """Targets drawn from the predictive distribution the loss implies."""
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            return f.softmax(dim=1).multinomial(num_samples=1, generator=generator).squeeze(-1)
+        if isinstance(self.loss_fn, nn.MSELoss):
+            noise = torch.randn(f.shape, device=f.device, dtype=f.dtype, generator=generator)
+            return f + math.sqrt(0.5) * noise
+        return f.sigmoid().bernoulli(generator=generator)
+
+    def _raw_gradient(self, f: Tensor, y: Tensor) -> Tensor:
+        """Gradient of the un-averaged per-term loss w.r.t. the output row."""
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            grad = f.softmax(dim=1)
+            grad[torch.arange(f.shape[0], device=f.device), y] -= 1.0
+            return grad
+        if isinstance(self.loss_fn, nn.MSELoss):
+            return 2.0 * (f - y.to(f.dtype))
+        return f.sigmoid() - y.to(f.dtype)
+
+    def _hessian_sqrt_columns(self, f: Tensor) -> Tensor:
+        """Columns ``(C, rows, C)`` of a symmetric square root of the raw per-term Hessian."""
+        rows, c = f.shape
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            # H = diag(p) - p pᵀ = S Sᵀ with S[:, k] = √p_k (e_k − p)
+            p = f.softmax(dim=1)
+            root = p.sqrt()
+            cols = -root.t().unsqueeze(-1) * p.unsqueeze(0)  # (C, rows, C): -√p_k p
+            idx = torch.arange(c, device=f.device)
+            cols[idx, :, idx] += root.t()
+            return cols
+        if isinstance(self.loss_fn, nn.MSELoss):
+            eye = torch.eye(c, device=f.device, dtype=f.dtype).mul_(math.sqrt(2.0))
+            return eye.unsqueeze(1).expand(c, rows, c)
+        s = f.sigmoid()
+        diag = (s * (1 - s)).sqrt()  # (rows, C)
+        cols = torch.zeros(c, rows, c, device=f.device, dtype=f.dtype)
+        idx = torch.arange(c, device=f.device)
+        cols[idx, :, idx] = diag.t()
+        return cols
+
+
+def loss_adapter(loss_fn: nn.Module) -> LossAdapter:
+    """Validate ``loss_fn`` and return its :class:`LossAdapter`.
+
+    Raises:
+        UnsupportedRequestError: For other losses, other reductions, or options that
+            change the likelihood (class weights, ``ignore_index`` in use, label
+            smoothing, ``pos_weight``); the message says what is supported.
+    """
+    if not isinstance(loss_fn, SUPPORTED_LOSSES):
+        names = ", ".join(cls.__name__ for cls in SUPPORTED_LOSSES)
+        raise UnsupportedRequestError(
+            f"loss_fn={loss_fn!r} is not supported; use one of {names} (reduction 'mean' or 'sum')."
+        )
+    reduction = getattr(loss_fn, "reduction", None)
+    if reduction not in ("mean", "sum"):
+        raise UnsupportedRequestError(
+            f"{type(loss_fn).__name__}(reduction={reduction!r}) is not supported; use "
+            "reduction='mean' or reduction='sum'."
+        )
+    bad = []
+    if getattr(loss_fn, "weight", None) is not None:
+        bad.append("weight")
+    if getattr(loss_fn, "pos_weight", None) is not None:
+        bad.append("pos_weight")
+    if getattr(loss_fn, "label_smoothing", 0.0):
+        bad.append("label_smoothing")
+    if bad:
+        raise UnsupportedRequestError(
+            f"{type(loss_fn).__name__} with {', '.join(bad)} set is not supported: it changes "
+            "the likelihood the Fisher is taken of. Leave these options at their defaults."
+        )
+    return LossAdapter(loss_fn, reduction)
