@@ -141,8 +141,8 @@ def build_registry(
     for hook_name, (attr, register_cls, _kind, _validate) in HOOKS.items():
         table = getattr(registry, attr)
         hook = getattr(pm.hook, hook_name)
-        # pluggy returns implementations last-registered first; call them in load order.
-        for impl in reversed(hook.get_hookimpls()):
+        # get_hookimpls() lists implementations in registration (load) order.
+        for impl in hook.get_hookimpls():
             register = register_cls(table, impl.plugin_name)
             kwargs = {arg: register for arg in impl.argnames}
             try:

@@ -95,6 +95,17 @@ def _make_request(
             "leading batch dimension N."
         )
     loss_adapter(loss_fn)  # validates the loss early, with a clear message
+    if isinstance(loss_fn, nn.CrossEntropyLoss):
+        if targets.is_floating_point():
+            raise UnsupportedRequestError(
+                "CrossEntropyLoss with class-probability (floating-point) targets is not supported; "
+                "pass integer class indices of shape (N, ...)."
+            )
+        if bool((targets == loss_fn.ignore_index).any()):
+            raise UnsupportedRequestError(
+                f"targets contain ignore_index={loss_fn.ignore_index}; ignored positions would change "
+                "the number of loss terms per datum. Remove them from the batch first."
+            )
     if fisher is FisherType.MC and generator is None:
         # Follow torch.manual_seed: draw the seed from the global generator.
         seed = int(torch.randint(0, 2**62, (1,)).item())

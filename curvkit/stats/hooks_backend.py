@@ -29,7 +29,10 @@ def _batched_grads(output: Tensor, targets: list[Tensor], vectors: Tensor) -> li
         grads = torch.autograd.grad(output, targets, vectors[0], allow_unused=True)
         return [g.unsqueeze(0) if g is not None else None for g in grads]  # type: ignore[misc]
     try:
-        return list(torch.autograd.grad(output, targets, vectors, is_grads_batched=True, allow_unused=True))
+        # retain_graph: if the batched pass fails part-way, the fallback below needs the graph.
+        return list(
+            torch.autograd.grad(output, targets, vectors, is_grads_batched=True, retain_graph=True, allow_unused=True)
+        )
     except RuntimeError:
         # Some operation lacks a vmap rule for its backward: one pass per vector.
         per_vector = [
