@@ -136,7 +136,7 @@ def build_registry(
     """
     pm = plugin_manager or make_plugin_manager(autoload=autoload, block=block, plugins=plugins)
     registry = Registry()
-    registry.plugins = [pm.get_name(p) or repr(p) for p in pm.get_plugins()]
+    registry.plugins = [name for name, plugin in pm.list_name_plugin() if plugin is not None]
     registry.blocked = [name for name, plugin in pm.list_name_plugin() if plugin is None]
     for hook_name, (attr, register_cls, _kind, _validate) in HOOKS.items():
         table = getattr(registry, attr)
