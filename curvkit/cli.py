@@ -77,14 +77,11 @@ def plugins_report(registry: Any, *, autoload: bool) -> dict[str, Any]:
     from curvkit.plugins import CORE_PLUGIN_NAME
 
     sources = {CORE_PLUGIN_NAME: f"curvkit core ({_version()})", **_plugin_sources()}
-    # Load order: the core, then the entry points, then plugins passed explicitly.
-    order = {name: i for i, name in enumerate(sources)}
-    loaded = sorted(registry.plugins, key=lambda name: (order.get(name, len(order)), name))
     not_loaded = sorted(set(sources) - set(registry.plugins) - set(registry.blocked))
     return {
         "version": _version(),
         "autoload": autoload,
-        "plugins": [{"name": name, "source": sources.get(name, "passed explicitly")} for name in loaded],
+        "plugins": [{"name": name, "source": sources.get(name, "passed explicitly")} for name in registry.plugins],
         "blocked": list(registry.blocked),
         "not_loaded": not_loaded,
         "components": {

@@ -159,8 +159,8 @@ def build_model(name: str, seed: int) -> nn.Module:
 def relative_difference(x: Tensor, reference: Tensor) -> float:
     r""":math:`\lVert x - r\rVert_F / \lVert r\rVert_F` (in float64; 0 if both vanish)."""
     x, reference = x.double(), reference.double()
-    denom = reference.norm().item()
-    diff = (x - reference).norm().item()
+    denom = float(reference.norm())
+    diff = float((x - reference).norm())
     if denom == 0.0:
         return 0.0 if diff == 0.0 else math.inf
     return diff / denom
@@ -240,7 +240,7 @@ def _curvkit_factors(
 def _measure(
     compute: Callable[[nn.Module, Iterable[tuple[Tensor, Tensor]]], dict[str, KroneckerFactors]],
     model: nn.Module,
-    loader: DataLoader,
+    loader: DataLoader[Any],
 ) -> tuple[dict[str, KroneckerFactors], float]:
     """Run ``compute`` on a private copy of ``model`` (so hooks or extensions one engine
     leaves behind cannot change what the next computes), after an untimed warm-up on the
@@ -300,18 +300,20 @@ def run_demo(config: DemoConfig | None = None, *, registry: Any = None) -> dict[
         reference, timings[REFERENCE] = _measure(
             lambda net, data: _curvlinops_factors(net, loss_fn, data, config), model, loader
         )
-        # Which other backends can serve this request: asked once, on the first batch.
+        # Which other backends can serve this request: asked once, on the first batch
+        # (a backend's check may run the model, so it gets a copy too).
         inputs, targets = next(iter(loader))
+        probe = copy.deepcopy(model)
         request = FactorRequest(
-            model,
+            probe,
             loss_fn,
             inputs,
             targets,
             FisherType(config.fisher),
             KFACApprox(config.kfac_approx),
             config.mc_samples,
-            None,
-            make_plan(model, registry),
+            torch.Generator().manual_seed(config.seed) if config.fisher == FisherType.MC.value else None,
+            make_plan(probe, registry),
         )
         others = [name for name in registry.backends_supporting(request) if name != config.backend]
         for name in others:

@@ -271,6 +271,11 @@ def _extended(*modules: nn.Module) -> Iterator[None]:
 
     flag = "_backpack_extend"
     flagged_before = {id(m) for root in modules for m in root.modules() if getattr(m, flag, False)}
+    # register_full_backward_hook marks a module for good; ASDL's plain backward hooks (or
+    # the user's) would then be refused on it, so the mark is restored with the hooks.
+    hook_kind_before = {
+        id(m): m.__dict__.get("_is_full_backward_hook", _MISSING) for root in modules for m in root.modules()
+    }
     n_before = len(CTX.hook_handles)
     added: list[Any] = []
     try:
@@ -288,6 +293,11 @@ def _extended(*modules: nn.Module) -> Iterator[None]:
             for m in root.modules():
                 if id(m) not in flagged_before and flag in m.__dict__:
                     delattr(m, flag)
+                before = hook_kind_before.get(id(m), _MISSING)
+                if before is _MISSING:
+                    m.__dict__.pop("_is_full_backward_hook", None)
+                else:
+                    m._is_full_backward_hook = before
                 memory_cleanup(m)
 
 

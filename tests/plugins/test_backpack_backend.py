@@ -447,3 +447,18 @@ def test_user_extended_model_and_saved_quantities_survive(registry):
         for handle in users:
             handle.remove()
         CTX.hook_handles = [h for h in CTX.hook_handles if all(h is not u for u in users)]
+
+
+def test_other_backends_work_on_the_same_model_after_backpack():
+    """BackPACK's full backward hooks must not leave the modules marked, or ASDL's (plain)
+    backward hooks are refused on the same model afterwards."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+    X, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 3, (6,))
+    loss = nn.CrossEntropyLoss()
+    ref = curvkit.kronecker_factors(model, loss, X, y, fisher="type-2", backend="backpack")
+    after = curvkit.kronecker_factors(model, loss, X, y, fisher="type-2", backend="asdl")
+    for name, (a, g) in ref.items():
+        torch.testing.assert_close(after[name].A, a)
+        torch.testing.assert_close(after[name].G, g)
+    model[0].register_backward_hook(lambda *args: None)  # plain hooks still allowed
