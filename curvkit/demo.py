@@ -34,9 +34,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from curvkit.config import FisherType, KFACApprox, as_enum
 from curvkit.errors import UnsupportedRequestError
-from curvkit.stats.api import accumulate_kronecker_factors
-from curvkit.stats.backend import FactorRequest, KroneckerFactors
-from curvkit.stats.plan import make_plan
+from curvkit.stats.api import accumulate_kronecker_factors, factor_request
+from curvkit.stats.backend import KroneckerFactors
 
 __all__ = [
     "MODELS",
@@ -304,16 +303,16 @@ def run_demo(config: DemoConfig | None = None, *, registry: Any = None) -> dict[
         # (a backend's check may run the model, so it gets a copy too).
         inputs, targets = next(iter(loader))
         probe = copy.deepcopy(model)
-        request = FactorRequest(
+        request = factor_request(
             probe,
             loss_fn,
             inputs,
             targets,
-            FisherType(config.fisher),
-            KFACApprox(config.kfac_approx),
-            config.mc_samples,
-            torch.Generator().manual_seed(config.seed) if config.fisher == FisherType.MC.value else None,
-            make_plan(probe, registry),
+            fisher=config.fisher,
+            kfac_approx=config.kfac_approx,
+            mc_samples=config.mc_samples,
+            generator=torch.Generator().manual_seed(config.seed) if config.fisher == FisherType.MC.value else None,
+            registry=registry,
         )
         others = [name for name in registry.backends_supporting(request) if name != config.backend]
         for name in others:

@@ -1,6 +1,6 @@
 """Kronecker statistics: capture, layer handlers, Fisher sources, backends."""
 
-from curvkit.stats.api import accumulate_kronecker_factors, kronecker_factors
+from curvkit.stats.api import accumulate_kronecker_factors, factor_request, kronecker_factors
 from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors, StatisticsBackend
 from curvkit.stats.capture import capture
 from curvkit.stats.handlers import ConvHandler, LayerHandler, LinearHandler
@@ -18,6 +18,7 @@ __all__ = [
     "TrackingPlan",
     "accumulate_kronecker_factors",
     "capture",
+    "factor_request",
     "kronecker_factors",
     "make_plan",
 ]

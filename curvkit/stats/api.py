@@ -30,7 +30,7 @@ from curvkit.stats.backend import FactorRequest, KroneckerFactors
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.plan import make_plan
 
-__all__ = ["accumulate_kronecker_factors", "kronecker_factors", "resolve_backend"]
+__all__ = ["accumulate_kronecker_factors", "factor_request", "kronecker_factors", "resolve_backend"]
 
 
 def _registry(registry: Any) -> Any:
@@ -113,6 +113,34 @@ def _make_request(
     if plan is None:
         plan = make_plan(model, registry, unsupported)
     return FactorRequest(model, loss_fn, inputs, targets, fisher, approx, mc_samples, generator, plan)
+
+
+def factor_request(
+    model: nn.Module,
+    loss_fn: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    fisher: FisherType | str,
+    kfac_approx: KFACApprox | str = "expand",
+    mc_samples: int = 1,
+    generator: torch.Generator | None = None,
+    unsupported: UnsupportedPolicy | str = "error",
+    registry: Any = None,
+) -> FactorRequest:
+    """Validate arguments and build the :class:`~curvkit.stats.backend.FactorRequest` that
+    :func:`kronecker_factors` hands to a backend.
+
+    Useful to ask which backends can serve a computation before running it::
+
+        request = factor_request(model, loss_fn, X, y, fisher="type-2")
+        registry.backends_supporting(request)  # e.g. ['hooks', 'backpack', 'asdl']
+
+    Arguments are those of :func:`kronecker_factors`.
+    """
+    return _make_request(
+        model, loss_fn, inputs, targets, fisher, kfac_approx, mc_samples, generator, unsupported, _registry(registry)
+    )
 
 
 def kronecker_factors(
