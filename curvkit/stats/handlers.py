@@ -8,6 +8,11 @@ flattened row-major, so a factor pair ``(A, G)`` stands for ``G ⊗ A`` on
 ``vec_row(W̄)``. The core adds the bias column and the expand/reduce reduction; a
 handler only reshapes.
 
+A handler may also define the optional method ``input_gram(module, x)`` returning
+``(Σ a aᵀ, Σ a, number of rows)`` over the rows ``a`` of ``input_features`` (no bias
+column), or ``None`` to decline; the hooks backend then uses it for the expand ``A``
+instead of materialising the features — :class:`ConvHandler` does, to avoid unfolding.
+
 To support a new module type, implement :class:`LayerHandler` and register it with the
 :func:`~curvkit.hookspecs.curvkit_register_layer_handlers` hook.
 """
@@ -17,13 +22,16 @@ from __future__ import annotations
 import math
 from typing import Protocol, runtime_checkable
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvkit.errors import UnsupportedModuleError
+from curvkit.stats.factors import conv_patch_gram, sum_gram
 
 __all__ = ["ConvHandler", "LayerHandler", "LinearHandler", "unfold_patches"]
+
+#: Input elements × kernel size unfolded at once by :meth:`ConvHandler.input_gram`.
+_UNFOLD_BUDGET = 1 << 22
 
 
 @runtime_checkable
@@ -151,15 +159,23 @@ class ConvHandler(_Handler):
         if isinstance(module, nn.modules.conv._ConvTransposeNd):
             raise UnsupportedModuleError("transposed convolutions are not supported.")
 
-    def input_features(self, module: nn.Module, x: Tensor) -> Tensor:
-        conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
-        d = len(conv.kernel_size)
+    @staticmethod
+    def _check_input(module: nn.Module, x: Tensor) -> None:
+        d = len(module.kernel_size)  # type: ignore[arg-type]
         if x.ndim != d + 2:
             raise UnsupportedModuleError(
                 f"{type(module).__name__} got input of shape {tuple(x.shape)}; curvkit needs a "
                 f"batch dimension: pass inputs of shape (N, C, *spatial) with {d} spatial dims."
             )
+
+    def input_features(self, module: nn.Module, x: Tensor) -> Tensor:
+        conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
+        self._check_input(conv, x)
         pad = conv._reversed_padding_repeated_twice
+        if len(conv.kernel_size) == 2 and conv.padding_mode == "zeros" and pad[0::2] == pad[1::2]:
+            # symmetric zero padding: let F.unfold pad, rather than copying a padded input
+            cols = F.unfold(x, conv.kernel_size, conv.dilation, (pad[2], pad[0]), conv.stride)
+            return cols.transpose(1, 2)
         if any(pad):
             mode = "constant" if conv.padding_mode == "zeros" else conv.padding_mode
             x = F.pad(x, pad, mode=mode)
@@ -169,6 +185,44 @@ class ConvHandler(_Handler):
             tuple(conv.stride),  # type: ignore[arg-type]
             tuple(conv.dilation),  # type: ignore[arg-type]
         )
+
+    def input_gram(self, module: nn.Module, x: Tensor) -> tuple[Tensor, Tensor, int] | None:
+        """Optional fast path for the expand ``A``: ``(Σ p pᵀ, Σ p, number of patches)``
+        over the patches ``p`` of ``x`` (the rows of :meth:`input_features`).
+
+        Stride-1 convolutions with small kernels get the patch Gram matrix without an
+        unfold (:func:`curvkit.stats.factors.conv_patch_gram`) where that is estimated to
+        be cheaper; otherwise the input is unfolded a few data at a time, so the full
+        ``(N, T, d_in)`` patch tensor is never held at once. Both equal the Gram matrix
+        of :meth:`input_features` up to rounding. Returns ``None`` in a subclass that
+        overrides :meth:`input_features` (its features may differ from plain patches).
+        """
+        if type(self).input_features is not ConvHandler.input_features:
+            return None
+        conv: nn.modules.conv._ConvNd = module  # type: ignore[assignment]
+        self._check_input(conv, x)
+        if all(s == 1 for s in conv.stride) and math.prod(conv.kernel_size) > 1:  # type: ignore[arg-type]
+            pad = conv._reversed_padding_repeated_twice
+            padded = x
+            if conv.padding_mode != "zeros" and any(pad):
+                padded = F.pad(x, pad, mode=conv.padding_mode)
+                pad = [0] * len(pad)
+            # _reversed_padding_repeated_twice lists (before, after) from the last dimension on
+            padding = tuple((pad[2 * i], pad[2 * i + 1]) for i in reversed(range(len(pad) // 2)))
+            stats = conv_patch_gram(padded, tuple(conv.kernel_size), tuple(conv.dilation), padding)  # type: ignore[arg-type]
+            if stats is not None:
+                return stats
+        xtx: Tensor | None = None
+        col_sum: Tensor | None = None
+        count = 0
+        chunk = max(1, _UNFOLD_BUDGET // max(1, x[:1].numel() * math.prod(conv.kernel_size)))  # type: ignore[arg-type]
+        for start in range(0, x.shape[0], chunk):
+            feats = self.input_features(conv, x[start : start + chunk])  # (n, T, d_in)
+            part, part_sum = sum_gram(feats), feats.sum((0, 1))
+            xtx = part if xtx is None else xtx.add_(part)
+            col_sum = part_sum if col_sum is None else col_sum.add_(part_sum)
+            count += feats.shape[0] * feats.shape[1]
+        return xtx, col_sum, count  # type: ignore[return-value]
 
     def output_features(self, module: nn.Module, g: Tensor) -> Tensor:
         # (N, C_out, *spatial) -> (N, T, C_out)

@@ -3,13 +3,20 @@
 One forward pass records layer inputs and outputs; the vectors of the chosen Fisher type
 (see :mod:`curvkit.stats.losses`) are then backpropagated from the model output to the
 layer outputs only — no parameter gradients are formed. Several vectors per loss term
-(MC samples, the columns of a type-2 Hessian square root) go through one batched backward
-(``is_grads_batched``), so type-2 costs one backward over ``N·C`` rows rather than ``C``
-backward passes. If an in-place operation overwrote a layer output, the forward is rerun
-with tensor hooks that see the gradient before the modification.
+(MC samples, the ``C`` columns of a type-2 Hessian square root) are backpropagated one
+after the other through the retained graph, each pass adding its contribution to ``G``
+right away: no ``(M, N, ...)`` stack of vectors or gradients is ever held. (Measured on one
+CPU thread, this beats a single ``is_grads_batched`` (vmap) backward — equal for MLPs,
+20% faster on a sequence model, twice as fast on a CNN, where several backward ops lack
+batching rules and large convolution batches run slower per row.) ``A`` comes from the
+captured inputs, through a handler's ``input_gram`` fast path where it has one. If an
+in-place operation overwrote a layer output, the forward is rerun with tensor hooks that
+see the gradient before the modification.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import Tensor, nn
@@ -17,31 +24,11 @@ from torch import Tensor, nn
 from curvkit.config import FisherType, KFACApprox
 from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors
 from curvkit.stats.capture import Capture, capture
-from curvkit.stats.factors import input_factor, output_factor
-from curvkit.stats.losses import SUPPORTED_LOSSES, loss_adapter
+from curvkit.stats.factors import assemble_gram, input_factor, output_gram
+from curvkit.stats.losses import SUPPORTED_LOSSES, LossAdapter, loss_adapter
+from curvkit.stats.plan import LayerPlan
 
 __all__ = ["HooksBackend"]
-
-
-def _batched_grads(output: Tensor, targets: list[Tensor], vectors: Tensor) -> list[Tensor]:
-    """Gradients ``(M, *target.shape)`` of ``<vectors[m], output>`` w.r.t. each target."""
-    if vectors.shape[0] == 1:
-        grads = torch.autograd.grad(output, targets, vectors[0], allow_unused=True)
-        return [g.unsqueeze(0) if g is not None else None for g in grads]  # type: ignore[misc]
-    try:
-        # retain_graph: if the batched pass fails part-way, the fallback below needs the graph.
-        return list(
-            torch.autograd.grad(output, targets, vectors, is_grads_batched=True, retain_graph=True, allow_unused=True)
-        )
-    except RuntimeError:
-        # Some operation lacks a vmap rule for its backward: one pass per vector.
-        per_vector = [
-            torch.autograd.grad(output, targets, v, retain_graph=True, allow_unused=True) for v in vectors
-        ]
-        return [
-            None if per_vector[0][i] is None else torch.stack([pv[i] for pv in per_vector])  # type: ignore[misc]
-            for i in range(len(targets))
-        ]
 
 
 class HooksBackend:
@@ -63,38 +50,79 @@ class HooksBackend:
         with capture(plan) as cap:
             output = request.model(request.inputs)
         rows, target_rows = adapter.to_rows(output, request.targets)
-        vectors = adapter.from_rows(
-            adapter.vectors(rows, target_rows, request.fisher, request.mc_samples, request.generator),
-            output,
-        )
+        passes = adapter.vector_passes(rows, target_rows, request.fisher, request.mc_samples, request.generator)
+        num_passes = adapter.num_passes(rows.shape[-1], request.fisher, request.mc_samples)
         normaliser = adapter.normaliser(output, request.targets)
         names = [name for name in plan.names if name in cap.outputs and cap.outputs[name].requires_grad]
-        if cap.outputs_intact:
-            grads = dict(zip(names, _batched_grads(output, [cap.outputs[n] for n in names], vectors)))
+        layers = {layer.name: layer for layer in plan}
+        sums: dict[str, Tensor] = {}
+
+        def accumulate(name: str, g: Tensor | None) -> None:
+            if g is None:
+                return  # the layer does not influence the output
+            layer = layers[name]
+            s = output_gram(layer.handler.output_features(layer.module, g), request.kfac_approx)
+            if name in sums:
+                sums[name].add_(s)
+            else:
+                sums[name] = s
+
+        if not names:
+            pass  # nothing to differentiate: no tracked layer ran with a trainable output
+        elif cap.outputs_intact:
+            targets = [cap.outputs[n] for n in names]
+            for i, v in enumerate(passes):
+                grads = torch.autograd.grad(
+                    output,
+                    targets,
+                    adapter.from_rows(v.unsqueeze(0), output)[0],
+                    retain_graph=i < num_passes - 1,
+                    allow_unused=True,
+                )
+                for name, g in zip(names, grads):
+                    accumulate(name, g)
         else:
-            cap, grads = self._grads_via_tensor_hooks(request, names, vectors)
+            cap = self._grads_via_tensor_hooks(request, names, adapter, passes, num_passes, accumulate)
 
         result: dict[str, KroneckerFactors] = {}
         for layer in plan:
-            g = grads.get(layer.name)
-            if g is None:
+            if layer.name not in sums:
                 continue  # the layer did not run, or does not influence the output
-            a_feats = layer.handler.input_features(layer.module, cap.inputs[layer.name])
-            g_feats = layer.handler.output_features(layer.module, g.flatten(0, 1))
             result[layer.name] = KroneckerFactors(
-                input_factor(a_feats, request.kfac_approx, layer.has_bias),
-                output_factor(g_feats, request.kfac_approx, normaliser),
+                _input_factor(layer, cap.inputs[layer.name], request.kfac_approx),
+                sums[layer.name].div_(normaliser),
             )
         return result
 
     @staticmethod
     def _grads_via_tensor_hooks(
-        request: FactorRequest, names: list[str], vectors: Tensor
-    ) -> tuple[Capture, dict[str, Tensor]]:
+        request: FactorRequest,
+        names: list[str],
+        adapter: LossAdapter,
+        passes: Iterable[Tensor],
+        num_passes: int,
+        accumulate: Callable[[str, Tensor | None], None],
+    ) -> Capture:
         """Slow path for in-place modified outputs: hooks registered at production time."""
         with capture(request.plan, record_grads=True) as cap:
             output = request.model(request.inputs)
         leaves = [layer.weight for layer in request.plan if layer.name in names]
-        for i, v in enumerate(vectors):
-            torch.autograd.grad(output, leaves, v, retain_graph=i < len(vectors) - 1, allow_unused=True)
-        return cap, {n: torch.stack(cap.grads[n]) for n in names if cap.grads.get(n)}
+        for i, v in enumerate(passes):
+            v = adapter.from_rows(v.unsqueeze(0), output)[0]
+            torch.autograd.grad(output, leaves, v, retain_graph=i < num_passes - 1, allow_unused=True)
+            for name in names:
+                recorded = cap.grads.get(name)
+                accumulate(name, recorded.pop() if recorded else None)
+        return cap
+
+
+def _input_factor(layer: LayerPlan, x: Tensor, approx: KFACApprox) -> Tensor:
+    """``A`` of a layer, through its handler's ``input_gram`` fast path where it has one."""
+    fast = getattr(layer.handler, "input_gram", None)
+    if fast is not None and approx is KFACApprox.EXPAND:
+        stats = fast(layer.module, x)
+        if stats is not None:
+            xtx, col_sum, count = stats
+            a = assemble_gram(xtx, col_sum, count) if layer.has_bias else xtx
+            return a.div_(count)
+    return input_factor(layer.handler.input_features(layer.module, x), approx, layer.has_bias)

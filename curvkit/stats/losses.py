@@ -23,6 +23,7 @@ MC targets are drawn from a seeded generator.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -101,64 +102,96 @@ class LossAdapter:
 
     # --- vectors ----------------------------------------------------------------------
 
-    def vectors(
+    def num_passes(self, num_features: int, fisher: FisherType, mc_samples: int) -> int:
+        """``M``: how many vectors per loss term :meth:`vector_passes` yields."""
+        if fisher == FisherType.TYPE2:
+            return num_features
+        return mc_samples if fisher == FisherType.MC else 1
+
+    def vector_passes(
         self,
         rows: Tensor,
         target_rows: Tensor,
         fisher: FisherType,
         mc_samples: int,
         generator: torch.Generator | None,
-    ) -> Tensor:
-        """Backpropagated vectors ``(M, N·R_loss, C)`` for detached output rows."""
+    ) -> Iterator[Tensor]:
+        """The ``M`` backpropagated vectors, one ``(N·R_loss, C)`` tensor at a time.
+
+        Generated lazily, so that no ``(M, N·R_loss, C)`` stack is ever built (for type-2
+        with many classes it would be large). MC targets are drawn in the same order as
+        curvlinops draws them.
+        """
         f = rows.detach()
         c = f.shape[-1]
         root_kappa = math.sqrt(self.kappa(c))
         if fisher == FisherType.TYPE2:
-            return self._hessian_sqrt_columns(f) * root_kappa
+            probs = self._probabilities(f)
+            for k in range(c):
+                column = self._hessian_sqrt_column(f, probs, k)
+                yield column if root_kappa == 1.0 else column.mul_(root_kappa)
+            return
         if fisher == FisherType.EMPIRICAL:
-            return (self._raw_gradient(f, target_rows) * root_kappa).unsqueeze(0)
-        samples = [self._raw_gradient(f, self.sample(f, generator)) for _ in range(mc_samples)]
-        return torch.stack(samples).mul_(root_kappa / math.sqrt(mc_samples))
+            grad = self._raw_gradient(f, target_rows)
+            yield grad if root_kappa == 1.0 else grad.mul_(root_kappa)
+            return
+        probs = self._probabilities(f)
+        scale = root_kappa / math.sqrt(mc_samples)
+        for _ in range(mc_samples):
+            grad = self._raw_gradient(f, self.sample(f, generator, probs), probs)
+            yield grad if scale == 1.0 else grad.mul_(scale)
 
-    def sample(self, f: Tensor, generator: torch.Generator | None) -> Tensor:
-        """Targets drawn from the predictive distribution the loss implies."""
+    def _probabilities(self, f: Tensor) -> Tensor | None:
+        """The predictive probabilities (softmax / sigmoid), shared by sampling and
+        gradients so they are computed once; ``None`` for MSE."""
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
-            return f.softmax(dim=1).multinomial(num_samples=1, generator=generator).squeeze(-1)
+            return f.softmax(dim=1)
+        if isinstance(self.loss_fn, nn.BCEWithLogitsLoss):
+            return f.sigmoid()
+        return None
+
+    def sample(self, f: Tensor, generator: torch.Generator | None, probs: Tensor | None = None) -> Tensor:
+        """Targets drawn from the predictive distribution the loss implies (``probs``:
+        :meth:`_probabilities` of ``f``, if already computed)."""
+        if isinstance(self.loss_fn, nn.CrossEntropyLoss):
+            p = f.softmax(dim=1) if probs is None else probs
+            return p.multinomial(num_samples=1, generator=generator).squeeze(-1)
         if isinstance(self.loss_fn, nn.MSELoss):
             noise = torch.randn(f.shape, device=f.device, dtype=f.dtype, generator=generator)
             return f + math.sqrt(0.5) * noise
-        return f.sigmoid().bernoulli(generator=generator)
+        p = f.sigmoid() if probs is None else probs
+        return p.bernoulli(generator=generator)
 
-    def _raw_gradient(self, f: Tensor, y: Tensor) -> Tensor:
-        """Gradient of the un-averaged per-term loss w.r.t. the output row."""
+    def _raw_gradient(self, f: Tensor, y: Tensor, probs: Tensor | None = None) -> Tensor:
+        """Gradient of the un-averaged per-term loss w.r.t. the output row (a new tensor)."""
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
-            grad = f.softmax(dim=1)
+            grad = f.softmax(dim=1) if probs is None else probs.clone()
             grad[torch.arange(f.shape[0], device=f.device), y] -= 1.0
             return grad
         if isinstance(self.loss_fn, nn.MSELoss):
             return 2.0 * (f - y.to(f.dtype))
-        return f.sigmoid() - y.to(f.dtype)
+        return (f.sigmoid() if probs is None else probs) - y.to(f.dtype)
 
-    def _hessian_sqrt_columns(self, f: Tensor) -> Tensor:
-        """Columns ``(C, rows, C)`` of a symmetric square root of the raw per-term Hessian."""
+    def _hessian_sqrt_column(self, f: Tensor, probs: Tensor | None, k: int) -> Tensor:
+        """Column ``k`` ``(rows, C)`` of a symmetric square root of the raw per-term Hessian
+        (``probs``: :meth:`_probabilities` of ``f``, if already computed)."""
         rows, c = f.shape
+        if isinstance(self.loss_fn, nn.MSELoss):
+            column = f.new_zeros(rows, c)
+            column[:, k] = math.sqrt(2.0)
+            return column
+        p = self._probabilities(f) if probs is None else probs
+        assert p is not None
         if isinstance(self.loss_fn, nn.CrossEntropyLoss):
             # H = diag(p) - p pᵀ = S Sᵀ with S[:, k] = √p_k (e_k − p)
-            p = f.softmax(dim=1)
-            root = p.sqrt()
-            cols = -root.t().unsqueeze(-1) * p.unsqueeze(0)  # (C, rows, C): -√p_k p
-            idx = torch.arange(c, device=f.device)
-            cols[idx, :, idx] += root.t()
-            return cols
-        if isinstance(self.loss_fn, nn.MSELoss):
-            eye = torch.eye(c, device=f.device, dtype=f.dtype).mul_(math.sqrt(2.0))
-            return eye.unsqueeze(1).expand(c, rows, c)
-        s = f.sigmoid()
-        diag = (s * (1 - s)).sqrt()  # (rows, C)
-        cols = torch.zeros(c, rows, c, device=f.device, dtype=f.dtype)
-        idx = torch.arange(c, device=f.device)
-        cols[idx, :, idx] = diag.t()
-        return cols
+            root = p[:, k : k + 1].sqrt()
+            column = -root * p
+            column[:, k] += root[:, 0]
+            return column
+        column = f.new_zeros(rows, c)
+        s = p[:, k]
+        column[:, k] = (s * (1 - s)).sqrt()
+        return column
 
 
 def loss_adapter(loss_fn: nn.Module) -> LossAdapter:
