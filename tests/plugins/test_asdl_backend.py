@@ -8,10 +8,10 @@ model must come back exactly as it was.
 
 from __future__ import annotations
 
+import _reference
 import pytest
 import torch
 from curvkit_asdl import AsdlBackend
-from curvlinops import KFACLinearOperator
 from torch import nn
 
 import curvkit
@@ -66,20 +66,9 @@ def _problem(model_name: str, loss: str, reduction: str, seed: int = 0):
 
 
 def _curvlinops(model, loss_fn, data, fisher: str, mc_samples: int = 1):
-    params = [p for p in model.parameters() if p.requires_grad]
-    K = KFACLinearOperator(
-        model,
-        loss_fn,
-        params,
-        data,
-        fisher_type=fisher,
-        mc_samples=mc_samples,
-        kfac_approx="expand",
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
-    K.compute_kronecker_factors()
-    return K._input_covariances, K._gradient_covariances
+    """curvlinops' factors as ``({name: A}, {name: G})`` (the shared reference helper)."""
+    factors, _ = _reference.curvlinops_factors(model, loss_fn, data, fisher=fisher, mc_samples=mc_samples)
+    return {n: a for n, (a, _) in factors.items()}, {n: g for n, (_, g) in factors.items()}
 
 
 def _close(actual, expected, rtol: float = 1e-6) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from importlib.metadata import entry_points
 
+import _reference
 import pytest
 import torch
 from torch import nn
@@ -75,20 +76,8 @@ def make_loss(loss: str, reduction: str = "mean") -> nn.Module:
 
 
 def curvlinops_factors(model, loss_fn, X, y, approx):
-    from curvlinops import KFACLinearOperator
-
-    op = KFACLinearOperator(
-        model,
-        loss_fn,
-        [p for p in model.parameters() if p.requires_grad],
-        [(X, y)],
-        fisher_type="type-2",
-        kfac_approx=approx,
-        separate_weight_and_bias=False,
-        check_deterministic=False,
-    )
-    op.compute_kronecker_factors()
-    return {name: (op._input_covariances[name], op._gradient_covariances[name]) for name in op._mapping}
+    """curvlinops' type-2 factors of one batch (the shared reference helper)."""
+    return _reference.curvlinops_factors(model, loss_fn, [(X, y)], fisher="type-2", approx=approx)[0]
 
 
 def factors(model, loss_fn, X, y, registry, backend="backpack", **kwargs):
