@@ -16,16 +16,14 @@ see the gradient before the modification.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-
 import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox
 from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors
-from curvkit.stats.capture import Capture, capture
+from curvkit.stats.capture import capture
 from curvkit.stats.factors import assemble_gram, input_factor, output_gram
-from curvkit.stats.losses import SUPPORTED_LOSSES, LossAdapter, loss_adapter
+from curvkit.stats.losses import SUPPORTED_LOSSES, loss_adapter
 from curvkit.stats.plan import LayerPlan
 
 __all__ = ["HooksBackend"]
@@ -49,41 +47,45 @@ class HooksBackend:
         plan = request.plan
         with capture(plan) as cap:
             output = request.model(request.inputs)
+        intact = cap.outputs_intact
+        if not intact:
+            # An in-place op overwrote a layer output: run the forward again with tensor
+            # hooks that see each output's gradient before the modification. Everything
+            # below (vectors, inputs) uses this second pass, so it stays self-consistent
+            # even when the forward is random (dropout).
+            with capture(plan, record_grads=True) as cap:
+                output = request.model(request.inputs)
         rows, target_rows = adapter.to_rows(output, request.targets)
         passes = adapter.vector_passes(rows, target_rows, request.fisher, request.mc_samples, request.generator)
         num_passes = adapter.num_passes(rows.shape[-1], request.fisher, request.mc_samples)
-        normaliser = adapter.normaliser(output, request.targets)
         names = [name for name in plan.names if name in cap.outputs and cap.outputs[name].requires_grad]
         layers = {layer.name: layer for layer in plan}
+        # differentiate w.r.t. the layer outputs, or (hooks path) w.r.t. the weights, which
+        # makes the gradient flow through every tracked output so its hook fires
+        wrt = [cap.outputs[n] for n in names] if intact else [layers[n].weight for n in names]
         sums: dict[str, Tensor] = {}
+        for i, v in enumerate(passes if names else ()):
+            grads = torch.autograd.grad(
+                output,
+                wrt,
+                adapter.from_rows(v.unsqueeze(0), output)[0],
+                retain_graph=i < num_passes - 1,
+                allow_unused=True,
+            )
+            for name, g in zip(names, grads):
+                if not intact:
+                    recorded = cap.grads.get(name)
+                    g = recorded.pop() if recorded else None
+                if g is None:
+                    continue  # the layer does not influence the output
+                layer = layers[name]
+                s = output_gram(layer.handler.output_features(layer.module, g), request.kfac_approx)
+                if name in sums:
+                    sums[name].add_(s)
+                else:
+                    sums[name] = s
 
-        def accumulate(name: str, g: Tensor | None) -> None:
-            if g is None:
-                return  # the layer does not influence the output
-            layer = layers[name]
-            s = output_gram(layer.handler.output_features(layer.module, g), request.kfac_approx)
-            if name in sums:
-                sums[name].add_(s)
-            else:
-                sums[name] = s
-
-        if not names:
-            pass  # nothing to differentiate: no tracked layer ran with a trainable output
-        elif cap.outputs_intact:
-            targets = [cap.outputs[n] for n in names]
-            for i, v in enumerate(passes):
-                grads = torch.autograd.grad(
-                    output,
-                    targets,
-                    adapter.from_rows(v.unsqueeze(0), output)[0],
-                    retain_graph=i < num_passes - 1,
-                    allow_unused=True,
-                )
-                for name, g in zip(names, grads):
-                    accumulate(name, g)
-        else:
-            cap = self._grads_via_tensor_hooks(request, names, adapter, passes, num_passes, accumulate)
-
+        normaliser = adapter.normaliser(output, request.targets)
         result: dict[str, KroneckerFactors] = {}
         for layer in plan:
             if layer.name not in sums:
@@ -93,27 +95,6 @@ class HooksBackend:
                 sums[layer.name].div_(normaliser),
             )
         return result
-
-    @staticmethod
-    def _grads_via_tensor_hooks(
-        request: FactorRequest,
-        names: list[str],
-        adapter: LossAdapter,
-        passes: Iterable[Tensor],
-        num_passes: int,
-        accumulate: Callable[[str, Tensor | None], None],
-    ) -> Capture:
-        """Slow path for in-place modified outputs: hooks registered at production time."""
-        with capture(request.plan, record_grads=True) as cap:
-            output = request.model(request.inputs)
-        leaves = [layer.weight for layer in request.plan if layer.name in names]
-        for i, v in enumerate(passes):
-            v = adapter.from_rows(v.unsqueeze(0), output)[0]
-            torch.autograd.grad(output, leaves, v, retain_graph=i < num_passes - 1, allow_unused=True)
-            for name in names:
-                recorded = cap.grads.get(name)
-                accumulate(name, recorded.pop() if recorded else None)
-        return cap
 
 
 def _input_factor(layer: LayerPlan, x: Tensor, approx: KFACApprox) -> Tensor:

@@ -488,3 +488,33 @@ def test_bfloat16_close_to_float32(fisher, core_registry):
             assert torch.isfinite(got).all()
             err = relative_error(got.float(), want)
             assert err < 2e-2, (name, err)
+
+
+class _CallScaled(nn.Module):
+    """Scales by ``1 + (number of calls so far)``: a stand-in for a random forward (dropout)."""
+
+    def __init__(self, calls: int = 0) -> None:
+        super().__init__()
+        self.calls = calls
+
+    def forward(self, x):
+        self.calls += 1
+        return x * (1 + self.calls)
+
+
+@pytest.mark.parametrize("fisher", ["type-2", "empirical"])
+def test_inplace_rerun_uses_one_consistent_forward(fisher):
+    """When an in-place activation forces the second (hooked) forward, vectors, inputs and
+    gradients must all come from that second forward, as with a random forward (dropout)."""
+    torch.manual_seed(0)
+    first, last = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
+    inplace = nn.Sequential(first, nn.ReLU(inplace=True), _CallScaled(), last)
+    reference = nn.Sequential(first, nn.ReLU(), _CallScaled(calls=1), last)  # = the rerun
+    X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
+    registry = curvkit.build_registry(autoload=False)
+    got = curvkit.kronecker_factors(inplace, nn.CrossEntropyLoss(), X, y, fisher=fisher, registry=registry)
+    want = curvkit.kronecker_factors(reference, nn.CrossEntropyLoss(), X, y, fisher=fisher, registry=registry)
+    assert inplace[2].calls == 2, "the in-place path should have rerun the forward once"
+    for name in ("0", "3"):
+        torch.testing.assert_close(got[name].A, want[name].A)
+        torch.testing.assert_close(got[name].G, want[name].G)
