@@ -61,6 +61,13 @@ def resolve_backend(registry: Any, name: str, request: FactorRequest) -> Any:
     return backend
 
 
+def _default_generator(device: torch.device) -> torch.Generator:
+    """A generator for MC targets, seeded from the global one so ``torch.manual_seed``
+    makes results reproducible."""
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 def _make_request(
     model: nn.Module,
     loss_fn: nn.Module,
@@ -107,9 +114,7 @@ def _make_request(
                 "the number of loss terms per datum. Remove them from the batch first."
             )
     if fisher is FisherType.MC and generator is None:
-        # Follow torch.manual_seed: draw the seed from the global generator.
-        seed = int(torch.randint(0, 2**62, (1,)).item())
-        generator = torch.Generator(device=inputs.device).manual_seed(seed)
+        generator = _default_generator(inputs.device)
     if plan is None:
         plan = make_plan(model, registry, unsupported)
     return FactorRequest(model, loss_fn, inputs, targets, fisher, approx, mc_samples, generator, plan)
@@ -249,16 +254,14 @@ def accumulate_kronecker_factors(
     fisher = as_enum(FisherType, fisher, "fisher")
     sums: dict[str, list[Tensor]] = {}
     total = 0
-    backend_obj = None
     for inputs, targets in tqdm(data, desc="Kronecker factors", disable=not progress, unit="batch"):
         if fisher is FisherType.MC and generator is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator = torch.Generator(device=inputs.device).manual_seed(seed)
+            generator = _default_generator(inputs.device)  # one stream for all batches
         request = _make_request(
             model, loss_fn, inputs, targets, fisher, kfac_approx, mc_samples, generator, unsupported, registry, plan
         )
-        if backend_obj is None:
-            backend_obj = resolve_backend(registry, backend, request)
+        # every batch is checked: a backend's support can depend on the batch (shapes)
+        backend_obj = resolve_backend(registry, backend, request)
         n = inputs.shape[0]
         g_weight = n if loss_fn.reduction == "mean" else 1
         for name, (a, g) in backend_obj.compute(request).items():

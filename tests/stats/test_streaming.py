@@ -117,3 +117,41 @@ def test_accumulate_validates_arguments(core_registry):
         )
     with pytest.raises(curvkit.UnsupportedRequestError):
         curvkit.accumulate_kronecker_factors(model, torch.nn.L1Loss(), data, fisher="type-2", registry=core_registry)
+
+
+def test_every_batch_is_checked_against_the_backend():
+    """A batch the backend cannot serve is refused even when an earlier batch was fine."""
+    import curvkit
+    from curvkit.stats.backend import BackendCapabilities
+
+    calls = []
+
+    class TwoDOnly:
+        name = "two-d-only"
+
+        def __init__(self):
+            self.capabilities = BackendCapabilities(
+                fisher_types=frozenset(curvkit.FisherType),
+                approximations=frozenset(curvkit.KFACApprox),
+                module_types=(torch.nn.Linear,),
+                losses=(torch.nn.MSELoss,),
+                extra_check=lambda r: [] if r.inputs.ndim == 2 else ["inputs with more than 2 dimensions"],
+            )
+
+        def compute(self, request):
+            calls.append(request.inputs.shape)
+            return {}
+
+    class Plugin:
+        @curvkit.hookimpl
+        def curvkit_register_statistics_backends(self, register):
+            register.add(TwoDOnly())
+
+    registry = curvkit.build_registry(autoload=False, plugins=[Plugin()])
+    model = torch.nn.Linear(3, 2)
+    data = [(torch.randn(4, 3), torch.randn(4, 2)), (torch.randn(4, 5, 3), torch.randn(4, 5, 2))]
+    with pytest.raises(curvkit.UnsupportedRequestError, match="more than 2 dimensions"):
+        curvkit.accumulate_kronecker_factors(
+            model, torch.nn.MSELoss(), data, fisher="type-2", backend="two-d-only", registry=registry
+        )
+    assert calls == [torch.Size([4, 3])], "the refused batch must never reach compute()"
