@@ -72,7 +72,8 @@ class HooksBackend:
                 retain_graph=i < num_passes - 1,
                 allow_unused=True,
             )
-            for name, g in zip(names, grads):
+            for name, direct in zip(names, grads):
+                g: Tensor | None = direct
                 if not intact:
                     recorded = cap.grads.get(name)
                     g = recorded.pop() if recorded else None
