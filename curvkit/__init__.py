@@ -2,7 +2,10 @@
 
 The public API: Kronecker statistics (:func:`kronecker_factors`,
 :func:`accumulate_kronecker_factors`), the plugin registry (:func:`build_registry`,
-:func:`default_registry`, :data:`hookimpl`) and the user-facing enums.
+:func:`default_registry`, :data:`hookimpl`), the user-facing enums, and the subpackages
+:mod:`curvkit.optim` (optimizers), :mod:`curvkit.methods` (the method API),
+:mod:`curvkit.blocks`, :mod:`curvkit.linalg` (dampings, inverters) and
+:mod:`curvkit.structures`.
 """
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy
@@ -21,12 +24,17 @@ from curvkit.plugins import build_registry, default_registry
 from curvkit.registry import Registry
 from curvkit.stats import KroneckerFactors, accumulate_kronecker_factors, kronecker_factors
 
+from curvkit import blocks, linalg, methods, optim, structures  # noqa: E402  (subpackages)
+from curvkit.errors import ConfigError, IncompatibleComponentsError  # noqa: E402
+
 __version__ = "0.1.0"
 
 __all__ = [
+    "ConfigError",
     "CurvkitError",
     "DuplicateComponentError",
     "FisherType",
+    "IncompatibleComponentsError",
     "KFACApprox",
     "KroneckerFactors",
     "PluginLoadError",
@@ -43,4 +51,9 @@ __all__ = [
     "default_registry",
     "hookimpl",
     "kronecker_factors",
+    "blocks",
+    "linalg",
+    "methods",
+    "optim",
+    "structures",
 ]

@@ -1,16 +1,20 @@
 """The core's own components, registered like any plugin under the name ``curvkit``.
 
-The core registers only what it cannot work without: the ``hooks`` statistics backend
-and the layer handlers for ``Linear`` and ``Conv1d/2d/3d``. Everything else comes from
-plugins in the ``curvkit`` entry-point group.
+The core registers what every method can build on: the ``hooks`` statistics backend, the
+layer handlers for ``Linear`` and ``Conv1d/2d/3d``, the ``dense`` and ``diagonal`` factor
+structures, the ``cholesky``, ``eigh`` and ``identity`` inverters, and the damping
+strategies. Methods come from plugins in the ``curvkit`` entry-point group.
 """
 
 from __future__ import annotations
 
 from curvkit.hookspecs import hookimpl
-from curvkit.registry import BackendRegister, LayerHandlerRegister
+from curvkit.linalg.damping import ConstantDamping, ExactDamping, LevenbergMarquardtDamping, PiDamping, RelativeDamping
+from curvkit.linalg.inverters import CholeskyInverter, EigenInverter, IdentityInverter
+from curvkit.registry import BackendRegister, DampingRegister, InverterRegister, LayerHandlerRegister, StructureRegister
 from curvkit.stats.handlers import ConvHandler, LinearHandler
 from curvkit.stats.hooks_backend import HooksBackend
+from curvkit.structures.base import DenseStructure, DiagonalStructure
 
 
 @hookimpl
@@ -22,3 +26,22 @@ def curvkit_register_layer_handlers(register: LayerHandlerRegister) -> None:
 @hookimpl
 def curvkit_register_statistics_backends(register: BackendRegister) -> None:
     register.add(HooksBackend())
+
+
+@hookimpl
+def curvkit_register_structures(register: StructureRegister) -> None:
+    register.add(DenseStructure)
+    register.add(DiagonalStructure)
+
+
+@hookimpl
+def curvkit_register_inverters(register: InverterRegister) -> None:
+    register.add(CholeskyInverter())
+    register.add(EigenInverter())
+    register.add(IdentityInverter())
+
+
+@hookimpl
+def curvkit_register_dampings(register: DampingRegister) -> None:
+    for cls in (ConstantDamping, PiDamping, ExactDamping, RelativeDamping, LevenbergMarquardtDamping):
+        register.add(cls)

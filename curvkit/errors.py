@@ -7,8 +7,10 @@ it. All inherit from :class:`CurvkitError` so callers can catch them in one plac
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
     "CurvkitError",
     "DuplicateComponentError",
+    "IncompatibleComponentsError",
     "PluginLoadError",
     "PluginRegistrationError",
     "UnknownComponentError",
@@ -51,3 +53,22 @@ class UnsupportedModuleError(CurvkitError, TypeError):
 
 class WeightTyingError(CurvkitError, RuntimeError):
     """A tracked module (or parameter) is used more than once in one forward pass."""
+
+
+class ConfigError(CurvkitError, ValueError):
+    """A method or optimizer configuration with invalid values.
+
+    The message lists *every* bad value with its legal range, not just the first.
+
+    Attributes:
+        problems: One line per bad value.
+    """
+
+    def __init__(self, owner: str, problems: list[str]) -> None:
+        self.problems = list(problems)
+        lines = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"invalid {owner} ({len(self.problems)} problem(s)):\n{lines}")
+
+
+class IncompatibleComponentsError(CurvkitError, ValueError):
+    """Components that cannot work together (e.g. an inverter and a damping strategy)."""

@@ -193,10 +193,25 @@ HOOKS: dict[str, tuple[str, type[_Register[Any]], str, Callable[[Any], None] | N
         "statistics backend",
         _require_attrs("capabilities", "compute"),
     ),
-    "curvkit_register_structures": ("structures", StructureRegister, "factor structure", None),
-    "curvkit_register_inverters": ("inverters", InverterRegister, "inverter", None),
-    "curvkit_register_dampings": ("dampings", DampingRegister, "damping strategy", None),
-    "curvkit_register_methods": ("methods", MethodRegister, "method", None),
+    "curvkit_register_structures": (
+        "structures",
+        StructureRegister,
+        "factor structure",
+        _require_attrs("from_dense", "to_dense", "tensors", "from_tensors"),
+    ),
+    "curvkit_register_inverters": ("inverters", InverterRegister, "inverter", _require_attrs("prepare", "supports")),
+    "curvkit_register_dampings": (
+        "dampings",
+        DampingRegister,
+        "damping strategy",
+        _require_attrs("kind", "initial_value"),
+    ),
+    "curvkit_register_methods": (
+        "methods",
+        MethodRegister,
+        "method",
+        _require_attrs("config_cls", "block_factory", "make_config"),
+    ),
 }
 
 

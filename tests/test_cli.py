@@ -96,10 +96,10 @@ def test_autoload_off_leaves_out_bundled_backends(capsys, clean_plugin_env, how)
 
 
 def test_block_list_is_honoured(capsys, clean_plugin_env):
-    clean_plugin_env.setenv(BLOCK_ENV, "backpack")
+    clean_plugin_env.setenv(BLOCK_ENV, "backpack,kfac")
     report = _report(capsys, "--block", "asdl")
-    assert {"backpack", "asdl"} <= set(report["blocked"])
-    assert not {"backpack", "asdl"} & {p["name"] for p in report["plugins"]}
+    assert {"backpack", "asdl", "kfac"} <= set(report["blocked"])
+    assert not {"backpack", "asdl", "kfac"} & {p["name"] for p in report["plugins"]}
     assert set(_by_plugin(report)) == {"curvkit"}
 
 

@@ -184,7 +184,7 @@ def test_duplicate_within_one_plugin():
 def test_same_name_in_different_kinds_is_allowed():
     @curvkit.hookimpl
     def curvkit_register_inverters(register):
-        register.add(object(), name="hooks")
+        register.add(curvkit.linalg.IdentityInverter(), name="hooks")
 
     registry = curvkit.build_registry(
         autoload=False, plugins=[module_plugin("inv", curvkit_register_inverters=curvkit_register_inverters)]

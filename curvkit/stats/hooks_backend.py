@@ -26,7 +26,7 @@ from curvkit.stats.factors import assemble_gram, input_factor, output_gram
 from curvkit.stats.losses import SUPPORTED_LOSSES, loss_adapter
 from curvkit.stats.plan import LayerPlan
 
-__all__ = ["HooksBackend"]
+__all__ = ["HooksBackend", "layer_input_factor"]
 
 
 class HooksBackend:
@@ -92,13 +92,13 @@ class HooksBackend:
             if layer.name not in sums:
                 continue  # the layer did not run, or does not influence the output
             result[layer.name] = KroneckerFactors(
-                _input_factor(layer, cap.inputs[layer.name], request.kfac_approx),
+                layer_input_factor(layer, cap.inputs[layer.name], request.kfac_approx),
                 sums[layer.name].div_(normaliser),
             )
         return result
 
 
-def _input_factor(layer: LayerPlan, x: Tensor, approx: KFACApprox) -> Tensor:
+def layer_input_factor(layer: LayerPlan, x: Tensor, approx: KFACApprox) -> Tensor:
     """``A`` of a layer, through its handler's ``input_gram`` fast path where it has one."""
     fast = getattr(layer.handler, "input_gram", None)
     if fast is not None and approx is KFACApprox.EXPAND:

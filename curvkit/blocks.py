@@ -1,0 +1,343 @@
+r"""Curvature blocks: the per-layer state of a second-order method.
+
+A :class:`CurvatureBlock` owns everything a method keeps for one layer and exposes five
+verbs (the kfac-jax split between a fresh estimate and a cached inverse):
+
+* :meth:`~CurvatureBlock.init` — allocate the state;
+* :meth:`~CurvatureBlock.update` — fold in one batch's statistics (:class:`LayerStats`),
+  every ``T_stats`` steps;
+* :meth:`~CurvatureBlock.refresh` — recompute the cached inverse or decomposition, every
+  ``T_inv`` steps;
+* :meth:`~CurvatureBlock.precondition` — map a gradient in matrix form
+  ``(d_out, d_in [+1])`` (bias as last column) to the preconditioned direction, every step;
+* :meth:`~CurvatureBlock.as_operator` — the (undamped) curvature estimate as a linear
+  operator, for tests, the Levenberg–Marquardt quadratic model and Laplace tools.
+
+Most methods are a :class:`KroneckerBlock`: a factor structure × an inverter × a damping
+strategy. Methods that do not decompose that way (EKFAC's eigenvalue correction, SINGD's
+inverse-free update) subclass :class:`CurvatureBlock` directly.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.config import KFACApprox
+from curvkit.linalg.damping import Damping
+from curvkit.linalg.inverters import Inverter, KroneckerInverse, inverse_from_tensors
+from curvkit.stats.factors import output_gram
+from curvkit.stats.hooks_backend import layer_input_factor
+from curvkit.stats.plan import LayerPlan
+from curvkit.structures.base import FactorStructure
+
+__all__ = ["BlockInfo", "CurvatureBlock", "KroneckerBlock", "KroneckerOperator", "LayerStats"]
+
+
+@dataclass(frozen=True)
+class BlockInfo:
+    """What a block knows about its layer.
+
+    Attributes:
+        name: Qualified module name.
+        module_type: The module's class.
+        d_in: Input dimension **including** the bias column when there is one.
+        d_out: Output dimension.
+        has_bias: Whether the last column of the matrix form is the bias.
+    """
+
+    name: str
+    module_type: type[nn.Module]
+    d_in: int
+    d_out: int
+    has_bias: bool
+
+    @classmethod
+    def from_plan(cls, layer: LayerPlan) -> BlockInfo:
+        w = layer.weight
+        d_in = w[0].numel() + (1 if layer.has_bias else 0)
+        return cls(layer.name, type(layer.module), d_in, int(w.shape[0]), layer.has_bias)
+
+
+class LayerStats:
+    r"""One batch's statistics of one layer, computed lazily on request.
+
+    Built by the optimizer from the captured layer input ``x`` and the ``P`` captured
+    output gradients (``P = 1`` for the empirical Fisher, ``M`` MC samples, or ``C``
+    columns of the type-2 Hessian root). With :math:`\bar a_{n,r}` the input features
+    (bias column appended) and :math:`g_{p,n,r}` the output features:
+
+    * :meth:`A`, :meth:`G`: the batch's Kronecker factors, scaled exactly as
+      :func:`curvkit.kronecker_factors` scales them, ``G = g_scale · Σ_p Σ g gᵀ``;
+    * :meth:`rows`: ``(a_rows, g_rows)`` with ``A = a_rowsᵀ a_rows`` and
+      ``G = Σ_p g_rows[p]ᵀ g_rows[p]``, row ``i`` of ``a_rows`` paired with row ``i`` of
+      every ``g_rows[p]`` (expand: one row per ``(n, r)``; reduce: one per ``n``);
+    * :meth:`per_example_gradients`: ``J_{p,n} = √g_scale Σ_r g_{p,n,r} ā_{n,r}ᵀ``, so
+      that :math:`\sum_{p,n}\operatorname{vec}J_{p,n}\operatorname{vec}J_{p,n}^\top` is the
+      batch's (empirical, MC or type-2) Fisher block the factors approximate.
+
+    Args:
+        layer: The tracked layer.
+        inputs: Its captured (detached) input.
+        grads: Captured gradients w.r.t. its output, one per backpropagated vector.
+        approx: Expand or reduce.
+        g_scale: Multiplier of ``Σ g gᵀ`` in ``G`` (``N`` for the empirical Fisher of a
+            batch-mean loss, ``1/Z`` for sampled vectors, see :mod:`curvkit.optim`).
+    """
+
+    def __init__(self, layer: LayerPlan, inputs: Tensor, grads: list[Tensor], approx: KFACApprox, g_scale: float):
+        self.layer = layer
+        self.inputs = inputs
+        self.grads = grads
+        self.approx = approx
+        self.g_scale = float(g_scale)
+
+    @property
+    def num_data(self) -> int:
+        return int(self.inputs.shape[0])
+
+    @cached_property
+    def _in_features(self) -> Tensor:
+        return self.layer.handler.input_features(self.layer.module, self.inputs)
+
+    @cached_property
+    def g_features(self) -> Tensor:
+        """``(P, N, R, d_out)`` output features."""
+        h, m = self.layer.handler, self.layer.module
+        return torch.stack([h.output_features(m, g) for g in self.grads])
+
+    @cached_property
+    def a_features(self) -> Tensor:
+        """``(N, R, d_in [+1])`` input features, the bias column of ones appended."""
+        x = self._in_features
+        if self.layer.has_bias:
+            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
+        return x
+
+    def A(self) -> Tensor:
+        """The batch's input factor."""
+        return self._A
+
+    @cached_property
+    def _A(self) -> Tensor:
+        return layer_input_factor(self.layer, self.inputs, self.approx)
+
+    def G(self) -> Tensor:
+        """The batch's output-gradient factor."""
+        return self._G
+
+    @cached_property
+    def _G(self) -> Tensor:
+        h, m = self.layer.handler, self.layer.module
+        total: Tensor | None = None
+        for g in self.grads:
+            s = output_gram(h.output_features(m, g), self.approx)
+            total = s if total is None else total.add_(s)
+        assert total is not None
+        return total.mul_(self.g_scale)
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """``(a_rows (K, d_in), g_rows (P, K, d_out))``; see the class docstring."""
+        a, g = self.a_features, self.g_features
+        n, r = a.shape[0], a.shape[1]
+        if self.approx is KFACApprox.EXPAND or r == 1:
+            a_rows = a.reshape(n * r, -1) / math.sqrt(n * r)
+            g_rows = g.reshape(g.shape[0], n * r, -1) * math.sqrt(self.g_scale)
+        else:
+            a_rows = a.mean(1) / math.sqrt(n)
+            g_rows = g.sum(2) * math.sqrt(self.g_scale)
+        return a_rows, g_rows
+
+    def per_example_gradients(self) -> Tensor:
+        """``(P·N, d_out, d_in [+1])`` scaled per-example gradients (class docstring)."""
+        a, g = self.a_features, self.g_features
+        p = g.shape[0]
+        # the true per-example gradient for both expand and reduce (as curvlinops' EKFAC)
+        j = torch.einsum("pnro,nri->pnoi", g, a)
+        return (j * math.sqrt(self.g_scale)).reshape(p * a.shape[0], *j.shape[2:])
+
+    def is_finite(self) -> bool:
+        return bool(torch.isfinite(self.inputs).all()) and all(bool(torch.isfinite(g).all()) for g in self.grads)
+
+
+class KroneckerOperator:
+    r"""The linear operator :math:`G\otimes A` on row-major ``vec`` of ``(d_out, d_in)``
+    matrices: ``op @ M = G M A`` for a matrix, ``op @ v`` for a flat vector."""
+
+    def __init__(self, A: Tensor, G: Tensor) -> None:
+        self.A, self.G = A, G
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.A.shape[0] * self.G.shape[0]
+        return n, n
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        d_o, d_i = self.G.shape[0], self.A.shape[0]
+        if x.ndim == 1:
+            return (self.G @ x.reshape(d_o, d_i) @ self.A).reshape(-1)
+        return self.G @ x @ self.A
+
+    def to_dense(self) -> Tensor:
+        return torch.kron(self.G, self.A)
+
+
+class CurvatureBlock(ABC):
+    """Per-layer state of a method (see the module docstring for the five verbs).
+
+    Attributes:
+        info: The layer.
+        inverse_failures: Refreshes whose decomposition failed (the previous inverse was
+            kept).
+    """
+
+    def __init__(self, info: BlockInfo) -> None:
+        self.info = info
+        self.inverse_failures = 0
+        self.num_updates = 0
+
+    @abstractmethod
+    def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
+        """Allocate the state (called once, before the first update)."""
+
+    @abstractmethod
+    def update(self, stats: LayerStats, decay: float) -> None:
+        """Fold in one batch: ``state ← decay · state + (1 − decay) · batch estimate``."""
+
+    @abstractmethod
+    def refresh(self, damping: Damping, lam: float) -> None:
+        """Recompute the cached inverse with damping strength ``lam``."""
+
+    @abstractmethod
+    def precondition(self, grad: Tensor) -> Tensor:
+        """The preconditioned direction for a gradient in matrix form."""
+
+    @abstractmethod
+    def as_operator(self) -> Any:
+        """The undamped curvature estimate as a linear operator (``@`` on matrices)."""
+
+    def quadratic(self, direction: Tensor) -> float:
+        """:math:`\\delta^\\top \\hat F \\delta` for ``direction`` in matrix form."""
+        op = self.as_operator()
+        d = direction.to(op.A.dtype) if hasattr(op, "A") else direction
+        return float((d * (op @ d)).sum())
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Tensors and counters; ``load_state_dict`` of it restores the block exactly."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output."""
+
+    def state_bytes(self) -> int:
+        """Bytes of the tensors this block keeps."""
+        total = 0
+        for value in self.state_dict().values():
+            if isinstance(value, Tensor):
+                total += value.numel() * value.element_size()
+            elif isinstance(value, dict):
+                total += sum(t.numel() * t.element_size() for t in value.values() if isinstance(t, Tensor))
+        return total
+
+    def describe(self) -> str:
+        """One line for the optimizer's summary."""
+        return type(self).__name__
+
+
+class KroneckerBlock(CurvatureBlock):
+    r"""K-FAC's block: EMA factors ``A``, ``G`` in a structure, inverted by an inverter
+    under a damping strategy, :math:`\Delta = (G\otimes A + \text{damping})^{-1}\nabla`.
+
+    Args:
+        info: The layer.
+        structure: Factor structure class for both factors, or a pair ``(A's, G's)``.
+        inverter: The inverter.
+    """
+
+    def __init__(
+        self,
+        info: BlockInfo,
+        *,
+        structure: type[FactorStructure] | tuple[type[FactorStructure], type[FactorStructure]],
+        inverter: Inverter,
+        factor_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(info)
+        self.structure_A, self.structure_G = structure if isinstance(structure, tuple) else (structure, structure)
+        self.inverter = inverter
+        self.factor_dtype = factor_dtype
+        self.A: FactorStructure | None = None
+        self.G: FactorStructure | None = None
+        self.inverse: KroneckerInverse | None = None
+
+    def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
+        dtype = self.factor_dtype or dtype
+        self.A = self.structure_A.zeros(self.info.d_in, dtype=dtype, device=device)
+        self.G = self.structure_G.zeros(self.info.d_out, dtype=dtype, device=device)
+
+    def batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        """The batch's ``(A, G)`` this block folds in (TKFAC overrides it)."""
+        return stats.A(), stats.G()
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        if self.A is None:
+            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+        assert self.A is not None and self.G is not None
+        a, g = self.batch_factors(stats)
+        self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
+        self.G.ema_(self.structure_G.from_dense(g.to(self.G.dtype)), decay)
+        self.num_updates += 1
+
+    def refresh(self, damping: Damping, lam: float) -> None:
+        assert self.A is not None and self.G is not None, "refresh() before the first update()"
+        inverse = self.inverter.prepare(self.A, self.G, damping, lam)
+        if inverse is None:
+            self.inverse_failures += 1
+            if self.inverse is None:  # nothing to keep: invert the damping alone
+                zero_a = self.structure_A.zeros(self.info.d_in, dtype=self.A.dtype, device=self.A.device)
+                zero_g = self.structure_G.zeros(self.info.d_out, dtype=self.G.dtype, device=self.G.device)
+                inverse = self.inverter.prepare(zero_a, zero_g, damping, lam)
+            else:
+                return
+        self.inverse = inverse
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        if self.inverse is None:
+            raise RuntimeError(f"block {self.info.name!r}: precondition() before the first refresh()")
+        return self.inverse.apply(grad)
+
+    def as_operator(self) -> KroneckerOperator:
+        assert self.A is not None and self.G is not None
+        return KroneckerOperator(self.A.to_dense(), self.G.to_dense())
+
+    def state_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"num_updates": self.num_updates, "inverse_failures": self.inverse_failures}
+        if self.A is not None and self.G is not None:
+            out["A"] = dict(self.A.tensors())
+            out["G"] = dict(self.G.tensors())
+        if self.inverse is not None:
+            out["inverse_kind"] = self.inverse.kind
+            out["inverse"] = dict(self.inverse.tensors())
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.inverse_failures = int(state["inverse_failures"])
+        if "A" in state:
+            self.A = self.structure_A.from_tensors({k: v.clone() for k, v in state["A"].items()})
+            self.G = self.structure_G.from_tensors({k: v.clone() for k, v in state["G"].items()})
+        if "inverse" in state:
+            self.inverse = inverse_from_tensors(state["inverse_kind"], {k: v.clone() for k, v in state["inverse"].items()})
+
+    def describe(self) -> str:
+        return (
+            f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
+            f"G: {self.structure_G.name} {self.info.d_out}², inverter {self.inverter.name!r})"
+        )

@@ -1,0 +1,374 @@
+r"""laplace-torch backends computed by curvkit: :class:`CurvkitGGN` and :class:`CurvkitEF`.
+
+Use them like laplace-torch's own backends::
+
+    from laplace import Laplace
+    from curvkit.laplace import CurvkitGGN
+
+    la = Laplace(model, "classification", hessian_structure="kron", backend=CurvkitGGN)
+    la.fit(train_loader)
+
+What each method returns (laplace-torch 0.3's curvature interface; ``ℓ`` is the
+sum-reduced loss, ``factor`` ½ for regression and 1 for classification, ``M`` the batch
+size, ``N`` the data-set size):
+
+* ``kron(x, y, N)``: ``(factor·ℓ, Kron)`` with, per trainable parameter in
+  ``self.params`` order, ``[G, A·M/N]`` for a weight and ``[G·a_bb]`` for a bias, times
+  ``factor`` (``G`` summed over the batch, ``A`` averaged; K-FAC-expand or reduce,
+  Eschenhagen et al., 2023). Summed over batches this is the K-FAC of the whole data set,
+  equal to the curvlinops backend's.
+* ``diag`` / ``full``: the exact diagonal / dense GGN (``stochastic=True``: its MC
+  estimate; :class:`CurvkitEF`: the empirical Fisher) from per-datum gradients of the
+  backpropagated vectors (see :mod:`curvkit.laplace.gradients`), summed over the batch.
+* ``jacobians`` ``(M, C, P)`` and ``gradients`` ``(M, P)``: from the same per-datum
+  gradients, without ``torch.func``.
+
+Frozen parameters, last-layer and subnetwork Laplace are supported. Where a trainable
+parameter sits in a module curvkit has no layer handler for (e.g. ``LayerNorm``), the
+dense methods fall back to laplace-torch's ``torch.func`` implementations and ``kron``
+raises an error naming the module.
+
+Keyword arguments of ``kron``/``diag`` (laplace-torch forwards ``asdl_fisher_kwargs`` to
+them): ``kfac_approx`` (``"expand"``/``"reduce"``), ``mc_samples``, ``seed`` or
+``generator`` (for ``stochastic=True``; ``seed`` draws the same targets as curvlinops with
+that seed), and ``N``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, MutableMapping
+from typing import Any
+
+import torch
+from laplace.curvature import CurvatureInterface, EFInterface, GGNInterface
+from laplace.utils import Kron
+from torch import Tensor, nn
+
+from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
+from curvkit.errors import UnsupportedModuleError
+from curvkit.laplace.gradients import fisher_gradients, layer_columns, per_sample_gradients, stack_parameters
+from curvkit.stats.api import resolve_backend
+from curvkit.stats.backend import FactorRequest
+from curvkit.stats.plan import TrackingPlan, make_plan
+
+__all__ = ["CurvkitEF", "CurvkitGGN"]
+
+_KRON_KWARGS = {"N", "kfac_approx", "mc_samples", "seed", "generator"}
+
+
+class _CurvkitInterface(CurvatureInterface):
+    """Shared machinery of :class:`CurvkitGGN` and :class:`CurvkitEF`."""
+
+    _statistics_backend: str = "hooks"
+    registry: Any = None
+
+    def _fisher(self) -> FisherType:
+        raise NotImplementedError
+
+    def _num_mc_samples(self) -> int:
+        return 1
+
+    # --- set-up -----------------------------------------------------------------------
+
+    def _setup(self, statistics_backend: str, registry: Any) -> None:
+        if registry is None:
+            from curvkit.plugins import default_registry
+
+            registry = default_registry()
+        self.registry = registry
+        self._statistics_backend = statistics_backend
+        self._generator: torch.Generator | None = None
+
+    def _tracking(self) -> tuple[TrackingPlan, dict[str, tuple[str, slice, torch.Size]], list[str]] | None:
+        """The plan of ``self._model`` and the parameter names of ``self.params``, or
+        ``None`` when some trainable parameter is in a module curvkit cannot handle."""
+        model = self._model
+        key = (id(model), tuple(id(p) for p in self.params))
+        cached = getattr(self, "_tracking_cache", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]  # type: ignore[no-any-return]
+        plan = make_plan(model, self.registry, UnsupportedPolicy.SKIP)
+        columns = layer_columns(plan, model)
+        names = {id(p): n for n, p in model.named_parameters()}
+        param_names = [names[id(p)] for p in self.params]
+        result = (plan, columns, param_names) if all(n in columns for n in param_names) else None
+        self._tracking_cache = (key, result)
+        return result
+
+    def _require_tracking(self, what: str) -> tuple[TrackingPlan, dict[str, tuple[str, slice, torch.Size]], list[str]]:
+        tracking = self._tracking()
+        if tracking is None:
+            plan = make_plan(self._model, self.registry, UnsupportedPolicy.SKIP)
+            raise UnsupportedModuleError(
+                f"{type(self).__name__}.{what} needs every trainable parameter in a layer curvkit has a handler for; "
+                f"modules without one: {list(plan.skipped)}. Freeze their parameters, use hessian_structure='diag' "
+                "or 'full', or register a layer handler for them."
+            )
+        return tracking
+
+    def _inputs(self, x: Tensor | MutableMapping[str, Any]) -> Tensor | MutableMapping[str, Any]:
+        """The input of ``self._model``: the features in last-layer mode."""
+        if not self.last_layer:
+            return x
+        with torch.no_grad():
+            _, features = self.model.forward_with_features(x)
+        return features.detach()
+
+    def _mc_generator(self, kwargs: dict[str, Any]) -> torch.Generator | None:
+        if "generator" in kwargs and kwargs["generator"] is not None:
+            generator = kwargs["generator"]
+            if not isinstance(generator, torch.Generator):
+                raise TypeError(f"generator={generator!r} must be a torch.Generator.")
+            return generator
+        device = self.params[0].device
+        if "seed" in kwargs:
+            return torch.Generator(device=device).manual_seed(int(kwargs["seed"]))
+        if self._generator is None:  # one stream over all batches, seeded from the global RNG
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            self._generator = torch.Generator(device=device).manual_seed(seed)
+        return self._generator
+
+    @staticmethod
+    def _check_kwargs(kwargs: dict[str, Any], method: str) -> None:
+        unknown = sorted(set(kwargs) - _KRON_KWARGS)
+        if unknown:
+            raise TypeError(
+                f"{method}() got unsupported keyword arguments {unknown} (from asdl_fisher_kwargs?); "
+                f"curvkit's backends accept {sorted(_KRON_KWARGS)}."
+            )
+
+    # --- Kronecker factors ------------------------------------------------------------
+
+    def kron(
+        self, x: Tensor | MutableMapping[str, Any], y: Tensor, N: int, **kwargs: Any
+    ) -> tuple[Tensor, Kron]:
+        """K-FAC of the sum-reduced loss on this batch, scaled for a data set of ``N``."""
+        self._check_kwargs(kwargs, "kron")
+        plan, columns, param_names = self._require_tracking("kron")
+        mc_samples = int(kwargs.get("mc_samples", self._num_mc_samples()))
+        fisher = self._fisher()
+        if fisher is not FisherType.MC and mc_samples != 1:
+            mc_samples = 1  # laplace-torch may pass the MC sample count to the exact GGN as well
+        approx = as_enum(KFACApprox, kwargs.get("kfac_approx", "expand"), "kfac_approx")
+        generator = self._mc_generator(kwargs) if fisher is FisherType.MC else None
+        inputs = self._inputs(x)
+        model = self._model
+        request = FactorRequest(model, self.lossfunc, inputs, y, fisher, approx, mc_samples, generator, plan)  # type: ignore[arg-type]
+        outputs: list[Tensor] = []
+        handle = model.register_forward_hook(lambda module, args, out: outputs.append(out))
+        try:
+            factors = resolve_backend(self.registry, self._statistics_backend, request).compute(request)
+        finally:
+            handle.remove()
+        loss = self.lossfunc(outputs[-1].detach(), y)
+        ratio = len(y) / N
+        params = dict(zip(param_names, self.params))
+        kfacs: list[list[Tensor]] = []
+        for name in param_names:
+            layer, cols, _ = columns[name]
+            if layer not in factors:
+                raise ValueError(f"layer {layer!r} did not run in the forward pass, so it has no curvature.")
+            a, g = factors[layer]
+            if params[name].ndim == 1:  # bias: one factor G·A_bb (A_bb = 1 for an appended constant)
+                kfacs.append([g * a[cols, cols]])
+            elif g.shape[0] == 1 and cols.stop - cols.start == 1:
+                kfacs.append([g * a[cols, cols] * ratio])  # a 1×1 weight: one scalar block, as curvlinops' backend
+            else:
+                kfacs.append([g, a[cols, cols] * ratio])
+        return self.factor * loss.detach(), Kron(kfacs) * self.factor
+
+    # --- per-datum gradients ----------------------------------------------------------
+
+    def _fisher_rows(
+        self, x: Tensor | MutableMapping[str, Any], y: Tensor, fisher: FisherType, mc_samples: int, kwargs: dict
+    ) -> Iterator[tuple[Tensor, Tensor]]:
+        """Per pass: the output and the ``(M, P)`` per-datum gradients (subnetwork columns)."""
+        plan, columns, param_names = self._require_tracking("full")
+        generator = self._mc_generator(kwargs) if fisher is FisherType.MC else None
+        n = len(y)
+        for output, grads, _ in fisher_gradients(
+            self._model, plan, self.lossfunc, self._inputs(x), y, fisher, mc_samples, generator  # type: ignore[arg-type]
+        ):
+            rows = stack_parameters(grads, columns, param_names, n)
+            if self.subnetwork_indices is not None:
+                rows = rows[:, self.subnetwork_indices]
+            yield output, rows
+
+    def _dense(
+        self, x: Tensor | MutableMapping[str, Any], y: Tensor, kwargs: dict[str, Any], diagonal: bool
+    ) -> tuple[Tensor, Tensor]:
+        fisher = self._fisher()
+        mc_samples = int(kwargs.get("mc_samples", self._num_mc_samples())) if fisher is FisherType.MC else 1
+        total: Tensor | None = None
+        output: Tensor | None = None
+        for output, rows in self._fisher_rows(x, y, fisher, mc_samples, kwargs):
+            part = (rows**2).sum(0) if diagonal else rows.t() @ rows
+            total = part if total is None else total + part
+        assert total is not None and output is not None
+        loss = self.lossfunc(output.detach(), y)
+        return self.factor * loss.detach(), self.factor * total.detach()
+
+    def full(self, x: Tensor | MutableMapping[str, Any], y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Dense curvature ``(P, P)`` of this batch (summed), and ``factor·ℓ``."""
+        self._check_kwargs(kwargs, "full")
+        if self._tracking() is None:
+            return super().full(x, y, **kwargs)  # type: ignore[no-any-return, misc]
+        return self._dense(x, y, kwargs, diagonal=False)
+
+    def diag(self, x: Tensor | MutableMapping[str, Any], y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """Diagonal ``(P,)`` of this batch's curvature (summed), and ``factor·ℓ``."""
+        self._check_kwargs(kwargs, "diag")
+        if self._tracking() is None:
+            return super().diag(x, y, **kwargs)  # type: ignore[no-any-return, misc]
+        return self._dense(x, y, kwargs, diagonal=True)
+
+    def gradients(self, x: Tensor | MutableMapping[str, Any], y: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-datum gradients ``(M, P)`` of the sum-reduced loss (without ``factor``), and the loss."""
+        if self._tracking() is None:
+            return super().gradients(x, y)
+        (output, rows), *_ = list(self._fisher_rows(x, y, FisherType.EMPIRICAL, 1, {}))
+        return rows, self.lossfunc(output.detach(), y)
+
+    def jacobians(self, x: Tensor | MutableMapping[str, Any], enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
+        """Jacobians ``(M, C, P)`` of the model output and the output ``(M, C)``."""
+        if enable_backprop or self.last_layer or self._tracking() is None:
+            return CurvatureInterface.jacobians(self, x, enable_backprop=enable_backprop)
+        return self._selected(x, None)
+
+    def selected_output_jacobians(
+        self, x: Tensor | MutableMapping[str, Any], outputs: Tensor, enable_backprop: bool = False
+    ) -> tuple[Tensor, Tensor]:
+        """Jacobians ``(M, K, P)`` of the output coordinates ``outputs`` ``(M,)`` or ``(M, K)``."""
+        if enable_backprop or self.last_layer or self._tracking() is None:
+            return super().selected_output_jacobians(x, outputs, enable_backprop)
+        if outputs.ndim == 1:
+            outputs = outputs[:, None]
+        return self._selected(x, outputs)
+
+    def _selected(self, x: Tensor | MutableMapping[str, Any], outputs: Tensor | None) -> tuple[Tensor, Tensor]:
+        plan, columns, param_names = self._tracking()  # type: ignore[misc]
+
+        def vectors(output: Tensor) -> Iterator[Tensor]:
+            if output.ndim != 2:
+                raise ValueError(f"Jacobians need a model output (M, C); got {tuple(output.shape)}.")
+            if outputs is not None and outputs.shape[0] != output.shape[0]:
+                raise ValueError("Output selectors must match the input batch size.")
+            count = output.shape[1] if outputs is None else outputs.shape[1]
+            rows = torch.arange(output.shape[0], device=output.device)
+            for j in range(count):
+                unit = torch.zeros_like(output)
+                if outputs is None:
+                    unit[:, j] = 1.0
+                else:
+                    unit[rows, outputs[:, j].to(output.device, torch.long)] = 1.0
+                yield unit
+
+        js = []
+        f: Tensor | None = None
+        for f, grads in per_sample_gradients(self.model, plan, x, vectors):  # type: ignore[arg-type]
+            n = f.shape[0]
+            rows = stack_parameters(grads, columns, param_names, n)
+            if self.subnetwork_indices is not None:
+                rows = rows[:, self.subnetwork_indices]
+            js.append(rows)
+        assert f is not None
+        return torch.stack(js, dim=1).detach(), f.detach()
+
+
+class CurvkitGGN(_CurvkitInterface, GGNInterface):
+    """laplace-torch backend for the generalised Gauss-Newton (Fisher) computed by curvkit.
+
+    ``stochastic=False`` (default) gives the exact GGN (type-2 Fisher); ``stochastic=True``
+    its Monte-Carlo estimate with ``num_samples`` sampled targets (``mc_samples`` in
+    ``asdl_fisher_kwargs`` overrides it for ``kron``/``diag``).
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y:
+            As laplace-torch's ``GGNInterface``.
+        stochastic: MC Fisher instead of the exact GGN.
+        num_samples: MC samples per datum.
+        statistics_backend: curvkit statistics backend for ``kron`` (``"hooks"``, or
+            ``"asdl"``/``"backpack"`` when their plugins can serve the model).
+        registry: A curvkit registry (``None``: the default one).
+
+    Example:
+        >>> import torch
+        >>> from laplace import Laplace
+        >>> from curvkit.laplace import CurvkitGGN
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2))
+        >>> X, y = torch.randn(40, 3), torch.randint(0, 2, (40,))
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16)
+        >>> la = Laplace(model, "classification", hessian_structure="kron", backend=CurvkitGGN)
+        >>> la.fit(loader)
+        >>> bool(torch.isfinite(la.log_marginal_likelihood()))
+        True
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        stochastic: bool = False,
+        num_samples: int = 1,
+        statistics_backend: str = "hooks",
+        registry: Any = None,
+    ) -> None:
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
+        super().__init__(
+            model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, stochastic, num_samples
+        )
+        self._setup(statistics_backend, registry)
+
+    def _fisher(self) -> FisherType:
+        return FisherType.MC if self.stochastic else FisherType.TYPE2
+
+    def _num_mc_samples(self) -> int:
+        return self.num_samples
+
+
+class CurvkitEF(_CurvkitInterface, EFInterface):
+    """laplace-torch backend for the empirical Fisher computed by curvkit.
+
+    ``kron`` gives the K-FAC of the empirical Fisher (true targets), ``diag``/``full`` the
+    exact diagonal / dense empirical Fisher ``factor · Σ_n g_n g_nᵀ`` from per-datum
+    gradients ``g_n`` of the sum-reduced loss.
+
+    Args:
+        model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y:
+            As laplace-torch's ``EFInterface``.
+        statistics_backend, registry: As :class:`CurvkitGGN`.
+
+    Example:
+        >>> import torch
+        >>> from laplace import Laplace
+        >>> from curvkit.laplace import CurvkitEF
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+        >>> X, y = torch.randn(40, 3), torch.randn(40, 1)
+        >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16)
+        >>> la = Laplace(model, "regression", hessian_structure="diag", backend=CurvkitEF)
+        >>> la.fit(loader)
+        >>> la.H.shape
+        torch.Size([41])
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        last_layer: bool = False,
+        subnetwork_indices: torch.LongTensor | None = None,
+        dict_key_x: str = "input_ids",
+        dict_key_y: str = "labels",
+        statistics_backend: str = "hooks",
+        registry: Any = None,
+    ) -> None:
+        super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
+        self._setup(statistics_backend, registry)
+
+    def _fisher(self) -> FisherType:
+        return FisherType.EMPIRICAL

@@ -1,0 +1,485 @@
+r"""Kronecker-factored curvature of a model over a whole data set, as a linear operator.
+
+:class:`KroneckerCurvature` is the block-diagonal matrix
+
+.. math:: C = \mathrm{blockdiag}_\ell\big(G_\ell \otimes A_\ell\big)
+
+(K-FAC, Martens & Grosse, 2015; KFC for convolutions, Grosse & Martens, 2016; expand and
+reduce for weight sharing, Eschenhagen et al., 2023), or its eigenvalue-corrected version
+(EKFAC, George et al., 2018), over the flat parameter vector
+``θ = [p.flatten() for p in tracked parameters]`` (``model.parameters()`` order when every
+trainable parameter is tracked). Every spectral quantity is exact and cheap because each
+block is diagonal in the basis :math:`Q_G \otimes Q_A`:
+
+* :math:`\mathrm{tr}\,C = \sum_\ell \mathrm{tr}\,G_\ell\,\mathrm{tr}\,A_\ell`;
+* :math:`\log\det(C + P_0) = \sum_{\ell,i,j}\log(\lambda_{G,i}\lambda_{A,j} + \delta_\ell)`;
+* :math:`(C + P_0)^{p}` for any power ``p`` (inverse, inverse square root);
+* samples :math:`\theta \sim \mathcal N(\mu, (C + P_0)^{-1})` as
+  :math:`\mu + (Q_G\otimes Q_A)\,(S+\delta)^{-1/2}\odot z`.
+
+The prior precision :math:`P_0` may be a scalar, one value per block, or a diagonal (see
+:mod:`curvkit.laplace.prior`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
+from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
+from curvkit.laplace.operator import FlatOperator
+from curvkit.laplace.prior import PriorMode, block_priors, factored_shifts
+from curvkit.stats.backend import KroneckerFactors
+from curvkit.stats.plan import make_plan
+
+__all__ = ["KroneckerCurvature", "KroneckerPower"]
+
+#: Largest block (in parameters) made dense when a non-constant diagonal prior is added exactly.
+DENSE_BLOCK_LIMIT = 4096
+
+
+class KroneckerCurvature(FlatOperator):
+    r"""Block-diagonal Kronecker-factored curvature ``blockdiag(G_ℓ ⊗ A_ℓ)`` as a linear operator.
+
+    Build it from a data loader with :meth:`from_data` (streams the data once, or twice
+    for EKFAC), or from precomputed factors with :meth:`from_factors`. The flat layout is
+    that of the tracked parameters, each flattened (weight before bias).
+
+    Args:
+        blocks: The blocks, in flat order.
+
+    Example:
+        >>> import torch
+        >>> from curvkit.laplace import KroneckerCurvature
+        >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+        <torch._C.Generator object at ...>
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2)).double()
+        >>> X, y = torch.randn(32, 3, dtype=torch.float64), torch.randint(0, 2, (32,))
+        >>> data = [(X[:16], y[:16]), (X[16:], y[16:])]
+        >>> loss = torch.nn.CrossEntropyLoss(reduction="sum")
+        >>> C = KroneckerCurvature.from_data(model, loss, data, fisher="type-2", progress=False)
+        >>> C.shape
+        (26, 26)
+        >>> bool(torch.allclose(C.logdet(prior_precision=1.0), torch.logdet(C.to_dense() + torch.eye(26))))
+        True
+    """
+
+    def __init__(self, blocks: Sequence[KroneckerBlock]) -> None:
+        blocks = list(blocks)
+        if not blocks:
+            raise ValueError("a KroneckerCurvature needs at least one block; the model has no tracked layer.")
+        if not all(isinstance(b, KroneckerBlock) for b in blocks):
+            raise TypeError("blocks must be KroneckerBlock instances.")
+        dtypes = {b.G.dtype for b in blocks} | {b.A.dtype for b in blocks}
+        if len(dtypes) != 1:
+            raise ValueError(f"all factors must share one dtype; got {sorted(map(str, dtypes))}.")
+        self.blocks: list[KroneckerBlock] = blocks
+        self.param_shapes = [s for b in blocks for s in b.param_shapes]
+        self.param_names: list[str] = [n for b in blocks for n in b.param_names]
+
+    # --- construction -----------------------------------------------------------------
+
+    @classmethod
+    def from_factors(
+        cls,
+        model: nn.Module,
+        factors: dict[str, KroneckerFactors],
+        *,
+        separate_bias: bool = False,
+        unsupported: UnsupportedPolicy | str = "error",
+        registry: Any = None,
+    ) -> KroneckerCurvature:
+        """Assemble the operator from ``{layer name: KroneckerFactors(A, G)}``.
+
+        Args:
+            model: The model the factors belong to.
+            factors: As returned by :func:`curvkit.kronecker_factors` or
+                :func:`curvkit.accumulate_kronecker_factors` (bias folded into ``A``).
+            separate_bias: Split each layer into a weight block ``G ⊗ A_W`` and a bias block
+                ``G ⊗ [a_bb]``, dropping the weight–bias cross terms. This is the layout of
+                laplace-torch's ``Kron`` and of curvlinops' ``separate_weight_and_bias=True``.
+            unsupported, registry: As for :func:`curvkit.kronecker_factors`.
+
+        Raises:
+            ValueError: A tracked layer has no factors (it did not run).
+        """
+        if registry is None:
+            from curvkit.plugins import default_registry
+
+            registry = default_registry()
+        names = {id(p): n for n, p in model.named_parameters()}
+        blocks: list[KroneckerBlock] = []
+        for layer in make_plan(model, registry, unsupported):
+            if layer.name not in factors:
+                raise ValueError(
+                    f"no factors for tracked layer {layer.name!r}; did it run in the forward pass? "
+                    f"Factors were given for {sorted(factors)}."
+                )
+            a, g = factors[layer.name]
+            weight, bias = layer.weight, layer.bias
+            if bias is None:
+                blocks.append(KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a))
+            elif separate_bias:
+                d = a.shape[0] - 1
+                blocks.append(KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a[:d, :d]))
+                blocks.append(
+                    KroneckerBlock(f"{layer.name}.bias", (names[id(bias)],), (bias.shape,), g, a[d:, d:].clone())
+                )
+            else:
+                blocks.append(
+                    KroneckerBlock(layer.name, (names[id(weight)], names[id(bias)]), (weight.shape, bias.shape), g, a)
+                )
+        return cls(blocks)
+
+    @classmethod
+    def from_data(
+        cls,
+        model: nn.Module,
+        loss_fn: nn.Module,
+        data: Iterable[tuple[Tensor, Tensor]],
+        *,
+        fisher: FisherType | str,
+        kfac_approx: KFACApprox | str = "expand",
+        backend: str = "hooks",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        separate_bias: bool = False,
+        correct_eigenvalues: bool = False,
+        progress: bool = True,
+        unsupported: UnsupportedPolicy | str = "error",
+        registry: Any = None,
+    ) -> KroneckerCurvature:
+        r"""K-FAC (or EKFAC) curvature of ``loss_fn`` over the whole data set.
+
+        The factors are accumulated with :func:`curvkit.accumulate_kronecker_factors`, so
+        ``C`` is the curvature of the loss over all ``N`` data as its ``reduction`` defines
+        it: for ``reduction="sum"`` (what a Laplace approximation needs) the sum over data,
+        for ``"mean"`` the mean — equal to curvlinops' ``KFACLinearOperator`` on the same
+        loader.
+
+        With ``correct_eigenvalues=True`` a second pass replaces the spectrum
+        :math:`\lambda_G\lambda_A^\top` by the EKFAC correction
+        :math:`E = \frac1Z\sum_{n,m}(Q_G^\top \nabla_{V} \ell_{n,m} Q_A)^{\odot 2}` over the
+        per-datum gradients of the backpropagated vectors (George et al., 2018), as
+        curvlinops' ``EKFACLinearOperator`` does.
+
+        Args:
+            model, loss_fn, fisher, kfac_approx, backend, mc_samples, generator,
+            unsupported, registry: As :func:`curvkit.accumulate_kronecker_factors`.
+            data: Iterable of ``(inputs, targets)`` batches; iterated twice for EKFAC.
+            separate_bias: See :meth:`from_factors`.
+            correct_eigenvalues: Compute EKFAC instead of K-FAC.
+            progress: Show a progress bar over the batches.
+
+        Returns:
+            The operator.
+        """
+        from curvkit.stats.api import accumulate_kronecker_factors
+
+        if correct_eigenvalues and not isinstance(data, Sequence) and iter(data) is data:
+            raise TypeError(
+                "correct_eigenvalues=True iterates the data twice; pass a re-iterable (a DataLoader or a list), "
+                "not a one-shot iterator."
+            )
+        if registry is None:
+            from curvkit.plugins import default_registry
+
+            registry = default_registry()
+        if generator is None and as_enum(FisherType, fisher, "fisher") is FisherType.MC and correct_eigenvalues:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator().manual_seed(seed)
+        state = generator.get_state() if generator is not None else None
+        factors = accumulate_kronecker_factors(
+            model,
+            loss_fn,
+            data,
+            fisher=fisher,
+            kfac_approx=kfac_approx,
+            backend=backend,
+            mc_samples=mc_samples,
+            generator=generator,
+            unsupported=unsupported,
+            registry=registry,
+            progress=progress,
+        )
+        curvature = cls.from_factors(
+            model, factors, separate_bias=separate_bias, unsupported=unsupported, registry=registry
+        )
+        if not correct_eigenvalues:
+            return curvature
+        from curvkit.laplace.ekfac import eigenvalue_correction
+
+        if generator is not None and state is not None:
+            generator.set_state(state)  # the same MC targets as the factor pass
+        return eigenvalue_correction(
+            curvature,
+            model,
+            loss_fn,
+            data,
+            fisher=fisher,
+            mc_samples=mc_samples,
+            generator=generator,
+            unsupported=unsupported,
+            registry=registry,
+            progress=progress,
+        )
+
+    # --- linear operator --------------------------------------------------------------
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.blocks[0].G.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.blocks[0].G.device
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        return torch.cat([block.matmat(part) for block, part in zip(self.blocks, self._split(x))])
+
+    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
+        return x.split([b.numel for b in self.blocks])
+
+    def to_dense(self) -> Tensor:
+        """The operator as a dense ``(P, P)`` matrix: ``blockdiag(G ⊗ A)`` permuted to the
+        flat parameter order (for small models and tests)."""
+        return torch.block_diag(*[b.dense() for b in self.blocks])
+
+    def diagonal(self) -> Tensor:
+        """``diag(C)`` ``(P,)``: ``diag(G) ⊗ diag(A)`` per block (or its EKFAC counterpart)."""
+        parts = []
+        for b in self.blocks:
+            if b.corrected_eigenvalues is None:
+                d = torch.outer(torch.diagonal(b.G), torch.diagonal(b.A))
+            else:
+                eig = b.eigen()
+                d = (eig.QG**2) @ b.corrected_eigenvalues @ (eig.QA**2).t()
+            parts.append(b.from_matrix(d.unsqueeze(0))[:, 0])
+        return torch.cat(parts)
+
+    def trace(self) -> Tensor:
+        """``tr C = Σ_ℓ tr G_ℓ · tr A_ℓ`` (or the sum of the corrected eigenvalues)."""
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for b in self.blocks:
+            if b.corrected_eigenvalues is None:
+                total = total + torch.diagonal(b.G).sum() * torch.diagonal(b.A).sum()
+            else:
+                total = total + b.corrected_eigenvalues.sum()
+        return total
+
+    def __mul__(self, scale: float | Tensor) -> KroneckerCurvature:
+        """``scale · C`` (a non-negative number)."""
+        value = float(scale)
+        if value < 0:
+            raise ValueError(f"scale={value} must be non-negative to keep the curvature positive semi-definite.")
+        return KroneckerCurvature([b.scaled(value) for b in self.blocks])
+
+    __rmul__ = __mul__
+
+    # --- spectral quantities ----------------------------------------------------------
+
+    def eigendecomposition(self) -> list[BlockEigen]:
+        """Per block, ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ`` (cached)."""
+        return [b.eigen() for b in self.blocks]
+
+    def eigenvalues(self) -> Tensor:
+        """All ``P`` eigenvalues of ``C``, block by block (``λ_G ⊗ λ_A`` row-major, or the
+        EKFAC spectrum)."""
+        return torch.cat([b.spectrum().reshape(-1) for b in self.blocks])
+
+    def _priors(self, prior_precision: float | Tensor, mode: PriorMode | str) -> tuple[list[Tensor], PriorMode]:
+        mode = as_enum(PriorMode, mode, "prior_mode")
+        priors = block_priors(prior_precision, self.blocks, self.dtype, self.device)
+        for block, delta in zip(self.blocks, priors):
+            if delta.ndim == 0:
+                continue
+            if mode is PriorMode.FACTORED:
+                raise ValueError(
+                    f"prior_mode='factored' needs a prior precision that is constant on each block, but it varies "
+                    f"within block {block.name!r}; pass a scalar or one value per block, or use prior_mode='exact'."
+                )
+            if block.numel > DENSE_BLOCK_LIMIT:
+                raise ValueError(
+                    f"a diagonal prior that varies within block {block.name!r} ({block.numel} parameters) makes the "
+                    f"block dense, which is allowed up to {DENSE_BLOCK_LIMIT} parameters; pass a scalar or one "
+                    "value per block instead."
+                )
+        return priors, mode
+
+    def _shifted_spectrum(self, block: KroneckerBlock, delta: Tensor, mode: PriorMode, pi: bool) -> Tensor:
+        if mode is PriorMode.EXACT:
+            return block.spectrum() + delta
+        if block.corrected_eigenvalues is not None:
+            raise ValueError(
+                f"prior_mode='factored' is undefined for the eigenvalue-corrected block {block.name!r}; "
+                "use prior_mode='exact'."
+            )
+        eig = block.eigen()
+        shift_g, shift_a = factored_shifts(block, delta, pi)
+        return torch.outer(eig.lambda_G + shift_g, eig.lambda_A + shift_a)
+
+    def _block_apply(
+        self,
+        block: KroneckerBlock,
+        delta: Tensor,
+        mode: PriorMode,
+        pi: bool,
+        fn: Callable[[Tensor], Tensor],
+        v: Tensor,
+        rotate_in: bool = True,
+    ) -> Tensor:
+        """``f(block + prior)`` applied to block matrices ``v`` ``(K, d_out, k)``; with
+        ``rotate_in=False``, ``v`` is taken to be in the eigenbasis already."""
+        if delta.ndim == 2:  # non-constant diagonal prior: dense block
+            evals, evecs = torch.linalg.eigh(block.kron() + torch.diag(delta.reshape(-1)))
+            flat = v.reshape(v.shape[0], -1).t()
+            coeff = evecs.t() @ flat if rotate_in else flat
+            return (evecs @ (fn(evals).unsqueeze(1) * coeff)).t().reshape(v.shape)
+        eig = block.eigen()
+        spectrum = fn(self._shifted_spectrum(block, delta, mode, pi))
+        rotated = eig.QG.t() @ v @ eig.QA if rotate_in else v
+        return eig.QG @ (spectrum * rotated) @ eig.QA.t()
+
+    def logdet(
+        self, prior_precision: float | Tensor = 0.0, prior_mode: PriorMode | str = "exact", pi_correction: bool = True
+    ) -> Tensor:
+        r"""``log det(C + P_0)``, exact in the eigenbasis (or under the factored approximation).
+
+        Differentiable in ``prior_precision``.
+
+        Args:
+            prior_precision: Scalar, per block, or diagonal (see :mod:`curvkit.laplace.prior`).
+            prior_mode: ``"exact"`` or ``"factored"``.
+            pi_correction: Use the π heuristic in factored mode.
+        """
+        priors, mode = self._priors(prior_precision, prior_mode)
+        total = torch.zeros((), dtype=self.dtype, device=self.device)
+        for block, delta in zip(self.blocks, priors):
+            if delta.ndim == 2:
+                total = total + torch.linalg.slogdet(block.kron() + torch.diag(delta.reshape(-1)))[1]
+            else:
+                total = total + self._shifted_spectrum(block, delta, mode, pi_correction).log().sum()
+        return total
+
+    def power(
+        self,
+        exponent: float,
+        prior_precision: float | Tensor = 0.0,
+        prior_mode: PriorMode | str = "exact",
+        pi_correction: bool = True,
+    ) -> KroneckerPower:
+        """``(C + P_0)^exponent`` as an operator (e.g. ``-1`` inverse, ``-0.5`` inverse root)."""
+        priors, mode = self._priors(prior_precision, prior_mode)
+        return KroneckerPower(self, float(exponent), priors, mode, pi_correction)
+
+    def inverse(
+        self, prior_precision: float | Tensor = 0.0, prior_mode: PriorMode | str = "exact", pi_correction: bool = True
+    ) -> KroneckerPower:
+        """The damped inverse ``(C + P_0)^{-1}`` as an operator (a posterior covariance)."""
+        return self.power(-1.0, prior_precision, prior_mode, pi_correction)
+
+    def sample(
+        self,
+        num_samples: int,
+        prior_precision: float | Tensor = 0.0,
+        prior_mode: PriorMode | str = "exact",
+        *,
+        mean: Tensor | None = None,
+        generator: torch.Generator | None = None,
+        pi_correction: bool = True,
+    ) -> Tensor:
+        r"""Draw ``θ ~ N(mean, (C + P_0)^{-1})``, ``(num_samples, P)``.
+
+        Computed as :math:`\theta = \mu + (Q_G\otimes Q_A)\,(S + \delta)^{-1/2}\odot z` with
+        :math:`z\sim\mathcal N(0, I)`, one rotation per block and sample.
+        """
+        if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
+        priors, mode = self._priors(prior_precision, prior_mode)
+        parts = []
+        for block, delta in zip(self.blocks, priors):
+            z = torch.randn(
+                num_samples, block.d_out, block.k, dtype=self.dtype, device=self.device, generator=generator
+            )
+            y = self._block_apply(block, delta, mode, pi_correction, _inverse_sqrt(block.name), z, rotate_in=False)
+            parts.append(block.from_matrix(y))
+        samples = torch.cat(parts).t()
+        if mean is not None:
+            if mean.shape != (self.num_params,):
+                raise ValueError(f"mean must have shape ({self.num_params},), got {tuple(mean.shape)}.")
+            samples = samples + mean
+        return samples
+
+
+def _inverse_sqrt(name: str) -> Callable[[Tensor], Tensor]:
+    def fn(s: Tensor) -> Tensor:
+        if bool((s <= 0).any()):
+            raise ValueError(
+                f"block {name!r} + prior is singular (a zero eigenvalue); add a positive prior precision."
+            )
+        return s.rsqrt()
+
+    return fn
+
+
+class KroneckerPower(FlatOperator):
+    """``(C + P_0)^p`` of a :class:`KroneckerCurvature`, applied block by block in the eigenbasis.
+
+    Built by :meth:`KroneckerCurvature.power` / :meth:`KroneckerCurvature.inverse`.
+    """
+
+    def __init__(
+        self, curvature: KroneckerCurvature, exponent: float, priors: list[Tensor], mode: PriorMode, pi: bool
+    ) -> None:
+        self.curvature = curvature
+        self.exponent = exponent
+        self.priors = priors
+        self.mode = mode
+        self.pi = pi
+        self.param_shapes = curvature.param_shapes
+        if exponent < 0:
+            for block, delta in zip(curvature.blocks, priors):
+                if delta.ndim == 0:
+                    smallest = curvature._shifted_spectrum(block, delta, mode, pi).min()
+                    if not bool(smallest > 0):
+                        raise ValueError(
+                            f"block {block.name!r} + prior is singular (smallest eigenvalue {float(smallest):.3g}); "
+                            "a negative power needs a positive prior precision."
+                        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.curvature.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.curvature.device
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        exponent = self.exponent
+
+        def fn(s: Tensor) -> Tensor:
+            return s.pow(exponent)
+
+        out = []
+        for block, delta, part in zip(self.curvature.blocks, self.priors, self.curvature._split(x)):
+            y = self.curvature._block_apply(block, delta, self.mode, self.pi, fn, block.to_matrix(part))
+            out.append(block.from_matrix(y))
+        return torch.cat(out)
+
+    def square_form(self, J: Tensor) -> Tensor:
+        """``J (C + P_0)^p Jᵀ`` for ``J`` ``(..., M, P)``: e.g. the GLM functional covariance."""
+        if J.shape[-1] != self.num_params:
+            raise ValueError(f"J must have {self.num_params} columns (parameters), got shape {tuple(J.shape)}.")
+        lead = J.shape[:-1]
+        flat = J.reshape(-1, self.num_params)
+        product = self._matmat(flat.t()).t()  # (rows, P)
+        rows = lead[-1] if lead else 1
+        batch = flat.shape[0] // rows
+        return torch.bmm(flat.view(batch, rows, -1), product.view(batch, rows, -1).transpose(1, 2)).reshape(
+            *lead, rows
+        )

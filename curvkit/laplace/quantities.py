@@ -1,0 +1,318 @@
+r"""A Kronecker-factored Laplace approximation without laplace-torch.
+
+For a network with MAP parameters :math:`\theta_*`, data :math:`\mathcal D` of size ``N``
+and a Gaussian prior :math:`\mathcal N(\mu_0, P_0^{-1})`, :math:`P_0 = \mathrm{diag}(p_0)`,
+the Laplace approximation (MacKay, 1992; Ritter et al., 2018; Daxberger et al., 2021) is
+:math:`\mathcal N(\theta_*, P^{-1})` with the posterior precision
+
+.. math:: P = \frac{1}{\sigma^2 T}\, C + P_0,
+
+where ``C`` is the K-FAC (or EKFAC) GGN of the unit-noise negative log-likelihood
+(cross-entropy summed over data for classification, ½·SSE for regression), ``σ`` the
+observation noise (regression) and ``T`` a temperature. The log marginal likelihood is
+
+.. math::
+    \log p(\mathcal D) \approx \log p(\mathcal D\mid\theta_*)
+    - \tfrac12\big(\log\det P - \log\det P_0 + (\theta_*-\mu_0)^\top P_0 (\theta_*-\mu_0)\big),
+
+with :math:`\log p(\mathcal D\mid\theta_*) = -\frac{1}{\sigma^2 T}\,\ell(\theta_*) - c`,
+:math:`c = N\,C_{out}\log(\sigma\sqrt{2\pi})` for regression and 0 for classification.
+The linearised (GLM) predictive uses :math:`f(x) \sim \mathcal N(f_*(x), J(x) P^{-1}
+J(x)^\top)` (Immer et al., 2021), with the probit approximation
+(:math:`\mathrm{softmax}(f/\sqrt{1 + \frac\pi8 \mathrm{diag}\,\Sigma_f})`) or MC for
+classification.
+
+The conventions are those of laplace-torch 0.3, so every quantity here equals its
+``KronLaplace`` with the same prior.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.config import FisherType, KFACApprox, as_enum
+from curvkit.laplace.curvature import KroneckerCurvature
+from curvkit.laplace.gradients import layer_columns, output_jacobians, stack_parameters
+from curvkit.laplace.prior import PriorMode, block_priors
+from curvkit.stats.plan import make_plan
+
+__all__ = ["KroneckerLaplace"]
+
+_LIKELIHOODS = ("classification", "regression")
+_STRUCTURES = ("scalar", "layerwise", "diag")
+
+
+class KroneckerLaplace:
+    r"""Kronecker-factored Laplace approximation over all tracked parameters.
+
+    Args:
+        model: The trained network (its parameters are the MAP).
+        likelihood: ``"classification"`` (softmax cross-entropy) or ``"regression"``
+            (Gaussian with noise ``sigma_noise``).
+        prior_precision: Scalar, per block, or diagonal (see :mod:`curvkit.laplace.prior`).
+        prior_mean: Scalar or ``(P,)``.
+        sigma_noise: Observation noise standard deviation (regression only).
+        temperature: Posterior temperature ``T``.
+        fisher: ``"type-2"`` (exact GGN, default), ``"mc"`` or ``"empirical"``.
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
+        correct_eigenvalues: EKFAC instead of K-FAC.
+        separate_bias: Separate weight and bias blocks (laplace-torch's layout; default),
+            or one block per layer with the bias folded into ``A``.
+        prior_mode: ``"exact"`` (eigenbasis) or ``"factored"`` addition of the prior.
+        mc_samples, generator: For ``fisher="mc"``.
+
+    Example:
+        >>> import torch
+        >>> from curvkit.laplace import KroneckerLaplace
+        >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 2)).double()
+        >>> X, y = torch.randn(40, 3, dtype=torch.float64), torch.randint(0, 2, (40,))
+        >>> la = KroneckerLaplace(model, "classification")
+        >>> la.fit([(X[:20], y[:20]), (X[20:], y[20:])], progress=False)
+        >>> la.optimize_prior_precision(n_steps=50)
+        >>> probs = la.predictive(X[:4])
+        >>> probs.shape, bool(torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64)))
+        (torch.Size([4, 2]), True)
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        likelihood: str,
+        *,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        sigma_noise: float = 1.0,
+        temperature: float = 1.0,
+        fisher: FisherType | str = "type-2",
+        kfac_approx: KFACApprox | str = "expand",
+        correct_eigenvalues: bool = False,
+        separate_bias: bool = True,
+        prior_mode: PriorMode | str = "exact",
+        mc_samples: int = 1,
+        generator: torch.Generator | None = None,
+        registry: Any = None,
+    ) -> None:
+        if likelihood not in _LIKELIHOODS:
+            raise ValueError(f"likelihood={likelihood!r} is not valid; choose one of {_LIKELIHOODS}.")
+        if likelihood != "regression" and sigma_noise != 1.0:
+            raise ValueError(f"sigma_noise={sigma_noise} applies to regression only; leave it at 1 for classification.")
+        for name, value in (("sigma_noise", sigma_noise), ("temperature", temperature)):
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"{name}={value!r} must be a positive number.")
+        if registry is None:
+            from curvkit.plugins import default_registry
+
+            registry = default_registry()
+        self.model = model
+        self.likelihood = likelihood
+        self.prior_precision: float | Tensor = prior_precision
+        self.prior_mean = prior_mean
+        self.sigma_noise = float(sigma_noise)
+        self.temperature = float(temperature)
+        self.fisher = as_enum(FisherType, fisher, "fisher")
+        self.kfac_approx = as_enum(KFACApprox, kfac_approx, "kfac_approx")
+        self.correct_eigenvalues = correct_eigenvalues
+        self.separate_bias = separate_bias
+        self.prior_mode = as_enum(PriorMode, prior_mode, "prior_mode")
+        self.mc_samples = mc_samples
+        self.generator = generator
+        self.registry = registry
+        self.curvature: KroneckerCurvature | None = None
+        self.loss = 0.0
+        self.n_data = 0
+        self.n_outputs = 0
+
+    # --- fitting ----------------------------------------------------------------------
+
+    def _loss_fn(self) -> nn.Module:
+        return nn.CrossEntropyLoss(reduction="sum") if self.likelihood == "classification" else nn.MSELoss(reduction="sum")
+
+    @property
+    def _factor(self) -> float:
+        """½ turns the sum-reduced MSE into the unit-noise Gaussian negative log-likelihood."""
+        return 0.5 if self.likelihood == "regression" else 1.0
+
+    def fit(self, data: Iterable[tuple[Tensor, Tensor]], progress: bool = True) -> None:
+        """Compute the curvature and the training loss at the current parameters.
+
+        Args:
+            data: Re-iterable ``(inputs, targets)`` batches (a ``DataLoader`` or a list).
+            progress: Show progress bars.
+        """
+        if iter(data) is data:  # type: ignore[comparison-overlap]
+            raise TypeError("data is iterated more than once; pass a DataLoader or a list, not an iterator.")
+        loss_fn = self._loss_fn()
+        curvature = KroneckerCurvature.from_data(
+            self.model,
+            loss_fn,
+            data,
+            fisher=self.fisher,
+            kfac_approx=self.kfac_approx,
+            mc_samples=self.mc_samples,
+            generator=self.generator,
+            separate_bias=self.separate_bias,
+            correct_eigenvalues=self.correct_eigenvalues,
+            progress=progress,
+            registry=self.registry,
+        )
+        self.curvature = curvature * self._factor
+        total, count, outputs = 0.0, 0, 0
+        with torch.no_grad():
+            for inputs, targets in data:
+                out = self.model(inputs)
+                total += float(loss_fn(out, targets))
+                count += len(targets)
+                outputs = out.shape[-1]
+        self.loss = self._factor * total
+        self.n_data = count
+        self.n_outputs = outputs
+        params = dict(self.model.named_parameters())
+        self.mean = torch.cat([params[n].detach().reshape(-1) for n in self.curvature.param_names])
+
+    def _fitted(self) -> KroneckerCurvature:
+        if self.curvature is None:
+            raise RuntimeError("the Laplace approximation is not fitted; call fit(data) first.")
+        return self.curvature
+
+    # --- quantities -------------------------------------------------------------------
+
+    @property
+    def _h_factor(self) -> float:
+        return 1.0 / (self.sigma_noise**2 * self.temperature)
+
+    def prior_precision_diag(self, prior_precision: float | Tensor | None = None) -> Tensor:
+        """The prior precision as a ``(P,)`` diagonal."""
+        curvature = self._fitted()
+        prior = self.prior_precision if prior_precision is None else prior_precision
+        parts = block_priors(prior, curvature.blocks, curvature.dtype, curvature.device)
+        return torch.cat(
+            [b.from_matrix(p.expand(b.d_out, b.k).unsqueeze(0))[:, 0] for b, p in zip(curvature.blocks, parts)]
+        )
+
+    def posterior_precision(self, prior_precision: float | Tensor | None = None) -> Tensor:
+        """The posterior precision ``P = C/(σ²T) + P_0`` as a dense ``(P, P)`` matrix (small models)."""
+        curvature = self._fitted()
+        return curvature.to_dense() * self._h_factor + torch.diag(self.prior_precision_diag(prior_precision))
+
+    def posterior_covariance(self, prior_precision: float | Tensor | None = None) -> Any:
+        """``P^{-1}`` as an operator (:class:`~curvkit.laplace.KroneckerPower`)."""
+        prior = self.prior_precision if prior_precision is None else prior_precision
+        return (self._fitted() * self._h_factor).inverse(prior, self.prior_mode)
+
+    def log_det_posterior_precision(self, prior_precision: float | Tensor | None = None) -> Tensor:
+        """``log det P``, differentiable in the prior precision."""
+        prior = self.prior_precision if prior_precision is None else prior_precision
+        return (self._fitted() * self._h_factor).logdet(prior, self.prior_mode)
+
+    def log_likelihood(self) -> Tensor:
+        """``log p(D | θ_*)`` at the fitted parameters."""
+        curvature = self._fitted()
+        value = torch.tensor(-self._h_factor * self.loss, dtype=curvature.dtype, device=curvature.device)
+        if self.likelihood == "regression":
+            value = value - self.n_data * self.n_outputs * math.log(self.sigma_noise * math.sqrt(2 * math.pi))
+        return value
+
+    def log_marginal_likelihood(self, prior_precision: float | Tensor | None = None) -> Tensor:
+        """The Laplace approximation of ``log p(D)`` (see the module docstring); differentiable
+        in ``prior_precision``."""
+        p0 = self.prior_precision_diag(prior_precision)
+        delta = self.mean - self.prior_mean
+        scatter = (delta * p0) @ delta
+        log_det_ratio = self.log_det_posterior_precision(prior_precision) - p0.log().sum()
+        return self.log_likelihood() - 0.5 * (log_det_ratio + scatter)
+
+    def optimize_prior_precision(
+        self, structure: str = "scalar", n_steps: int = 100, lr: float = 0.1, init_prior_prec: float = 1.0
+    ) -> Tensor:
+        """Maximise the log marginal likelihood over the prior precision.
+
+        Adam on ``log p_0`` from ``init_prior_prec``, as laplace-torch's
+        ``optimize_prior_precision(method="marglik")`` does, so the result matches its.
+
+        Args:
+            structure: ``"scalar"``, ``"layerwise"`` (one per block) or ``"diag"``.
+            n_steps, lr: Adam steps and learning rate.
+            init_prior_prec: Starting value.
+
+        Returns:
+            The optimised prior precision (also stored in :attr:`prior_precision`).
+        """
+        curvature = self._fitted()
+        if structure not in _STRUCTURES:
+            raise ValueError(f"structure={structure!r} is not valid; choose one of {_STRUCTURES}.")
+        size = {"scalar": 1, "layerwise": len(curvature.blocks), "diag": curvature.num_params}[structure]
+        log_prior = torch.full(
+            (size,), math.log(init_prior_prec), dtype=curvature.dtype, device=curvature.device, requires_grad=True
+        )
+        optimizer = torch.optim.Adam([log_prior], lr=lr)
+        for _ in range(n_steps):
+            optimizer.zero_grad()
+            neg = -self.log_marginal_likelihood(log_prior.exp())
+            neg.backward()
+            optimizer.step()
+        self.prior_precision = log_prior.detach().exp()
+        return self.prior_precision
+
+    # --- predictive -------------------------------------------------------------------
+
+    def jacobians(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """Jacobians ``(M, C, P)`` of the model output w.r.t. the curvature's parameters, and ``f (M, C)``."""
+        curvature = self._fitted()
+        plan = make_plan(self.model, self.registry, "error")
+        columns = layer_columns(plan, self.model)
+        rows, out = [], None
+        for out, grads in output_jacobians(self.model, plan, inputs):
+            rows.append(stack_parameters(grads, columns, curvature.param_names, out.shape[0]))
+        assert out is not None
+        return torch.stack(rows, dim=1).detach(), out.detach()
+
+    def functional_variance(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """GLM predictive mean ``f_*(x)`` ``(M, C)`` and covariance ``J P^{-1} Jᵀ`` ``(M, C, C)``."""
+        js, f = self.jacobians(inputs)
+        return f, self.posterior_covariance().square_form(js)
+
+    def predictive(
+        self,
+        inputs: Tensor,
+        link_approx: str = "probit",
+        n_samples: int = 100,
+        generator: torch.Generator | None = None,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Linearised (GLM) predictive.
+
+        Args:
+            inputs: A batch ``(M, ...)``.
+            link_approx: Classification only: ``"probit"`` or ``"mc"``.
+            n_samples, generator: For ``"mc"``.
+
+        Returns:
+            Classification: class probabilities ``(M, C)``. Regression: the mean ``(M, C)``
+            and the functional covariance ``(M, C, C)`` (add ``σ²`` for the predictive
+            of ``y``), as laplace-torch returns them.
+        """
+        f, f_var = self.functional_variance(inputs)
+        if self.likelihood == "regression":
+            return f, f_var
+        if link_approx == "probit":
+            kappa = 1 / torch.sqrt(1.0 + math.pi / 8 * torch.diagonal(f_var, dim1=1, dim2=2))
+            return torch.softmax(kappa * f, dim=-1)
+        if link_approx == "mc":
+            dist = torch.distributions.MultivariateNormal(f, f_var + 1e-12 * torch.eye(f.shape[-1], dtype=f.dtype))
+            if generator is not None:
+                chol = torch.linalg.cholesky(dist.covariance_matrix)
+                z = torch.randn(n_samples, *f.shape, dtype=f.dtype, device=f.device, generator=generator)
+                samples = f + torch.einsum("mij,smj->smi", chol, z)
+            else:
+                samples = dist.sample((n_samples,))
+            return torch.softmax(samples, dim=-1).mean(0)
+        raise ValueError(f"link_approx={link_approx!r} is not valid; choose 'probit' or 'mc'.")
+
+    def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
+        """Parameter samples ``(num_samples, P)`` from ``N(θ_*, P^{-1})``."""
+        curvature = self._fitted() * self._h_factor
+        return curvature.sample(num_samples, self.prior_precision, self.prior_mode, mean=self.mean, generator=generator)

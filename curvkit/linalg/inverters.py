@@ -1,0 +1,299 @@
+r"""Inverters: turn a damped Kronecker pair ``(A, G)`` into something that applies its inverse.
+
+An :class:`Inverter` acts on the *pair*, because exact damping of the product
+(:class:`~curvkit.linalg.damping.ExactDamping`) couples the factors. It returns a
+:class:`KroneckerInverse` whose :meth:`~KroneckerInverse.apply` maps a gradient in matrix
+form ``(d_out, d_in)`` to :math:`(G\otimes A + \text{damping})^{-1}` applied to it, i.e.
+:math:`\tilde G^{-1}\nabla\tilde A^{-1}` for factored damping.
+
+Each inverter declares the damping kinds it supports in :attr:`Inverter.supports`;
+:func:`check_compatible` refuses an incompatible pair when a method is built.
+
+Numerics: decompositions run in float32 at least (bf16 and fp16 factors are upcast, since
+``eigh`` and ``cholesky`` do not accept them); a failure retries in float64; if that fails
+too the inverter returns ``None`` and the caller keeps its last good inverse (and counts
+the failure). Nothing non-finite is ever returned.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from curvkit.errors import IncompatibleComponentsError
+from curvkit.linalg.damping import Damping
+from curvkit.structures.base import FactorStructure
+
+__all__ = [
+    "CholeskyInverter",
+    "EigenInverse",
+    "EigenInverter",
+    "FactoredInverse",
+    "IdentityInverse",
+    "IdentityInverter",
+    "Inverter",
+    "KroneckerInverse",
+    "check_compatible",
+    "compute_dtype",
+    "symmetric_eigh",
+]
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype decompositions run in: float64 stays, everything else becomes float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+class KroneckerInverse:
+    """Applies a damped Kronecker inverse to gradients in matrix form."""
+
+    kind: ClassVar[str] = ""
+
+    def apply(self, grad: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def tensors(self) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> KroneckerInverse:
+        raise NotImplementedError
+
+
+def _left(mat: Tensor, m: Tensor) -> Tensor:
+    """``mat @ m`` where ``mat`` is a dense matrix or the vector of a diagonal one."""
+    return mat.unsqueeze(1) * m if mat.ndim == 1 else mat @ m
+
+
+def _right(m: Tensor, mat: Tensor) -> Tensor:
+    return m * mat if mat.ndim == 1 else m @ mat
+
+
+class FactoredInverse(KroneckerInverse):
+    r""":math:`\Delta = \tilde G^{-1}\nabla\tilde A^{-1}` with stored inverses (dense
+    matrices or diagonals)."""
+
+    kind = "factored"
+
+    def __init__(self, A_inv: Tensor, G_inv: Tensor) -> None:
+        self.A_inv = A_inv
+        self.G_inv = G_inv
+
+    def apply(self, grad: Tensor) -> Tensor:
+        m = grad.to(self.A_inv.dtype)
+        return _right(_left(self.G_inv, m), self.A_inv).to(grad.dtype)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"A_inv": self.A_inv, "G_inv": self.G_inv}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> FactoredInverse:
+        return cls(tensors["A_inv"], tensors["G_inv"])
+
+
+class EigenInverse(KroneckerInverse):
+    r"""Division in a Kronecker eigenbasis:
+    :math:`\Delta = Q_G[(Q_G^\top\nabla Q_A)\oslash D]Q_A^\top`.
+
+    ``Q_A``/``Q_G`` may be empty tensors, meaning the identity (diagonal factors). ``D``
+    is the ``(d_out, d_in)`` matrix of damped eigenvalues of the product (K-FAC:
+    :math:`(\lambda_G + s_G)(\lambda_A + s_A)^\top` or
+    :math:`\lambda_G\lambda_A^\top + \lambda`; EKFAC: corrected eigenvalues plus ε).
+    """
+
+    kind = "eigen"
+
+    def __init__(self, Q_A: Tensor, Q_G: Tensor, denominator: Tensor) -> None:
+        self.Q_A = Q_A
+        self.Q_G = Q_G
+        self.denominator = denominator
+
+    def rotate(self, grad: Tensor) -> Tensor:
+        """:math:`Q_G^\\top \\nabla Q_A` (into the eigenbasis)."""
+        m = grad.to(self.denominator.dtype)
+        if self.Q_G.numel():
+            m = self.Q_G.t() @ m
+        if self.Q_A.numel():
+            m = m @ self.Q_A
+        return m
+
+    def unrotate(self, m: Tensor) -> Tensor:
+        if self.Q_G.numel():
+            m = self.Q_G @ m
+        if self.Q_A.numel():
+            m = m @ self.Q_A.t()
+        return m
+
+    def apply(self, grad: Tensor) -> Tensor:
+        return self.unrotate(self.rotate(grad).div_(self.denominator)).to(grad.dtype)
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {"Q_A": self.Q_A, "Q_G": self.Q_G, "denominator": self.denominator}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> EigenInverse:
+        return cls(tensors["Q_A"], tensors["Q_G"], tensors["denominator"])
+
+
+class IdentityInverse(KroneckerInverse):
+    """The identity: preconditioning is switched off."""
+
+    kind = "identity"
+
+    def apply(self, grad: Tensor) -> Tensor:
+        return grad
+
+    def tensors(self) -> dict[str, Tensor]:
+        return {}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, Tensor]) -> IdentityInverse:
+        return cls()
+
+
+_INVERSE_KINDS: dict[str, type[KroneckerInverse]] = {
+    "factored": FactoredInverse,
+    "eigen": EigenInverse,
+    "identity": IdentityInverse,
+}
+
+
+def inverse_from_tensors(kind: str, tensors: dict[str, Tensor]) -> KroneckerInverse:
+    """Rebuild a stored :class:`KroneckerInverse` (``state_dict`` round trip)."""
+    return _INVERSE_KINDS[kind].from_tensors(tensors)
+
+
+class Inverter:
+    """Base of the inverters.
+
+    Attributes:
+        name: Registered name.
+        supports: Damping kinds it can apply (``"factored"``, ``"eigenbasis"``).
+    """
+
+    name: ClassVar[str] = ""
+    supports: ClassVar[frozenset[str]] = frozenset()
+
+    def prepare(self, A: FactorStructure, G: FactorStructure, damping: Damping, lam: float) -> KroneckerInverse | None:
+        """The damped inverse of ``G ⊗ A``, or ``None`` if the decomposition failed."""
+        raise NotImplementedError
+
+
+def _shifted(factor: FactorStructure, shift: float, dtype: torch.dtype) -> Tensor:
+    if factor.is_diagonal:
+        return factor.diagonal().to(dtype) + shift
+    m = factor.to_dense().to(dtype)
+    return m + shift * torch.eye(m.shape[0], dtype=dtype, device=m.device)
+
+
+def _cholesky_inverse(m: Tensor) -> Tensor | None:
+    """Inverse of an SPD matrix (or positive diagonal), retrying in float64; ``None`` on
+    failure."""
+    for dtype in (m.dtype, torch.float64) if m.dtype != torch.float64 else (torch.float64,):
+        x = m.to(dtype)
+        if x.ndim == 1:
+            inv = 1.0 / x
+            ok = bool((x > 0).all()) and bool(torch.isfinite(inv).all())
+        else:
+            chol, info = torch.linalg.cholesky_ex(x)
+            if int(info) != 0:
+                continue
+            inv = torch.cholesky_inverse(chol)
+            ok = bool(torch.isfinite(inv).all())
+        if ok:
+            return inv.to(m.dtype)
+    return None
+
+
+class CholeskyInverter(Inverter):
+    """Dense Cholesky inverse of each damped factor (factored damping only).
+
+    The cheapest exact inverter (a Cholesky factorisation is several times faster than
+    ``eigh``). A factorisation that fails in the working precision is retried in float64.
+    """
+
+    name = "cholesky"
+    supports = frozenset({"factored"})
+
+    def prepare(self, A: FactorStructure, G: FactorStructure, damping: Damping, lam: float) -> KroneckerInverse | None:
+        dtype = compute_dtype(A.dtype)
+        s_a, s_g = damping.factor_shifts(A, G, lam)
+        a_inv = _cholesky_inverse(_shifted(A, s_a, dtype))
+        g_inv = _cholesky_inverse(_shifted(G, s_g, dtype))
+        if a_inv is None or g_inv is None:
+            return None
+        return FactoredInverse(a_inv, g_inv)
+
+
+def symmetric_eigh(factor: FactorStructure | Tensor) -> tuple[Tensor, Tensor] | None:
+    """Eigenvalues (clamped at 0, ascending) and eigenvectors of a PSD factor, in float32
+    or float64, retrying in float64; a diagonal factor gives an empty eigenvector tensor
+    (the identity). ``None`` if the decomposition fails."""
+    if isinstance(factor, FactorStructure) and factor.is_diagonal:
+        d = factor.diagonal().to(compute_dtype(factor.dtype))
+        return d.clamp_min(0), d.new_empty(0)
+    m = factor.to_dense() if isinstance(factor, FactorStructure) else factor
+    dtype = compute_dtype(m.dtype)
+    for attempt in (dtype, torch.float64) if dtype != torch.float64 else (torch.float64,):
+        try:
+            evals, evecs = torch.linalg.eigh(m.to(attempt))
+        except RuntimeError:  # torch raises on non-convergence
+            continue
+        if bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all()):
+            return evals.clamp_min(0).to(dtype), evecs.to(dtype)
+    return None
+
+
+class EigenInverter(Inverter):
+    """Symmetric eigendecomposition of each factor; supports factored damping and exact
+    (eigenbasis) damping of the product."""
+
+    name = "eigh"
+    supports = frozenset({"factored", "eigenbasis"})
+
+    def prepare(self, A: FactorStructure, G: FactorStructure, damping: Damping, lam: float) -> KroneckerInverse | None:
+        ea = symmetric_eigh(A)
+        eg = symmetric_eigh(G)
+        if ea is None or eg is None:
+            return None
+        (eig_a, q_a), (eig_g, q_g) = ea, eg
+        if damping.kind == "eigenbasis":
+            denom = torch.outer(eig_g, eig_a) + damping.product_shift(eig_a, eig_g, lam)
+        else:
+            s_a, s_g = damping.factor_shifts(A, G, lam)
+            denom = torch.outer(eig_g + s_g, eig_a + s_a)
+        if not bool((denom > 0).all()):
+            return None
+        return EigenInverse(q_a, q_g, denom)
+
+
+class IdentityInverter(Inverter):
+    """No preconditioning: the gradient passes unchanged (for tests and ablations; with it
+    a curvature optimizer reproduces ``torch.optim.SGD``)."""
+
+    name = "identity"
+    supports = frozenset({"factored", "eigenbasis"})
+
+    def prepare(self, A: FactorStructure, G: FactorStructure, damping: Damping, lam: float) -> KroneckerInverse | None:
+        return IdentityInverse()
+
+
+def check_compatible(inverter: Any, damping: Damping, *, registry: Any = None) -> None:
+    """Raise :class:`~curvkit.errors.IncompatibleComponentsError` unless ``inverter`` can
+    apply ``damping``; the message lists the pairs that work."""
+    if damping.kind in inverter.supports:
+        return
+    pairs = []
+    if registry is not None:
+        for inv_name in registry.inverters:
+            inv = registry.inverters.get(inv_name)
+            kinds = sorted(getattr(inv, "supports", ()))
+            pairs.append(f"{inv_name!r} with {' or '.join(kinds)} dampings")
+    hint = f" Pairs that work: {'; '.join(pairs)}." if pairs else ""
+    raise IncompatibleComponentsError(
+        f"inverter {inverter.name!r} cannot apply {type(damping).__name__} (a {damping.kind!r} damping); "
+        f"it supports {', '.join(sorted(inverter.supports))} dampings.{hint} "
+        "Exact and product-relative dampings need inverter='eigh'."
+    )

@@ -1,0 +1,212 @@
+r"""The method API: what a plugin registers to add a second-order method.
+
+A method is a :class:`MethodSpec`: a name, a frozen keyword-only configuration dataclass
+that validates itself (every bad value is reported with its legal range, see
+:class:`~curvkit.config.ValidatedConfig`), and a *block factory* that builds one
+:class:`~curvkit.blocks.CurvatureBlock` per tracked layer. The optimizers
+(:mod:`curvkit.optim`) do the rest: statistics capture, the ``T_stats`` / ``T_inv``
+schedule, EMA weights, damping state, step rules and checkpoints.
+
+Most Kronecker methods subclass :class:`KroneckerConfig`, which holds the knobs the whole
+K-FAC family shares (Fisher type, expand/reduce, EMA decay, ``T_stats``, ``T_inv``,
+damping, inverter, factor structure). Example (what ``plugins/curvkit_kfac`` does)::
+
+    @dataclass(frozen=True, kw_only=True)
+    class KFACConfig(KroneckerConfig):
+        pass
+
+    def kfac_block(info, config, registry):
+        return KroneckerBlock(info, structure=config.structure_classes(registry),
+                              inverter=config.inverter_object(registry))
+
+    KFAC_SPEC = MethodSpec(name="kfac", config_cls=KFACConfig, block_factory=kfac_block,
+                           summary="K-FAC / KFC", reference="Martens & Grosse (2015)")
+
+    @hookimpl
+    def curvkit_register_methods(register):
+        register.add(KFAC_SPEC)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, ValidatedConfig, check_number
+from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComponentError
+from curvkit.linalg.damping import Damping, PiDamping
+from curvkit.linalg.inverters import Inverter, check_compatible
+
+__all__ = ["LOSS_AVERAGES", "KroneckerConfig", "MethodConfig", "MethodSpec"]
+
+#: Legal values of ``loss_average`` (how the training loss is normalised).
+LOSS_AVERAGES = (None, "batch", "batch+sequence")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig(ValidatedConfig):
+    """Base of every method configuration (statistics knobs).
+
+    Args:
+        fisher: ``"empirical"`` (default; needs only ``loss.backward()``), ``"mc"`` or
+            ``"type-2"`` (need one extra call, ``optimizer.curvature_backward(output,
+            targets)``, before ``loss.backward()``).
+        kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers
+            (Eschenhagen et al. 2023).
+        loss_average: How the training loss is normalised, for the empirical Fisher
+            (whose output gradients come from your ``loss.backward()``): ``"batch"`` (a
+            mean over the batch, e.g. ``CrossEntropyLoss()``), ``"batch+sequence"`` (a
+            mean over batch and sequence positions) or ``None`` (a sum).
+        mc_samples: Samples per datum for ``fisher="mc"``.
+        T_stats: Statistics every ``T_stats`` steps.
+        unsupported: Modules with parameters but no layer handler: ``"warn"`` (default)
+            or ``"skip"`` leave them to a first-order update; ``"error"`` refuses.
+    """
+
+    fisher: FisherType | str = FisherType.EMPIRICAL
+    kfac_approx: KFACApprox | str = KFACApprox.EXPAND
+    loss_average: str | None = "batch"
+    mc_samples: int = 1
+    T_stats: int = 1
+    unsupported: UnsupportedPolicy | str = UnsupportedPolicy.WARN
+
+    def normalise(self) -> list[str]:
+        out: list[str] = []
+        self._enum_field(out, "fisher", FisherType)
+        self._enum_field(out, "kfac_approx", KFACApprox)
+        self._enum_field(out, "unsupported", UnsupportedPolicy)
+        return out
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        if self.loss_average not in LOSS_AVERAGES:
+            out.append(f"loss_average={self.loss_average!r} must be one of {', '.join(map(repr, LOSS_AVERAGES))}")
+        check_number(out, "mc_samples", self.mc_samples, low=1, integer=True)
+        if self.fisher is not FisherType.MC and self.mc_samples != 1 and "mc_samples" not in " ".join(out):
+            out.append(f"mc_samples={self.mc_samples!r} only applies to fisher='mc'; leave it at 1")
+        check_number(out, "T_stats", self.T_stats, low=1, integer=True)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
+class KroneckerConfig(MethodConfig):
+    r"""Knobs shared by the K-FAC family.
+
+    Args:
+        ema_decay: :math:`\rho` in ``A ← ρA + (1−ρ)A_batch``; the k-th update uses
+            :math:`\min(1 - 1/k, \rho)` (Martens & Grosse 2015), so the first batch
+            initialises the factors.
+        T_inv: Inverses/decompositions every ``T_inv`` steps (stale in between).
+        damping: A damping strategy (:mod:`curvkit.linalg.damping`), or a float ``λ``
+            meaning the method's default strategy with that value.
+        inverter: Registered inverter name (``"cholesky"``, ``"eigh"``, ...).
+        structure: Registered factor-structure name for both factors, or a pair
+            ``(A's, G's)``.
+        factor_dtype: dtype the factors are stored in (default: the parameters').
+    """
+
+    ema_decay: float = 0.95
+    T_inv: int = 10
+    damping: Damping | float = field(default_factory=lambda: PiDamping(value=1e-3))
+    inverter: str = "cholesky"
+    structure: str | tuple[str, str] = "dense"
+    factor_dtype: torch.dtype | None = None
+
+    #: Strategy a bare float ``damping`` becomes.
+    default_damping: Any = dataclasses.field(default=PiDamping, init=False, repr=False, compare=False)
+
+    def normalise(self) -> list[str]:
+        out = super().normalise()
+        if isinstance(self.damping, (int, float)) and not isinstance(self.damping, bool):
+            try:
+                self._set("damping", self.default_damping(value=float(self.damping)))
+            except ConfigError as err:
+                out.extend(f"damping: {p}" for p in err.problems)
+        return out
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        check_number(out, "ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
+        check_number(out, "T_inv", self.T_inv, low=1, integer=True)
+        if not isinstance(self.damping, Damping):
+            out.append(
+                f"damping={self.damping!r} must be a damping strategy (e.g. PiDamping(value=1e-3)) or a float > 0"
+            )
+        if not isinstance(self.inverter, str):
+            out.append(f"inverter={self.inverter!r} must be a registered inverter name (e.g. 'cholesky', 'eigh')")
+        s = self.structure
+        if not (isinstance(s, str) or (isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, str) for x in s))):
+            out.append(f"structure={s!r} must be a registered structure name or a pair of names")
+        if self.factor_dtype is not None and not isinstance(self.factor_dtype, torch.dtype):
+            out.append(f"factor_dtype={self.factor_dtype!r} must be a torch.dtype or None")
+        return out
+
+    # --- resolution against a registry (at build time) -----------------------------------
+
+    def structure_classes(self, registry: Any) -> tuple[Any, Any]:
+        names = (self.structure, self.structure) if isinstance(self.structure, str) else self.structure
+        return registry.structures.get(names[0]), registry.structures.get(names[1])
+
+    def inverter_object(self, registry: Any) -> Inverter:
+        inv = registry.inverters.get(self.inverter)
+        return inv() if isinstance(inv, type) else inv
+
+    def check_components(self, registry: Any) -> None:
+        """Resolve every component name and check the inverter/damping pair."""
+        self.structure_classes(registry)
+        check_compatible(self.inverter_object(registry), self.damping, registry=registry)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """What a plugin registers for a method.
+
+    Attributes:
+        name: Registered name (``"kfac"``).
+        config_cls: Its frozen, keyword-only, self-validating configuration dataclass.
+        block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``.
+        summary: One line for ``curvkit plugins`` and the docs.
+        reference: Citation.
+        sample_configs: Keyword sets the conformance suite trains with.
+        bad_configs: ``(kwargs, expected exception type)`` the conformance suite expects
+            to raise.
+    """
+
+    name: str
+    config_cls: type[MethodConfig]
+    block_factory: Callable[..., Any]
+    summary: str = ""
+    reference: str = ""
+    sample_configs: tuple[dict[str, Any], ...] = ({},)
+    bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
+
+    def make_config(self, **kwargs: Any) -> MethodConfig:
+        """Build the configuration; unknown keywords raise a :class:`ConfigError` that lists
+        the valid ones."""
+        valid = {f.name for f in dataclasses.fields(self.config_cls) if f.init}
+        unknown = sorted(set(kwargs) - valid)
+        if unknown:
+            raise ConfigError(
+                f"{self.name} configuration",
+                [f"unknown option {k!r}; valid options: {', '.join(sorted(valid))}" for k in unknown],
+            )
+        return self.config_cls(**kwargs)
+
+    def check(self, config: MethodConfig, registry: Any) -> None:
+        """Check the configuration's components against the registry (raises
+        :class:`UnknownComponentError` or :class:`IncompatibleComponentsError`)."""
+        if not isinstance(config, self.config_cls):
+            raise TypeError(f"method {self.name!r} needs a {self.config_cls.__name__}, got {type(config).__name__}.")
+        check = getattr(config, "check_components", None)
+        if check is not None:
+            try:
+                check(registry)
+            except (UnknownComponentError, IncompatibleComponentsError):
+                raise
+
+    def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:
+        return self.block_factory(info, config, registry)

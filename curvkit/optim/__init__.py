@@ -1,0 +1,8 @@
+"""Optimizers: :class:`Preconditioner` (rewrites ``.grad``, composes with any torch
+optimizer) and :class:`CurvatureOptimizer` (a ``torch.optim.Optimizer``) with named
+classes per bundled method and a by-name factory, :func:`create`."""
+
+from curvkit.optim.optimizer import EKFAC, KFAC, TEKFAC, TKFAC, CurvatureOptimizer, available_methods, create
+from curvkit.optim.preconditioner import Preconditioner
+
+__all__ = ["EKFAC", "KFAC", "TEKFAC", "TKFAC", "CurvatureOptimizer", "Preconditioner", "available_methods", "create"]

@@ -1,0 +1,439 @@
+r"""The preconditioner: statistics capture, the method's blocks and their schedule.
+
+:class:`Preconditioner` installs forward hooks on the tracked layers of a model. On a
+statistics step (every ``T_stats``) a hook records the layer's input and puts a tensor
+hook on its output, so the ordinary ``loss.backward()`` delivers the output gradients of
+the **empirical Fisher**. For the MC and type-2 Fisher, one extra call,
+:meth:`Preconditioner.curvature_backward`, backpropagates the sampled vectors (or the
+columns of the loss Hessian's square root) through the retained graph first, exactly as
+:func:`curvkit.kronecker_factors` would. ``step()`` then folds the statistics into each
+layer's block, refreshes inverses every ``T_inv`` steps and rewrites every tracked
+parameter's ``.grad`` with the preconditioned direction — so it composes with any torch
+optimizer::
+
+    precond = curvkit.optim.Preconditioner(model, "kfac", damping=1e-3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    for X, y in loader:
+        opt.zero_grad()
+        loss_fn(model(X), y).backward()
+        precond.step()     # .grad ← (G ⊗ A + damping)⁻¹ .grad for tracked layers
+        opt.step()
+
+Guarantees: a non-finite gradient skips the whole step and leaves the state untouched; a
+non-finite statistic skips that statistics update (counted in :attr:`counters`); a failed
+decomposition keeps the last good inverse (counted by the block).
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
+from curvkit.config import FisherType
+from curvkit.methods import MethodConfig, MethodSpec
+from curvkit.stats.losses import loss_adapter
+from curvkit.stats.plan import LayerPlan, make_plan
+
+__all__ = ["Preconditioner", "layer_matrix", "split_layer_matrix"]
+
+
+def layer_matrix(layer: LayerPlan, weight_tensor: Tensor, bias_tensor: Tensor | None) -> Tensor:
+    """A layer's weight-shaped tensor (and bias) as one ``(d_out, d_in [+1])`` matrix."""
+    mat = weight_tensor.reshape(weight_tensor.shape[0], -1)
+    if layer.has_bias:
+        assert bias_tensor is not None
+        mat = torch.cat([mat, bias_tensor.reshape(-1, 1)], dim=1)
+    return mat
+
+
+def split_layer_matrix(layer: LayerPlan, mat: Tensor) -> tuple[Tensor, Tensor | None]:
+    """Inverse of :func:`layer_matrix`: ``(weight-shaped, bias-shaped or None)``."""
+    w = layer.weight
+    if layer.has_bias:
+        return mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(-1)
+    return mat.reshape(w.shape), None
+
+
+@dataclass
+class _Record:
+    """One forward pass of one layer on a statistics step."""
+
+    inputs: Tensor
+    output: Tensor
+    version: int
+    grads: list[Tensor] = field(default_factory=list)
+    sampled: list[Tensor] = field(default_factory=list)
+    sampled_scale: float = 1.0
+
+
+def resolve_method(method: str | MethodSpec, registry: Any) -> MethodSpec:
+    if isinstance(method, MethodSpec):
+        return method
+    if not isinstance(method, str):
+        raise TypeError(f"method={method!r} must be a registered method name or a MethodSpec.")
+    return registry.methods.get(method.lower())
+
+
+class Preconditioner:
+    """Second-order preconditioning of a model's gradients, in place.
+
+    Args:
+        model: The model. Tracked layers are those with a registered layer handler;
+            parameters of other modules are left alone (first-order).
+        method: Registered method name (``"kfac"``, ``"ekfac"``, ...) or a
+            :class:`~curvkit.methods.MethodSpec`.
+        loss_fn: The training loss module; required for ``fisher="mc"`` / ``"type-2"``.
+        config: A ready configuration object; otherwise ``**options`` build one.
+        registry: Registry to resolve names in (default: the plugins installed).
+        generator: Random generator for MC targets (default: seeded from torch's global
+            generator, so ``torch.manual_seed`` makes runs reproducible).
+        **options: Method options (see the method's config class), e.g. ``damping=1e-3``,
+            ``T_inv=10``, ``fisher="mc"``.
+
+    Raises:
+        ConfigError: Invalid options (all of them are listed).
+        IncompatibleComponentsError: The inverter cannot apply the damping.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        method: str | MethodSpec = "kfac",
+        *,
+        loss_fn: nn.Module | None = None,
+        config: MethodConfig | None = None,
+        registry: Any = None,
+        generator: torch.Generator | None = None,
+        **options: Any,
+    ) -> None:
+        if registry is None:
+            from curvkit.plugins import default_registry
+
+            registry = default_registry()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+        self.model = model
+        self.registry = registry
+        self.spec = resolve_method(method, registry)
+        if config is not None and options:
+            raise TypeError("pass either config= or keyword options, not both.")
+        self.config = config if config is not None else self.spec.make_config(**options)
+        self.spec.check(self.config, registry)
+        self.damping = getattr(self.config, "damping", None)
+        self.fisher: FisherType = self.config.fisher  # type: ignore[assignment]
+        if self.fisher is not FisherType.EMPIRICAL:
+            if loss_fn is None:
+                raise ValueError(
+                    f"fisher={self.fisher.value!r} draws vectors from the loss's likelihood; pass loss_fn= "
+                    "(the training loss module, e.g. nn.CrossEntropyLoss())."
+                )
+            loss_adapter(loss_fn)  # validates the loss early
+        self.loss_fn = loss_fn
+        self.plan = make_plan(model, registry, self.config.unsupported)
+        self.layers: dict[str, LayerPlan] = {layer.name: layer for layer in self.plan}
+        self.blocks: dict[str, CurvatureBlock] = {
+            layer.name: self.spec.make_block(BlockInfo.from_plan(layer), self.config, registry) for layer in self.plan
+        }
+        if generator is None:
+            seed = int(torch.randint(0, 2**62, (1,)).item())
+            generator = torch.Generator().manual_seed(seed)
+        self.generator = generator
+        self.steps = 0
+        self.damping_value = self.damping.initial_value() if self.damping is not None else 0.0
+        self.counters = {"skipped_steps": 0, "skipped_stat_updates": 0}
+        self._records: dict[str, list[_Record]] = {}
+        self._suspended = 0
+        self._warned_missing: set[str] = set()
+        self._refreshed: set[str] = set()
+        self._handles = [
+            layer.module.register_forward_hook(self._make_hook(layer.name)) for layer in self.plan
+        ]
+
+    # --- capture --------------------------------------------------------------------------
+
+    @property
+    def stats_due(self) -> bool:
+        """Whether the current step collects statistics."""
+        return self.steps % self.config.T_stats == 0
+
+    @property
+    def refresh_due(self) -> bool:
+        t_inv = getattr(self.config, "T_inv", 1)
+        return self.steps % t_inv == 0
+
+    def _capturing(self) -> bool:
+        return self._suspended == 0 and self.stats_due and torch.is_grad_enabled()
+
+    def _make_hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+            if not self._capturing() or not isinstance(output, Tensor) or not output.requires_grad:
+                return
+            if len(args) != 1 or not isinstance(args[0], Tensor):
+                return
+            record = _Record(args[0].detach(), output, output._version)
+            self._records.setdefault(name, []).append(record)
+            empirical = self.fisher is FisherType.EMPIRICAL
+
+            def grad_hook(g: Tensor) -> None:
+                if self._sampling:
+                    record.sampled.append(g.detach())
+                elif empirical:
+                    record.grads.append(g.detach())
+
+            output.register_hook(grad_hook)
+
+        return hook
+
+    _sampling = False
+
+    @contextmanager
+    def suspended(self) -> Iterator[None]:
+        """A block in which forward passes record nothing (evaluation, line searches)."""
+        self._suspended += 1
+        try:
+            yield
+        finally:
+            self._suspended -= 1
+
+    def curvature_backward(self, output: Tensor, targets: Tensor) -> None:
+        """Backpropagate the Fisher's vectors for ``fisher="mc"`` or ``"type-2"``.
+
+        Call it after the forward pass and **before** ``loss.backward()`` (it keeps the
+        graph alive for it). It does nothing for the empirical Fisher or on steps that
+        collect no statistics, so a loop can call it unconditionally.
+
+        Args:
+            output: The model output of this step's forward pass.
+            targets: The targets (used for shapes; MC samples its own).
+        """
+        if self.fisher is FisherType.EMPIRICAL or not self.stats_due or not self._records:
+            return
+        assert self.loss_fn is not None
+        adapter = loss_adapter(self.loss_fn)
+        rows, target_rows = adapter.to_rows(output, targets)
+        num = adapter.num_passes(rows.shape[-1], self.fisher, self.config.mc_samples)
+        passes = adapter.vector_passes(rows, target_rows, self.fisher, self.config.mc_samples, self.generator)
+        records = [r for recs in self._records.values() for r in recs]
+        intact = all(r.output._version == r.version for r in records)
+        wrt = [r.output for r in records] if intact else [self.layers[n].weight for n in self._records]
+        scale = 1.0 / adapter.normaliser(output, targets)
+        self._sampling = True
+        try:
+            for i, v in enumerate(passes):
+                torch.autograd.grad(
+                    output, wrt, adapter.from_rows(v.unsqueeze(0), output)[0], retain_graph=True, allow_unused=True
+                )
+        finally:
+            self._sampling = False
+        for r in records:
+            r.sampled_scale = scale
+        del num
+
+    # --- the step ---------------------------------------------------------------------------
+
+    def _layer_stats(self, name: str) -> LayerStats | None:
+        records = [r for r in self._records.get(name, []) if (r.sampled if self._sampled_fisher else r.grads)]
+        if not records:
+            return None
+        layer = self.layers[name]
+        if len(records) > 1 and len({r.inputs.shape[1:] for r in records}) > 1:
+            records = records[-1:]
+        inputs = torch.cat([r.inputs for r in records]) if len(records) > 1 else records[0].inputs
+        if self._sampled_fisher:
+            n_pass = min(len(r.sampled) for r in records)
+            grads = [torch.cat([r.sampled[p] for r in records]) for p in range(n_pass)]
+            scale = records[0].sampled_scale / len(records)
+        else:
+            grads = [torch.cat([r.grads[0] for r in records])] if len(records) > 1 else [records[0].grads[0]]
+            scale = self._empirical_scale(layer, inputs, grads[0])
+        return LayerStats(layer, inputs, grads, self.config.kfac_approx, scale)  # type: ignore[arg-type]
+
+    @property
+    def _sampled_fisher(self) -> bool:
+        return self.fisher is not FisherType.EMPIRICAL
+
+    def _empirical_scale(self, layer: LayerPlan, inputs: Tensor, grad: Tensor) -> float:
+        average = self.config.loss_average
+        if average is None:
+            return 1.0
+        n = inputs.shape[0]
+        if average == "batch":
+            return float(n)
+        r = layer.handler.output_features(layer.module, grad).shape[1]
+        return float(n * r)
+
+    def compute_directions(
+        self, grads: dict[str, tuple[Tensor, Tensor | None]]
+    ) -> dict[str, Tensor] | None:
+        """Advance one step: fold in statistics, refresh, precondition.
+
+        Args:
+            grads: ``{layer name: (weight gradient, bias gradient or None)}`` for the
+                tracked layers (a caller may have added weight decay to them already).
+
+        Returns:
+            ``{layer name: preconditioned direction in matrix form}``, or ``None`` if the
+            step was skipped (a non-finite gradient or no usable curvature yet).
+        """
+        try:
+            mats = {name: layer_matrix(self.layers[name], w, b) for name, (w, b) in grads.items()}
+            if not all(bool(torch.isfinite(m).all()) for m in mats.values()):
+                self.counters["skipped_steps"] += 1
+                return None
+            if self.stats_due:
+                self._update_statistics()
+            if any(b.num_updates == 0 for name, b in self.blocks.items() if name in mats):
+                missing = [n for n, b in self.blocks.items() if n in mats and b.num_updates == 0]
+                self._missing_statistics(missing)
+                mats = {n: m for n, m in mats.items() if n not in missing}
+            for name, block in self.blocks.items():
+                if block.num_updates > 0 and (self.refresh_due or name not in self._refreshed):
+                    block.refresh(self.damping, self.damping_value)  # type: ignore[arg-type]
+                    self._refreshed.add(name)
+            out = {name: self.blocks[name].precondition(m) for name, m in mats.items()}
+            self.steps += 1
+            return out
+        finally:
+            self._records.clear()
+
+    def _missing_statistics(self, missing: list[str]) -> None:
+        if self._sampled_fisher:
+            raise RuntimeError(
+                f"no curvature statistics for layer(s) {', '.join(map(repr, missing))} at step {self.steps}: with "
+                f"fisher={self.fisher.value!r}, call curvature_backward(output, targets) after the forward pass and "
+                "before loss.backward() (it does nothing on steps without statistics)."
+            )
+        new = [n for n in missing if n not in self._warned_missing]
+        if new:
+            self._warned_missing.update(new)
+            warnings.warn(
+                f"no statistics captured yet for layer(s) {', '.join(map(repr, new))} (no forward pass with gradients "
+                "on a statistics step); they take a first-order step until they have some.",
+                stacklevel=4,
+            )
+
+    def _update_statistics(self) -> None:
+        stats = {name: self._layer_stats(name) for name in self.blocks}
+        present = {n: s for n, s in stats.items() if s is not None}
+        if not all(s.is_finite() for s in present.values()):
+            self.counters["skipped_stat_updates"] += 1
+            return
+        ema = getattr(self.config, "ema_decay", 0.0)
+        # compute every batch estimate before changing any block: a non-finite factor
+        # leaves every block untouched
+        for s in present.values():
+            if not (bool(torch.isfinite(s.A()).all()) and bool(torch.isfinite(s.G()).all())):
+                self.counters["skipped_stat_updates"] += 1
+                return
+        for name, s in present.items():
+            block = self.blocks[name]
+            k = block.num_updates + 1
+            block.update(s, min(1.0 - 1.0 / k, ema))
+
+    def step(self, *, weight_decay: float = 0.0) -> bool:
+        """Rewrite ``.grad`` of every tracked parameter with its preconditioned direction.
+
+        Args:
+            weight_decay: Added to the gradients *before* preconditioning (``wd · θ``); use
+                your optimizer's own weight decay for the usual placement after it.
+
+        Returns:
+            ``False`` if the step was skipped (non-finite gradients); ``.grad`` is then left
+            as it was, and so is the preconditioner's state.
+        """
+        grads = self._collect_grads(weight_decay)
+        dirs = self.compute_directions(grads)
+        if dirs is None:
+            return False
+        for name, mat in dirs.items():
+            layer = self.layers[name]
+            w, b = split_layer_matrix(layer, mat)
+            layer.weight.grad.copy_(w)  # type: ignore[union-attr]
+            if b is not None:
+                layer.bias.grad.copy_(b)  # type: ignore[union-attr]
+        return True
+
+    def _collect_grads(self, weight_decay: float = 0.0) -> dict[str, tuple[Tensor, Tensor | None]]:
+        out: dict[str, tuple[Tensor, Tensor | None]] = {}
+        for name, layer in self.layers.items():
+            w = layer.weight
+            b = layer.bias
+            if w.grad is None or (b is not None and b.grad is None):
+                continue
+            gw, gb = w.grad, (b.grad if b is not None else None)
+            if weight_decay:
+                gw = gw.add(w, alpha=weight_decay)
+                gb = gb.add(b, alpha=weight_decay) if gb is not None and b is not None else gb
+            out[name] = (gw, gb)
+        return out
+
+    # --- bookkeeping ------------------------------------------------------------------------
+
+    def remove(self) -> None:
+        """Remove the hooks from the model (the preconditioner stops capturing)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def tracked_parameters(self) -> list[nn.Parameter]:
+        out = []
+        for layer in self.plan:
+            out.append(layer.weight)
+            if layer.bias is not None:
+                out.append(layer.bias)
+        return out  # type: ignore[return-value]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.spec.name,
+            "steps": self.steps,
+            "damping_value": self.damping_value,
+            "counters": dict(self.counters),
+            "generator": self.generator.get_state(),
+            "refreshed": sorted(self._refreshed),
+            "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state.get("method") != self.spec.name:
+            raise ValueError(
+                f"state_dict is from method {state.get('method')!r}, this preconditioner runs {self.spec.name!r}."
+            )
+        unknown = set(state["blocks"]) - set(self.blocks)
+        if unknown:
+            raise ValueError(
+                f"state_dict has blocks for layers {sorted(unknown)} that this model does not track; "
+                f"tracked: {sorted(self.blocks)}."
+            )
+        self.steps = int(state["steps"])
+        self.damping_value = float(state["damping_value"])
+        self.counters = dict(state["counters"])
+        self.generator.set_state(state["generator"])
+        self._refreshed = set(state["refreshed"])
+        for name, block_state in state["blocks"].items():
+            self.blocks[name].load_state_dict(block_state)
+
+    def state_bytes(self) -> int:
+        return sum(block.state_bytes() for block in self.blocks.values())
+
+    def summary(self) -> str:
+        """A table of what runs where: one line per tracked layer, plus skipped modules."""
+        lines = [f"{self.spec.name}: {len(self.blocks)} tracked layer(s), {self.config!r}"]
+        for name, block in self.blocks.items():
+            lines.append(f"  {name or '<model>'}: {block.describe()}")
+        for name in self.plan.skipped:
+            lines.append(f"  {name}: first-order (no layer handler)")
+        return "\n".join(lines)
+
+    def __del__(self) -> None:
+        try:
+            self.remove()
+        except Exception:  # pragma: no cover - interpreter shutdown
+            pass

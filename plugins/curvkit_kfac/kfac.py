@@ -1,0 +1,62 @@
+r"""K-FAC and KFC (Martens & Grosse 2015; Grosse & Martens 2016), with expand/reduce for
+weight sharing (Eschenhagen et al. 2023).
+
+Per layer, :math:`F \approx G\otimes A` with EMA factors
+:math:`A \leftarrow \rho A + (1-\rho)A_{\text{batch}}`,
+:math:`G \leftarrow \rho G + (1-\rho)G_{\text{batch}}`, and the step direction
+:math:`\Delta = (G\otimes A + \text{damping})^{-1}\nabla`, i.e.
+:math:`\tilde G^{-1}\nabla\tilde A^{-1}` under factored damping (default: Tikhonov with the π
+correction, inverted by Cholesky every ``T_inv`` steps) or
+:math:`Q_G[(Q_G^\top\nabla Q_A)\oslash(\lambda_G\lambda_A^\top+\lambda)]Q_A^\top` under exact
+damping (``inverter="eigh"``, ``damping=ExactDamping(value=λ)``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from curvkit.blocks import BlockInfo, KroneckerBlock
+from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComponentError
+from curvkit.linalg.damping import ExactDamping
+from curvkit.methods import KroneckerConfig, MethodSpec
+
+__all__ = ["KFACConfig", "KFAC_SPEC", "kfac_block"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class KFACConfig(KroneckerConfig):
+    """K-FAC's options: those of :class:`curvkit.methods.KroneckerConfig` (Fisher type,
+    ``kfac_approx``, ``ema_decay`` ρ, ``T_stats``, ``T_inv``, ``damping`` λ, ``inverter``,
+    ``structure``, ``factor_dtype``)."""
+
+
+def kfac_block(info: BlockInfo, config: KFACConfig, registry: Any) -> KroneckerBlock:
+    return KroneckerBlock(
+        info,
+        structure=config.structure_classes(registry),
+        inverter=config.inverter_object(registry),
+        factor_dtype=config.factor_dtype,
+    )
+
+
+KFAC_SPEC = MethodSpec(
+    name="kfac",
+    config_cls=KFACConfig,
+    block_factory=kfac_block,
+    summary="K-FAC / KFC: EMA Kronecker factors, damped inverse every T_inv steps",
+    reference="Martens & Grosse (2015), arXiv:1503.05671; Grosse & Martens (2016), arXiv:1602.01407",
+    sample_configs=(
+        {"damping": 1e-2},
+        {"damping": ExactDamping(value=1e-2), "inverter": "eigh", "T_inv": 3},
+        {"structure": "diagonal", "damping": 1e-2},
+        {"fisher": "type-2", "damping": 1e-2},
+    ),
+    bad_configs=(
+        ({"ema_decay": 1.5, "T_inv": 0}, ConfigError),
+        ({"damping": -1.0}, ConfigError),
+        ({"inverter": "cholesky", "damping": ExactDamping(value=1e-3)}, IncompatibleComponentsError),
+        ({"inverter": "no-such-inverter"}, UnknownComponentError),
+        ({"not_an_option": 1}, ConfigError),
+    ),
+)
