@@ -8,10 +8,13 @@ The public API: Kronecker statistics (:func:`kronecker_factors`,
 :mod:`curvkit.structures`.
 """
 
+from curvkit import blocks, linalg, methods, optim, structures  # noqa: E402  (subpackages)
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy
-from curvkit.errors import (
+from curvkit.errors import (  # noqa: E402
+    ConfigError,
     CurvkitError,
     DuplicateComponentError,
+    IncompatibleComponentsError,
     PluginLoadError,
     PluginRegistrationError,
     UnknownComponentError,
@@ -23,9 +26,6 @@ from curvkit.hookspecs import hookimpl
 from curvkit.plugins import build_registry, default_registry
 from curvkit.registry import Registry
 from curvkit.stats import KroneckerFactors, accumulate_kronecker_factors, kronecker_factors
-
-from curvkit import blocks, linalg, methods, optim, structures  # noqa: E402  (subpackages)
-from curvkit.errors import ConfigError, IncompatibleComponentsError  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -334,7 +334,9 @@ class KroneckerBlock(CurvatureBlock):
             self.A = self.structure_A.from_tensors({k: v.clone() for k, v in state["A"].items()})
             self.G = self.structure_G.from_tensors({k: v.clone() for k, v in state["G"].items()})
         if "inverse" in state:
-            self.inverse = inverse_from_tensors(state["inverse_kind"], {k: v.clone() for k, v in state["inverse"].items()})
+            self.inverse = inverse_from_tensors(
+                state["inverse_kind"], {k: v.clone() for k, v in state["inverse"].items()}
+            )
 
     def describe(self) -> str:
         return (

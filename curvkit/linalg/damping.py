@@ -69,7 +69,7 @@ class Damping(ValidatedConfig):
 
     def initial_value(self) -> float:
         """The damping strength :math:`\\lambda` at the first step."""
-        return float(getattr(self, "value"))
+        return float(self.value)
 
     def factor_shifts(self, A: FactorStructure, G: FactorStructure, lam: float) -> tuple[float, float]:
         """``(s_A, s_G)`` for a ``"factored"`` strategy."""

@@ -116,7 +116,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"the first argument must be the model (an nn.Module), got {type(model).__name__}; "
                 "curvature optimizers hook into the model's layers. Pass parameters as params=."
             )
-        defaults = {"lr": lr, "momentum": momentum, "weight_decay": weight_decay, "weight_decay_mode": weight_decay_mode}
+        defaults = {
+            "lr": lr,
+            "momentum": momentum,
+            "weight_decay": weight_decay,
+            "weight_decay_mode": weight_decay_mode,
+        }
         problems = _check_group(defaults, "")
         check_number(problems, "kl_clip", kl_clip, low=0.0, low_open=True, optional=True)
         check_number(problems, "rms_clip", rms_clip, low=0.0, low_open=True, optional=True)
@@ -207,7 +212,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             gw = w.grad if w.grad is not None else torch.zeros_like(w)
             gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
             raw[name] = layer_matrix(layer, gw, gb)
-            gw, gb = self._decay_before(w, gw, groups), (None if b is None or gb is None else self._decay_before(b, gb, groups))
+            gw, gb = (
+                self._decay_before(w, gw, groups),
+                (None if b is None or gb is None else self._decay_before(b, gb, groups)),
+            )
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
         if not all(bool(torch.isfinite(p.grad).all()) for p in fallback):
@@ -229,8 +237,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             w_dir, b_dir = split_layer_matrix(layer, mat * nu if nu != 1.0 else mat)
             direction[id(layer.weight)], params[id(layer.weight)] = w_dir, layer.weight
             if b_dir is not None:
-                direction[id(layer.bias)], params[id(layer.bias)] = b_dir, layer.bias  # type: ignore[arg-type]
+                bias = layer.bias
+                assert bias is not None
+                direction[id(bias)], params[id(bias)] = b_dir, bias
         for p in fallback:
+            assert p.grad is not None
             g = self._decay_before(p, p.grad, groups)
             direction[id(p)], params[id(p)] = (g * nu if nu != 1.0 else g), p
         old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
@@ -257,6 +268,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             lr = groups[id(self.preconditioner.layers[name].weight)]["lr"]
             total += lr**2 * float((d * raw[name].to(d.dtype)).sum())
         for p in fallback:
+            assert p.grad is not None
             total += groups[id(p)]["lr"] ** 2 * float((p.grad * p.grad).sum())
         if not math.isfinite(total) or total <= 0:
             return 1.0
@@ -301,7 +313,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             change += float((g * delta).sum()) + 0.5 * quad
         with pre.suspended(), torch.enable_grad():
             new_loss = closure()
-        rho = (float(new_loss) - float(loss)) / change if change < 0 else float("nan")
+        # a step the quadratic model itself predicts to increase the loss counts as a bad step
+        rho = (float(new_loss) - float(loss)) / change if change < 0 else float("-inf")
         pre.damping_value = pre.damping.adapt(lam, rho)  # type: ignore[union-attr]
         pre.counters["last_reduction_ratio"] = rho  # type: ignore[assignment]
 

@@ -152,9 +152,7 @@ class Preconditioner:
         self._suspended = 0
         self._warned_missing: set[str] = set()
         self._refreshed: set[str] = set()
-        self._handles = [
-            layer.module.register_forward_hook(self._make_hook(layer.name)) for layer in self.plan
-        ]
+        self._handles = [layer.module.register_forward_hook(self._make_hook(layer.name)) for layer in self.plan]
 
     # --- capture --------------------------------------------------------------------------
 
@@ -226,7 +224,7 @@ class Preconditioner:
         scale = 1.0 / adapter.normaliser(output, targets)
         self._sampling = True
         try:
-            for i, v in enumerate(passes):
+            for v in passes:
                 torch.autograd.grad(
                     output, wrt, adapter.from_rows(v.unsqueeze(0), output)[0], retain_graph=True, allow_unused=True
                 )
@@ -269,9 +267,7 @@ class Preconditioner:
         r = layer.handler.output_features(layer.module, grad).shape[1]
         return float(n * r)
 
-    def compute_directions(
-        self, grads: dict[str, tuple[Tensor, Tensor | None]]
-    ) -> dict[str, Tensor] | None:
+    def compute_directions(self, grads: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, Tensor] | None:
         """Advance one step: fold in statistics, refresh, precondition.
 
         Args:
