@@ -47,8 +47,11 @@ html_theme = "alabaster"
 html_title = f"curvkit {release}"
 
 _DOCS = os.path.dirname(os.path.abspath(__file__))
+#: laplace-torch is not in the docs env; the adapter classes subclass its interface.
+autodoc_mock_imports = ["laplace"]
+
 #: Pages written by others that appear in the toctree only once they exist.
-_OPTIONAL_PAGES = ["benchmarks"]
+_OPTIONAL_PAGES = ["benchmarks", "benchmarks-step", "laplace", "methods/ekfac", "methods/tkfac", "methods/tekfac"]
 
 
 def _drop_missing_optional_pages(app, docname, source):  # type: ignore[no-untyped-def]

@@ -111,7 +111,7 @@ class _CurvkitInterface(CurvatureInterface):
         if not self.last_layer:
             return x
         with torch.no_grad():
-            _, features = self.model.forward_with_features(x)
+            _, features = self.model.forward_with_features(x)  # type: ignore[operator]
         return features.detach()
 
     def _mc_generator(self, kwargs: dict[str, Any]) -> torch.Generator | None:
@@ -139,9 +139,7 @@ class _CurvkitInterface(CurvatureInterface):
 
     # --- Kronecker factors ------------------------------------------------------------
 
-    def kron(
-        self, x: Tensor | MutableMapping[str, Any], y: Tensor, N: int, **kwargs: Any
-    ) -> tuple[Tensor, Kron]:
+    def kron(self, x: Tensor | MutableMapping[str, Any], y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """K-FAC of the sum-reduced loss on this batch, scaled for a data set of ``N``."""
         self._check_kwargs(kwargs, "kron")
         plan, columns, param_names = self._require_tracking("kron")
@@ -175,7 +173,7 @@ class _CurvkitInterface(CurvatureInterface):
                 kfacs.append([g * a[cols, cols] * ratio])  # a 1×1 weight: one scalar block, as curvlinops' backend
             else:
                 kfacs.append([g, a[cols, cols] * ratio])
-        return self.factor * loss.detach(), Kron(kfacs) * self.factor
+        return self.factor * loss.detach(), Kron(kfacs) * self.factor  # type: ignore[arg-type]
 
     # --- per-datum gradients ----------------------------------------------------------
 
@@ -186,9 +184,9 @@ class _CurvkitInterface(CurvatureInterface):
         plan, columns, param_names = self._require_tracking("full")
         generator = self._mc_generator(kwargs) if fisher is FisherType.MC else None
         n = len(y)
-        for output, grads, _ in fisher_gradients(
-            self._model, plan, self.lossfunc, self._inputs(x), y, fisher, mc_samples, generator  # type: ignore[arg-type]
-        ):
+        loss_fn: nn.Module = self.lossfunc  # type: ignore[assignment]
+        inputs: Tensor = self._inputs(x)  # type: ignore[assignment]
+        for output, grads, _ in fisher_gradients(self._model, plan, loss_fn, inputs, y, fisher, mc_samples, generator):
             rows = stack_parameters(grads, columns, param_names, n)
             if self.subnetwork_indices is not None:
                 rows = rows[:, self.subnetwork_indices]
@@ -201,7 +199,8 @@ class _CurvkitInterface(CurvatureInterface):
         mc_samples = int(kwargs.get("mc_samples", self._num_mc_samples())) if fisher is FisherType.MC else 1
         total: Tensor | None = None
         output: Tensor | None = None
-        for output, rows in self._fisher_rows(x, y, fisher, mc_samples, kwargs):
+        for out, rows in self._fisher_rows(x, y, fisher, mc_samples, kwargs):
+            output = out
             part = (rows**2).sum(0) if diagonal else rows.t() @ rows
             total = part if total is None else total + part
         assert total is not None and output is not None
@@ -350,7 +349,7 @@ class CurvkitEF(_CurvkitInterface, EFInterface):
         >>> model = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
         >>> X, y = torch.randn(40, 3), torch.randn(40, 1)
         >>> loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=16)
-        >>> la = Laplace(model, "regression", hessian_structure="diag", backend=CurvkitEF)
+        >>> la = Laplace(model, "regression", subset_of_weights="all", hessian_structure="diag", backend=CurvkitEF)
         >>> la.fit(loader)
         >>> la.H.shape
         torch.Size([41])

@@ -144,7 +144,9 @@ class KroneckerBlock:
         new = KroneckerBlock(self.name, self.param_names, self.param_shapes, self.G * scale, self.A, corrected)
         cached = self.__dict__.get("_eigen")
         if cached is not None and scale >= 0:
-            object.__setattr__(new, "_eigen", BlockEigen(cached.QG, cached.lambda_G * scale, cached.QA, cached.lambda_A))
+            object.__setattr__(
+                new, "_eigen", BlockEigen(cached.QG, cached.lambda_G * scale, cached.QA, cached.lambda_A)
+            )
         return new
 
 

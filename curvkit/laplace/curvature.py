@@ -418,9 +418,7 @@ class KroneckerCurvature(FlatOperator):
 def _inverse_sqrt(name: str) -> Callable[[Tensor], Tensor]:
     def fn(s: Tensor) -> Tensor:
         if bool((s <= 0).any()):
-            raise ValueError(
-                f"block {name!r} + prior is singular (a zero eigenvalue); add a positive prior precision."
-            )
+            raise ValueError(f"block {name!r} + prior is singular (a zero eigenvalue); add a positive prior precision.")
         return s.rsqrt()
 
     return fn
@@ -480,6 +478,4 @@ class KroneckerPower(FlatOperator):
         product = self._matmat(flat.t()).t()  # (rows, P)
         rows = lead[-1] if lead else 1
         batch = flat.shape[0] // rows
-        return torch.bmm(flat.view(batch, rows, -1), product.view(batch, rows, -1).transpose(1, 2)).reshape(
-            *lead, rows
-        )
+        return torch.bmm(flat.view(batch, rows, -1), product.view(batch, rows, -1).transpose(1, 2)).reshape(*lead, rows)

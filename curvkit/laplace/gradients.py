@@ -115,7 +115,9 @@ def fisher_gradients(
         yield output, grads, state["z"]
 
 
-def output_jacobians(model: nn.Module, plan: TrackingPlan, inputs: Tensor) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
+def output_jacobians(
+    model: nn.Module, plan: TrackingPlan, inputs: Tensor
+) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
     """Per-datum gradients of each output coordinate ``f_c`` of an ``(N, C)`` output (one pass per ``c``)."""
 
     def vectors(output: Tensor) -> Iterator[Tensor]:

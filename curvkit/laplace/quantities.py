@@ -73,7 +73,7 @@ class KroneckerLaplace:
         >>> X, y = torch.randn(40, 3, dtype=torch.float64), torch.randint(0, 2, (40,))
         >>> la = KroneckerLaplace(model, "classification")
         >>> la.fit([(X[:20], y[:20]), (X[20:], y[20:])], progress=False)
-        >>> la.optimize_prior_precision(n_steps=50)
+        >>> prior = la.optimize_prior_precision(n_steps=50)
         >>> probs = la.predictive(X[:4])
         >>> probs.shape, bool(torch.allclose(probs.sum(-1), torch.ones(4, dtype=torch.float64)))
         (torch.Size([4, 2]), True)
@@ -130,7 +130,9 @@ class KroneckerLaplace:
     # --- fitting ----------------------------------------------------------------------
 
     def _loss_fn(self) -> nn.Module:
-        return nn.CrossEntropyLoss(reduction="sum") if self.likelihood == "classification" else nn.MSELoss(reduction="sum")
+        return (
+            nn.CrossEntropyLoss(reduction="sum") if self.likelihood == "classification" else nn.MSELoss(reduction="sum")
+        )
 
     @property
     def _factor(self) -> float:

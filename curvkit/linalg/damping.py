@@ -69,7 +69,10 @@ class Damping(ValidatedConfig):
 
     def initial_value(self) -> float:
         """The damping strength :math:`\\lambda` at the first step."""
-        return float(self.value)
+        value = getattr(self, "value", None)
+        if value is None:
+            raise NotImplementedError(f"{type(self).__name__} must define initial_value()")
+        return float(value)
 
     def factor_shifts(self, A: FactorStructure, G: FactorStructure, lam: float) -> tuple[float, float]:
         """``(s_A, s_G)`` for a ``"factored"`` strategy."""

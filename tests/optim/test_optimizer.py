@@ -332,3 +332,24 @@ def test_state_bytes_counts_factors_inverses_and_momentum():
     params = sum(p.numel() for p in model.parameters())
     factors = 2 * (6 * 6 + 8 * 8) + 2 * (9 * 9 + 3 * 3)  # A, G and their inverses
     assert opt.state_bytes() == 8 * (factors + params)
+
+
+@pytest.mark.parametrize("inverter", ["cholesky", "eigh"])
+def test_bf16_factors_upcast_their_decompositions(inverter):
+    """bf16 parameters and factors: the decompositions run in float32, nothing non-finite."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3)).to(torch.bfloat16)
+    X, y = torch.randn(32, 8, dtype=torch.bfloat16), torch.randint(0, 3, (32,))
+    opt = KFAC(model, lr=0.3, damping=0.1, inverter=inverter, T_inv=1)
+    losses = []
+    for _ in range(20):
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X), y)
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    block = opt.preconditioner.blocks["0"]
+    assert block.A.dtype == torch.bfloat16
+    assert all(t.dtype == torch.float32 for t in block.inverse.tensors().values() if t.numel())
+    assert opt.preconditioner.counters == {"skipped_steps": 0, "skipped_stat_updates": 0}
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0]
