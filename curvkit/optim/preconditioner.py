@@ -61,6 +61,11 @@ def split_layer_matrix(layer: LayerPlan, mat: Tensor) -> tuple[Tensor, Tensor | 
     return mat.reshape(w.shape), None
 
 
+def _is_functorch_wrapped(t: Tensor) -> bool:
+    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+    return bool(check(t)) if check is not None else False
+
+
 @dataclass
 class _Record:
     """One forward pass of one layer on a statistics step."""
@@ -175,6 +180,8 @@ class Preconditioner:
                 return
             if len(args) != 1 or not isinstance(args[0], Tensor):
                 return
+            if _is_functorch_wrapped(args[0]):
+                return  # a forward inside torch.func transforms (vmap/grad) is not a training step
             record = _Record(args[0].detach(), output, output._version)
             self._records.setdefault(name, []).append(record)
             empirical = self.fisher is FisherType.EMPIRICAL

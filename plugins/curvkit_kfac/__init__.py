@@ -2,34 +2,36 @@
 
 Registered through the ``curvkit`` entry-point group; use the methods by name
 (``curvkit.optim.create("kfac", model)``) or through the named optimizers
-(``curvkit.optim.KFAC``, ...).
+(``curvkit.optim.KFAC``, ``EKFAC``, ``TKFAC``, ``TEKFAC``).
 """
 
 from __future__ import annotations
 
 from curvkit.hookspecs import hookimpl
+from curvkit.methods import MethodSpec
 from curvkit.registry import MethodRegister
+from curvkit_kfac.ekfac import EKFAC_SPEC, TEKFAC_SPEC, EKFACConfig, TEKFACConfig
 from curvkit_kfac.kfac import KFAC_SPEC, KFACConfig
+from curvkit_kfac.tkfac import TKFAC_SPEC, TKFACConfig, TKFACDamping
 
-__all__ = ["KFAC_SPEC", "KFACConfig", "curvkit_register_methods", "method_specs"]
+__all__ = [
+    "EKFACConfig",
+    "EKFAC_SPEC",
+    "KFACConfig",
+    "KFAC_SPEC",
+    "TEKFACConfig",
+    "TEKFAC_SPEC",
+    "TKFACConfig",
+    "TKFACDamping",
+    "TKFAC_SPEC",
+    "curvkit_register_methods",
+    "method_specs",
+]
 
 
-def method_specs() -> list:
+def method_specs() -> list[MethodSpec]:
     """Every method this plugin provides."""
-    specs = [KFAC_SPEC]
-    try:
-        from curvkit_kfac.ekfac import EKFAC_SPEC, TEKFAC_SPEC
-
-        specs += [EKFAC_SPEC, TEKFAC_SPEC]
-    except ImportError:  # pragma: no cover - while the module is being written
-        pass
-    try:
-        from curvkit_kfac.tkfac import TKFAC_SPEC
-
-        specs.append(TKFAC_SPEC)
-    except ImportError:  # pragma: no cover
-        pass
-    return specs
+    return [KFAC_SPEC, EKFAC_SPEC, TKFAC_SPEC, TEKFAC_SPEC]
 
 
 @hookimpl

@@ -353,3 +353,20 @@ def test_bf16_factors_upcast_their_decompositions(inverter):
     assert all(t.dtype == torch.float32 for t in block.inverse.tensors().values() if t.numel())
     assert opt.preconditioner.counters == {"skipped_steps": 0, "skipped_stat_updates": 0}
     assert all(math.isfinite(v) for v in losses) and losses[-1] < 0.8 * losses[0]
+
+
+def test_forward_inside_torch_func_transforms_is_not_recorded():
+    """Per-example gradients with vmap(grad(...)) between steps do not disturb the statistics."""
+    from torch.func import functional_call, grad, vmap
+
+    model = nn.Sequential(nn.Linear(3, 2))
+    precond = Preconditioner(model, "kfac")
+    X, y = torch.randn(4, 3), torch.randint(0, 2, (4,))
+    nn.functional.cross_entropy(model(X), y).backward()
+
+    def f(p, x, t):
+        return nn.functional.cross_entropy(functional_call(model, p, (x[None],)), t[None])
+
+    vmap(grad(f), in_dims=(None, 0, 0))({k: v.detach() for k, v in model.named_parameters()}, X, y)
+    assert precond.step()
+    assert len(precond._records) == 0 and precond.blocks["0"].num_updates == 1

@@ -1,0 +1,515 @@
+r"""EKFAC (George, Laurent, Bouthillier, Ballas & Vincent — NeurIPS 2018, arXiv:1806.03884)
+and TEKFAC (Gao, Liu, Huang, Wang, Wang, Xu & Yu 2020, arXiv:2011.13609).
+
+EKFAC keeps K-FAC's Kronecker eigenbasis, :math:`A = Q_A\Lambda_AQ_A^\top`,
+:math:`G = Q_G\Lambda_GQ_G^\top`, but replaces the eigenvalues
+:math:`\lambda_G\lambda_A^\top` of :math:`G\otimes A` by the best diagonal in that basis,
+the second moments of the per-example gradients :math:`J_n` rotated into it,
+
+.. math::
+    S = \mathbb E\big[(Q_G^\top J_n Q_A)^{\circ 2}\big] \in \mathbb R^{d_\text{out}\times d_\text{in}},
+    \qquad
+    \Delta = Q_G\big[(Q_G^\top\nabla Q_A)\oslash(S + \varepsilon)\big]Q_A^\top .
+
+Schedule (per layer): the factors are EMAs as in K-FAC; every ``T_inv`` steps
+:meth:`EKFACBlock.refresh` re-computes the eigenbasis and **restarts** ``S`` — from the
+same step's batch when one is pending, else from K-FAC's eigenvalues
+:math:`\lambda_G\lambda_A^\top` (as the authors' code does); between refreshes each
+statistics batch is folded into ``S`` as an EMA with weight
+:math:`\min(1 - 1/k, \rho_S)`, ``k`` counting the batches since the restart. Because the
+preconditioner calls ``update()`` before ``refresh()`` on a step that does both, a batch is
+kept pending and projected lazily, after the basis is fresh. ``ε`` is an eigenbasis damping
+(default :class:`~curvkit.linalg.damping.ExactDamping`; its shift is added to ``S``).
+With ``correct_eigenvalues=False``, ``S = λ_G λ_Aᵀ`` and EKFAC *is* K-FAC with
+``inverter="eigh"`` and exact damping.
+
+TEKFAC is EKFAC in the eigenbasis of TKFAC's trace-normalised factors Φ, Ψ
+(:mod:`curvkit_kfac.tkfac`); without the correction its eigenvalues are
+:math:`\delta\lambda_\Psi\lambda_\Phi^\top`. Optionally (``conv_damping="trace"``)
+convolution layers use the trace-adaptive damping
+:math:`\lambda = \max(\operatorname{tr}\Theta, \vartheta)/\dim\Theta` of Gao et al.'s
+Eq. 3.5 (reconstructed from secondary notes, see ``docs/methods/tekfac.md``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
+from curvkit.config import check_number
+from curvkit.errors import ConfigError, UnknownComponentError
+from curvkit.linalg.damping import Damping, ExactDamping, PiDamping, RelativeDamping
+from curvkit.linalg.inverters import EigenInverse, compute_dtype, symmetric_eigh
+from curvkit.methods import KroneckerConfig, MethodSpec
+from curvkit.structures.base import FactorStructure
+from curvkit_kfac.tkfac import trace_weighted_statistics
+
+__all__ = [
+    "EKFACBlock",
+    "EKFACConfig",
+    "EKFAC_SPEC",
+    "EigenbasisOperator",
+    "TEKFACBlock",
+    "TEKFACConfig",
+    "TEKFAC_SPEC",
+    "ekfac_block",
+    "rotated_second_moments",
+    "tekfac_block",
+]
+
+#: Elements of one chunk of rotated per-example gradients (bounds the memory of weight-sharing layers).
+_CHUNK_ELEMENTS = 1 << 24
+
+
+@dataclass(frozen=True, kw_only=True)
+class EKFACConfig(KroneckerConfig):
+    r"""EKFAC's options: those of :class:`curvkit.methods.KroneckerConfig` (Fisher type,
+    ``kfac_approx``, ``ema_decay`` ρ of the factors, ``T_stats``, ``T_inv`` — the eigenbasis
+    period, ``structure``, ``factor_dtype``) plus:
+
+    Args:
+        damping: An **eigenbasis** damping whose shift ε is added to the corrected
+            eigenvalues; a float ``ε`` means ``ExactDamping(value=ε)`` (default ``1e-3``).
+        inverter: Must be ``"eigh"`` (the default): the method works in the factors'
+            eigenbasis.
+        correct_eigenvalues: Re-estimate the eigenvalues from per-example gradients
+            (EKFAC); ``False`` keeps K-FAC's :math:`\lambda_G\lambda_A^\top`.
+        scale_decay: EMA decay :math:`\rho_S` of the corrected eigenvalues between two
+            refreshes (``None``: ``ema_decay``).
+    """
+
+    damping: Damping | float = field(default_factory=lambda: ExactDamping(value=1e-3))
+    inverter: str = "eigh"
+    correct_eigenvalues: bool = True
+    scale_decay: float | None = None
+    default_damping: Any = field(default=ExactDamping, init=False, repr=False, compare=False)
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        method = type(self).__name__.removesuffix("Config")
+        if not isinstance(self.correct_eigenvalues, bool):
+            out.append(f"correct_eigenvalues={self.correct_eigenvalues!r} must be True or False")
+        check_number(out, "scale_decay", self.scale_decay, low=0.0, high=1.0, high_open=True, optional=True)
+        if isinstance(self.inverter, str) and self.inverter != "eigh":
+            out.append(
+                f"inverter={self.inverter!r} cannot be used by {method}: it divides the gradient by re-estimated "
+                "eigenvalues in the factors' eigenbasis, which needs inverter='eigh' (the default); drop the option"
+            )
+        if isinstance(self.damping, Damping) and self.damping.kind != "eigenbasis":
+            out.append(
+                f"damping={self.damping!r} is a {self.damping.kind!r} damping, but {method} adds its damping to the "
+                "(corrected) eigenvalues of the Kronecker product: use an eigenbasis damping such as "
+                "ExactDamping(value=1e-3), RelativeDamping(on='product') or LevenbergMarquardtDamping(inner='exact'), "
+                "or a float (meaning ExactDamping)"
+            )
+        return out
+
+    @property
+    def scale_ema(self) -> float:
+        """:math:`\\rho_S`."""
+        return float(self.ema_decay if self.scale_decay is None else self.scale_decay)
+
+
+#: Legal values of :attr:`TEKFACConfig.conv_damping`.
+CONV_DAMPINGS = ("fixed", "trace")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TEKFACConfig(EKFACConfig):
+    r"""TEKFAC's options: those of :class:`EKFACConfig` (the eigenbasis now comes from TKFAC's
+    trace-normalised factors) plus:
+
+    Args:
+        conv_damping: ``"fixed"`` (default): every layer adds the damping's shift λ to
+            Θ. ``"trace"``: convolution layers use
+            :math:`\lambda = \max(\operatorname{tr}\Theta, \vartheta)/\dim\Theta` instead
+            (Gao et al. 2020, Eq. 3.5 — reconstructed, see the docs).
+        trace_floor: :math:`\vartheta > 0` of ``conv_damping="trace"``.
+    """
+
+    conv_damping: str = "fixed"
+    trace_floor: float = 1e-3
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        if self.conv_damping not in CONV_DAMPINGS:
+            out.append(f"conv_damping={self.conv_damping!r} must be one of {', '.join(map(repr, CONV_DAMPINGS))}")
+        check_number(out, "trace_floor", self.trace_floor, low=0.0, low_open=True)
+        return out
+
+
+def rotated_second_moments(stats: LayerStats, Q_A: Tensor, Q_G: Tensor, dtype: torch.dtype) -> Tensor:
+    r""":math:`\sum_{p,n}(Q_G^\top J_{p,n}Q_A)^{\circ 2}` for the batch's scaled per-example
+    gradients :math:`J_{p,n}` (:meth:`LayerStats.per_example_gradients`), shape
+    ``(d_out, d_in)``. Empty ``Q`` tensors mean the identity.
+
+    Without weight sharing :math:`J_{p,n} = \sqrt{s}\,g_{p,n}\bar a_n^\top` is rank one and
+    the sum is one product of squares, :math:`s\sum_n (\sum_p (Q_G^\top g_{p,n})^{\circ2})
+    ((Q_A^\top\bar a_n)^{\circ 2})^\top`; otherwise the rotated per-example gradients
+    :math:`\sum_r (Q_G^\top g_{p,n,r})(Q_A^\top\bar a_{n,r})^\top` are formed in chunks of
+    examples.
+    """
+    a = stats.a_features.to(dtype)  # (N, R, d_in)
+    g = stats.g_features.to(dtype)  # (P, N, R, d_out)
+    if Q_A.numel():
+        a = a @ Q_A.to(dtype)
+    if Q_G.numel():
+        g = g @ Q_G.to(dtype)
+    n, r = a.shape[0], a.shape[1]
+    if r == 1:
+        out = g[:, :, 0].square().sum(0).t() @ a[:, 0].square()
+    else:
+        p, d_out, d_in = g.shape[0], g.shape[3], a.shape[2]
+        step = max(1, _CHUNK_ELEMENTS // max(1, p * d_out * d_in))
+        out = a.new_zeros(d_out, d_in)
+        for start in range(0, n, step):
+            j = torch.einsum("pnro,nri->pnoi", g[:, start : start + step], a[start : start + step])
+            out += j.square().sum((0, 1))
+    return out.mul_(stats.g_scale)
+
+
+class EigenbasisOperator:
+    r"""The operator :math:`(Q_G\otimes Q_A)\operatorname{diag}(\operatorname{vec}S)
+    (Q_G\otimes Q_A)^\top` on row-major ``vec`` of ``(d_out, d_in)`` matrices:
+    ``op @ M = Q_G[(Q_G^\top M Q_A)\circ S]Q_A^\top`` (empty ``Q`` = identity)."""
+
+    def __init__(self, Q_A: Tensor, Q_G: Tensor, S: Tensor) -> None:
+        self.Q_A, self.Q_G, self.S = Q_A, Q_G, S
+        self._basis = EigenInverse(Q_A, Q_G, S)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        n = self.S.numel()
+        return n, n
+
+    def __matmul__(self, x: Tensor) -> Tensor:
+        if x.ndim == 1:
+            return (self @ x.reshape(self.S.shape)).reshape(-1)
+        return self._basis.unrotate(self._basis.rotate(x) * self.S)
+
+    def to_dense(self) -> Tensor:
+        d_o, d_i = self.S.shape
+        q_g = self.Q_G if self.Q_G.numel() else torch.eye(d_o, dtype=self.S.dtype, device=self.S.device)
+        q_a = self.Q_A if self.Q_A.numel() else torch.eye(d_i, dtype=self.S.dtype, device=self.S.device)
+        q = torch.kron(q_g, q_a)
+        return (q * self.S.reshape(-1)) @ q.t()
+
+
+class EKFACBlock(CurvatureBlock):
+    r"""EKFAC's block (see the module docstring).
+
+    State: EMA factors ``A``, ``G`` (in their structures), the eigenbasis ``Q_A``, ``Q_G``
+    with eigenvalues ``eig_A``, ``eig_G`` (from the last refresh), the ``(d_out, d_in)``
+    eigenvalue estimate ``S`` and the number of batches folded into it since the last
+    refresh, and the damping shift fixed at the last refresh.
+
+    Args:
+        info: The layer.
+        structure: Factor structure class(es) of ``A`` and ``G``.
+        correct_eigenvalues: Re-estimate ``S`` from per-example gradients.
+        scale_decay: :math:`\rho_S`.
+        factor_dtype: dtype of the stored factors (default: the statistics').
+    """
+
+    def __init__(
+        self,
+        info: BlockInfo,
+        *,
+        structure: type[FactorStructure] | tuple[type[FactorStructure], type[FactorStructure]],
+        correct_eigenvalues: bool = True,
+        scale_decay: float = 0.95,
+        factor_dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(info)
+        self.structure_A, self.structure_G = structure if isinstance(structure, tuple) else (structure, structure)
+        self.correct_eigenvalues = bool(correct_eigenvalues)
+        self.scale_decay = float(scale_decay)
+        self.factor_dtype = factor_dtype
+        self.A: FactorStructure | None = None
+        self.G: FactorStructure | None = None
+        self.Q_A: Tensor | None = None
+        self.Q_G: Tensor | None = None
+        self.eig_A: Tensor | None = None
+        self.eig_G: Tensor | None = None
+        self.S: Tensor | None = None
+        self.scale_updates = 0
+        self.shift = 0.0
+        self._pending: LayerStats | None = None
+        self._inverse: EigenInverse | None = None
+
+    # --- the statistic (TEKFAC overrides these two) ------------------------------------------
+
+    def batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        """The batch's ``(A, G)`` whose EMAs define the eigenbasis."""
+        return stats.A(), stats.G()
+
+    def kronecker_eigenvalues(self) -> Tensor:
+        r"""The uncorrected eigenvalues of the block, :math:`\lambda_G\lambda_A^\top`."""
+        assert self.eig_A is not None and self.eig_G is not None
+        return torch.outer(self.eig_G, self.eig_A)
+
+    def damping_shift(self, S: Tensor) -> float:
+        """The shift added to ``S`` (the damping's, fixed at the last refresh)."""
+        return self.shift
+
+    # --- the five verbs ------------------------------------------------------------------------
+
+    def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
+        dtype = self.factor_dtype or dtype
+        self.A = self.structure_A.zeros(self.info.d_in, dtype=dtype, device=device)
+        self.G = self.structure_G.zeros(self.info.d_out, dtype=dtype, device=device)
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        if self.A is None:
+            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+        assert self.A is not None and self.G is not None
+        self._fold_pending()  # a batch nobody preconditioned with goes into the current basis
+        a, g = self.batch_factors(stats)
+        self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
+        self.G.ema_(self.structure_G.from_dense(g.to(self.G.dtype)), decay)
+        self.num_updates += 1
+        if self.correct_eigenvalues:
+            self._pending = stats
+
+    def refresh(self, damping: Damping, lam: float) -> None:
+        assert self.A is not None and self.G is not None, "refresh() before the first update()"
+        ea, eg = symmetric_eigh(self.A), symmetric_eigh(self.G)
+        self._inverse = None
+        if ea is None or eg is None:
+            self.inverse_failures += 1
+            if self.Q_A is None:  # no basis yet: the identity, no curvature (the damping alone)
+                dtype = compute_dtype(self.A.dtype)
+                empty = torch.empty(0, dtype=dtype, device=self.A.device)
+                self.Q_A, self.Q_G = empty, empty.clone()
+                self.eig_A = torch.zeros(self.info.d_in, dtype=dtype, device=self.A.device)
+                self.eig_G = torch.zeros(self.info.d_out, dtype=dtype, device=self.A.device)
+                self.S = self.kronecker_eigenvalues()
+                self.scale_updates = 1
+            assert self.eig_A is not None and self.eig_G is not None
+            self.shift = float(damping.product_shift(self.eig_A, self.eig_G, lam))
+            return
+        (self.eig_A, self.Q_A), (self.eig_G, self.Q_G) = ea, eg
+        self.shift = float(damping.product_shift(self.eig_A, self.eig_G, lam))
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self.S = self._batch_scaling(pending)
+        else:
+            self.S = self.kronecker_eigenvalues()
+        self.scale_updates = 1
+
+    def precondition(self, grad: Tensor) -> Tensor:
+        if self.Q_A is None:
+            raise RuntimeError(f"block {self.info.name!r}: precondition() before the first refresh()")
+        self._fold_pending()
+        if self._inverse is None:
+            assert self.Q_G is not None and self.S is not None
+            denom = self.S + self.damping_shift(self.S)
+            # only a zero shift with a direction that never saw a gradient gives 0: leave it unscaled
+            denom = torch.where(denom > 0, denom, torch.ones_like(denom))
+            self._inverse = EigenInverse(self.Q_A, self.Q_G, denom)
+        return self._inverse.apply(grad)
+
+    def as_operator(self) -> EigenbasisOperator:
+        """The undamped estimate :math:`(Q_G\\otimes Q_A)\\,\\mathrm{diag}(S)\\,(Q_G\\otimes Q_A)^\\top`."""
+        if self.Q_A is None:
+            raise RuntimeError(f"block {self.info.name!r}: as_operator() before the first refresh()")
+        self._fold_pending()
+        assert self.Q_G is not None and self.S is not None
+        return EigenbasisOperator(self.Q_A, self.Q_G, self.S)
+
+    def quadratic(self, direction: Tensor) -> float:
+        op = self.as_operator()
+        d = direction.to(op.S.dtype)
+        return float((d * (op @ d)).sum())
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _batch_scaling(self, stats: LayerStats) -> Tensor:
+        assert self.Q_A is not None and self.Q_G is not None and self.eig_A is not None
+        return rotated_second_moments(stats, self.Q_A, self.Q_G, self.eig_A.dtype)
+
+    def _fold_pending(self) -> None:
+        """Fold a pending batch into ``S`` in the current basis (EMA since the last refresh)."""
+        pending, self._pending = self._pending, None
+        if pending is None or self.S is None or not self.correct_eigenvalues:
+            return
+        batch = self._batch_scaling(pending)
+        self.scale_updates += 1
+        decay = min(1.0 - 1.0 / self.scale_updates, self.scale_decay)
+        self.S = self.S * decay + batch * (1.0 - decay)
+        self._inverse = None
+
+    # --- checkpoints -----------------------------------------------------------------------
+
+    _BASIS_KEYS = ("Q_A", "Q_G", "eig_A", "eig_G", "S")
+
+    def state_dict(self) -> dict[str, Any]:
+        self._fold_pending()
+        out: dict[str, Any] = {
+            "num_updates": self.num_updates,
+            "inverse_failures": self.inverse_failures,
+            "scale_updates": self.scale_updates,
+            "shift": self.shift,
+        }
+        if self.A is not None and self.G is not None:
+            out["A"] = dict(self.A.tensors())
+            out["G"] = dict(self.G.tensors())
+        if self.Q_A is not None:
+            for key in self._BASIS_KEYS:
+                out[key] = getattr(self, key)
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.num_updates = int(state["num_updates"])
+        self.inverse_failures = int(state["inverse_failures"])
+        self.scale_updates = int(state["scale_updates"])
+        self.shift = float(state["shift"])
+        self._pending = None
+        self._inverse = None
+        if "A" in state:
+            self.A = self.structure_A.from_tensors({k: v.clone() for k, v in state["A"].items()})
+            self.G = self.structure_G.from_tensors({k: v.clone() for k, v in state["G"].items()})
+        for key in self._BASIS_KEYS:
+            setattr(self, key, state[key].clone() if key in state else None)
+
+    def describe(self) -> str:
+        mode = "corrected eigenvalues" if self.correct_eigenvalues else "K-FAC eigenvalues"
+        return (
+            f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
+            f"G: {self.structure_G.name} {self.info.d_out}², {mode})"
+        )
+
+
+class TEKFACBlock(EKFACBlock):
+    r"""TEKFAC's block: :class:`EKFACBlock` whose factors are TKFAC's un-normalised
+    numerators :math:`\delta\Phi` (``A``) and :math:`\delta\Psi` (``G``) with an EMA of
+    :math:`\delta`; the eigenbasis is that of :math:`\Phi, \Psi`, and the uncorrected
+    eigenvalues are :math:`\delta\lambda_\Psi\lambda_\Phi^\top =
+    \lambda_{\delta\Psi}\lambda_{\delta\Phi}^\top/\delta`.
+
+    Args:
+        trace_damping: Use :math:`\max(\operatorname{tr}\Theta, \vartheta)/\dim\Theta` as
+            the shift instead of the damping's (``conv_damping="trace"`` on a conv layer).
+        trace_floor: :math:`\vartheta`.
+        **kwargs: As :class:`EKFACBlock`.
+    """
+
+    def __init__(self, info: BlockInfo, *, trace_damping: bool = False, trace_floor: float = 1e-3, **kwargs: Any):
+        super().__init__(info, **kwargs)
+        self.trace_damping = bool(trace_damping)
+        self.trace_floor = float(trace_floor)
+        self.delta: Tensor | None = None
+        self._delta_batch: Tensor | None = None
+
+    def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
+        super().init(dtype=dtype, device=device)
+        assert self.A is not None
+        self.delta = torch.zeros((), dtype=self.A.dtype, device=device)
+
+    def batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        delta, phi, psi = trace_weighted_statistics(stats)
+        self._delta_batch = delta
+        return phi, psi
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        super().update(stats, decay)
+        assert self.delta is not None and self._delta_batch is not None
+        self.delta.mul_(decay).add_(self._delta_batch.to(self.delta.dtype), alpha=1 - decay)
+        self._delta_batch = None
+
+    def kronecker_eigenvalues(self) -> Tensor:
+        assert self.delta is not None
+        d = float(self.delta)
+        outer = super().kronecker_eigenvalues()
+        return outer / d if d > 0 and math.isfinite(d) else torch.zeros_like(outer)
+
+    def damping_shift(self, S: Tensor) -> float:
+        if self.trace_damping:
+            return max(float(S.sum()), self.trace_floor) / S.numel()
+        return self.shift
+
+    def state_dict(self) -> dict[str, Any]:
+        out = super().state_dict()
+        if self.delta is not None:
+            out["delta"] = self.delta
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.delta = state["delta"].clone() if "delta" in state else None
+
+
+def _is_conv(info: BlockInfo) -> bool:
+    return issubclass(info.module_type, nn.modules.conv._ConvNd)
+
+
+def ekfac_block(info: BlockInfo, config: EKFACConfig, registry: Any) -> EKFACBlock:
+    return EKFACBlock(
+        info,
+        structure=config.structure_classes(registry),
+        correct_eigenvalues=config.correct_eigenvalues,
+        scale_decay=config.scale_ema,
+        factor_dtype=config.factor_dtype,
+    )
+
+
+def tekfac_block(info: BlockInfo, config: TEKFACConfig, registry: Any) -> TEKFACBlock:
+    return TEKFACBlock(
+        info,
+        structure=config.structure_classes(registry),
+        correct_eigenvalues=config.correct_eigenvalues,
+        scale_decay=config.scale_ema,
+        factor_dtype=config.factor_dtype,
+        trace_damping=config.conv_damping == "trace" and _is_conv(info),
+        trace_floor=config.trace_floor,
+    )
+
+
+_EIGEN_BAD_CONFIGS: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
+    ({"ema_decay": 1.5, "T_inv": 0}, ConfigError),
+    ({"damping": -1.0}, ConfigError),
+    ({"inverter": "cholesky"}, ConfigError),
+    ({"damping": PiDamping(value=1e-3)}, ConfigError),
+    ({"scale_decay": 1.0}, ConfigError),
+    ({"correct_eigenvalues": "yes"}, ConfigError),
+    ({"structure": "no-such-structure"}, UnknownComponentError),
+    ({"not_an_option": 1}, ConfigError),
+)
+
+EKFAC_SPEC = MethodSpec(
+    name="ekfac",
+    config_cls=EKFACConfig,
+    block_factory=ekfac_block,
+    summary="EKFAC: K-FAC's eigenbasis with eigenvalues re-estimated from per-example gradients (+ ε)",
+    reference="George, Laurent, Bouthillier, Ballas & Vincent (2018), Fast Approximate Natural Gradient Descent "
+    "in a Kronecker-factored Eigenbasis, NeurIPS, arXiv:1806.03884",
+    sample_configs=(
+        {"damping": 1e-2},
+        {"damping": 1e-2, "fisher": "type-2", "T_inv": 3},
+        {"damping": RelativeDamping(value=1e-2, on="product"), "fisher": "mc", "scale_decay": 0.75},
+    ),
+    bad_configs=_EIGEN_BAD_CONFIGS,
+)
+
+TEKFAC_SPEC = MethodSpec(
+    name="tekfac",
+    config_cls=TEKFACConfig,
+    block_factory=tekfac_block,
+    summary="TEKFAC: EKFAC's eigenvalue correction in the eigenbasis of TKFAC's trace-normalised factors",
+    reference="Gao et al. (2020), Eigenvalue-corrected Natural Gradient Based on a New Approximation, arXiv:2011.13609",
+    sample_configs=(
+        {"damping": 1e-2},
+        {"damping": 1e-2, "fisher": "type-2", "T_inv": 3},
+        {"damping": 1e-2, "fisher": "mc", "conv_damping": "trace"},
+    ),
+    bad_configs=(
+        *_EIGEN_BAD_CONFIGS,
+        ({"conv_damping": "huge"}, ConfigError),
+        ({"trace_floor": 0.0}, ConfigError),
+    ),
+)
