@@ -1,0 +1,46 @@
+"""The digits training task shared by the method tests (sklearn's load_digits, no network)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import curvkit.optim
+
+
+def digits_accuracy(method, *, lr, momentum, seed=0, epochs=10, **options):
+    """Train the 64-128-10 ReLU MLP on sklearn's digits (float32, batch 64) and return the
+    test accuracy."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    X_tr, X_te, y_tr, y_te = train_test_split(
+        data.data, data.target, test_size=0.25, stratify=data.target, random_state=0
+    )
+    X_tr, X_te = (torch.tensor(x / 16, dtype=torch.float32) for x in (X_tr, X_te))
+    y_tr, y_te = torch.tensor(y_tr), torch.tensor(y_te)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    loss_fn = nn.CrossEntropyLoss()
+    opt = curvkit.optim.CurvatureOptimizer(
+        model,
+        method=method,
+        lr=lr,
+        momentum=momentum,
+        loss_fn=loss_fn,
+        generator=torch.Generator().manual_seed(seed),
+        **options,
+    )
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(epochs):
+        perm = torch.randperm(len(X_tr), generator=gen)
+        for i in range(0, len(X_tr), 64):
+            idx = perm[i : i + 64]
+            opt.zero_grad()
+            out = model(X_tr[idx])
+            opt.curvature_backward(out, y_tr[idx])
+            loss_fn(out, y_tr[idx]).backward()
+            opt.step()
+    with torch.no_grad():
+        return float((model(X_te).argmax(1) == y_te).float().mean())
