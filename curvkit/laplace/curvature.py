@@ -168,8 +168,8 @@ class KroneckerCurvature(FlatOperator):
         curvlinops' ``EKFACLinearOperator`` does.
 
         Args:
-            model, loss_fn, fisher, kfac_approx, backend, mc_samples, generator,
-            unsupported, registry: As :func:`curvkit.accumulate_kronecker_factors`.
+            model, loss_fn, fisher, kfac_approx, backend, mc_samples, generator, unsupported, registry: As
+                :func:`curvkit.accumulate_kronecker_factors`.
             data: Iterable of ``(inputs, targets)`` batches; iterated twice for EKFAC.
             separate_bias: See :meth:`from_factors`.
             correct_eigenvalues: Compute EKFAC instead of K-FAC.
