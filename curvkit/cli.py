@@ -56,8 +56,18 @@ def _details(attr: str, component: Any) -> str:
             f"fisher: {_names(sorted(caps.fisher_types))}; approx: {_names(sorted(caps.approximations))}; "
             f"modules: {_names(caps.module_types)}; losses: {_names(caps.losses)}"
         )
+    if attr == "methods":
+        config = getattr(component, "config_cls", None)
+        where = f" (options: {config.__module__}.{config.__qualname__})" if config is not None else ""
+        return f"{getattr(component, 'summary', '')}{where}".strip()
     kind = component if isinstance(component, type) else type(component)
-    return f"{kind.__module__}.{kind.__qualname__}"
+    where = f"{kind.__module__}.{kind.__qualname__}"
+    if attr == "inverters":
+        return f"{where}; dampings: {', '.join(sorted(getattr(component, 'supports', ())))}"
+    if attr == "dampings":
+        kinds = getattr(component, "kind", "")
+        return f"{where}; kind: {kinds}" if isinstance(kinds, str) else f"{where}; kind: depends on options"
+    return where
 
 
 def _plugin_sources() -> dict[str, str]:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from curvkit.hookspecs import hookimpl
 from curvkit.methods import MethodSpec
-from curvkit.registry import MethodRegister
+from curvkit.registry import DampingRegister, MethodRegister
 from curvkit_kfac.ekfac import EKFAC_SPEC, TEKFAC_SPEC, EKFACConfig, TEKFACConfig
 from curvkit_kfac.kfac import KFAC_SPEC, KFACConfig
 from curvkit_kfac.tkfac import TKFAC_SPEC, TKFACConfig, TKFACDamping
@@ -24,6 +24,7 @@ __all__ = [
     "TKFACConfig",
     "TKFACDamping",
     "TKFAC_SPEC",
+    "curvkit_register_dampings",
     "curvkit_register_methods",
     "method_specs",
 ]
@@ -38,3 +39,8 @@ def method_specs() -> list[MethodSpec]:
 def curvkit_register_methods(register: MethodRegister) -> None:
     for spec in method_specs():
         register.add(spec)
+
+
+@hookimpl
+def curvkit_register_dampings(register: DampingRegister) -> None:
+    register.add(TKFACDamping)
