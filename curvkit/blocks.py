@@ -277,6 +277,17 @@ class KroneckerBlock(CurvatureBlock):
         self.G: FactorStructure | None = None
         self.inverse: KroneckerInverse | None = None
 
+    @classmethod
+    def from_config(cls, info: BlockInfo, config: Any, registry: Any) -> KroneckerBlock:
+        """A block factory for :class:`~curvkit.methods.MethodSpec`: structure, inverter
+        and factor dtype from a :class:`~curvkit.methods.KroneckerConfig`."""
+        return cls(
+            info,
+            structure=config.structure_classes(registry),
+            inverter=config.inverter_object(registry),
+            factor_dtype=config.factor_dtype,
+        )
+
     def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
         dtype = self.factor_dtype or dtype
         self.A = self.structure_A.zeros(self.info.d_in, dtype=dtype, device=device)

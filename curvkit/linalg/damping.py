@@ -34,6 +34,7 @@ from curvkit.structures.base import FactorStructure
 
 __all__ = [
     "ConstantDamping",
+    "ScalarDamping",
     "Damping",
     "ExactDamping",
     "LevenbergMarquardtDamping",
@@ -85,6 +86,18 @@ class Damping(ValidatedConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class ScalarDamping(Damping):
+    """Base of the strategies with one strength ``value`` (λ > 0); validates it."""
+
+    value: float = 1e-3
+
+    def problems(self) -> list[str]:
+        out: list[str] = []
+        check_number(out, "value", self.value, low=0.0, low_open=True)
+        return out
+
+
+@dataclass(frozen=True, kw_only=True)
 class ConstantDamping(Damping):
     r"""A fixed shift per factor: :math:`(A + \lambda_A I)`, :math:`(G + \lambda_G I)`.
 
@@ -114,7 +127,7 @@ class ConstantDamping(Damping):
 
 
 @dataclass(frozen=True, kw_only=True)
-class PiDamping(Damping):
+class PiDamping(ScalarDamping):
     r"""Factored Tikhonov damping with the π correction (Martens & Grosse 2015, §6.3).
 
     .. math:: (A + \pi\sqrt{\lambda}\,I)^{-1} \otimes (G + \tfrac{\sqrt{\lambda}}{\pi} I)^{-1},
@@ -128,12 +141,6 @@ class PiDamping(Damping):
     """
 
     name: ClassVar[str] = "pi"
-    value: float = 1e-3
-
-    def problems(self) -> list[str]:
-        out: list[str] = []
-        check_number(out, "value", self.value, low=0.0, low_open=True)
-        return out
 
     def factor_shifts(self, A: FactorStructure, G: FactorStructure, lam: float) -> tuple[float, float]:
         ta, tg = _average_trace(A), _average_trace(G)
@@ -143,7 +150,7 @@ class PiDamping(Damping):
 
 
 @dataclass(frozen=True, kw_only=True)
-class ExactDamping(Damping):
+class ExactDamping(ScalarDamping):
     r"""Exact Tikhonov damping of the product, :math:`(G\otimes A + \lambda I)^{-1}`.
 
     Computed in the Kronecker eigenbasis: with :math:`A = Q_A \Lambda_A Q_A^\top` and
@@ -157,19 +164,13 @@ class ExactDamping(Damping):
 
     kind: ClassVar[str] = "eigenbasis"
     name: ClassVar[str] = "exact"
-    value: float = 1e-3
-
-    def problems(self) -> list[str]:
-        out: list[str] = []
-        check_number(out, "value", self.value, low=0.0, low_open=True)
-        return out
 
     def product_shift(self, eig_A: Tensor, eig_G: Tensor, lam: float) -> float:
         return lam
 
 
 @dataclass(frozen=True, kw_only=True)
-class RelativeDamping(Damping):
+class RelativeDamping(ScalarDamping):
     r"""Damping relative to the largest eigenvalue (Puiu 2022's K-FAC codes).
 
     * ``on="product"`` (an eigenbasis damping):
@@ -184,7 +185,6 @@ class RelativeDamping(Damping):
     """
 
     name: ClassVar[str] = "relative"
-    value: float = 1e-3
     on: Literal["product", "factors"] = "product"
 
     @property  # type: ignore[misc]
@@ -192,8 +192,7 @@ class RelativeDamping(Damping):
         return "eigenbasis" if self.on == "product" else "factored"
 
     def problems(self) -> list[str]:
-        out: list[str] = []
-        check_number(out, "value", self.value, low=0.0, low_open=True)
+        out = super().problems()
         if self.on not in ("product", "factors"):
             out.append(f"on={self.on!r} must be 'product' or 'factors'")
         return out

@@ -32,12 +32,7 @@ class KFACConfig(KroneckerConfig):
 
 
 def kfac_block(info: BlockInfo, config: KFACConfig, registry: Any) -> KroneckerBlock:
-    return KroneckerBlock(
-        info,
-        structure=config.structure_classes(registry),
-        inverter=config.inverter_object(registry),
-        factor_dtype=config.factor_dtype,
-    )
+    return KroneckerBlock.from_config(info, config, registry)
 
 
 KFAC_SPEC = MethodSpec(

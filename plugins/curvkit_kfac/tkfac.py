@@ -41,9 +41,8 @@ import torch
 from torch import Tensor
 
 from curvkit.blocks import BlockInfo, KroneckerBlock, KroneckerOperator, LayerStats
-from curvkit.config import check_number
 from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComponentError
-from curvkit.linalg.damping import Damping, ExactDamping
+from curvkit.linalg.damping import Damping, ExactDamping, ScalarDamping
 from curvkit.methods import KroneckerConfig, MethodSpec
 from curvkit.structures.base import FactorStructure
 
@@ -85,7 +84,7 @@ def trace_weighted_statistics(stats: LayerStats) -> tuple[Tensor, Tensor, Tensor
 
 
 @dataclass(frozen=True, kw_only=True)
-class TKFACDamping(Damping):
+class TKFACDamping(ScalarDamping):
     r"""TKFAC's damping (Gao et al. 2021, Eq. 5.15, "normal damping"): :math:`\sqrt\lambda`
     added to each **balanced** factor, :math:`\hat\Phi = \sqrt\delta\,\Phi + \sqrt\lambda I`
     and :math:`\hat\Psi = \sqrt\delta\,\Psi + \sqrt\lambda I`.
@@ -99,12 +98,6 @@ class TKFACDamping(Damping):
     """
 
     name: ClassVar[str] = "tkfac"
-    value: float = 1e-3
-
-    def problems(self) -> list[str]:
-        out: list[str] = []
-        check_number(out, "value", self.value, low=0.0, low_open=True)
-        return out
 
     def factor_shifts(self, A: FactorStructure, G: FactorStructure, lam: float) -> tuple[float, float]:
         root = math.sqrt(lam)
@@ -214,12 +207,9 @@ class TKFACBlock(KroneckerBlock):
 
 
 def tkfac_block(info: BlockInfo, config: TKFACConfig, registry: Any) -> TKFACBlock:
-    return TKFACBlock(
-        info,
-        structure=config.structure_classes(registry),
-        inverter=config.inverter_object(registry),
-        factor_dtype=config.factor_dtype,
-    )
+    block = TKFACBlock.from_config(info, config, registry)
+    assert isinstance(block, TKFACBlock)
+    return block
 
 
 TKFAC_SPEC = MethodSpec(
