@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from curvkit.config import KFACApprox
 from curvkit.linalg.damping import Damping
 from curvkit.linalg.inverters import Inverter, KroneckerInverse, inverse_from_tensors
+from curvkit.numerics import all_finite
 from curvkit.stats.factors import output_gram
 from curvkit.stats.hooks_backend import layer_input_factor
 from curvkit.stats.plan import LayerPlan
@@ -163,7 +164,7 @@ class LayerStats:
         return (j * math.sqrt(self.g_scale)).reshape(p * a.shape[0], *j.shape[2:])
 
     def is_finite(self) -> bool:
-        return bool(torch.isfinite(self.inputs).all()) and all(bool(torch.isfinite(g).all()) for g in self.grads)
+        return all_finite(self.inputs) and all(all_finite(g) for g in self.grads)
 
 
 class KroneckerOperator:

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from curvkit.errors import IncompatibleComponentsError
 from curvkit.linalg.damping import Damping
+from curvkit.numerics import all_finite
 from curvkit.structures.base import FactorStructure
 
 __all__ = [
@@ -195,13 +196,13 @@ def _cholesky_inverse(m: Tensor) -> Tensor | None:
         x = m.to(dtype)
         if x.ndim == 1:
             inv = 1.0 / x
-            ok = bool((x > 0).all()) and bool(torch.isfinite(inv).all())
+            ok = bool((x > 0).all()) and all_finite(inv)
         else:
             chol, info = torch.linalg.cholesky_ex(x)
             if int(info) != 0:
                 continue
             inv = torch.cholesky_inverse(chol)
-            ok = bool(torch.isfinite(inv).all())
+            ok = all_finite(inv)
         if ok:
             return inv.to(m.dtype)
     return None
@@ -241,7 +242,7 @@ def symmetric_eigh(factor: FactorStructure | Tensor) -> tuple[Tensor, Tensor] | 
             evals, evecs = torch.linalg.eigh(m.to(attempt))
         except RuntimeError:  # torch raises on non-convergence
             continue
-        if bool(torch.isfinite(evals).all()) and bool(torch.isfinite(evecs).all()):
+        if all_finite(evals) and all_finite(evecs):
             return evals.clamp_min(0).to(dtype), evecs.to(dtype)
     return None
 

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.methods import MethodConfig, MethodSpec
+from curvkit.numerics import all_finite
 from curvkit.optim.preconditioner import Preconditioner, layer_matrix, split_layer_matrix
 
 __all__ = ["EKFAC", "KFAC", "TEKFAC", "TKFAC", "CurvatureOptimizer", "available_methods", "create"]
@@ -199,6 +200,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "optimizer.step(closure) with a closure that recomputes the loss (and its gradient)."
             )
         groups = self._group_of()
+        need_raw = self.kl_clip is not None or adapt_now
         tracked: set[int] = set()
         grads: dict[str, tuple[Tensor, Tensor | None]] = {}
         raw: dict[str, Tensor] = {}
@@ -211,16 +213,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 continue
             gw = w.grad if w.grad is not None else torch.zeros_like(w)
             gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
-            raw[name] = layer_matrix(layer, gw, gb)
+            if need_raw:  # only the KL clip and the LM quadratic model read the raw gradient
+                raw[name] = layer_matrix(layer, gw, gb)
             gw, gb = (
                 self._decay_before(w, gw, groups),
                 (None if b is None or gb is None else self._decay_before(b, gb, groups)),
             )
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
-        if not all(bool(torch.isfinite(p.grad).all()) for p in fallback):
+        if not all(all_finite(p.grad) for p in fallback):  # type: ignore[arg-type]
             pre.counters["skipped_steps"] += 1
-            pre._records.clear()
+            pre.clear_records()
             return loss
         dirs = pre.compute_directions(grads)
         if dirs is None:

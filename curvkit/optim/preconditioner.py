@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
 from curvkit.config import FisherType
 from curvkit.methods import MethodConfig, MethodSpec
+from curvkit.numerics import all_finite
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.plan import LayerPlan, make_plan
 
@@ -71,7 +72,7 @@ class _Record:
     """One forward pass of one layer on a statistics step."""
 
     inputs: Tensor
-    output: Tensor
+    output: Tensor | None
     version: int
     grads: list[Tensor] = field(default_factory=list)
     sampled: list[Tensor] = field(default_factory=list)
@@ -223,11 +224,13 @@ class Preconditioner:
         assert self.loss_fn is not None
         adapter = loss_adapter(self.loss_fn)
         rows, target_rows = adapter.to_rows(output, targets)
-        num = adapter.num_passes(rows.shape[-1], self.fisher, self.config.mc_samples)
         passes = adapter.vector_passes(rows, target_rows, self.fisher, self.config.mc_samples, self.generator)
         records = [r for recs in self._records.values() for r in recs]
-        intact = all(r.output._version == r.version for r in records)
-        wrt = [r.output for r in records] if intact else [self.layers[n].weight for n in self._records]
+        outputs = [r.output for r in records if r.output is not None]
+        if len(outputs) != len(records):
+            raise RuntimeError("curvature_backward() was already called for this forward pass.")
+        intact = all(o._version == r.version for o, r in zip(outputs, records))
+        wrt = outputs if intact else [self.layers[n].weight for n in self._records]
         scale = 1.0 / adapter.normaliser(output, targets)
         self._sampling = True
         try:
@@ -239,7 +242,7 @@ class Preconditioner:
             self._sampling = False
         for r in records:
             r.sampled_scale = scale
-        del num
+            r.output = None  # drop the graph reference as soon as it is no longer needed
 
     # --- the step ---------------------------------------------------------------------------
 
@@ -287,7 +290,7 @@ class Preconditioner:
         """
         try:
             mats = {name: layer_matrix(self.layers[name], w, b) for name, (w, b) in grads.items()}
-            if not all(bool(torch.isfinite(m).all()) for m in mats.values()):
+            if not all(all_finite(m) for m in mats.values()):
                 self.counters["skipped_steps"] += 1
                 return None
             if self.stats_due:
@@ -304,7 +307,23 @@ class Preconditioner:
             self.steps += 1
             return out
         finally:
-            self._records.clear()
+            self.clear_records()
+
+    def clear_records(self) -> None:
+        """Forget what the hooks recorded since the last step.
+
+        Each record is emptied before it is dropped: the tensor hook on a layer output
+        holds its record, and the record held the output, a cycle through autograd's C++
+        graph that Python's garbage collector cannot see (it leaked the graph of every
+        step until this was done).
+        """
+        for records in self._records.values():
+            for r in records:
+                r.output = None
+                r.inputs = None  # type: ignore[assignment]
+                r.grads.clear()
+                r.sampled.clear()
+        self._records.clear()
 
     def _missing_statistics(self, missing: list[str]) -> None:
         if self._sampled_fisher:
@@ -332,7 +351,7 @@ class Preconditioner:
         # compute every batch estimate before changing any block: a non-finite factor
         # leaves every block untouched
         for s in present.values():
-            if not (bool(torch.isfinite(s.A()).all()) and bool(torch.isfinite(s.G()).all())):
+            if not (all_finite(s.A()) and all_finite(s.G())):
                 self.counters["skipped_stat_updates"] += 1
                 return
         for name, s in present.items():

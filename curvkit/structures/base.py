@@ -21,6 +21,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from curvkit.numerics import all_finite
+
 __all__ = ["DenseStructure", "DiagonalStructure", "FactorStructure", "StructureFallbackWarning"]
 
 
@@ -133,7 +135,7 @@ class FactorStructure(ABC):
             self.tensors()[name].copy_(value)
 
     def is_finite(self) -> bool:
-        return all(bool(torch.isfinite(t).all()) for t in self.tensors().values())
+        return all(all_finite(t) for t in self.tensors().values())
 
     def to(self, dtype: torch.dtype) -> FactorStructure:
         """A copy in another dtype."""

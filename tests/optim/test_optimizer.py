@@ -370,3 +370,27 @@ def test_forward_inside_torch_func_transforms_is_not_recorded():
     vmap(grad(f), in_dims=(None, 0, 0))({k: v.detach() for k, v in model.named_parameters()}, X, y)
     assert precond.step()
     assert len(precond._records) == 0 and precond.blocks["0"].num_updates == 1
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "type-2"])
+def test_a_step_does_not_keep_the_graph_alive(fisher):
+    """The hooks' records are released: the layer outputs (and their graph) of a finished
+    step are freed, so memory does not grow step after step."""
+    import gc
+    import weakref
+
+    X, y = _data()
+    model = _model()
+    opt = KFAC(model, lr=0.05, damping=0.1, fisher=fisher, loss_fn=nn.CrossEntropyLoss())
+    seen = []
+    model[0].register_forward_hook(lambda m, a, out: seen.append(weakref.ref(out)))
+    for _i in range(3):
+        opt.zero_grad()
+        out = model(X[:8])
+        loss = nn.functional.cross_entropy(out, y[:8])
+        opt.curvature_backward(out, y[:8])
+        loss.backward()
+        opt.step()
+    del out, loss
+    gc.collect()
+    assert all(ref() is None for ref in seen)
