@@ -34,6 +34,7 @@ from curvkit.linalg.damping import Damping
 from curvkit.linalg.inverters import Inverter, KroneckerInverse, inverse_from_tensors
 from curvkit.numerics import all_finite
 from curvkit.stats.factors import output_gram
+from curvkit.stats.handlers import weight_matrix
 from curvkit.stats.hooks_backend import layer_input_factor
 from curvkit.stats.plan import LayerPlan
 from curvkit.structures.base import FactorStructure
@@ -61,9 +62,8 @@ class BlockInfo:
 
     @classmethod
     def from_plan(cls, layer: LayerPlan) -> BlockInfo:
-        w = layer.weight
-        d_in = w[0].numel() + (1 if layer.has_bias else 0)
-        return cls(layer.name, type(layer.module), d_in, int(w.shape[0]), layer.has_bias)
+        d_out, d_in = weight_matrix(layer.handler, layer.module, layer.weight.detach()).shape
+        return cls(layer.name, type(layer.module), int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias)
 
 
 class LayerStats:

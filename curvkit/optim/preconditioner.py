@@ -39,6 +39,7 @@ from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
 from curvkit.config import FisherType
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
+from curvkit.stats.handlers import weight_from_matrix, weight_matrix
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.plan import LayerPlan, make_plan
 
@@ -46,8 +47,9 @@ __all__ = ["Preconditioner", "layer_matrix", "split_layer_matrix"]
 
 
 def layer_matrix(layer: LayerPlan, weight_tensor: Tensor, bias_tensor: Tensor | None) -> Tensor:
-    """A layer's weight-shaped tensor (and bias) as one ``(d_out, d_in [+1])`` matrix."""
-    mat = weight_tensor.reshape(weight_tensor.shape[0], -1)
+    """A layer's weight-shaped tensor (and bias) as one ``(d_out, d_in [+1])`` matrix (through
+    the handler's weight layout, :func:`curvkit.stats.handlers.weight_matrix`)."""
+    mat = weight_matrix(layer.handler, layer.module, weight_tensor)
     if layer.has_bias:
         assert bias_tensor is not None
         mat = torch.cat([mat, bias_tensor.reshape(-1, 1)], dim=1)
@@ -58,8 +60,8 @@ def split_layer_matrix(layer: LayerPlan, mat: Tensor) -> tuple[Tensor, Tensor | 
     """Inverse of :func:`layer_matrix`: ``(weight-shaped, bias-shaped or None)``."""
     w = layer.weight
     if layer.has_bias:
-        return mat[:, :-1].reshape(w.shape), mat[:, -1].reshape(-1)
-    return mat.reshape(w.shape), None
+        return weight_from_matrix(layer.handler, layer.module, mat[:, :-1], w.shape), mat[:, -1].reshape(-1)
+    return weight_from_matrix(layer.handler, layer.module, mat, w.shape), None
 
 
 def _is_functorch_wrapped(t: Tensor) -> bool:

@@ -8,6 +8,11 @@ flattened row-major, so a factor pair ``(A, G)`` stands for ``G ⊗ A`` on
 ``vec_row(W̄)``. The core adds the bias column and the expand/reduce reduction; a
 handler only reshapes.
 
+A handler whose module stores its weight in another layout than ``(d_out, ...)`` defines
+``weight_matrix(module, tensor)`` and ``weight_from_matrix(module, matrix)`` (see
+:func:`weight_matrix`), so optimizers map gradients to the ``(d_out, d_in)`` matrix the
+factors describe and back.
+
 A handler may also define the optional method ``input_gram(module, x)`` returning
 ``(Σ a aᵀ, Σ a, number of rows)`` over the rows ``a`` of ``input_features`` (no bias
 column), or ``None`` to decline; the hooks backend then uses it for the expand ``A``
@@ -22,13 +27,14 @@ from __future__ import annotations
 import math
 from typing import Protocol, runtime_checkable
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from curvkit.errors import UnsupportedModuleError
 from curvkit.stats.factors import conv_patch_gram, sum_gram
 
-__all__ = ["ConvHandler", "LayerHandler", "LinearHandler", "unfold_patches"]
+__all__ = ["ConvHandler", "LayerHandler", "LinearHandler", "unfold_patches", "weight_from_matrix", "weight_matrix"]
 
 #: Input elements × kernel size unfolded at once by :meth:`ConvHandler.input_gram`.
 _UNFOLD_BUDGET = 1 << 22
@@ -61,6 +67,31 @@ class LayerHandler(Protocol):
 
     def output_features(self, module: nn.Module, g: Tensor) -> Tensor:
         """Gradient w.r.t. the layer output as a ``(N, R, d_out)`` tensor."""
+
+
+def weight_matrix(handler: object, module: nn.Module, tensor: Tensor) -> Tensor:
+    """A weight-shaped tensor (the weight, its gradient, a step) as the ``(d_out, d_in)``
+    matrix the factors describe.
+
+    By default the weight's first dimension is ``d_out`` and the rest is flattened
+    (``Linear``, ``Conv*d`` in unfold order). A handler whose layer stores its weight
+    differently (GPT-2's transposed ``Conv1D``) defines ``weight_matrix(module, tensor)``
+    and its inverse ``weight_from_matrix(module, matrix)``; optimizers go through these two
+    functions, so they precondition such layers correctly.
+    """
+    custom = getattr(handler, "weight_matrix", None)
+    if custom is not None:
+        return custom(module, tensor)
+    return tensor.reshape(tensor.shape[0], -1)
+
+
+def weight_from_matrix(handler: object, module: nn.Module, matrix: Tensor, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`weight_matrix`: a ``(d_out, d_in)`` matrix back in the weight's
+    storage layout ``shape``."""
+    custom = getattr(handler, "weight_from_matrix", None)
+    if custom is not None:
+        return custom(module, matrix)
+    return matrix.reshape(shape)
 
 
 class _Handler:

@@ -78,6 +78,30 @@ def test_factors_equal_those_of_nn_linear(approx, fisher, bias):
         torch.testing.assert_close(got[name].G, want[name].G, rtol=1e-12, atol=0)
 
 
+@pytest.mark.parametrize("bias", [True, False])
+def test_kfac_trains_it_like_nn_linear(bias):
+    """The handler's weight layout (``weight_matrix``/``weight_from_matrix``) lets curvkit's
+    optimizers precondition the transposed weight: K-FAC takes the same steps on
+    TransposedLinear as on the equivalent nn.Linear."""
+    import curvkit.optim
+
+    ours, plain = _twin_models(bias)
+    X = torch.randn(6, 7, 5, dtype=torch.float64)
+    y = torch.randn(6, 7, 3, dtype=torch.float64)
+    opts = [
+        curvkit.optim.KFAC(m, lr=0.1, momentum=0.5, damping=0.05, loss_average="batch+sequence") for m in (ours, plain)
+    ]
+    for _ in range(4):
+        for model, opt in zip((ours, plain), opts):
+            opt.zero_grad()
+            nn.functional.mse_loss(model(X), y).backward()
+            opt.step()
+    for t, lin in ((ours[0], plain[0]), (ours[2], plain[2])):
+        torch.testing.assert_close(t.weight.T, lin.weight, rtol=1e-10, atol=1e-12)
+        if bias:
+            torch.testing.assert_close(t.bias, lin.bias, rtol=1e-10, atol=1e-12)
+
+
 def test_plugin_works_without_installation():
     """A plugin can also be passed explicitly, e.g. in its own tests before it is installed."""
     registry = curvkit.build_registry(autoload=False, plugins=[(PLUGIN, template_plugin)])

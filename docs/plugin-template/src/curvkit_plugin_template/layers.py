@@ -67,9 +67,18 @@ class TransposedLinearHandler:
         # leaf on the slow path for in-place activations -- never for its shape. So return
         # the stored parameter itself. Returning ``module.weight.T`` would hand the core a
         # non-leaf view: tying detection and the autograd leaves would break.
-        # (Whoever preconditions ``weight.grad`` with G and A must transpose it first:
-        # the factors describe W.T.)
+        # Optimizers learn the layout from weight_matrix / weight_from_matrix below.
         return module.weight
+
+    def weight_matrix(self, module: nn.Module, tensor: Tensor) -> Tensor:
+        # A weight-shaped tensor (the weight, its gradient, a step), stored (d_in, d_out),
+        # as the (d_out, d_in) matrix the factors describe. curvkit's optimizers call this
+        # before preconditioning ``weight.grad`` ...
+        return tensor.t()
+
+    def weight_from_matrix(self, module: nn.Module, matrix: Tensor) -> Tensor:
+        # ... and this to put the preconditioned (d_out, d_in) direction back in storage layout.
+        return matrix.t()
 
     def bias(self, module: nn.Module) -> Tensor | None:
         return module.bias
