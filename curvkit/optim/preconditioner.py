@@ -100,8 +100,10 @@ class Preconditioner:
         loss_fn: The training loss module; required for ``fisher="mc"`` / ``"type-2"``.
         config: A ready configuration object; otherwise ``**options`` build one.
         registry: Registry to resolve names in (default: the plugins installed).
-        generator: Random generator for MC targets (default: seeded from torch's global
-            generator, so ``torch.manual_seed`` makes runs reproducible).
+        generator: Random generator for MC targets, on the model's device. By default one
+            is created on the device of the first output :meth:`curvature_backward` sees,
+            seeded from torch's global generator when the preconditioner is built, so
+            ``torch.manual_seed`` makes runs reproducible.
         **options: Method options (see the method's config class), e.g. ``damping=1e-3``,
             ``T_inv=10``, ``fisher="mc"``.
 
@@ -149,10 +151,10 @@ class Preconditioner:
         self.blocks: dict[str, CurvatureBlock] = {
             layer.name: self.spec.make_block(BlockInfo.from_plan(layer), self.config, registry) for layer in self.plan
         }
-        if generator is None:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator = torch.Generator().manual_seed(seed)
-        self.generator = generator
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
+        self.generator: torch.Generator | None = generator
+        self._seed = int(torch.randint(0, 2**62, (1,)).item())
         self.steps = 0
         self.damping_value = self.damping.initial_value() if self.damping is not None else 0.0
         self.counters = {"skipped_steps": 0, "skipped_stat_updates": 0}
@@ -226,6 +228,8 @@ class Preconditioner:
         assert self.loss_fn is not None
         adapter = loss_adapter(self.loss_fn)
         rows, target_rows = adapter.to_rows(output, targets)
+        if self.generator is None:
+            self.generator = torch.Generator(device=output.device).manual_seed(self._seed)
         passes = adapter.vector_passes(rows, target_rows, self.fisher, self.config.mc_samples, self.generator)
         records = [r for recs in self._records.values() for r in recs]
         outputs = [r.output for r in records if r.output is not None]
@@ -420,7 +424,9 @@ class Preconditioner:
             "steps": self.steps,
             "damping_value": self.damping_value,
             "counters": dict(self.counters),
-            "generator": self.generator.get_state(),
+            "seed": self._seed,
+            "generator": None if self.generator is None else self.generator.get_state(),
+            "generator_device": None if self.generator is None else str(self.generator.device),
             "refreshed": sorted(self._refreshed),
             "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
         }
@@ -439,7 +445,11 @@ class Preconditioner:
         self.steps = int(state["steps"])
         self.damping_value = float(state["damping_value"])
         self.counters = dict(state["counters"])
-        self.generator.set_state(state["generator"])
+        self._seed = int(state["seed"])
+        if state["generator"] is not None:
+            if self.generator is None:
+                self.generator = torch.Generator(device=state["generator_device"])
+            self.generator.set_state(state["generator"])
         self._refreshed = set(state["refreshed"])
         for name, block_state in state["blocks"].items():
             self.blocks[name].load_state_dict(block_state)
