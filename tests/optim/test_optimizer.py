@@ -208,7 +208,8 @@ def test_mc_and_type2_need_the_extra_call():
         KFAC(model, fisher="mc")
 
 
-def test_resume_is_bit_exact_with_mc_and_stale_inverses():
+@pytest.mark.parametrize("own_generator", [True, False])
+def test_resume_is_bit_exact_with_mc_and_stale_inverses(own_generator):
     X, y = _data()
 
     def fresh():
@@ -222,7 +223,7 @@ def test_resume_is_bit_exact_with_mc_and_stale_inverses():
             T_inv=3,
             T_stats=2,
             damping=0.1,
-            generator=torch.Generator().manual_seed(5),
+            generator=torch.Generator().manual_seed(5) if own_generator else None,
         )
 
     m1, o1 = fresh()
