@@ -144,7 +144,12 @@ class LayerStats:
         return total.mul_(self.g_scale)
 
     def rows(self) -> tuple[Tensor, Tensor]:
-        """``(a_rows (K, d_in), g_rows (P, K, d_out))``; see the class docstring."""
+        """``(a_rows (K, d_in), g_rows (P, K, d_out))``; see the class docstring (computed
+        once per batch)."""
+        return self._rows
+
+    @cached_property
+    def _rows(self) -> tuple[Tensor, Tensor]:
         a, g = self.a_features, self.g_features
         n, r = a.shape[0], a.shape[1]
         if self.approx is KFACApprox.EXPAND or r == 1:
@@ -222,6 +227,16 @@ class CurvatureBlock(ABC):
     @abstractmethod
     def as_operator(self) -> Any:
         """The undamped curvature estimate as a linear operator (``@`` on matrices)."""
+
+    def batch_is_finite(self, stats: LayerStats) -> bool:
+        """Whether the batch estimate this block would fold in is finite. Called for every
+        block before any is updated, so one non-finite layer skips the update of all.
+
+        The default checks the batch factors ``A`` and ``G`` (which Kronecker blocks
+        compute anyway; they are cached). A block that never forms them (SINGD's
+        inverse-free update works from ``rows()``) overrides this with a cheaper check.
+        """
+        return all_finite(stats.A()) and all_finite(stats.G())
 
     def quadratic(self, direction: Tensor) -> float:
         """:math:`\\delta^\\top \\hat F \\delta` for ``direction`` in matrix form."""

@@ -96,10 +96,12 @@ def test_autoload_off_leaves_out_bundled_backends(capsys, clean_plugin_env, how)
 
 
 def test_block_list_is_honoured(capsys, clean_plugin_env):
-    clean_plugin_env.setenv(BLOCK_ENV, "backpack,kfac")
+    bundled_methods = "kfac,singd,lowrank,kldwrm"
+    clean_plugin_env.setenv(BLOCK_ENV, f"backpack,{bundled_methods}")
     report = _report(capsys, "--block", "asdl")
-    assert {"backpack", "asdl", "kfac"} <= set(report["blocked"])
-    assert not {"backpack", "asdl", "kfac"} & {p["name"] for p in report["plugins"]}
+    blocked = {"backpack", "asdl", *bundled_methods.split(",")}
+    assert blocked <= set(report["blocked"])
+    assert not blocked & {p["name"] for p in report["plugins"]}
     assert set(_by_plugin(report)) == {"curvkit"}
 
 

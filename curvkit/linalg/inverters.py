@@ -48,9 +48,20 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class KroneckerInverse:
-    """Applies a damped Kronecker inverse to gradients in matrix form."""
+    """Applies a damped Kronecker inverse to gradients in matrix form.
+
+    Subclasses set a unique :attr:`kind` and implement :meth:`apply`, :meth:`tensors` and
+    :meth:`from_tensors`; defining the subclass registers its kind, so
+    :func:`inverse_from_tensors` (``state_dict`` round trips of a block) restores inverses
+    that plugins add as well.
+    """
 
     kind: ClassVar[str] = ""
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind:
+            _INVERSE_KINDS[cls.kind] = cls
 
     def apply(self, grad: Tensor) -> Tensor:
         raise NotImplementedError
@@ -61,6 +72,10 @@ class KroneckerInverse:
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> KroneckerInverse:
         raise NotImplementedError
+
+
+#: kind -> KroneckerInverse subclass, filled as subclasses are defined.
+_INVERSE_KINDS: dict[str, type[KroneckerInverse]] = {}
 
 
 def _left(mat: Tensor, m: Tensor) -> Tensor:
@@ -154,15 +169,15 @@ class IdentityInverse(KroneckerInverse):
         return cls()
 
 
-_INVERSE_KINDS: dict[str, type[KroneckerInverse]] = {
-    "factored": FactoredInverse,
-    "eigen": EigenInverse,
-    "identity": IdentityInverse,
-}
 
 
 def inverse_from_tensors(kind: str, tensors: dict[str, Tensor]) -> KroneckerInverse:
     """Rebuild a stored :class:`KroneckerInverse` (``state_dict`` round trip)."""
+    if kind not in _INVERSE_KINDS:
+        raise ValueError(
+            f"unknown inverse kind {kind!r} in a state_dict; known: {', '.join(sorted(_INVERSE_KINDS))}. "
+            "Is the plugin that defines it installed and loaded?"
+        )
     return _INVERSE_KINDS[kind].from_tensors(tensors)
 
 

@@ -354,12 +354,11 @@ class Preconditioner:
             self.counters["skipped_stat_updates"] += 1
             return
         ema = getattr(self.config, "ema_decay", 0.0)
-        # compute every batch estimate before changing any block: a non-finite factor
-        # leaves every block untouched
-        for s in present.values():
-            if not (all_finite(s.A()) and all_finite(s.G())):
-                self.counters["skipped_stat_updates"] += 1
-                return
+        # check every batch estimate before changing any block: a non-finite one leaves
+        # every block untouched
+        if not all(self.blocks[n].batch_is_finite(s) for n, s in present.items()):
+            self.counters["skipped_stat_updates"] += 1
+            return
         for name, s in present.items():
             block = self.blocks[name]
             k = block.num_updates + 1
