@@ -51,7 +51,17 @@ _DOCS = os.path.dirname(os.path.abspath(__file__))
 autodoc_mock_imports = ["laplace"]
 
 #: Pages written by others that appear in the toctree only once they exist.
-_OPTIONAL_PAGES = ["benchmarks", "benchmarks-step", "laplace", "methods/ekfac", "methods/tkfac", "methods/tekfac"]
+_OPTIONAL_PAGES = [
+    "benchmarks",
+    "benchmarks-step",
+    "laplace",
+    "methods/ekfac",
+    "methods/tkfac",
+    "methods/tekfac",
+    "methods/singd",
+    "methods/lowrank",
+    "methods/kldwrm",
+]
 
 
 def _drop_missing_optional_pages(app, docname, source):  # type: ignore[no-untyped-def]

@@ -2,7 +2,36 @@
 optimizer) and :class:`CurvatureOptimizer` (a ``torch.optim.Optimizer``) with named
 classes per bundled method and a by-name factory, :func:`create`."""
 
-from curvkit.optim.optimizer import EKFAC, KFAC, TEKFAC, TKFAC, CurvatureOptimizer, available_methods, create
+from curvkit.optim.optimizer import (
+    EKFAC,
+    IKFAC,
+    INGD,
+    KFAC,
+    RSKFAC,
+    SINGD,
+    SKFAC,
+    SREKFAC,
+    TEKFAC,
+    TKFAC,
+    CurvatureOptimizer,
+    available_methods,
+    create,
+)
 from curvkit.optim.preconditioner import Preconditioner
 
-__all__ = ["EKFAC", "KFAC", "TEKFAC", "TKFAC", "CurvatureOptimizer", "Preconditioner", "available_methods", "create"]
+__all__ = [
+    "EKFAC",
+    "IKFAC",
+    "INGD",
+    "KFAC",
+    "RSKFAC",
+    "SINGD",
+    "SKFAC",
+    "SREKFAC",
+    "TEKFAC",
+    "TKFAC",
+    "CurvatureOptimizer",
+    "Preconditioner",
+    "available_methods",
+    "create",
+]

@@ -38,7 +38,21 @@ from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.optim.preconditioner import Preconditioner, layer_matrix, split_layer_matrix
 
-__all__ = ["EKFAC", "KFAC", "TEKFAC", "TKFAC", "CurvatureOptimizer", "available_methods", "create"]
+__all__ = [
+    "EKFAC",
+    "IKFAC",
+    "INGD",
+    "KFAC",
+    "RSKFAC",
+    "SINGD",
+    "SKFAC",
+    "SREKFAC",
+    "TEKFAC",
+    "TKFAC",
+    "CurvatureOptimizer",
+    "available_methods",
+    "create",
+]
 
 WEIGHT_DECAY_MODES = ("after", "before", "decoupled")
 #: Key of the preconditioner's state inside ``optimizer.state_dict()``.
@@ -374,6 +388,70 @@ class TEKFAC(CurvatureOptimizer):
     """TEKFAC (Gao et al. 2020); options: :class:`curvkit_kfac.TEKFACConfig`."""
 
     method = "tekfac"
+
+
+class _SINGDFamily(CurvatureOptimizer):
+    """The ``singd`` package's step defaults: ``lr`` β₂ = 1e-3, ``momentum`` α₂ = 0.9,
+    weight decay γ applied after preconditioning."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        params: Iterable[Any] | None = None,
+        *,
+        lr: float = 1e-3,
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        weight_decay_mode: str = "after",
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            model,
+            params,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            weight_decay_mode=weight_decay_mode,
+            **options,
+        )
+
+
+class SINGD(_SINGDFamily):
+    """SINGD (Lin et al. 2024), from the bundled ``singd`` plugin; options:
+    :class:`curvkit_singd.SINGDConfig`."""
+
+    method = "singd"
+
+
+class IKFAC(_SINGDFamily):
+    """IKFAC (SINGD with ``kfac_like=True``); options: :class:`curvkit_singd.IKFACConfig`."""
+
+    method = "ikfac"
+
+
+class INGD(_SINGDFamily):
+    """INGD (dense SINGD, Lin et al. 2023); options: :class:`curvkit_singd.INGDConfig`."""
+
+    method = "ingd"
+
+
+class RSKFAC(CurvatureOptimizer):
+    """RS-KFAC (Puiu 2022a), from the bundled ``lowrank`` plugin; options:
+    :class:`curvkit_lowrank.RSKFACConfig`."""
+
+    method = "rs-kfac"
+
+
+class SREKFAC(CurvatureOptimizer):
+    """SRE-KFAC (Puiu 2022a); options: :class:`curvkit_lowrank.SREKFACConfig`."""
+
+    method = "sre-kfac"
+
+
+class SKFAC(CurvatureOptimizer):
+    """SKFAC (Tang et al. 2021); options: :class:`curvkit_lowrank.SKFACConfig`."""
+
+    method = "skfac"
 
 
 def available_methods(registry: Any = None) -> list[str]:
