@@ -228,6 +228,13 @@ class CurvatureBlock(ABC):
     def as_operator(self) -> Any:
         """The undamped curvature estimate as a linear operator (``@`` on matrices)."""
 
+    def set_step_size(self, lr: float) -> None:
+        """Told the learning rate of the coming step (its parameter group's ``lr``) by
+        :class:`~curvkit.optim.CurvatureOptimizer` before every step. Methods whose
+        recursions depend on the step size (KLD-WRM's wake) override it; the default
+        ignores it."""
+        del lr
+
     def batch_is_finite(self, stats: LayerStats) -> bool:
         """Whether the batch estimate this block would fold in is finite. Called for every
         block before any is updated, so one non-finite layer skips the update of all.

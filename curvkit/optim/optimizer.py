@@ -239,6 +239,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             pre.counters["skipped_steps"] += 1
             pre.clear_records()
             return loss
+        for name, layer in pre.layers.items():
+            group = groups.get(id(layer.weight))
+            if group is not None:
+                pre.blocks[name].set_step_size(group["lr"])
         dirs = pre.compute_directions(grads)
         if dirs is None:
             return loss

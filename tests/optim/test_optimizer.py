@@ -395,3 +395,17 @@ def test_a_step_does_not_keep_the_graph_alive(fisher):
     del out, loss
     gc.collect()
     assert all(ref() is None for ref in seen)
+
+
+def test_blocks_are_told_each_groups_learning_rate():
+    """Blocks whose recursions need the step size get their group's lr before each step
+    (schedulers included)."""
+    model = _model()
+    opt = KFAC(model, _groups(model), damping=0.1)
+    scheduler = torch.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)
+    seen: dict[str, list[float]] = {}
+    for name, block in opt.preconditioner.blocks.items():
+        block.set_step_size = lambda lr, name=name: seen.setdefault(name, []).append(lr)  # type: ignore[method-assign]
+    X, y = _data()
+    _run(model, opt, X, y, 2, scheduler)
+    assert seen == {"0": [0.1, 0.05], "2": [0.05, 0.025]}
