@@ -29,6 +29,9 @@ from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComp
 from curvkit.linalg.damping import Damping, ExactDamping
 from curvkit.methods import KroneckerConfig, MethodSpec
 
+#: The step size Q/QE assume when neither the optimizer nor ``eta=`` supplies one (the author's MNIST lr).
+FALLBACK_ETA = 0.01
+
 __all__ = [
     "QEKLDWRMConfig",
     "QE_KLDWRM_SPEC",
@@ -95,8 +98,9 @@ class QKLDWRMConfig(_KLDWRMConfig):
             :math:`\bar G + \zeta G^{\text{loc}}`; ``None`` = the step size :math:`\eta_k` (the
             author's code: :math:`1/\lambda_k`); 0 with ``wake_decay=0`` gives K-FAC.
 
-    The step size :math:`\eta_k` is needed (``eta`` or a named optimizer); without it the
-    first step raises.
+    The step size :math:`\eta_k` comes from a named optimizer or ``eta``; with neither (a generic
+    ``curvkit.optim.create("q-kldwrm", ...)``) the block warns once and assumes
+    :math:`\eta = 0.01`, the author's MNIST learning rate.
     """
 
     local_weight: float | None = None
@@ -228,6 +232,8 @@ class QKLDWRMBlock(SOKLDWRMBlock):
     :math:`\bar A_{k-1}, \bar G_{k-1}` and the local factors (four factor copies).
     """
 
+    _warned_eta = False  # warn once per process that the step size is assumed
+
     def __init__(self, info: BlockInfo, config: QKLDWRMConfig, registry: Any) -> None:
         super().__init__(info, config, registry)
         self.local_weight = config.local_weight
@@ -266,15 +272,24 @@ class QKLDWRMBlock(SOKLDWRMBlock):
             return self.A_loc, self.G_loc
         return self.A.to_dense(), self.G.to_dense()
 
+    def _eta(self) -> float:
+        eta = super()._eta()
+        if eta is not None:
+            return eta
+        if not QKLDWRMBlock._warned_eta:
+            QKLDWRMBlock._warned_eta = True
+            warnings.warn(
+                f"q-/qe-kldwrm needs the step size η_k (ζ = η_k augments the factors; the wake uses η_{{k-1}}) and "
+                f"this optimizer does not pass its learning rate: assuming η = {FALLBACK_ETA} (the author's MNIST "
+                "learning rate). Use curvkit_kldwrm.QKLDWRM / QEKLDWRM (they pass the learning rate) or set eta=.",
+                stacklevel=4,
+            )
+        return FALLBACK_ETA
+
     def _zeta(self, eta: float | None) -> float:
         if self.local_weight is not None:
             return self.local_weight
-        if eta is None:
-            raise RuntimeError(
-                f"block {self.info.name!r}: Q/QE-KLD-WRM needs the step size η_k (the factors are augmented by "
-                "η_k·A_loc): use the named optimizers curvkit_kldwrm.QKLDWRM / QEKLDWRM (they pass the learning "
-                "rate), or set eta= (or local_weight=) in the method options."
-            )
+        assert eta is not None
         return eta
 
     def _decompose(self, eta: float | None) -> None:
@@ -300,11 +315,7 @@ class QKLDWRMBlock(SOKLDWRMBlock):
         if k == 0 or self.ghat_prev is None:
             return None
         if k == 1 or k % T >= 2 or (k % T == 0 and T >= 2):
-            if eta_prev is None:
-                raise RuntimeError(
-                    f"block {self.info.name!r}: Q/QE-KLD-WRM's wake term needs the step size η_{{k-1}}: use the named "
-                    "optimizers curvkit_kldwrm.QKLDWRM / QEKLDWRM (they pass the learning rate), or set eta=."
-                )
+            assert eta_prev is not None
             return self.ghat_prev / (1.0 + eta_prev)
         assert self.s_prev is not None and self.A is not None and self.G is not None
         a_prev = self.A_prev if self.fresh and self.A_prev is not None else self.A.to_dense()
