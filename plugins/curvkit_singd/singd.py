@@ -33,7 +33,7 @@ from curvkit.errors import ConfigError
 from curvkit.linalg.damping import Damping, ScalarDamping
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
-from curvkit.structures.base import FactorStructure
+from curvkit.structures.base import DenseStructure, FactorStructure
 from curvkit_singd.structures import (
     resolve_structure,
     s_add_,
@@ -201,6 +201,9 @@ class SINGDBlock(CurvatureBlock):
         self.m_K: FactorStructure | None = None
         self.m_C: FactorStructure | None = None
         self.skipped_updates = 0
+        # dense K Kᵀ / C Cᵀ, kept between updates where that saves work (see _dense_square)
+        self._P_K: Tensor | None = None
+        self._P_C: Tensor | None = None
 
     def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
         dk, dc = self.dtype_K or dtype, self.dtype_C or dtype
@@ -209,6 +212,7 @@ class SINGDBlock(CurvatureBlock):
         if self.config.alpha1:
             self.m_K = self.structure_K.zeros(self.info.d_in, dtype=dk, device=device)
             self.m_C = self.structure_C.zeros(self.info.d_out, dtype=dc, device=device)
+        self._P_K = self._P_C = None
 
     def batch_is_finite(self, stats: LayerStats) -> bool:
         # SINGD never forms the dense factors A and G: check the scaled rows it works from
@@ -255,6 +259,7 @@ class SINGDBlock(CurvatureBlock):
             self.skipped_updates += 1
             return
         self.K, self.C = new_K, new_C
+        self._P_K = self._P_C = None
         if self.m_K is not None:
             self.m_K, self.m_C = new_m_K, new_m_C
         self.num_updates += 1
@@ -267,12 +272,31 @@ class SINGDBlock(CurvatureBlock):
             self.init(dtype=grad.dtype, device=grad.device)
         assert self.K is not None and self.C is not None
         K, C = self.K, self.C
+        d_in, d_out = self.info.d_in, self.info.d_out
+        if self._P_K is None:
+            self._P_K = self._dense_square(K, d_in, d_out)
+        if self._P_C is None:
+            self._P_C = self._dense_square(C, d_out, d_in)
         # ∇ K Kᵀ = (K (∇ K)ᵀ)ᵀ, then C (Cᵀ ·) = C (· ᵀ C)ᵀ
-        x = K.rmatmul(grad.to(K.dtype))
-        x = K.matmul(x.T).T
+        x = grad.to(K.dtype)
+        if self._P_K.numel():
+            x = x @ self._P_K
+        else:
+            x = K.matmul(K.rmatmul(x).T).T
         x = x.to(C.dtype)
+        if self._P_C.numel():
+            return (self._P_C @ x).to(grad.dtype)
         y = C.rmatmul(x.T).T
         return C.matmul(y).to(grad.dtype)
+
+    def _dense_square(self, F: FactorStructure, d: int, other: int) -> Tensor:
+        """``F Fᵀ`` for a dense ``F``, if forming it once per update (``d³``) and applying it
+        on each of the ``T`` steps until the next (``T · other · d²``) costs less than two
+        products per step (``2 T · other · d²``), i.e. if ``d < T · other``; else an empty
+        tensor (apply ``F`` and ``Fᵀ`` in turn)."""
+        if isinstance(F, DenseStructure) and d < self.config.T * other:
+            return F.matrix @ F.matrix.T
+        return F.matrix.new_empty(0) if isinstance(F, DenseStructure) else torch.empty(0)
 
     def preconditioner_dense(self) -> tuple[Tensor, Tensor]:
         """``(K Kᵀ, C Cᵀ)`` as dense matrices (for tests and inspection)."""
@@ -300,6 +324,7 @@ class SINGDBlock(CurvatureBlock):
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._P_K = self._P_C = None
         self.num_updates = int(state["num_updates"])
         self.skipped_updates = int(state["skipped_updates"])
         self.inverse_failures = int(state["inverse_failures"])
