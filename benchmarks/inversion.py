@@ -3,7 +3,8 @@ r"""Time of one inverse refresh of a ``d×d`` Kronecker factor vs. its width ``d
 inverters of K-FAC (dense ``eigh``, Cholesky), RS-KFAC (randomized SVD), SRE-KFAC
 (randomized eigendecomposition), B-KFAC (Brand's online update) and SKFAC (Woodbury), with
 the fitted growth exponent of each; plus (``--steps``) milliseconds per optimizer step of
-each lowrank method beside K-FAC on the wide MLP 2048-2048-2048-10, batch 256.
+each lowrank method (RS-KFAC, SRE-KFAC, SKFAC, B-KFAC, B-R-KFAC, B-KFAC-c) beside K-FAC on the
+wide MLP 2048-2048-2048-10, batch 256.
 
 This is a script, not a test: it prints tables and side-by-side ratios, and asserts nothing.
 
@@ -128,6 +129,11 @@ def step_times(device: torch.device, rounds: int, T_inv: int) -> dict[str, float
         "rs-kfac": ("rs-kfac", {**common, "damping": 0.1}),
         "sre-kfac": ("sre-kfac", {**common, "damping": 0.1}),
         "skfac": ("skfac", {"T_inv": T_inv, "damping": 0.03}),
+        # Brand updates every step (T_stats = 1) on the 2048-wide factors (220 + 256 < 2049);
+        # B-R / B-c also keep the exact EMA factor (d² per step) for their RSVD / correction
+        "b-kfac": ("b-kfac", {**common, "damping": 0.1}),
+        "b-r-kfac": ("b-r-kfac", {**common, "damping": 0.1, "B_R_period": 5}),
+        "b-kfac-c": ("b-kfac-c", {**common, "damping": 0.1, "B_R_period": 5, "correction_period": 5}),
     }
     loss_fn = nn.CrossEntropyLoss()
     out: dict[str, float] = {}

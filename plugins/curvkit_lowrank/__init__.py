@@ -1,14 +1,15 @@
-"""curvkit's bundled ``lowrank`` plugin: RS-KFAC, SRE-KFAC and SKFAC.
+"""curvkit's bundled ``lowrank`` plugin: RS-KFAC, SRE-KFAC, B-KFAC, B-R-KFAC, B-KFAC-c and SKFAC.
 
 Registered through the ``curvkit`` entry-point group:
 
 * methods ``"rs-kfac"``, ``"sre-kfac"`` (Puiu 2022, randomized low-rank factors) and
   ``"skfac"`` (Tang et al. 2021, Woodbury on the current batch);
+* methods ``"b-kfac"``, ``"b-r-kfac"``, ``"b-kfac-c"`` (Puiu 2022b, Brand's online low-rank
+  update of the EMA factors of wide Linear layers);
 * inverters ``"rsvd"`` and ``"sre"`` (usable by any Kronecker method, e.g.
   ``create("kfac", model, inverter="rsvd")`` with their default rank 220);
 * the damping ``"equal-split"`` (:math:`\\sqrt\\lambda` per factor).
 
-B-KFAC, B-R-KFAC and B-KFAC-c (Brand updates) are not implemented yet.
 """
 
 from __future__ import annotations
@@ -16,6 +17,15 @@ from __future__ import annotations
 from curvkit.hookspecs import hookimpl
 from curvkit.methods import MethodSpec
 from curvkit.registry import DampingRegister, InverterRegister, MethodRegister
+from curvkit_lowrank.bkfac import (
+    B_KFAC_C_SPEC,
+    B_KFAC_SPEC,
+    B_R_KFAC_SPEC,
+    BKFACCConfig,
+    BKFACConfig,
+    BrandKroneckerBlock,
+    BRKFACConfig,
+)
 from curvkit_lowrank.brand import brand_update
 from curvkit_lowrank.lowrank import (
     LowRankEigenInverse,
@@ -38,6 +48,13 @@ from curvkit_lowrank.skfac import (
 )
 
 __all__ = [
+    "BKFACCConfig",
+    "BKFACConfig",
+    "BRKFACConfig",
+    "B_KFAC_C_SPEC",
+    "B_KFAC_SPEC",
+    "B_R_KFAC_SPEC",
+    "BrandKroneckerBlock",
     "EqualSplitDamping",
     "LowRankEigenInverse",
     "LowRankFactor",
@@ -67,7 +84,7 @@ __all__ = [
 
 def method_specs() -> list[MethodSpec]:
     """Every method this plugin provides."""
-    return [RS_KFAC_SPEC, SRE_KFAC_SPEC, SKFAC_SPEC]
+    return [RS_KFAC_SPEC, SRE_KFAC_SPEC, B_KFAC_SPEC, B_R_KFAC_SPEC, B_KFAC_C_SPEC, SKFAC_SPEC]
 
 
 @hookimpl
