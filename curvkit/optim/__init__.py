@@ -3,6 +3,9 @@ optimizer) and :class:`CurvatureOptimizer` (a ``torch.optim.Optimizer``) with na
 classes per bundled method and a by-name factory, :func:`create`."""
 
 from curvkit.optim.optimizer import (
+    BKFAC,
+    BKFACC,
+    BRKFAC,
     EKFAC,
     IKFAC,
     INGD,
@@ -20,6 +23,9 @@ from curvkit.optim.optimizer import (
 from curvkit.optim.preconditioner import Preconditioner
 
 __all__ = [
+    "BKFAC",
+    "BKFACC",
+    "BRKFAC",
     "EKFAC",
     "IKFAC",
     "INGD",

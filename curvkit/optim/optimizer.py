@@ -39,6 +39,9 @@ from curvkit.numerics import all_finite
 from curvkit.optim.preconditioner import Preconditioner, layer_matrix, split_layer_matrix
 
 __all__ = [
+    "BKFAC",
+    "BKFACC",
+    "BRKFAC",
     "EKFAC",
     "IKFAC",
     "INGD",
@@ -444,6 +447,25 @@ class RSKFAC(CurvatureOptimizer):
     :class:`curvkit_lowrank.RSKFACConfig`."""
 
     method = "rs-kfac"
+
+
+class BKFAC(CurvatureOptimizer):
+    """B-KFAC (Puiu 2022b), from the bundled ``lowrank`` plugin; options:
+    :class:`curvkit_lowrank.BKFACConfig`."""
+
+    method = "b-kfac"
+
+
+class BRKFAC(CurvatureOptimizer):
+    """B-R-KFAC (Puiu 2022b); options: :class:`curvkit_lowrank.BRKFACConfig`."""
+
+    method = "b-r-kfac"
+
+
+class BKFACC(CurvatureOptimizer):
+    """B-KFAC-c (Puiu 2022b); options: :class:`curvkit_lowrank.BKFACCConfig`."""
+
+    method = "b-kfac-c"
 
 
 class SREKFAC(CurvatureOptimizer):
