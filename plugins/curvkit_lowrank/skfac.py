@@ -36,6 +36,8 @@ __all__ = [
     "SKFACConfig",
     "SKFAC_SPEC",
     "WoodburyFactor",
+    "conv_rows",
+    "subsample_indices",
     "WoodburyInverse",
 ]
 
@@ -134,12 +136,73 @@ class WoodburyInverse(KroneckerInverse):
         )
 
 
+CONV_STRATEGIES = ("reduce_sum", "subsample", "kfac")
+SUBSAMPLE_MODES = ("random", "strided")
+
+
+def subsample_indices(n: int, t: int, s: int, mode: str, generator: torch.Generator | None = None) -> Tensor:
+    """``(n, min(s, t))`` output-location indices kept per sample: ``"strided"`` takes the same
+    evenly spaced locations ``⌊k t / s⌋`` for every sample, ``"random"`` a uniformly random
+    subset (without replacement) per sample drawn from ``generator``."""
+    s = min(s, t)
+    if mode == "strided":
+        return (torch.arange(s) * t // s).expand(n, s)
+    if mode == "random":
+        return torch.rand(n, t, generator=generator, dtype=torch.float64).argsort(dim=1)[:, :s]
+    raise ValueError(f"subsample mode {mode!r} must be one of {SUBSAMPLE_MODES}")
+
+
+def conv_rows(stats: Any, strategy: str, indices: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    r"""SKFAC's dimension-reduced rows of a conv layer: ``(a_rows (n, d_in), g_rows (P, n, d_out))``
+    with ``A_b = a_rowsᵀ a_rows`` and ``G_b = Σ_p g_rows[p]ᵀ g_rows[p]``.
+
+    * ``"reduce_sum"`` (official code): ``n = N``, :math:`\hat a_n = \operatorname{mean}_t a_{n,t}/\sqrt N`,
+      :math:`\hat g_n = \sqrt{	ext{g\_scale}}\,\operatorname{mean}_t g_{n,t}` (the code's
+      ``mean_t(N·dout)/√N`` for a mean loss). ``G_b`` is K-FAC-reduce's divided by ``T²``.
+    * ``"subsample"`` (inferred): ``n = N|S|``, the columns at the kept locations ``indices``
+      (``(N, |S|)``), :math:`a_{n,t}/\sqrt{N|S|}` and :math:`\sqrt{	ext{g\_scale}\,T/|S|}\,g_{n,t}`,
+      so each factor is an unbiased estimate of K-FAC-expand's (equal to it for ``S`` = all).
+    """
+    a, g = stats.a_features, stats.g_features
+    n, t = a.shape[0], a.shape[1]
+    if strategy == "reduce_sum":
+        return a.mean(1) / math.sqrt(n), g.mean(2) * math.sqrt(stats.g_scale)
+    if strategy == "subsample":
+        if indices is None:
+            raise ValueError("conv_rows(strategy='subsample') needs the kept location indices")
+        s = indices.shape[1]
+        idx = indices.to(a.device)
+        a_sel = torch.gather(a, 1, idx[:, :, None].expand(n, s, a.shape[2]))
+        g_sel = torch.gather(g, 2, idx[None, :, :, None].expand(g.shape[0], n, s, g.shape[3]))
+        a_rows = a_sel.reshape(n * s, -1) / math.sqrt(n * s)
+        g_rows = g_sel.reshape(g.shape[0], n * s, -1) * math.sqrt(stats.g_scale * t / s)
+        return a_rows, g_rows
+    raise ValueError(f"conv strategy {strategy!r} must be 'reduce_sum' or 'subsample'")
+
+
 class SKFACBlock(CurvatureBlock):
     """SKFAC's per-layer state: the rows of the most recent statistics batch (no EMA) and
-    their Woodbury inverse, recomputed every ``T_inv`` steps."""
+    their Woodbury inverse, recomputed every ``T_inv`` steps.
 
-    def __init__(self, info: BlockInfo) -> None:
+    For a conv layer the rows come from ``conv_strategy`` (:func:`conv_rows`); Linear layers
+    (and ``conv_strategy="kfac"``) use the framework's :meth:`LayerStats.rows`. The random
+    subsample of update ``k`` is drawn from a generator seeded with ``(seed, k)``, so a resumed
+    run draws the same locations.
+    """
+
+    def __init__(
+        self,
+        info: BlockInfo,
+        conv_strategy: str = "kfac",
+        subsample_locations: int = 1,
+        subsample_mode: str = "random",
+        subsample_seed: int = 0,
+    ) -> None:
         super().__init__(info)
+        self.conv_strategy = conv_strategy
+        self.subsample_locations = subsample_locations
+        self.subsample_mode = subsample_mode
+        self.subsample_seed = subsample_seed
         self.R_A: Tensor | None = None
         self.R_G: Tensor | None = None
         self.inverse: WoodburyInverse | None = None
@@ -149,10 +212,25 @@ class SKFACBlock(CurvatureBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         """Replace the stored batch by this one (``decay`` is ignored: SKFAC uses no EMA)."""
-        a_rows, g_rows = stats.rows()
+        a_rows, g_rows = self._rows(stats)
         self.R_A = a_rows.detach().clone()
         self.R_G = g_rows.reshape(-1, g_rows.shape[-1]).detach().clone()
         self.num_updates += 1
+
+    @property
+    def reduces(self) -> bool:
+        """Whether this block applies a conv dimension-reduction strategy."""
+        return self.conv_strategy != "kfac" and issubclass(self.info.module_type, (nn.Conv1d, nn.Conv2d, nn.Conv3d))
+
+    def _rows(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        if not self.reduces:
+            return stats.rows()
+        indices = None
+        if self.conv_strategy == "subsample":
+            n, t = stats.a_features.shape[:2]
+            gen = torch.Generator().manual_seed(self.subsample_seed * 1_000_003 + self.num_updates)
+            indices = subsample_indices(n, t, self.subsample_locations, self.subsample_mode, gen)
+        return conv_rows(stats, self.conv_strategy, indices)
 
     def _shifts(self, damping: Damping, lam: float) -> tuple[float, float]:
         assert self.R_A is not None and self.R_G is not None
@@ -201,7 +279,14 @@ class SKFACBlock(CurvatureBlock):
             self.inverse = WoodburyInverse.from_tensors({k: v.clone() for k, v in state["inverse"].items()})
 
     def describe(self) -> str:
-        return f"SKFACBlock(Woodbury on the current batch, A: {self.info.d_in}, G: {self.info.d_out})"
+        how = ""
+        if self.reduces:
+            how = (
+                ", conv: reduce sum"
+                if self.conv_strategy == "reduce_sum"
+                else (f", conv: {self.subsample_mode} subsample of {self.subsample_locations} locations")
+            )
+        return f"SKFACBlock(Woodbury on the current batch, A: {self.info.d_in}, G: {self.info.d_out}{how})"
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -214,10 +299,24 @@ class SKFACConfig(MethodConfig):
         damping: :math:`\lambda`; a float means :class:`EqualSplitDamping`, :math:`\sqrt\lambda`
             per factor (official ``damping_init`` 0.03, decayed by the caller as
             :math:`0.03\cdot0.87^{\text{epoch}/10}`).
+        conv_strategy: Conv layers' dimension reduction: ``"reduce_sum"`` (SKFAC's Reduce Sum,
+            the official code's: per sample the mean patch and the mean output gradient, ``N``
+            columns), ``"subsample"`` (Spatial Subsampling, our reconstruction: the columns at
+            ``subsample_locations`` output locations per sample, rescaled by ``T/|S|``), or
+            ``"kfac"`` (the framework's rows under ``kfac_approx``: expand ``N·T`` columns,
+            reduce ``N`` columns with summed gradients).
+        subsample_locations: :math:`|S|`, locations kept per sample (all when ``≥ T``).
+        subsample_mode: ``"random"`` (a fresh seeded subset per sample and update) or
+            ``"strided"`` (evenly spaced, the same for every sample).
+        subsample_seed: Seed of the random subsets.
     """
 
     T_inv: int = 1
     damping: Damping | float = field(default_factory=lambda: EqualSplitDamping(value=0.03))
+    conv_strategy: str = "reduce_sum"
+    subsample_locations: int = 16
+    subsample_mode: str = "random"
+    subsample_seed: int = 0
 
     def normalise(self) -> list[str]:
         out = super().normalise()
@@ -231,6 +330,12 @@ class SKFACConfig(MethodConfig):
     def problems(self) -> list[str]:
         out = super().problems()
         check_number(out, "T_inv", self.T_inv, low=1, integer=True)
+        check_number(out, "subsample_locations", self.subsample_locations, low=1, integer=True)
+        check_number(out, "subsample_seed", self.subsample_seed, low=0, integer=True)
+        if self.conv_strategy not in CONV_STRATEGIES:
+            out.append(f"conv_strategy={self.conv_strategy!r} must be one of {', '.join(map(repr, CONV_STRATEGIES))}")
+        if self.subsample_mode not in SUBSAMPLE_MODES:
+            out.append(f"subsample_mode={self.subsample_mode!r} must be one of {', '.join(map(repr, SUBSAMPLE_MODES))}")
         if not isinstance(self.damping, Damping):
             out.append(
                 f"damping={self.damping!r} must be a damping strategy (e.g. EqualSplitDamping(value=0.03)) "
@@ -249,7 +354,13 @@ class SKFACConfig(MethodConfig):
 def skfac_block(info: BlockInfo, config: SKFACConfig, registry: Any) -> SKFACBlock:
     if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         raise ConfigError("SKFAC", [f"layer {info.name!r} ({info.module_type.__name__}) is not a Linear or Conv layer"])
-    return SKFACBlock(info)
+    return SKFACBlock(
+        info,
+        conv_strategy=config.conv_strategy,
+        subsample_locations=config.subsample_locations,
+        subsample_mode=config.subsample_mode,
+        subsample_seed=config.subsample_seed,
+    )
 
 
 SKFAC_SPEC = MethodSpec(
@@ -262,11 +373,17 @@ SKFAC_SPEC = MethodSpec(
         {"damping": 0.01},
         {"damping": PiDamping(value=0.03), "T_inv": 3, "kfac_approx": "reduce"},
         {"fisher": "type-2", "damping": 0.003},
+        {"damping": 0.01, "conv_strategy": "subsample", "subsample_locations": 5},
+        {"damping": 0.01, "conv_strategy": "subsample", "subsample_locations": 3, "subsample_mode": "strided"},
+        {"damping": 0.01, "conv_strategy": "kfac", "kfac_approx": "expand"},
     ),
     bad_configs=(
         ({"T_inv": 0}, ConfigError),
         ({"damping": -1.0}, ConfigError),
         ({"damping": ExactDamping(value=1e-3)}, IncompatibleComponentsError),
         ({"not_an_option": 1}, ConfigError),
+        ({"conv_strategy": "mean"}, ConfigError),
+        ({"subsample_locations": 0}, ConfigError),
+        ({"subsample_mode": "grid"}, ConfigError),
     ),
 )
