@@ -33,8 +33,12 @@ from curvkit.errors import ConfigError
 from curvkit.linalg.damping import Damping, ScalarDamping
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
-from curvkit.structures.base import DenseStructure, FactorStructure
+from curvkit.structures.base import DenseStructure, DiagonalStructure, FactorStructure
 from curvkit_singd.structures import (
+    BlockDiagonalStructure,
+    GroupStructure,
+    HierarchicalSquare,
+    HierarchicalStructure,
     resolve_structure,
     s_add_,
     s_add_identity_,
@@ -201,9 +205,12 @@ class SINGDBlock(CurvatureBlock):
         self.m_K: FactorStructure | None = None
         self.m_C: FactorStructure | None = None
         self.skipped_updates = 0
-        # dense K Kᵀ / C Cᵀ, kept between updates where that saves work (see _dense_square)
-        self._P_K: Tensor | None = None
-        self._P_C: Tensor | None = None
+        # K Kᵀ / C Cᵀ (dense, block-diagonal, arrowhead or diagonal), kept between updates
+        # where that saves work (see _dense_square)
+        self._P_K: Tensor | FactorStructure | HierarchicalSquare | None = None
+        self._P_C: Tensor | FactorStructure | HierarchicalSquare | None = None
+        # scratch buffers for intermediate products (see _rmatmul_buffered); not state
+        self._buffers: dict[str, Tensor] = {}
 
     def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
         dk, dc = self.dtype_K or dtype, self.dtype_C or dtype
@@ -229,8 +236,8 @@ class SINGDBlock(CurvatureBlock):
         a_rows, g_rows = stats.rows()
         g = g_rows.reshape(-1, g_rows.shape[-1])
         # H_K = Π̂(Kᵀ X Xᵀ K) = Π̂(S Sᵀ), S = Kᵀ X = (Xᵀ K)ᵀ (rows are Xᵀ)
-        H_K = s_gram(self.structure_K, K.rmatmul(a_rows.to(K.dtype)).T)
-        H_C = s_gram(self.structure_C, C.rmatmul(g.to(C.dtype)).T)
+        H_K = self._gram(self.structure_K, K, a_rows)
+        H_C = self._gram(self.structure_C, C, g)
         KtK, CtC = s_inner(K), s_inner(C)
         lam = cfg.lam
         assert cfg.alpha1 is not None
@@ -277,26 +284,78 @@ class SINGDBlock(CurvatureBlock):
             self._P_K = self._dense_square(K, d_in, d_out)
         if self._P_C is None:
             self._P_C = self._dense_square(C, d_out, d_in)
-        # ∇ K Kᵀ = (K (∇ K)ᵀ)ᵀ, then C (Cᵀ ·) = C (· ᵀ C)ᵀ
+        # ∇ K Kᵀ = (K (∇ K)ᵀ)ᵀ, then C (Cᵀ ·) = C (· ᵀ C)ᵀ; with K Kᵀ / C Cᵀ kept (dense
+        # or in the structure, both symmetric), one product per side
         x = grad.to(K.dtype)
-        if self._P_K.numel():
-            x = x @ self._P_K
+        P = self._P_K
+        if isinstance(P, BlockDiagonalStructure):
+            x = self._rmatmul_buffered("P_K", P, x)
+        elif not isinstance(P, Tensor):
+            x = P.rmatmul(x)
+        elif P.numel():
+            x = x @ P
+        elif isinstance(K, GroupStructure):
+            x = K.square_right(x)
         else:
             x = K.matmul(K.rmatmul(x).T).T
         x = x.to(C.dtype)
-        if self._P_C.numel():
-            return (self._P_C @ x).to(grad.dtype)
+        P = self._P_C
+        if not isinstance(P, Tensor):
+            return P.matmul(x).to(grad.dtype)
+        if P.numel():
+            return (P @ x).to(grad.dtype)
+        if isinstance(C, GroupStructure):
+            return C.square_left(x).to(grad.dtype)
         y = C.rmatmul(x.T).T
         return C.matmul(y).to(grad.dtype)
 
-    def _dense_square(self, F: FactorStructure, d: int, other: int) -> Tensor:
-        """``F Fᵀ`` for a dense ``F``, if forming it once per update (``d³``) and applying it
-        on each of the ``T`` steps until the next (``T · other · d²``) costs less than two
-        products per step (``2 T · other · d²``), i.e. if ``d < T · other``; else an empty
-        tensor (apply ``F`` and ``Fᵀ`` in turn)."""
-        if isinstance(F, DenseStructure) and d < self.config.T * other:
-            return F.matrix @ F.matrix.T
-        return F.matrix.new_empty(0) if isinstance(F, DenseStructure) else torch.empty(0)
+    @staticmethod
+    def _gram(cls: type[FactorStructure], F: FactorStructure, rows: Tensor) -> FactorStructure:
+        """``Π̂(Fᵀ XᵀX F)`` from the rows ``X``: ``Π̂(S Sᵀ)`` with ``S = Fᵀ Xᵀ = (X F)ᵀ``, or for
+        a block-diagonal (diagonal) ``F`` block by block (entry by entry) from ``X``'s
+        diagonal Gram blocks (column sums of squares); for a hierarchical ``F`` from the
+        column groups of ``X F`` (no concatenation)."""
+        x = rows.to(F.dtype)
+        if isinstance(F, (BlockDiagonalStructure, HierarchicalStructure)):
+            return F.sandwich_gram(x)
+        if isinstance(F, DiagonalStructure):  # diag(F)² ⊙ Σ_rows X², without forming X F
+            return DiagonalStructure(F.diag * F.diag * (x * x).sum(0))
+        return s_gram(cls, F.rmatmul(x).T)
+
+    def _rmatmul_buffered(self, key: str, F: FactorStructure, x: Tensor) -> Tensor:
+        """``x @ F``; for a block-diagonal ``F`` into buffers kept on the block (the result is
+        an intermediate, consumed before the next call with the same ``key``)."""
+        if not isinstance(F, BlockDiagonalStructure):
+            return F.rmatmul(x)
+        m = x.shape[0]
+        shapes = {"out": tuple(x.shape), "work": (int(F.blocks.shape[0]), m, F.BLOCK)}
+        bufs = []
+        for part, shape in shapes.items():
+            buf = self._buffers.get(key + part)
+            if buf is None or tuple(buf.shape) != shape or buf.dtype != x.dtype or buf.device != x.device:
+                buf = x.new_empty(shape)
+                self._buffers[key + part] = buf
+            bufs.append(buf)
+        return F.rmatmul(x, out=bufs[0], work=bufs[1])
+
+    def _dense_square(self, F: FactorStructure, d: int, other: int) -> Tensor | FactorStructure | HierarchicalSquare:
+        """``F Fᵀ``, kept between updates where that saves work; an empty tensor where it
+        does not (then ``F`` and ``Fᵀ`` are applied in turn).
+
+        * dense ``F``: if forming it once per update (``d³``) and applying it on each of the
+          ``T`` steps until the next (``T · other · d²``) costs less than two products per
+          step (``2 T · other · d²``), i.e. if ``d < T · other``;
+        * block-diagonal ``F`` (``F Fᵀ`` is block-diagonal: ``d k²`` to form, one block
+          product per step instead of two), hierarchical ``F`` (an arrowhead: half the
+          work of ``F`` then ``Fᵀ``) and diagonal ``F``: always.
+        """
+        if isinstance(F, DenseStructure):
+            return F.matrix @ F.matrix.T if d < self.config.T * other else F.matrix.new_empty(0)
+        if isinstance(F, (BlockDiagonalStructure, HierarchicalStructure)):
+            return F.square()
+        if isinstance(F, DiagonalStructure):
+            return DiagonalStructure(F.diag * F.diag)
+        return torch.empty(0)
 
     def preconditioner_dense(self) -> tuple[Tensor, Tensor]:
         """``(K Kᵀ, C Cᵀ)`` as dense matrices (for tests and inspection)."""

@@ -3,7 +3,8 @@
 * ``curvkit.testing.check_structure`` (the public conformance kit) for each;
 * hypothesis property tests against the dense projection: ``Π̂`` is idempotent; matmul,
   rmatmul, the structured product, sums (``add_``), ``Π̂(S Sᵀ)`` (``gram``) and
-  ``Π̂(KᵀK)`` (``inner``) agree with dense algebra; trace, diagonal, Frobenius and max
+  ``Π̂(KᵀK)`` (``inner``) and ``K Kᵀ`` applied from either side (``square_right``,
+  ``square_left``, ``square``) agree with dense algebra; trace, diagonal, Frobenius and max
   norms agree with the dense matrix's;
 * ``from_dense`` of a symmetric matrix equals the package's ``from_dense(...).to_dense()``
   for every structure the package has;
@@ -78,6 +79,19 @@ def test_properties_against_dense(cls, d, n, seed, symmetric):
         total = a.clone().add_(b, alpha=-0.5)
         _close(total.to_dense(), A - 0.5 * B)  # sums stay in the structure
         _close(a.clone().add_identity_(2.0).to_dense(), A + 2 * torch.eye(d, dtype=A.dtype))
+        # K Kᵀ as SINGD's preconditioning applies it (fused FFTs for Toeplitz, arrowhead for
+        # hierarchical, block-diagonal K Kᵀ, preallocated buffers for block-diagonal rmatmul)
+        _close(a.square_right(x.T), x.T @ A @ A.T)
+        _close(a.square_left(x), A @ A.T @ x)
+        if hasattr(a, "square"):
+            P = a.square()
+            _close(P.rmatmul(x.T), x.T @ A @ A.T)
+            _close(P.matmul(x), A @ A.T @ x)
+        if hasattr(a, "sandwich_gram"):
+            _close(a.sandwich_gram(x.T).to_dense(), cls.from_dense(A.T @ x @ x.T @ A).to_dense())
+        if hasattr(a, "blocks"):
+            out, work = torch.full((n, d), float("nan"), dtype=A.dtype), torch.empty(a.blocks.shape[0], n, a.BLOCK)
+            _close(a.rmatmul(x.T, out=out, work=work.to(A.dtype)), x.T @ A)
 
 
 # --- against the singd package ---------------------------------------------------------------
