@@ -85,7 +85,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import datetime
 import gc
 import gzip
@@ -109,7 +108,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 CASES = ("mlp", "cnn")
-SEED = 1234
 LR = 1e-4
 MOMENTUM = 0.9
 DAMPING = 1e-3
@@ -120,60 +118,10 @@ FIRST_ORDER_BLOCK = 5  # steps per timed block of SGD / AdamW (K-FAC family: T_i
 ROUNDS = {"mlp": 7, "cnn": 2}
 
 
-# ----------------------------------------------------------------------------------------
-# cases (the models of benchmarks/factors.py)
-# ----------------------------------------------------------------------------------------
-
-
-@dataclass
-class Case:
-    name: str
-    description: str
-    model: nn.Sequential
-    X: Tensor
-    y: Tensor
-
-    def fresh_model(self) -> nn.Sequential:
-        return copy.deepcopy(self.model)
-
-
-def make_case(name: str, quick: bool) -> Case:
-    g = torch.Generator().manual_seed(SEED)
-    torch.manual_seed(SEED)
-    c = 10
-    if name == "mlp":
-        d_in, width, n = (784, 64, 32) if quick else (784, 512, 256)
-        model = nn.Sequential(
-            nn.Linear(d_in, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(), nn.Linear(width, c)
-        )
-        X = torch.randn(n, d_in, generator=g)
-        y = torch.randint(0, c, (n,), generator=g)
-        return Case(name, f"MLP {d_in}-{width}-{width}-{c} ReLU, batch {n}, CE", model, X, y)
-    if name == "cnn":
-        c1, c2, hw, n = (8, 16, 16, 16) if quick else (32, 64, 32, 128)
-        pool = 4
-        feat = c2 * (hw // pool) ** 2
-        model = nn.Sequential(
-            nn.Conv2d(3, c1, 3, padding=1),
-            nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, padding=1),
-            nn.ReLU(),
-            nn.AvgPool2d(pool),
-            nn.Flatten(),
-            nn.Linear(feat, c),
-        )
-        X = torch.randn(n, 3, hw, hw, generator=g)
-        y = torch.randint(0, c, (n,), generator=g)
-        desc = (
-            f"Conv(3→{c1},k3,p1)-ReLU-Conv({c1}→{c2},k3,p1)-ReLU-AvgPool({pool})-Linear({feat}→{c}), "
-            f"input 3×{hw}×{hw}, batch {n}, CE"
-        )
-        return Case(name, desc, model, X, y)
-    raise ValueError(f"unknown case {name!r}; choose from {', '.join(CASES)}")
-
-
-def tracked_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    return [(n, m) for n, m in model.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+# The cases are exactly those of benchmarks/factors.py (same models, seed and data); this
+# script runs from the repository root as ``python benchmarks/step.py``, so its own
+# directory is on ``sys.path``.
+from factors import SEED, Case, make_case, tracked_layers  # noqa: E402
 
 
 def tensor_bytes(*objs: Any) -> int:
