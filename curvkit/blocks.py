@@ -168,9 +168,6 @@ class LayerStats:
         j = torch.einsum("pnro,nri->pnoi", g, a)
         return (j * math.sqrt(self.g_scale)).reshape(p * a.shape[0], *j.shape[2:])
 
-    def is_finite(self) -> bool:
-        return all_finite(self.inputs) and all(all_finite(g) for g in self.grads)
-
 
 class KroneckerOperator:
     r"""The linear operator :math:`G\otimes A` on row-major ``vec`` of ``(d_out, d_in)``
@@ -235,15 +232,43 @@ class CurvatureBlock(ABC):
         ignores it."""
         del lr
 
+    def batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor] | None:
+        """The batch's factor pair ``(A, G)`` this block folds in, or ``None`` for a block
+        that folds in something else (SINGD's rows, a Brand update). Kronecker blocks
+        return ``stats.A(), stats.G()``; TKFAC returns its trace-weighted pair."""
+        return None
+
     def batch_is_finite(self, stats: LayerStats) -> bool:
         """Whether the batch estimate this block would fold in is finite. Called for every
         block before any is updated, so one non-finite layer skips the update of all.
 
-        The default checks the batch factors ``A`` and ``G`` (which Kronecker blocks
-        compute anyway; they are cached). A block that never forms them (SINGD's
-        inverse-free update works from ``rows()``) overrides this with a cheaper check.
+        A block with :meth:`batch_factors` has exactly that pair checked; it is computed
+        once and handed to :meth:`take_batch_factors` in the update. Other blocks get the
+        layer's input and output features checked, unless they override this.
         """
-        return all_finite(stats.A()) and all_finite(stats.G())
+        factors = self._batch_factors_once(stats)
+        if factors is not None:
+            return all_finite(factors[0]) and all_finite(factors[1])
+        return all_finite(stats.a_features) and all_finite(stats.g_features)
+
+    def take_batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        """:meth:`batch_factors` for ``stats``, reusing the pair :meth:`batch_is_finite`
+        computed (and releasing it)."""
+        factors = self._batch_factors_once(stats)
+        self._batch_cache = None
+        if factors is None:
+            raise TypeError(f"{type(self).__name__} folds in no factor pair (batch_factors returns None).")
+        return factors
+
+    _batch_cache: tuple[LayerStats, tuple[Tensor, Tensor] | None] | None = None
+
+    def _batch_factors_once(self, stats: LayerStats) -> tuple[Tensor, Tensor] | None:
+        cached = self._batch_cache
+        if cached is not None and cached[0] is stats:
+            return cached[1]
+        factors = self.batch_factors(stats)
+        self._batch_cache = (stats, factors)
+        return factors
 
     def quadratic(self, direction: Tensor) -> float:
         """:math:`\\delta^\\top \\hat F \\delta` for ``direction`` in matrix form."""
@@ -324,7 +349,7 @@ class KroneckerBlock(CurvatureBlock):
         if self.A is None:
             self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
         assert self.A is not None and self.G is not None
-        a, g = self.batch_factors(stats)
+        a, g = self.take_batch_factors(stats)
         self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
         self.G.ema_(self.structure_G.from_dense(g.to(self.G.dtype)), decay)
         self.num_updates += 1

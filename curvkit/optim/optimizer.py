@@ -226,6 +226,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if id(w) not in groups:
                 continue
             tracked.update({id(w)} | ({id(b)} if b is not None else set()))
+            pre.blocks[name].set_step_size(groups[id(w)]["lr"])
             if w.grad is None and (b is None or b.grad is None):
                 continue
             gw = w.grad if w.grad is not None else torch.zeros_like(w)
@@ -242,10 +243,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             pre.counters["skipped_steps"] += 1
             pre.clear_records()
             return loss
-        for name, layer in pre.layers.items():
-            group = groups.get(id(layer.weight))
-            if group is not None:
-                pre.blocks[name].set_step_size(group["lr"])
         dirs = pre.compute_directions(grads)
         if dirs is None:
             return loss

@@ -350,9 +350,6 @@ class Preconditioner:
     def _update_statistics(self) -> None:
         stats = {name: self._layer_stats(name) for name in self.blocks}
         present = {n: s for n, s in stats.items() if s is not None}
-        if not all(s.is_finite() for s in present.values()):
-            self.counters["skipped_stat_updates"] += 1
-            return
         ema = getattr(self.config, "ema_decay", 0.0)
         # check every batch estimate before changing any block: a non-finite one leaves
         # every block untouched

@@ -269,7 +269,7 @@ class EKFACBlock(CurvatureBlock):
             self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
         assert self.A is not None and self.G is not None
         self._fold_pending()  # a batch nobody preconditioned with goes into the current basis
-        a, g = self.batch_factors(stats)
+        a, g = self.take_batch_factors(stats)
         self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
         self.G.ema_(self.structure_G.from_dense(g.to(self.G.dtype)), decay)
         self.num_updates += 1
