@@ -1,0 +1,181 @@
+"""The base of SINGD's structures, :class:`GroupStructure`, and SINGD's operations on any
+structure (curvkit's own dense and diagonal ones included)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit.structures.base import DenseStructure, DiagonalStructure, FactorStructure
+
+__all__ = [
+    "GroupStructure",
+    "s_add_",
+    "s_add_identity_",
+    "s_average_trace",
+    "s_clone",
+    "s_gram",
+    "s_inner",
+    "s_max_abs",
+    "s_product",
+    "s_scale_",
+]
+
+_LOW = (torch.float16, torch.bfloat16)
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """FFTs do not run in half precision: they run in float32 and cast back."""
+    return torch.float32 if dtype in _LOW else dtype
+
+
+def _eye(d: int, dtype: torch.dtype, device: Any) -> Tensor:
+    return torch.eye(d, dtype=_compute_dtype(dtype), device=device).to(dtype)
+
+
+class GroupStructure(FactorStructure):
+    """A structure whose matrices form a group (closed under products) and whose
+    parameters are linear in the matrix (so sums and scalings act on :meth:`tensors`).
+
+    Subclasses implement :meth:`from_dense`, :meth:`to_dense`, :meth:`tensors`,
+    :meth:`from_tensors`, :attr:`dim` and the fast paths; the SINGD operations below fall
+    back to dense algebra with a :class:`~curvkit.structures.StructureFallbackWarning`.
+    """
+
+    # --- SINGD's operations (dense fallbacks) ------------------------------------------
+
+    def product(self, other: FactorStructure) -> GroupStructure:
+        """``self @ other`` (both of this structure), in the structure."""
+        self._fallback("product")
+        return type(self).from_dense(self.to_dense() @ other.to_dense().to(self.dtype))  # type: ignore[return-value]
+
+    @classmethod
+    def gram(cls, S: Tensor) -> GroupStructure:
+        """:math:`\\hat\\Pi(S S^\\top)` for ``S`` of shape ``(d, n)``."""
+        return cls.from_dense(S @ S.T)  # type: ignore[return-value]
+
+    def inner(self) -> GroupStructure:
+        """:math:`\\hat\\Pi(K^\\top K)`."""
+        self._fallback("inner")
+        k = self.to_dense()
+        return type(self).from_dense(k.T @ k)  # type: ignore[return-value]
+
+    def square_right(self, x: Tensor) -> Tensor:
+        """``x K Kᵀ`` (``K`` = self) through :meth:`rmatmul` and :meth:`matmul`."""
+        return self.matmul(self.rmatmul(x).T).T
+
+    def square_left(self, x: Tensor) -> Tensor:
+        """``K Kᵀ x`` through :meth:`rmatmul` and :meth:`matmul`."""
+        return self.matmul(self.rmatmul(x.T).T)
+
+    # --- linear algebra on the parameters ------------------------------------------------
+
+    def add_(self, other: FactorStructure, alpha: float = 1.0) -> GroupStructure:
+        """In place: ``self ← self + alpha · other`` (same structure)."""
+        mine, theirs = self.tensors(), other.tensors()
+        for name, t in mine.items():
+            t.add_(theirs[name].to(t.dtype), alpha=alpha)
+        return self
+
+    def scale_(self, value: float) -> GroupStructure:
+        for t in self.tensors().values():
+            t.mul_(value)
+        return self
+
+    def add_identity_(self, value: float) -> GroupStructure:
+        """In place: ``self ← self + value · I``."""
+        return self.add_(type(self).identity(self.dim, dtype=self.dtype, device=self.device), alpha=value)
+
+    def frobenius_norm(self) -> Tensor:
+        """``‖K‖_F`` (every parameter is one matrix entry unless a subclass says otherwise)."""
+        return torch.sqrt(sum((t * t).sum() for t in self.tensors().values()))  # type: ignore[arg-type]
+
+    def max_abs(self) -> Tensor:
+        """Largest absolute parameter (SINGD's ``infinity_vector_norm``)."""
+        vals = [t.abs().max() for t in self.tensors().values() if t.numel() > 0]
+        return torch.stack(vals).max()
+
+    def ema_(self, other: FactorStructure, decay: float) -> GroupStructure:
+        return self.scale_(decay).add_(other, alpha=1 - decay)
+
+    def clone(self) -> GroupStructure:
+        return type(self).from_tensors({k: v.clone() for k, v in self.tensors().items()})  # type: ignore[return-value]
+
+    @classmethod
+    def zeros(cls, dim: int, *, dtype: torch.dtype = torch.float32, device: Any = None) -> GroupStructure:
+        return cls.identity(dim, dtype=dtype, device=device).scale_(0.0)  # type: ignore[attr-defined, no-any-return]
+
+
+# --- SINGD's operations for curvkit's own dense and diagonal structures --------------------
+
+
+def s_product(k: FactorStructure, m: FactorStructure) -> FactorStructure:
+    if isinstance(k, GroupStructure):
+        return k.product(m)
+    if isinstance(k, DiagonalStructure):
+        return DiagonalStructure(k.diag * m.diagonal().to(k.diag.dtype))
+    if isinstance(k, DenseStructure):
+        return DenseStructure(k.matrix @ m.to_dense().to(k.matrix.dtype))
+    k._fallback("product")
+    return type(k).from_dense(k.to_dense() @ m.to_dense())
+
+
+def s_gram(cls: type[FactorStructure], S: Tensor) -> FactorStructure:
+    if issubclass(cls, GroupStructure):
+        return cls.gram(S)
+    if issubclass(cls, DiagonalStructure):
+        return DiagonalStructure((S * S).sum(1))
+    return cls.from_dense(S @ S.T)
+
+
+def s_inner(k: FactorStructure) -> FactorStructure:
+    if isinstance(k, GroupStructure):
+        return k.inner()
+    if isinstance(k, DiagonalStructure):
+        return DiagonalStructure(k.diag * k.diag)
+    if isinstance(k, DenseStructure):
+        return DenseStructure(k.matrix.T @ k.matrix)
+    k._fallback("inner")
+    d = k.to_dense()
+    return type(k).from_dense(d.T @ d)
+
+
+def s_add_(k: FactorStructure, m: FactorStructure, alpha: float = 1.0) -> FactorStructure:
+    theirs = m.tensors()
+    for name, t in k.tensors().items():
+        t.add_(theirs[name].to(t.dtype), alpha=alpha)
+    return k
+
+
+def s_scale_(k: FactorStructure, value: float) -> FactorStructure:
+    for t in k.tensors().values():
+        t.mul_(value)
+    return k
+
+
+def s_add_identity_(k: FactorStructure, value: float) -> FactorStructure:
+    if isinstance(k, GroupStructure):
+        return k.add_identity_(value)
+    if isinstance(k, DiagonalStructure):
+        k.diag.add_(value)
+        return k
+    if isinstance(k, DenseStructure):
+        k.matrix.diagonal().add_(value)
+        return k
+    return s_add_(k, type(k).identity(k.dim, dtype=k.dtype, device=k.device), value)
+
+
+def s_max_abs(k: FactorStructure) -> float:
+    vals = [float(t.abs().max()) for t in k.tensors().values() if t.numel() > 0]
+    return max(vals) if vals else 0.0
+
+
+def s_clone(k: FactorStructure) -> FactorStructure:
+    return type(k).from_tensors({n: t.clone() for n, t in k.tensors().items()})
+
+
+def s_average_trace(k: FactorStructure) -> float:
+    d = k.dim
+    return float(k.trace()) / d if d else 0.0
