@@ -122,6 +122,8 @@ ROUNDS = {"mlp": 7, "cnn": 2}
 # script runs from the repository root as ``python benchmarks/step.py``, so its own
 # directory is on ``sys.path``.
 from factors import SEED, Case, make_case, tracked_layers  # noqa: E402
+from factors import _input_factor as input_factor  # noqa: E402  (the same floor GEMMs)
+from factors import _output_gram as output_gram  # noqa: E402
 
 
 def tensor_bytes(*objs: Any) -> int:
@@ -158,43 +160,6 @@ def optimizer_state_bytes(opt: torch.optim.Optimizer) -> int:
 # ----------------------------------------------------------------------------------------
 # the plain-torch pieces (floor and BackPACK-factor K-FAC share the inversion/precondition)
 # ----------------------------------------------------------------------------------------
-
-
-def input_factor(module: nn.Module, x: Tensor) -> Tensor:
-    """``A`` with the bias column: Gram matrix of the rows (Linear) or ``F.unfold`` patches
-    (Conv2d, 8 data at a time, one ``addmm_`` per datum — ``benchmarks/factors.py``'s floor),
-    divided by their count."""
-    if isinstance(module, nn.Conv2d):
-        d = module.in_channels * math.prod(module.kernel_size)
-        a = x.new_zeros(d + 1, d + 1)
-        xtx = a[:d, :d]
-        col = x.new_zeros(d)
-        count = 0
-        for start in range(0, x.shape[0], 8):
-            cols = F.unfold(x[start : start + 8], module.kernel_size, module.dilation, module.padding, module.stride)
-            for u in cols:
-                xtx.addmm_(u, u.t())
-            col += cols.sum((0, 2))
-            count += cols.shape[0] * cols.shape[2]
-    else:
-        d = x.shape[1]
-        a = x.new_empty(d + 1, d + 1)
-        a[:d, :d].addmm_(x.t(), x, beta=0)
-        col = x.sum(0)
-        count = x.shape[0]
-    a[:d, d] = col
-    a[d, :d] = col
-    a[d, d] = count
-    return a.div_(count)
-
-
-def output_gram(module: nn.Module, g: Tensor) -> Tensor:
-    """``Σ g gᵀ`` over rows (and positions) of an output gradient (batched per datum for a
-    convolution, as ``factors.py``'s floor)."""
-    if isinstance(module, nn.Conv2d):
-        g = g.flatten(2)
-        return torch.bmm(g, g.transpose(1, 2)).sum(0)
-    return g.t() @ g
 
 
 def pi_shifts(a: Tensor, g: Tensor, lam: float) -> tuple[float, float]:
