@@ -24,7 +24,7 @@ import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -39,7 +39,7 @@ from curvkit.stats.hooks_backend import layer_input_factor
 from curvkit.stats.plan import LayerPlan
 from curvkit.structures.base import FactorStructure
 
-__all__ = ["BlockInfo", "CurvatureBlock", "KroneckerBlock", "KroneckerOperator", "LayerStats"]
+__all__ = ["BlockInfo", "CurvatureBlock", "KroneckerBlock", "KroneckerOperator", "LayerStats", "SharedLayerStats"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +91,10 @@ class LayerStats:
         g_scale: Multiplier of ``Σ g gᵀ`` in ``G`` (``N`` for the empirical Fisher of a
             batch-mean loss, ``1/Z`` for sampled vectors, see :mod:`curvkit.optim`).
     """
+
+    #: The reduced :meth:`CurvatureBlock.batch_statistics` of a distributed step
+    #: (:class:`SharedLayerStats`); ``None`` for one process's own batch.
+    shared: dict[str, Tensor] | None = None
 
     def __init__(self, layer: LayerPlan, inputs: Tensor, grads: list[Tensor], approx: KFACApprox, g_scale: float):
         self.layer = layer
@@ -169,6 +173,65 @@ class LayerStats:
         return (j * math.sqrt(self.g_scale)).reshape(p * a.shape[0], *j.shape[2:])
 
 
+class SharedLayerStats(LayerStats):
+    """The statistics of a batch spread over several processes, as a block's update sees
+    them in data-parallel training (:mod:`curvkit.distributed`).
+
+    It holds exactly what the block's :meth:`CurvatureBlock.batch_statistics` returned,
+    averaged over every process's data (:attr:`shared`); :meth:`A` and :meth:`G` return the
+    entries ``"A"`` and ``"G"`` when there are such entries. The per-example quantities
+    (:meth:`rows`, the features) are not available: a block that needs them returns
+    ``None`` from ``batch_statistics`` and gets the gathered batch instead.
+
+    Args:
+        layer: The tracked layer.
+        shared: The averaged statistics.
+        num_data: Data points of the whole batch (all processes).
+        like: A tensor with the statistics' dtype and device (what ``init`` allocates in).
+        approx: Expand or reduce.
+    """
+
+    def __init__(self, layer: LayerPlan, shared: dict[str, Tensor], num_data: int, like: Tensor, approx: KFACApprox):
+        super().__init__(layer, like.new_empty((0,)), [], approx, 1.0)
+        self.shared = shared
+        self._num_data = int(num_data)
+
+    @property
+    def num_data(self) -> int:
+        return self._num_data
+
+    def _missing(self, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"layer {self.layer.name!r}: {what} is not available in a distributed update, whose block declared "
+            f"batch_statistics() = {sorted(self.shared or {})}; return None from batch_statistics to get the "
+            "gathered batch instead, or add what the update needs to batch_statistics."
+        )
+
+    def A(self) -> Tensor:
+        if self.shared is None or "A" not in self.shared:
+            raise self._missing("A()")
+        return self.shared["A"]
+
+    def G(self) -> Tensor:
+        if self.shared is None or "G" not in self.shared:
+            raise self._missing("G()")
+        return self.shared["G"]
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        raise self._missing("rows()")
+
+    def per_example_gradients(self) -> Tensor:
+        raise self._missing("per_example_gradients()")
+
+    @property
+    def a_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("a_features")
+
+    @property
+    def g_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("g_features")
+
+
 class KroneckerOperator:
     r"""The linear operator :math:`G\otimes A` on row-major ``vec`` of ``(d_out, d_in)``
     matrices: ``op @ M = G M A`` for a matrix, ``op @ v`` for a flat vector."""
@@ -232,6 +295,44 @@ class CurvatureBlock(ABC):
         ignores it."""
         del lr
 
+    # --- data-parallel training (curvkit.distributed) ----------------------------------------
+
+    #: Names of :meth:`batch_statistics` entries that are symmetric matrices; they travel as
+    #: packed upper triangles.
+    symmetric_statistics: ClassVar[frozenset[str]] = frozenset()
+
+    def batch_statistics(self, stats: LayerStats) -> dict[str, Tensor] | None:
+        """What :meth:`update` needs from a batch, when all of it is **averaged over the
+        batch's data**, so that the mean over processes, weighted by their numbers of data,
+        is the value for the whole batch (``A``, ``G``, or SINGD's ``Π̂(Kᵀ A K)``).
+
+        In data-parallel training each process computes this for its share of the batch,
+        the distributor averages it (in buckets, symmetric matrices as triangles) and the
+        block's :meth:`update` gets a :class:`SharedLayerStats` holding the average. The
+        default, ``None``, means the update needs per-example quantities: the processes'
+        inputs and output gradients are then gathered, and the update sees the whole batch
+        as one :class:`LayerStats` (exact for any block, but more to send).
+        """
+        del stats
+        return None
+
+    def refresh_cost(self) -> float:
+        """Relative cost of :meth:`refresh`, for the plan that assigns each block's refresh
+        to one process (default: an eigendecomposition of both factors, ``d_in³ + d_out³``)."""
+        return float(self.info.d_in) ** 3 + float(self.info.d_out) ** 3
+
+    def refresh_state(self) -> dict[str, Any] | None:
+        """Everything :meth:`refresh` produced (tensors and plain values), so that a refresh
+        computed by one process can be installed on the others with
+        :meth:`load_refresh_state`. ``None`` (the default) means the refresh cannot be
+        shared this way and every process runs it."""
+        return None
+
+    def load_refresh_state(self, state: dict[str, Any]) -> None:
+        """Install a :meth:`refresh_state` computed by another process, as if
+        :meth:`refresh` had run here."""
+        raise NotImplementedError(f"{type(self).__name__} shares no refresh state (refresh_state() is None).")
+
     def batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor] | None:
         """The batch's factor pair ``(A, G)`` this block folds in, or ``None`` for a block
         that folds in something else (SINGD's rows, a Brand update). Kronecker blocks
@@ -246,6 +347,8 @@ class CurvatureBlock(ABC):
         once and handed to :meth:`take_batch_factors` in the update. Other blocks get the
         layer's input and output features checked, unless they override this.
         """
+        if stats.shared is not None:
+            return all(all_finite(t) for t in stats.shared.values())
         factors = self._batch_factors_once(stats)
         if factors is not None:
             return all_finite(factors[0]) and all_finite(factors[1])
@@ -344,6 +447,30 @@ class KroneckerBlock(CurvatureBlock):
     def batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
         """The batch's ``(A, G)`` this block folds in (TKFAC overrides it)."""
         return stats.A(), stats.G()
+
+    symmetric_statistics: ClassVar[frozenset[str]] = frozenset({"A", "G"})
+
+    def batch_statistics(self, stats: LayerStats) -> dict[str, Tensor] | None:
+        """``{"A", "G"}``, the batch's factors, unless a subclass folds in something else
+        (it overrides :meth:`update` or :meth:`batch_factors`; then ``None``, the gathered
+        batch)."""
+        cls = type(self)
+        if cls.update is not KroneckerBlock.update or cls.batch_factors is not KroneckerBlock.batch_factors:
+            return None
+        a, g = self.batch_factors(stats)
+        return {"A": a, "G": g}
+
+    def refresh_state(self) -> dict[str, Any] | None:
+        out: dict[str, Any] = {"inverse_failures": self.inverse_failures}
+        if self.inverse is not None:
+            out["inverse_kind"] = self.inverse.kind
+            out["inverse"] = dict(self.inverse.tensors())
+        return out
+
+    def load_refresh_state(self, state: dict[str, Any]) -> None:
+        self.inverse_failures = int(state["inverse_failures"])
+        if "inverse" in state:
+            self.inverse = inverse_from_tensors(state["inverse_kind"], dict(state["inverse"]))
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:

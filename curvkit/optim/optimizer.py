@@ -92,7 +92,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: KL-clip bound :math:`\\kappa` (``None``: off).
         rms_clip: Per-layer RMS-clip bound (``None``: off).
         loss_fn: The training loss module (needed for ``fisher="mc"`` / ``"type-2"``).
-        registry, config, generator: As :class:`Preconditioner`.
+        registry, config, generator, distributor: As :class:`Preconditioner` (``distributor``:
+            data-parallel training, automatic under an initialised process group).
         **options: Method options (``damping``, ``T_inv``, ``fisher``, ...).
 
     Example:
@@ -124,6 +125,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         registry: Any = None,
         config: MethodConfig | None = None,
         generator: torch.Generator | None = None,
+        distributor: Any = None,
         **options: Any,
     ) -> None:
         method = method if method is not None else type(self).method
@@ -152,7 +154,14 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.kl_clip = kl_clip
         self.rms_clip = rms_clip
         self.preconditioner = Preconditioner(
-            model, method, loss_fn=loss_fn, config=config, registry=registry, generator=generator, **options
+            model,
+            method,
+            loss_fn=loss_fn,
+            config=config,
+            registry=registry,
+            generator=generator,
+            distributor=distributor,
+            **options,
         )
         self._check_layer_groups()
         damping = self.preconditioner.damping
@@ -216,6 +225,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "LevenbergMarquardtDamping adapts λ from the loss before and after a step: call "
                 "optimizer.step(closure) with a closure that recomputes the loss (and its gradient)."
             )
+        pre.distributor.reduce_gradients(p for g in self.param_groups for p in g["params"])
         groups = self._group_of()
         need_raw = self.kl_clip is not None or adapt_now
         tracked: set[int] = set()
@@ -239,11 +249,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
-        if not all(all_finite(p.grad) for p in fallback):  # type: ignore[arg-type]
-            pre.counters["skipped_steps"] += 1
-            pre.clear_records()
-            return loss
-        dirs = pre.compute_directions(grads)
+        fallback_ok = all(all_finite(p.grad) for p in fallback)  # type: ignore[arg-type]
+        dirs = pre.compute_directions(grads, others_finite=fallback_ok)
         if dirs is None:
             return loss
         # per-parameter directions

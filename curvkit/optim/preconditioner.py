@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
 from curvkit.config import FisherType
+from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
@@ -102,8 +103,14 @@ class Preconditioner:
         registry: Registry to resolve names in (default: the plugins installed).
         generator: Random generator for MC targets, on the model's device. By default one
             is created on the device of the first output :meth:`curvature_backward` sees,
-            seeded from torch's global generator when the preconditioner is built, so
-            ``torch.manual_seed`` makes runs reproducible.
+            seeded from torch's global generator when the preconditioner is built (plus
+            the process's rank in data-parallel training, so ranks draw independent
+            samples), so ``torch.manual_seed`` makes runs reproducible.
+        distributor: Data-parallel training (:mod:`curvkit.distributed`): ``None``
+            (default) shares statistics and refreshes over the ``torch.distributed``
+            process group when one with several processes is initialised; ``False`` keeps
+            every process to itself; or a :class:`~curvkit.distributed.Distributor`
+            (e.g. ``TorchDistributor(comm_dtype=torch.bfloat16)``).
         **options: Method options (see the method's config class), e.g. ``damping=1e-3``,
             ``T_inv=10``, ``fisher="mc"``.
 
@@ -121,6 +128,7 @@ class Preconditioner:
         config: MethodConfig | None = None,
         registry: Any = None,
         generator: torch.Generator | None = None,
+        distributor: Any = None,
         **options: Any,
     ) -> None:
         if registry is None:
@@ -154,10 +162,19 @@ class Preconditioner:
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
         self.generator: torch.Generator | None = generator
-        self._seed = int(torch.randint(0, 2**62, (1,)).item())
+        self.distributor: Distributor = resolve_distributor(distributor)
+        if self.distributor.world_size > 1 and getattr(self.damping, "adaptive", False):
+            raise ValueError(
+                f"{type(self.damping).__name__} adapts λ from this process's loss, which differs between processes in "
+                "data-parallel training; use a fixed damping (e.g. damping=1e-3) or distributor=False."
+            )
+        self.distributor.attach(model, self.blocks)
+        self._seed = int(torch.randint(0, 2**62, (1,)).item()) + self.distributor.rank
         self.steps = 0
         self.damping_value = self.damping.initial_value() if self.damping is not None else 0.0
         self.counters = {"skipped_steps": 0, "skipped_stat_updates": 0}
+        #: Refreshes this process computed, per layer (not saved in checkpoints).
+        self.refresh_counts: dict[str, int] = {name: 0 for name in self.blocks}
         self._records: dict[str, list[_Record]] = {}
         self._suspended = 0
         self._warned_missing: set[str] = set()
@@ -283,12 +300,17 @@ class Preconditioner:
         r = layer.handler.output_features(layer.module, grad).shape[1]
         return float(n * r)
 
-    def compute_directions(self, grads: dict[str, tuple[Tensor, Tensor | None]]) -> dict[str, Tensor] | None:
+    def compute_directions(
+        self, grads: dict[str, tuple[Tensor, Tensor | None]], *, others_finite: bool = True
+    ) -> dict[str, Tensor] | None:
         """Advance one step: fold in statistics, refresh, precondition.
 
         Args:
             grads: ``{layer name: (weight gradient, bias gradient or None)}`` for the
                 tracked layers (a caller may have added weight decay to them already).
+            others_finite: Whether the caller's other gradients (untracked parameters)
+                are finite; ``False`` skips the step like a non-finite tracked gradient
+                (on every process).
 
         Returns:
             ``{layer name: preconditioned direction in matrix form}``, or ``None`` if the
@@ -296,7 +318,8 @@ class Preconditioner:
         """
         try:
             mats = {name: layer_matrix(self.layers[name], w, b) for name, (w, b) in grads.items()}
-            if not all(all_finite(m) for m in mats.values()):
+            ok = others_finite and all(all_finite(m) for m in mats.values())
+            if not self.distributor.all_ok(ok):
                 self.counters["skipped_steps"] += 1
                 return None
             if self.stats_due:
@@ -305,15 +328,23 @@ class Preconditioner:
                 missing = [n for n, b in self.blocks.items() if n in mats and b.num_updates == 0]
                 self._missing_statistics(missing)
                 mats = {n: m for n, m in mats.items() if n not in missing}
-            for name, block in self.blocks.items():
-                if block.num_updates > 0 and (self.refresh_due or name not in self._refreshed):
-                    block.refresh(self.damping, self.damping_value)  # type: ignore[arg-type]
-                    self._refreshed.add(name)
+            due = [
+                name
+                for name, block in self.blocks.items()
+                if block.num_updates > 0 and (self.refresh_due or name not in self._refreshed)
+            ]
+            if due:
+                self.distributor.refresh(due, self.blocks, self._refresh_block)
+                self._refreshed.update(due)
             out = {name: self.blocks[name].precondition(m) for name, m in mats.items()}
             self.steps += 1
             return out
         finally:
             self.clear_records()
+
+    def _refresh_block(self, name: str) -> None:
+        self.blocks[name].refresh(self.damping, self.damping_value)  # type: ignore[arg-type]
+        self.refresh_counts[name] += 1
 
     def clear_records(self) -> None:
         """Forget what the hooks recorded since the last step.
@@ -349,7 +380,7 @@ class Preconditioner:
 
     def _update_statistics(self) -> None:
         stats = {name: self._layer_stats(name) for name in self.blocks}
-        present = {n: s for n, s in stats.items() if s is not None}
+        present = self.distributor.share_statistics({n: s for n, s in stats.items() if s is not None}, self.blocks)
         ema = getattr(self.config, "ema_decay", 0.0)
         # check every batch estimate before changing any block: a non-finite one leaves
         # every block untouched
@@ -372,6 +403,7 @@ class Preconditioner:
             ``False`` if the step was skipped (non-finite gradients); ``.grad`` is then left
             as it was, and so is the preconditioner's state.
         """
+        self.distributor.reduce_gradients(p for p in self.model.parameters() if p.requires_grad)
         grads = self._collect_grads(weight_decay)
         dirs = self.compute_directions(grads)
         if dirs is None:
@@ -450,14 +482,28 @@ class Preconditioner:
         for name, block_state in state["blocks"].items():
             self.blocks[name].load_state_dict(block_state)
 
+    @property
+    def distribution_plan(self) -> dict[str, int | None]:
+        """``{layer name: rank that computes its refresh}``; ``None`` for a layer every rank
+        refreshes itself (its block shares no refresh state, or sharding is off)."""
+        dist = self.distributor
+        return {name: (dist.plan[name] if name in dist.shared_refreshes else None) for name in self.blocks}
+
     def state_bytes(self) -> int:
         return sum(block.state_bytes() for block in self.blocks.values())
 
     def summary(self) -> str:
         """A table of what runs where: one line per tracked layer, plus skipped modules."""
         lines = [f"{self.spec.name}: {len(self.blocks)} tracked layer(s), {self.config!r}"]
+        dist = self.distributor
+        if dist.world_size > 1:
+            lines.append(f"  distributed: {dist.describe()}")
         for name, block in self.blocks.items():
-            lines.append(f"  {name or '<model>'}: {block.describe()}")
+            where = ""
+            if dist.world_size > 1:
+                shared = name in dist.shared_refreshes
+                where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
+            lines.append(f"  {name or '<model>'}: {block.describe()}{where}")
         for name in self.plan.skipped:
             lines.append(f"  {name}: first-order (no layer handler)")
         return "\n".join(lines)

@@ -344,6 +344,32 @@ class EKFACBlock(CurvatureBlock):
         self.S = self.S * decay + batch * (1.0 - decay)
         self._inverse = None
 
+    # --- data-parallel training: one rank refreshes, the others install its result -----------
+
+    def refresh_state(self) -> dict[str, Any] | None:
+        out: dict[str, Any] = {
+            "inverse_failures": self.inverse_failures,
+            "scale_updates": self.scale_updates,
+            "shift": self.shift,
+            # a failed decomposition leaves the pending batch for the current basis
+            "keeps_pending": self._pending is not None,
+        }
+        if self.Q_A is not None:
+            for key in self._BASIS_KEYS:
+                out[key] = getattr(self, key)
+        return out
+
+    def load_refresh_state(self, state: dict[str, Any]) -> None:
+        self.inverse_failures = int(state["inverse_failures"])
+        self.scale_updates = int(state["scale_updates"])
+        self.shift = float(state["shift"])
+        if not state["keeps_pending"]:
+            self._pending = None
+        self._inverse = None
+        for key in self._BASIS_KEYS:
+            if key in state:
+                setattr(self, key, state[key])
+
     # --- checkpoints -----------------------------------------------------------------------
 
     _BASIS_KEYS = ("Q_A", "Q_G", "eig_A", "eig_G", "S")

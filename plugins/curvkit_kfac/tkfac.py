@@ -176,6 +176,10 @@ class TKFACBlock(KroneckerBlock):
             inverse = self.inverter.prepare(zero_a, zero_g, damping, lam)
         self.inverse = inverse
 
+    # its refresh changes only the inverse, as K-FAC's does: shared the same way
+    refresh_state = KroneckerBlock.refresh_state
+    load_refresh_state = KroneckerBlock.load_refresh_state
+
     def trace_normalised(self) -> tuple[Tensor, Tensor, Tensor]:
         """``(δ, Φ, Ψ)`` as dense tensors (``Φ = Ψ = 0`` while ``δ`` is 0)."""
         assert self.A is not None and self.G is not None and self.delta is not None

@@ -64,6 +64,16 @@ class LowRankKroneckerBlock(KroneckerBlock):
             return
         self.inverse = inverse
 
+    def refresh_state(self) -> dict[str, Any] | None:
+        out = super().refresh_state()
+        assert out is not None
+        out["refreshes"] = self.refreshes
+        return out
+
+    def load_refresh_state(self, state: dict[str, Any]) -> None:
+        super().load_refresh_state(state)
+        self.refreshes = int(state["refreshes"])
+
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
         out["refreshes"] = self.refreshes
