@@ -34,6 +34,8 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
         {"lr": 0.1, "rank": 4, "oversampling": 2, "niter": 1, "T_stats": 1, "T_inv": 3, "damping": 1e-2},
         "mlp",
     ),
+    ("kfac-type2", "kfac", {"lr": 0.1, "damping": 1e-2, "T_inv": 3, "fisher": "type-2"}, "mlp"),
+    ("ekfac-type2-cnn", "ekfac", {"lr": 0.05, "damping": 1e-2, "T_inv": 2, "fisher": "type-2"}, "cnn"),
     ("tkfac", "tkfac", {"lr": 0.1, "damping": 1e-2, "T_inv": 2}, "mlp"),
     ("skfac", "skfac", {"lr": 0.1, "damping": 1e-2}, "mlp"),
     # statistics sent in float32 (half the bytes); every refresh on every rank
@@ -98,12 +100,14 @@ def _train(
         model = make_model(kind)
         if ddp:
             model = nn.parallel.DistributedDataParallel(model)
-        opt = create(method, model, **_resolve(options, world))
+        opt = create(method, model, loss_fn=nn.CrossEntropyLoss(), **_resolve(options, world))
     loss_fn = nn.CrossEntropyLoss()
     for t in steps:
         X, y = batch(kind, t, rank, world)
         opt.zero_grad()
-        loss_fn(model(X), y).backward()
+        out = model(X)
+        opt.curvature_backward(out, y)  # does nothing for the empirical Fisher
+        loss_fn(out, y).backward()
         if nan_step is not None and t == nan_step and (world == 1 or rank == NAN_RANK):
             # after DDP's averaging: only this rank's gradient is non-finite
             next(iter(model.parameters())).grad[0, 0] = float("nan")
