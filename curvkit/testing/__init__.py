@@ -12,6 +12,9 @@ component and what went wrong; call them from your test suite (pytest or anythin
     def test_my_structure():
         check_structure(MyStructure)
 
+    def test_everything_my_plugin_registers():
+        check_plugin("my_plugin")          # its entry-point name
+
 curvkit's own test suite runs these over every registered component.
 """
 
@@ -23,12 +26,14 @@ from curvkit.testing.methods import (
     check_sample_configs_train,
     check_state_dict_roundtrip,
 )
+from curvkit.testing.plugin import check_plugin
 
 __all__ = [
     "check_bad_configs",
     "check_inverter",
     "check_method",
     "check_nonfinite_gradient_skips",
+    "check_plugin",
     "check_sample_configs_train",
     "check_state_dict_roundtrip",
     "check_structure",

@@ -17,11 +17,14 @@ def _spd(dim: int, generator: torch.Generator) -> torch.Tensor:
     return x @ x.T / (2 * dim) + 0.1 * torch.eye(dim, dtype=torch.float64)
 
 
-def _close(name: str, actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-10) -> None:
+def _close(
+    name: str, actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-10, kind: str = "structure"
+) -> None:
     if not torch.allclose(actual, expected, rtol=rtol, atol=rtol * float(expected.abs().max().clamp_min(1.0))):
         err = float((actual - expected).abs().max())
         raise AssertionError(
-            f"structure/inverter {name!r}: {what} differs from dense algebra (max abs error {err:.3g})."
+            f"{kind} {name!r}: {what} differs from the same operation on dense float64 matrices "
+            f"(max abs error {err:.3g}, tolerance rtol={rtol:g})."
         )
 
 
@@ -43,20 +46,26 @@ def check_structure(cls: type[FactorStructure], *, dims: tuple[int, ...] = (1, 5
         p = s.to_dense()
         if tuple(p.shape) != (d, d):
             raise AssertionError(f"structure {name!r}: to_dense() has shape {tuple(p.shape)}, expected {(d, d)}.")
-        _close(name, cls.from_dense(p).to_dense(), p, "projecting a projected matrix again (idempotence)")
+        idempotence = f"from_dense(to_dense()) at d={d} (the projection must be idempotent)"
+        _close(name, cls.from_dense(p).to_dense(), p, idempotence)
         _close(
-            name, cls.from_tensors({k: v.clone() for k, v in s.tensors().items()}).to_dense(), p, "tensors() round trip"
+            name,
+            cls.from_tensors({k: v.clone() for k, v in s.tensors().items()}).to_dense(),
+            p,
+            f"from_tensors(tensors()) at d={d} (the state_dict round trip)",
         )
         x = torch.randn(d, 3, dtype=torch.float64, generator=gen)
-        _close(name, s.matmul(x), p @ x, "matmul")
-        _close(name, s.rmatmul(x.T), x.T @ p, "rmatmul")
-        _close(name, s.trace().reshape(()), p.trace(), "trace")
-        _close(name, s.diagonal(), p.diagonal(), "diagonal")
+        _close(name, s.matmul(x), p @ x, f"matmul(x) at d={d}")
+        _close(name, s.rmatmul(x.T), x.T @ p, f"rmatmul(x) at d={d}")
+        _close(name, s.trace().reshape(()), p.trace(), f"trace() at d={d}")
+        _close(name, s.diagonal(), p.diagonal(), f"diagonal() at d={d}")
         other = cls.from_dense(_spd(d, gen))
         expected = 0.7 * p + 0.3 * other.to_dense()
-        _close(name, s.ema_(other, 0.7).to_dense(), expected, "ema_")
-        _close(name, cls.identity(d, dtype=torch.float64).to_dense(), torch.eye(d, dtype=torch.float64), "identity")
-        _close(name, cls.zeros(d, dtype=torch.float64).to_dense(), torch.zeros(d, d, dtype=torch.float64), "zeros")
+        ema = f"ema_(other, decay=0.7) at d={d} (expected 0.7·self + 0.3·other)"
+        _close(name, s.ema_(other, 0.7).to_dense(), expected, ema)
+        eye, zero = torch.eye(d, dtype=torch.float64), torch.zeros(d, d, dtype=torch.float64)
+        _close(name, cls.identity(d, dtype=torch.float64).to_dense(), eye, f"identity({d})")
+        _close(name, cls.zeros(d, dtype=torch.float64).to_dense(), zero, f"zeros({d})")
 
 
 def check_inverter(
@@ -86,7 +95,10 @@ def check_inverter(
             lam = damping.initial_value()
             inv = inverter.prepare(A, G, damping, lam)
             if inv is None:
-                raise AssertionError(f"inverter {name!r} failed on well-conditioned {cls.name} factors.")
+                raise AssertionError(
+                    f"inverter {name!r}: prepare() returned None (failure) on well-conditioned {cls.name} factors "
+                    f"with {damping!r}."
+                )
             a, g = A.to_dense(), G.to_dense()
             if damping.kind == "factored":
                 s_a, s_g = damping.factor_shifts(A, G, lam)
@@ -97,5 +109,10 @@ def check_inverter(
             if getattr(inverter, "name", "") == "identity":
                 expected = grad
             _close(
-                name, inv.apply(grad), expected, f"apply() with {type(damping).__name__} on {cls.name} factors", 1e-8
+                name,
+                inv.apply(grad),
+                expected,
+                f"prepare(A, G, {damping!r}, {lam:g}).apply(grad) on {cls.name} factors",
+                1e-8,
+                kind="inverter",
             )

@@ -132,7 +132,10 @@ def check_bad_configs(method: str | MethodSpec, *, registry: Any = None) -> None
             raise AssertionError(
                 f"method {spec.name!r}: {options!r} raised {type(err).__name__} ({err}), expected {error.__name__}."
             ) from err
-        raise AssertionError(f"method {spec.name!r}: {options!r} was accepted; expected {error.__name__}.")
+        raise AssertionError(
+            f"method {spec.name!r}: bad config {options!r} was accepted when the optimizer was built; expected "
+            f"{error.__name__} naming {', '.join(map(repr, options))}. Validate it in the config's problems()."
+        )
 
 
 def _snapshot(model: nn.Module, opt: Any) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -1,0 +1,147 @@
+"""The plugin template (docs/plugin-template), imported from its source tree without
+installing it, passes the conformance kit, and the kit catches its broken variants.
+
+``tox -e plugin-template`` installs the template as its own distribution and runs its own
+tests (which also check the entry point); this module runs the same conformance checks
+in the main suite, with the template passed to ``curvkit.build_registry`` explicitly, so
+CI covers it without an install.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import curvkit
+from curvkit.structures import DenseStructure, DiagonalStructure
+from curvkit.testing import check_bad_configs, check_inverter, check_method, check_plugin, check_structure
+
+SRC = Path(__file__).resolve().parents[1] / "docs" / "plugin-template" / "src"
+PLUGIN = "plugin_template"
+
+
+def _import_template():
+    sys.path.insert(0, str(SRC))
+    try:
+        return (
+            importlib.import_module("curvkit_plugin_template"),
+            importlib.import_module("curvkit_plugin_template.plugin"),
+            importlib.import_module("curvkit_plugin_template.broken"),
+        )
+    finally:
+        sys.path.remove(str(SRC))
+
+
+template, template_plugin, broken = _import_template()
+
+
+@pytest.fixture(scope="module")
+def registry():
+    """The core, the bundled K-FAC plugin (the reference) and the template, nothing else."""
+    import curvkit_kfac
+
+    return curvkit.build_registry(autoload=False, plugins=[("kfac", curvkit_kfac), (PLUGIN, template_plugin)])
+
+
+def test_the_template_registers_a_handler_a_structure_an_inverter_and_a_method(registry):
+    for table, name in (
+        (registry.layer_handlers, "transposed_linear"),
+        (registry.structures, "template_scaled_identity"),
+        (registry.inverters, "template_newton_schulz"),
+        (registry.methods, "template-kfac"),
+    ):
+        assert table.plugin_of(name) == PLUGIN
+
+
+def test_structure_conforms():
+    check_structure(template.ScaledIdentityStructure)
+
+
+def test_inverter_conforms():
+    check_inverter(
+        template.NewtonSchulzInverter(),
+        structures=(DenseStructure, DiagonalStructure, template.ScaledIdentityStructure),
+    )
+
+
+def test_method_conforms(registry):
+    check_method("template-kfac", registry=registry)
+
+
+def test_check_plugin_covers_the_template(registry):
+    assert check_plugin(PLUGIN, registry=registry) == {
+        "structures": ["template_scaled_identity"],
+        "inverters": ["template_newton_schulz"],
+        "methods": ["template-kfac"],
+    }
+
+
+def test_check_plugin_names_a_plugin_that_is_not_loaded(registry):
+    with pytest.raises(AssertionError, match="plugin 'not_there' is not loaded; loaded plugins: curvkit, kfac"):
+        check_plugin("not_there", registry=registry)
+
+
+def test_the_kit_names_the_swapped_ema():
+    with pytest.raises(AssertionError) as caught:
+        check_structure(broken.SwappedEmaScaledIdentity)
+    assert str(caught.value).startswith(
+        "structure 'template_scaled_identity_swapped_ema': ema_(other, decay=0.7) at d=1 (expected 0.7·self + "
+        "0.3·other) differs from the same operation on dense float64 matrices"
+    ), caught.value
+
+
+def test_the_kit_names_the_unchecked_option(registry):
+    with pytest.raises(AssertionError) as caught:
+        check_bad_configs(broken.UNCHECKED_TEMPLATE_KFAC_SPEC, registry=registry)
+    assert str(caught.value) == (
+        "method 'template-kfac-unchecked': bad config {'ns_max_iter': 0} was accepted when the optimizer was built; "
+        "expected ConfigError naming 'ns_max_iter'. Validate it in the config's problems()."
+    )
+
+
+def test_the_correct_method_rejects_the_option_by_name(registry):
+    import curvkit.optim
+
+    with pytest.raises(curvkit.ConfigError, match=r"ns_max_iter=0 must be an integer in \[1"):
+        curvkit.optim.create("template-kfac", nn.Linear(2, 2), lr=0.1, ns_max_iter=0, registry=registry)
+
+
+@pytest.mark.parametrize("structure", ["dense", "diagonal"])
+def test_template_kfac_takes_the_steps_of_kfac_with_cholesky(registry, structure):
+    """Newton-Schulz and Cholesky invert the same damped factors: same steps as curvkit's kfac."""
+    import curvkit.optim
+
+    def train(method, **options):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+        X, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+        opt = curvkit.optim.create(
+            method, model, lr=0.1, damping=1e-2, T_inv=1, structure=structure, registry=registry, **options
+        )
+        for _ in range(5):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for ours, reference in zip(train("template-kfac"), train("kfac", inverter="cholesky")):
+        torch.testing.assert_close(ours, reference, rtol=1e-8, atol=1e-10)
+
+
+def test_transposed_linear_factors_equal_nn_linear(registry):
+    torch.manual_seed(0)
+    ours = template.TransposedLinear(5, 3).double()
+    plain = nn.Linear(5, 3).double()
+    with torch.no_grad():
+        plain.weight.copy_(ours.weight.T)
+        plain.bias.copy_(ours.bias)
+    X, y = torch.randn(4, 6, 5, dtype=torch.float64), torch.randn(4, 6, 3, dtype=torch.float64)
+    got = curvkit.kronecker_factors(ours, nn.MSELoss(), X, y, fisher="type-2", registry=registry)[""]
+    want = curvkit.kronecker_factors(plain, nn.MSELoss(), X, y, fisher="type-2", registry=registry)[""]
+    torch.testing.assert_close(got.A, want.A, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got.G, want.G, rtol=1e-12, atol=0)
