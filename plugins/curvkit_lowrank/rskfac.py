@@ -109,7 +109,8 @@ class RSKFACConfig(KroneckerConfig):
         niter: :math:`q`, power iterations (``rsvd_niter``, 3).
         seed: Seed of the Gaussian sketches.
         ema_decay: :math:`\rho` (``stat_decay``, 0.95).
-        T_stats: ``TCov`` (10). T_inv: ``TInv`` (100).
+        T_stats: ``TCov`` (10).
+        T_inv: ``TInv`` (100).
         damping: :math:`\lambda`; a float means ``RelativeDamping(value=λ, on="factors")``,
             i.e. :math:`\lambda_A = \lambda\max(d_A)`, :math:`\lambda_G = \lambda\max(d_G)`
             (1e-3; the CIFAR-10 runs used 0.1 → 0.05 → 0.01).
