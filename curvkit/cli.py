@@ -11,6 +11,10 @@ Subcommands:
 ``curvkit demo``
     Kronecker factors of a small network on scikit-learn's digits, checked live against
     curvlinops and the other registered backends (see :mod:`curvkit.demo`).
+``curvkit bench``
+    Every registered method beside SGD and AdamW on bundled tasks (digits MLP and CNN, a
+    synthetic sequence task): a results table, a JSON file and PNG plots (see
+    :mod:`curvkit.bench`).
 
 Every subcommand returns exit status 0 on success, 1 on an error curvkit reports
 (:class:`~curvkit.errors.CurvkitError`, or invalid settings), and 2 on a usage error.
@@ -195,6 +199,37 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 1 if check is not None and not check["ok"] else 0
 
 
+# --- curvkit bench --------------------------------------------------------------------
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from curvkit.bench import format_table, run_bench
+
+    results = run_bench(
+        methods=args.methods,
+        tasks=args.tasks,
+        seeds=args.seeds,
+        device=args.device,
+        dtype=args.dtype,
+        steps=args.steps,
+        epochs=args.epochs,
+        out=args.out,
+        quick=args.quick,
+        target_accuracy=args.target_accuracy,
+        baselines=not args.no_baselines,
+        threads=args.threads or None,
+        progress=not args.no_progress,
+        plots=not args.no_plots,
+    )
+    print(format_table(results))
+    files = results["files"]
+    if files["json"]:
+        print(f"results written to {files['json']}")
+    for path in files["plots"].values():
+        print(f"plot written to {path}")
+    return 0
+
+
 # --- parser ---------------------------------------------------------------------------
 
 
@@ -252,6 +287,51 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     d.add_argument("--json", metavar="PATH", default=None, help="also write the summary to PATH as JSON")
     d.set_defaults(func=_cmd_demo)
+
+    b = sub.add_parser(
+        "bench",
+        parents=[common],
+        help="benchmark every registered method beside SGD and AdamW on small bundled tasks",
+        description=(
+            "Train every registered method (or those given by --methods) and SGD and AdamW on scikit-learn's "
+            "digits (an MLP and a small CNN) and a synthetic per-token sequence task; print a results table "
+            "(final training loss, test accuracy, ms/step, optimizer state, time to a target accuracy) and write "
+            "results.json and one PNG per task (loss against steps and against seconds) into --out. A method "
+            "that fails is reported with its error and the benchmark goes on."
+        ),
+    )
+    b.add_argument("--methods", default=None, metavar="LIST", help="comma-separated method names (default: all)")
+    b.add_argument(
+        "--tasks",
+        default=None,
+        metavar="LIST",
+        help="comma-separated tasks among digits-mlp,digits-cnn,sequence (default: all)",
+    )
+    b.add_argument("--seeds", default="0", metavar="LIST", help="comma-separated seeds (default: %(default)s)")
+    b.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
+    b.add_argument("--dtype", default="float32", help="float32 (default), float64 or bfloat16 (parameters and inputs)")
+    length = b.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, default=None, help="optimizer steps per run (default: per task)")
+    length.add_argument("--epochs", type=int, default=None, help="passes over each training set per run")
+    b.add_argument("--out", metavar="DIR", default="curvkit-bench", help="output directory (default: %(default)s)")
+    b.add_argument("--quick", action="store_true", help="short runs (each task's quick step count)")
+    b.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=None,
+        metavar="ACC",
+        help="test accuracy to time (default: per task, 0.9 for digits, 0.8 for sequence)",
+    )
+    b.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads during the benchmark (default: %(default)s; 0: leave torch's setting)",
+    )
+    b.add_argument("--no-baselines", action="store_true", help="do not add SGD and AdamW")
+    b.add_argument("--no-plots", action="store_true", help="write no PNG plots")
+    b.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    b.set_defaults(func=_cmd_bench)
     return parser
 
 
