@@ -20,6 +20,7 @@ heavy-ball momentum are the optimizer's (``weight_decay_mode="after"``, ``moment
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ import torch
 from torch import Tensor
 
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
-from curvkit.config import check_number
+from curvkit.config import KFACApprox, check_number
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import Damping, ScalarDamping
 from curvkit.methods import MethodConfig, MethodSpec
@@ -39,11 +40,14 @@ from curvkit_singd.structures import (
     GroupStructure,
     HierarchicalSquare,
     HierarchicalStructure,
+    TrilToeplitzStructure,
+    TriuToeplitzStructure,
     resolve_structure,
     s_add_,
     s_add_identity_,
+    s_added,
+    s_all_finite,
     s_average_trace,
-    s_clone,
     s_gram,
     s_inner,
     s_max_abs,
@@ -63,6 +67,8 @@ __all__ = [
 ]
 
 DTypeSpec = torch.dtype | None | tuple[torch.dtype | None, torch.dtype | None]
+_HALF = {torch.bfloat16, torch.float16}
+_ROWS_BUFFER_BYTES = 16 * 2**20
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -204,6 +210,9 @@ class SINGDBlock(CurvatureBlock):
         self.C: FactorStructure | None = None
         self.m_K: FactorStructure | None = None
         self.m_C: FactorStructure | None = None
+        # rounding errors of K and C in half precision (see _step_factor), else None
+        self.err_K: dict[str, Tensor] | None = None
+        self.err_C: dict[str, Tensor] | None = None
         self.skipped_updates = 0
         # K Kᵀ / C Cᵀ (dense, block-diagonal, arrowhead or diagonal), kept between updates
         # where that saves work (see _dense_square)
@@ -211,6 +220,9 @@ class SINGDBlock(CurvatureBlock):
         self._P_C: Tensor | FactorStructure | HierarchicalSquare | None = None
         # scratch buffers for intermediate products (see _rmatmul_buffered); not state
         self._buffers: dict[str, Tensor] = {}
+        # (stats, H_K, H_C, scale of H_K, scale of H_C) computed by batch_is_finite for update
+        # (a weak reference: a skipped batch must not keep its features alive)
+        self._pending: tuple[weakref.ref[LayerStats], FactorStructure, FactorStructure, float, float] | None = None
 
     def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
         dk, dc = self.dtype_K or dtype, self.dtype_C or dtype
@@ -220,39 +232,138 @@ class SINGDBlock(CurvatureBlock):
             self.m_K = self.structure_K.zeros(self.info.d_in, dtype=dk, device=device)
             self.m_C = self.structure_C.zeros(self.info.d_out, dtype=dc, device=device)
         self._P_K = self._P_C = None
+        self.err_K = self.err_C = None
+
+    # --- data-parallel training: the grams are batch averages, reduced over ranks ------------
+
+    def batch_statistics(self, stats: LayerStats) -> dict[str, Tensor] | None:
+        """``H_K = Π̂(Kᵀ A K)`` and ``H_C = Π̂(Cᵀ G C)`` of the batch, scaled, as their
+        structures' tensors (``"K.<name>"``, ``"C.<name>"``): averages over the batch's data,
+        so the distributor averages them over ranks and every rank makes the same update
+        (a structured factor sends only its structure's numbers; a dense one, a triangle).
+        ``None`` (the batch is gathered instead) for a structure with non-float tensors."""
+        H_K, H_C, sK, sC = self._grams(stats)
+        out: dict[str, Tensor] = {}
+        for prefix, H, scale in (("K.", H_K, sK), ("C.", H_C, sC)):
+            for key, t in H.tensors().items():
+                if not t.is_floating_point():
+                    return None
+                out[prefix + key] = t * scale
+        return out
+
+    @property
+    def symmetric_statistics(self) -> frozenset[str]:  # type: ignore[override]
+        """The dense grams travel as triangles."""
+        names = [p + "matrix" for p, cls in (("K.", self.structure_K), ("C.", self.structure_C))]
+        return frozenset(n for n, cls in zip(names, (self.structure_K, self.structure_C)) if cls is DenseStructure)
+
+    def _shared_grams(self, stats: LayerStats) -> tuple[FactorStructure, FactorStructure, float, float]:
+        assert stats.shared is not None
+        if self.K is None:
+            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+        parts: dict[str, dict[str, Tensor]] = {"K.": {}, "C.": {}}
+        for key, t in stats.shared.items():
+            parts[key[:2]][key[2:]] = t
+        return self.structure_K.from_tensors(parts["K."]), self.structure_C.from_tensors(parts["C."]), 1.0, 1.0
 
     def batch_is_finite(self, stats: LayerStats) -> bool:
-        # SINGD never forms the dense factors A and G: check the scaled rows it works from
-        # (the update itself also refuses non-finite results, leaving K, C and momenta alone)
-        a_rows, g_rows = stats.rows()
-        return all_finite(a_rows) and all_finite(g_rows)
+        if getattr(stats, "shared", None) is not None:  # the ranks' averaged grams (batch_statistics)
+            return super().batch_is_finite(stats)
+        # SINGD never forms the dense factors A and G, nor needs the scaled rows: it computes
+        # H_K, H_C here (kept for update) and checks their traces. A non-finite entry of
+        # the rows X makes a column of S = X K non-finite (K's diagonal touches every column),
+        # so a diagonal entry of Π̂(Sᵀ S) is +inf or NaN (sums of squares cannot cancel), and
+        # the trace with it; every structure's Π̂ keeps the diagonal (Toeplitz: its mean).
+        self._pending = None
+        H_K, H_C, sK, sC = self._grams(stats)
+        if not (torch.isfinite(H_K.trace()) and torch.isfinite(H_C.trace())):
+            return False
+        self._pending = (weakref.ref(stats), H_K, H_C, sK, sC)
+        return True
 
-    def update(self, stats: LayerStats, decay: float) -> None:
+    def _grams(self, stats: LayerStats) -> tuple[FactorStructure, FactorStructure, float, float]:
+        """``(H̃_K, H̃_C, s_K, s_C)`` with ``H_K = s_K H̃_K`` and ``H_C = s_C H̃_C`` — the batch's
+        grams from the captured features, unscaled: the row scalings of
+        :meth:`LayerStats.rows` (``1/√(NR)`` and ``√g_scale``, two passes over the rows) are
+        folded into the scalar coefficients of the update instead; a diagonal ``K`` never
+        forms the rows with the bias column (its gram is the column sums of squares)."""
         if self.K is None:
             self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
         assert self.K is not None and self.C is not None
+        K, C = self.K, self.C
+        # (N, R, d_in) without the bias column, cached on the stats (any other object with
+        # rows(), such as a test's stand-in, goes through rows())
+        x = stats._in_features if isinstance(stats, LayerStats) else None
+        # float16 factors keep the scaled rows: unscaled sums over N·R rows can leave its range
+        fp16 = torch.float16 in (K.dtype, C.dtype)
+        if x is not None and not fp16 and (stats.approx is KFACApprox.EXPAND or x.shape[1] == 1):
+            h, m = stats.layer.handler, stats.layer.module
+            x = x.reshape(-1, x.shape[-1])
+            sK, sC = 1.0 / max(1, x.shape[0]), stats.g_scale
+            g = h.output_features(m, stats.grads[0]) if len(stats.grads) == 1 else stats.g_features
+            g = g.reshape(-1, g.shape[-1])
+            bias = stats.layer.has_bias
+            if isinstance(K, DiagonalStructure):
+                x = x.to(K.dtype)
+                sq = (x * x).sum(0)
+                if bias:
+                    sq = torch.cat([sq, sq.new_full((1,), x.shape[0])])
+                H_K: FactorStructure = DiagonalStructure(K.diag * K.diag * sq)
+            else:
+                if bias:  # [X, 1] in a buffer kept on the block (up to 16 MiB), ones written once
+                    shape = (x.shape[0], x.shape[1] + 1)
+                    buf = self._buffers.get("rows")
+                    if buf is None or tuple(buf.shape) != shape or buf.dtype != K.dtype or buf.device != x.device:
+                        buf = torch.empty(shape, dtype=K.dtype, device=x.device)
+                        buf[:, -1] = 1
+                        if buf.numel() * buf.element_size() <= _ROWS_BUFFER_BYTES:
+                            self._buffers["rows"] = buf
+                    buf[:, :-1].copy_(x)
+                    x = buf
+                H_K = self._gram(self.structure_K, K, x)
+        else:
+            a_rows, g_rows = stats.rows()
+            g, sK, sC = g_rows.reshape(-1, g_rows.shape[-1]), 1.0, 1.0
+            H_K = self._gram(self.structure_K, K, a_rows)
+        # H_K = Π̂(Kᵀ X Xᵀ K) = Π̂(S Sᵀ), S = Kᵀ X = (Xᵀ K)ᵀ (rows are Xᵀ)
+        return H_K, self._gram(self.structure_C, C, g), sK, sC
+
+    def update(self, stats: LayerStats, decay: float) -> None:
+        pending, self._pending = self._pending, None
+        if getattr(stats, "shared", None) is not None:
+            H_K, H_C, sK, sC = self._shared_grams(stats)
+        elif pending is not None and pending[0]() is stats:
+            H_K, H_C, sK, sC = pending[1:]
+        else:
+            H_K, H_C, sK, sC = self._grams(stats)
+        assert self.K is not None and self.C is not None
         cfg = self.config
         K, C = self.K, self.C
-        a_rows, g_rows = stats.rows()
-        g = g_rows.reshape(-1, g_rows.shape[-1])
-        # H_K = Π̂(Kᵀ X Xᵀ K) = Π̂(S Sᵀ), S = Kᵀ X = (Xᵀ K)ᵀ (rows are Xᵀ)
-        H_K = self._gram(self.structure_K, K, a_rows)
-        H_C = self._gram(self.structure_C, C, g)
+        if (
+            isinstance(K, DiagonalStructure)
+            and isinstance(C, DiagonalStructure)
+            and isinstance(H_K, DiagonalStructure)
+            and isinstance(H_C, DiagonalStructure)
+            and not {K.dtype, C.dtype} & _HALF
+        ):
+            self._update_diagonal(K.diag, C.diag, H_K.diag, H_C.diag, sK, sC)
+            return
         KtK, CtC = s_inner(K), s_inner(C)
         lam = cfg.lam
         assert cfg.alpha1 is not None
         scale = 0.5 * ((1.0 - cfg.alpha1) if cfg.normalize_lr_cov else 1.0)
+        # H_K, H_C are unscaled (see _grams): their scales enter the coefficients cK, cC
         if cfg.kfac_like:
-            cK, dK, cC, dC = 1.0, lam, 1.0, lam
+            cK, dK, cC, dC = sK, lam, sC, lam
         else:
-            cK, dK = s_average_trace(H_C), lam * s_average_trace(CtC)
-            cC, dC = s_average_trace(H_K), lam * s_average_trace(KtK)
+            cK, dK = sK * sC * s_average_trace(H_C), lam * s_average_trace(CtC)
+            cC, dC = sC * sK * s_average_trace(H_K), lam * s_average_trace(KtK)
         new_m_K = s_scale_(s_add_identity_(s_add_(s_scale_(H_K, cK), KtK, dK), -1.0), scale)
         new_m_C = s_scale_(s_add_identity_(s_add_(s_scale_(H_C, cC), CtC, dC), -1.0), scale)
         if self.m_K is not None and self.m_C is not None:
             s_add_(new_m_K, self.m_K, cfg.alpha1)
             s_add_(new_m_C, self.m_C, cfg.alpha1)
-        if not (new_m_K.is_finite() and new_m_C.is_finite()):
+        if not s_all_finite(new_m_K, new_m_C):
             self.skipped_updates += 1
             return
         step = self.num_updates * cfg.T
@@ -260,16 +371,75 @@ class SINGDBlock(CurvatureBlock):
         if cfg.normalize_lr_cov:
             beta_K /= max(1.0, s_max_abs(new_m_K))
             beta_C /= max(1.0, s_max_abs(new_m_C))
-        new_K = s_add_(s_clone(K), s_product(K, new_m_K), -beta_K)
-        new_C = s_add_(s_clone(C), s_product(C, new_m_C), -beta_C)
-        if not (new_K.is_finite() and new_C.is_finite()):
+        new_K, err_K = self._step_factor(K, s_product(K, new_m_K), -beta_K, self.err_K)
+        new_C, err_C = self._step_factor(C, s_product(C, new_m_C), -beta_C, self.err_C)
+        if not s_all_finite(new_K, new_C):
             self.skipped_updates += 1
             return
         self.K, self.C = new_K, new_C
+        self.err_K, self.err_C = err_K, err_C
         self._P_K = self._P_C = None
         if self.m_K is not None:
             self.m_K, self.m_C = new_m_K, new_m_C
         self.num_updates += 1
+
+    def _update_diagonal(self, k: Tensor, c: Tensor, hk: Tensor, hc: Tensor, sK: float, sC: float) -> None:
+        """:meth:`update` for diagonal ``K`` and ``C`` (float32/64): the same arithmetic on the
+        diagonals in a third of the tensor operations (in place on the fresh ``H``'s), which
+        is most of its cost at these sizes."""
+        cfg = self.config
+        assert cfg.alpha1 is not None
+        lam = cfg.lam
+        scale = 0.5 * ((1.0 - cfg.alpha1) if cfg.normalize_lr_cov else 1.0)
+        kk, cc = k * k, c * c
+        if cfg.kfac_like:
+            cK, dK, cC, dC = sK, lam, sC, lam
+        else:
+            m_hc, m_cc, m_hk, m_kk = torch.stack([hc.mean(), cc.mean(), hk.mean(), kk.mean()]).tolist()
+            cK, dK, cC, dC = sK * sC * m_hc, lam * m_cc, sC * sK * m_hk, lam * m_kk
+        mk = hk.mul_(cK).add_(kk, alpha=dK).sub_(1.0).mul_(scale)
+        mc = hc.mul_(cC).add_(cc, alpha=dC).sub_(1.0).mul_(scale)
+        if isinstance(self.m_K, DiagonalStructure) and isinstance(self.m_C, DiagonalStructure):
+            mk.add_(self.m_K.diag, alpha=cfg.alpha1)
+            mc.add_(self.m_C.diag, alpha=cfg.alpha1)
+        if not (all_finite(mk) and all_finite(mc)):
+            self.skipped_updates += 1
+            return
+        beta_K = beta_C = cfg.beta1(self.num_updates * cfg.T)
+        if cfg.normalize_lr_cov:
+            beta_K /= max(1.0, float(mk.abs().max()))
+            beta_C /= max(1.0, float(mc.abs().max()))
+        new_k = torch.addcmul(k, k, mk, value=-beta_K)
+        new_c = torch.addcmul(c, c, mc, value=-beta_C)
+        if not (all_finite(new_k) and all_finite(new_c)):
+            self.skipped_updates += 1
+            return
+        self.K, self.C = DiagonalStructure(new_k), DiagonalStructure(new_c)
+        self._P_K = self._P_C = None
+        if self.m_K is not None:
+            self.m_K, self.m_C = DiagonalStructure(mk), DiagonalStructure(mc)
+        self.num_updates += 1
+
+    @staticmethod
+    def _step_factor(
+        F: FactorStructure, delta: FactorStructure, alpha: float, err: dict[str, Tensor] | None
+    ) -> tuple[FactorStructure, dict[str, Tensor] | None]:
+        """``F + alpha · delta``. For a half-precision ``F`` (bf16, fp16) the sum is formed in
+        float32 together with the rounding error of the previous updates, ``err``, and
+        rounded once; the new rounding error is kept in ``F``'s dtype (compensated, Kahan-
+        style summation). Without it a step ``β₁ K m_K`` below half an ulp of ``K`` (bf16:
+        a relative ``2⁻⁹``; with β₁ = 10⁻² that is most of them) is rounded away, and
+        ``K Kᵀ`` stops tracking the curvature."""
+        if F.dtype not in _HALF:
+            return s_added(F, delta, alpha), None
+        theirs, out, new_err = delta.tensors(), {}, {}
+        for name, t in F.tensors().items():
+            full = t.float().add_(theirs[name].float(), alpha=alpha)
+            if err is not None:
+                full.add_(err[name].float())
+            out[name] = full.to(t.dtype)
+            new_err[name] = full.sub_(out[name].float()).to(t.dtype)
+        return type(F).from_tensors(out), new_err
 
     def refresh(self, damping: Damping, lam: float) -> None:
         """Nothing to refresh: ``K`` and ``C`` are the preconditioner."""
@@ -288,8 +458,13 @@ class SINGDBlock(CurvatureBlock):
         # or in the structure, both symmetric), one product per side
         x = grad.to(K.dtype)
         P = self._P_K
+        if isinstance(P, DiagonalStructure) and isinstance(self._P_C, DiagonalStructure) and K.dtype == C.dtype:
+            # (K Kᵀ)_jj and (C Cᵀ)_ii scale the columns and rows: one new tensor, scaled in place
+            return torch.mul(x, P.diag).mul_(self._P_C.diag.unsqueeze(1)).to(grad.dtype)
         if isinstance(P, BlockDiagonalStructure):
             x = self._rmatmul_buffered("P_K", P, x)
+        elif isinstance(P, HierarchicalSquare):  # into a buffer kept on the block: C's side consumes it
+            x = P.rmatmul(x, out=self._scratch("P_Kout", x))
         elif not isinstance(P, Tensor):
             x = P.rmatmul(x)
         elif P.numel():
@@ -316,11 +491,25 @@ class SINGDBlock(CurvatureBlock):
         diagonal Gram blocks (column sums of squares); for a hierarchical ``F`` from the
         column groups of ``X F`` (no concatenation)."""
         x = rows.to(F.dtype)
-        if isinstance(F, (BlockDiagonalStructure, HierarchicalStructure)):
+        if isinstance(F, (BlockDiagonalStructure, HierarchicalStructure, TrilToeplitzStructure, TriuToeplitzStructure)):
             return F.sandwich_gram(x)
         if isinstance(F, DiagonalStructure):  # diag(F)² ⊙ Σ_rows X², without forming X F
             return DiagonalStructure(F.diag * F.diag * (x * x).sum(0))
+        if isinstance(F, DenseStructure) and x.shape[0] > 2 * x.shape[1] and F.dtype not in _HALF:
+            # more than 2d rows: Fᵀ (XᵀX) F costs n d² + 2 d³ multiply-adds, (X F)ᵀ (X F) 2 n d²
+            # (in half precision the latter: two roundings of the result instead of three)
+            M = F.matrix
+            return cls.from_dense((M.T @ (x.T @ x)) @ M)
         return s_gram(cls, F.rmatmul(x).T)
+
+    def _scratch(self, key: str, like: Tensor) -> Tensor:
+        """A buffer of ``like``'s shape, dtype and device kept on the block (fresh multi-
+        megabyte tensors cost page faults on every step); its content is an intermediate."""
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = torch.empty_like(like, memory_format=torch.contiguous_format)
+            self._buffers[key] = buf
+        return buf
 
     def _rmatmul_buffered(self, key: str, F: FactorStructure, x: Tensor) -> Tensor:
         """``x @ F``; for a block-diagonal ``F`` into buffers kept on the block (the result is
@@ -380,6 +569,10 @@ class SINGDBlock(CurvatureBlock):
             value = getattr(self, name)
             if value is not None:
                 out[name] = dict(value.tensors())
+        for name in ("err_K", "err_C"):
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = dict(value)
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -395,6 +588,8 @@ class SINGDBlock(CurvatureBlock):
         ):
             if name in state:
                 setattr(self, name, cls.from_tensors({k: v.clone() for k, v in state[name].items()}))
+        for name in ("err_K", "err_C"):
+            setattr(self, name, {k: v.clone() for k, v in state[name].items()} if name in state else None)
 
     def describe(self) -> str:
         mode = "IKFAC" if self.config.kfac_like else "SINGD"

@@ -90,6 +90,9 @@ def test_statistics_travel_as_packed_triangles(runs):
     per_step = sum(a * (a + 1) // 2 + g * (g + 1) // 2 for a, g in dims)
     assert ranks[0]["kfac"]["bytes"]["statistics"] == w.STEPS * per_step * 8  # float64
     assert ranks[0]["kfac-fp32-comm"]["bytes"]["statistics"] == w.STEPS * per_step * 4
+    # SINGD sends its projected grams: triangles for dense K and C, the diagonals for diagonal
+    assert ranks[0]["singd"]["bytes"]["statistics"] == w.STEPS * per_step * 8
+    assert ranks[0]["singd-diag"]["bytes"]["statistics"] == w.STEPS * sum(a + g for a, g in dims) * 8
     assert ranks[0]["kfac"]["bytes"]["gradients"] == 0  # DDP averaged them
     n_params = sum(p.numel() for p in model.parameters())
     assert ranks[0]["kfac-plain"]["bytes"]["gradients"] == w.STEPS * n_params * 8

@@ -180,19 +180,25 @@ def test_sequence_linear_trajectory_matches_package(structure, approx):
     _compare("seq", (structure, structure), kfac_approx=approx)
 
 
-@pytest.mark.parametrize(
-    "options",
-    [
-        {"kfac_like": True, "alpha1": 0.0},
-        {"normalize_lr_cov": True, "lr_cov": 0.3},
-        {"lr_cov": lambda step: 0.01 if step < 6 else 0.05, "T": 2},
-        {"T": 1, "alpha1": 0.0},
-        {"loss_average": None, "lr": 0.005},
-    ],
-    ids=["ikfac", "normalize_lr_cov", "schedule", "T1-no-momentum", "sum-loss"],
-)
+OPTIONS = [
+    {"kfac_like": True, "alpha1": 0.0},
+    {"normalize_lr_cov": True, "lr_cov": 0.3},
+    {"lr_cov": lambda step: 0.01 if step < 6 else 0.05, "T": 2},
+    {"T": 1, "alpha1": 0.0},
+    {"loss_average": None, "lr": 0.005},
+]
+OPTION_IDS = ["ikfac", "normalize_lr_cov", "schedule", "T1-no-momentum", "sum-loss"]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
 def test_options_match_package(options):
     _compare("mlp", ("hierarchical3_2", "triltoeplitz"), **options)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=OPTION_IDS)
+def test_options_match_package_diagonal(options):
+    # diagonal K and C take SINGDBlock's fused vector path (_update_diagonal)
+    _compare("mlp", ("diagonal", "diagonal"), **options)
 
 
 def test_mixed_structures_and_batch_sequence_average():

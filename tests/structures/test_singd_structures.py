@@ -163,3 +163,18 @@ def test_parameterised_names_resolve():
         resolve_structure("nonesuch", reg)
     with pytest.raises(ValueError, match="block=0"):
         block_diagonal(0)
+
+
+def test_s_all_finite_tells_overflow_from_non_finite():
+    from curvkit_singd.structures import s_all_finite
+
+    from curvkit.structures.base import DenseStructure, DiagonalStructure
+
+    huge = DenseStructure(torch.full((3, 3), 3e38))  # finite, but its 2-norm overflows
+    assert s_all_finite(huge, DiagonalStructure(torch.ones(2)))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        m = torch.eye(2)
+        m[1, 0] = bad
+        assert not s_all_finite(DiagonalStructure(torch.ones(2)), DenseStructure(m))
+    h = hierarchical(1, 1).identity(2)  # an empty middle block is skipped
+    assert s_all_finite(h)

@@ -298,10 +298,12 @@ class HierarchicalStructure(GroupStructure):
         B1, B2 = B.split([m, k2], dim=1)
         x1, x2, x3 = X.split([k1, m, k2], dim=1)
         r1 = x1 @ A
-        r2 = torch.addmm(torch.addmm(x2 * c, x1, B1), x3, D)
+        # the wide middle group in one fresh tensor, accumulated and finally squared in place
+        r2 = torch.mul(x2, c).addmm_(x1, B1).addmm_(x3, D)
         r3 = torch.addmm(x3 @ E, x1, B2)
         B_new = torch.cat([r1.T @ r2, r1.T @ r3], dim=1).mul_(2)
-        return type(self)(r1.T @ r1, B_new, (r2 * r2).sum(0), (r3.T @ r2).mul_(2), r3.T @ r3)
+        D_new = (r3.T @ r2).mul_(2)
+        return type(self)(r1.T @ r1, B_new, r2.square_().sum(0), D_new, r3.T @ r3)
 
     def square(self) -> HierarchicalSquare:
         """``K Kᵀ``: a diagonal ``c²`` on the middle indices plus a dense border on the
@@ -332,13 +334,13 @@ class HierarchicalSquare:
         self.k1, self.m = k1, m
         self.border, self.cross, self.mid = border, cross, mid
 
-    def rmatmul(self, x: Tensor) -> Tensor:
-        """``x P`` for ``x`` of shape ``(rows, d)``."""
+    def rmatmul(self, x: Tensor, out: Tensor | None = None) -> Tensor:
+        """``x P`` for ``x`` of shape ``(rows, d)`` (into ``out`` if given, not ``x``)."""
         k1, s = self.k1, self.k1 + self.m
         border, cross, mid = (t.to(x.dtype) for t in (self.border, self.cross, self.mid))
         xb = torch.cat([x[:, :k1], x[:, s:]], dim=1)
         x2 = x[:, k1:s]
-        out = x.new_empty(x.shape)
+        out = x.new_empty(x.shape) if out is None else out
         yb = torch.addmm(x2 @ cross.T, xb, border)
         out[:, :k1], out[:, s:] = yb[:, :k1], yb[:, k1:]
         middle = out[:, k1:s]  # written in place (row stride d): no temporary and no copy

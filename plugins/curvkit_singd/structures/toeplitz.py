@@ -72,6 +72,35 @@ def _sandwich(v: Tensor, x: Tensor, lower: bool, dim: int) -> Tensor:
     return z.to(x.dtype)
 
 
+def _padded(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
+    """``x`` (``(m, d)``, any strides: a transposed view is copied only once, here) in a
+    zeroed ``(m, n)`` buffer: the FFTs then transform a contiguous array of their own length
+    instead of padding a copy of it (``rfft(x, n=n)`` fills and copies a second buffer)."""
+    m, d = x.shape
+    buf = torch.empty((m, n), dtype=dtype, device=x.device)
+    buf[:, :d].copy_(x)
+    buf[:, d:].zero_()
+    return buf
+
+
+def _sandwich_rows(v: Tensor, x: Tensor, lower: bool) -> Tensor:
+    """``x T Tᵀ`` for a 2-D ``x`` of any strides (``T``: lower/upper triangular Toeplitz of
+    ``v``): ``Tᵀ`` then ``T`` along the rows, in one zero-padded buffer whose tail is
+    re-zeroed in place for the truncation between the two products (same transforms as
+    :func:`_sandwich`, without its pad copies)."""
+    d = v.shape[0]
+    if d == 0:
+        return x.clone()
+    ct = _compute_dtype(torch.promote_types(v.dtype, x.dtype))
+    n = _fft_len(d)
+    vf = torch.fft.rfft(v.to(ct), n=n)
+    first, second = (vf.conj(), vf) if lower else (vf, vf.conj())
+    y = torch.fft.irfft(torch.fft.rfft(_padded(x, n, ct)).mul_(first), n=n)
+    y[:, d:].zero_()
+    z = torch.fft.irfft(torch.fft.rfft(y).mul_(second), n=n)[:, :d]
+    return z.to(x.dtype)
+
+
 def _causal(v: Tensor, x: Tensor) -> Tensor:
     """``y_i = Σ_{j ≤ i} v[i−j] x_j`` along dim 0 (a lower-triangular Toeplitz product)."""
     return _conv_last(v, x.movedim(0, -1), lower=True).movedim(-1, 0)
@@ -150,13 +179,34 @@ class _Toeplitz(GroupStructure):
     def square_right(self, x: Tensor) -> Tensor:
         """``x K Kᵀ`` (two FFT products along ``x``'s rows, one spectrum of ``K``)."""
         # x K = (Kᵀ xᵀ)ᵀ, then (x K) Kᵀ = (K (x K)ᵀ)ᵀ: along the last axis, Kᵀ then K
+        if x.ndim == 2:
+            return _sandwich_rows(self.diags, x, self.LOWER)
         return _sandwich(self.diags, x, self.LOWER, dim=-1)
 
     def square_left(self, x: Tensor) -> Tensor:
         """``K Kᵀ x`` (along ``x``'s columns; FFTs along a strided axis are 1.5–2× slower than
-        along the contiguous one, so ``xᵀ`` is copied once and the result is returned as a
-        transposed view)."""
-        return _sandwich(self.diags, x.T.contiguous(), self.LOWER, dim=-1).T
+        along the contiguous one, so ``xᵀ`` is copied once, into the padded buffer, and the
+        result is returned as a transposed view)."""
+        return _sandwich_rows(self.diags, x.T, self.LOWER).T
+
+    def sandwich_gram(self, x: Tensor) -> _Toeplitz:
+        """Π̂(Kᵀ Xᵀ X K) from the rows ``X`` (``(m, d)``): the rows of
+        ``X K`` by FFT, truncated in place, transformed again and their power spectra summed
+        (the autocorrelation of the rows, :func:`_diag_sums`), without the copies of
+        ``rmatmul`` followed by :meth:`gram`."""
+        v, d = self.diags, self.dim
+        if d == 0:
+            return type(self)(v.clone())
+        ct = _compute_dtype(torch.promote_types(v.dtype, x.dtype))
+        n = _fft_len(d)
+        vf = torch.fft.rfft(v.to(ct), n=n)
+        if self.LOWER:  # X K = (Kᵀ Xᵀ)ᵀ: Kᵀ is upper triangular, a correlation
+            vf = vf.conj()
+        y = torch.fft.irfft(torch.fft.rfft(_padded(x, n, ct)).mul_(vf), n=n)
+        y[:, d:].zero_()
+        f = torch.view_as_real(torch.fft.rfft(y))
+        t = torch.fft.irfft(f.square_().sum(0).sum(-1), n=n)[:d].to(v.dtype)
+        return type(self)._from_sums(torch.cat([t[:1], 2 * t[1:]]))
 
     def trace(self) -> Tensor:
         return self.diags[:1].sum() * self.dim
