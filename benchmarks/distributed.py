@@ -42,9 +42,11 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("kfac T_inv=10", "kfac", {"lr": 0.01, "damping": 1e-2, "T_inv": 10}),
     ("kfac T_inv=10 bf16 comm", "kfac", {"lr": 0.01, "damping": 1e-2, "T_inv": 10, "_comm": "bfloat16"}),
     ("ekfac T_inv=10", "ekfac", {"lr": 0.01, "damping": 1e-2, "T_inv": 10}),
-    ("singd dense T=1", "singd", {"lr": 0.01, "T": 1, "structure": "dense"}),
-    ("singd diagonal T=1", "singd", {"lr": 0.01, "T": 1, "structure": "diagonal"}),
-    ("rs-kfac T_inv=10", "rs-kfac", {"lr": 0.01, "T_stats": 1, "T_inv": 10, "rank": 64, "damping": 1e-2}),
+    ("singd dense T=1", "singd", {"lr": 0.03, "T": 1, "structure": "dense", "damping": 0.1, "lr_cov": 0.05}),
+    ("singd diagonal T=1", "singd", {"lr": 0.03, "T": 1, "structure": "diagonal", "damping": 0.1, "lr_cov": 0.05}),
+    # with damping 1e-2 (relative to the largest eigenvalue) RS-KFAC's rank-64 inverse
+    # diverges on this task within 5 steps; 0.1 trains
+    ("rs-kfac T_inv=10", "rs-kfac", {"lr": 0.01, "T_stats": 1, "T_inv": 10, "rank": 64, "damping": 0.1}),
 ]
 
 
@@ -88,6 +90,7 @@ def _run_case(
     Xr, yr = X[rows], y[rows]
     loss_fn = nn.CrossEntropyLoss()
     times = []
+    loss = torch.tensor(float("nan"))
     for step in range(args.warmup + args.steps):
         if world > 1:
             dist.barrier()
@@ -95,7 +98,8 @@ def _run_case(
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         opt.zero_grad()
-        loss_fn(model(Xr), yr).backward()
+        loss = loss_fn(model(Xr), yr)
+        loss.backward()
         opt.step()
         if device.type == "cuda":
             torch.cuda.synchronize()
@@ -109,7 +113,16 @@ def _run_case(
     elif world > 1:
         n = sum(p.numel() * p.element_size() for p in model.parameters())
         sent = {"gradients": float(n), "statistics": 0.0, "refresh": 0.0, "control": 0.0}
-    return {"label": label, "shard": shard, "world": world, "ms": 1e3 * statistics.median(times), "bytes": sent}
+    skipped = pre.counters["skipped_steps"] if pre is not None else 0
+    return {
+        "label": label,
+        "shard": shard,
+        "world": world,
+        "ms": 1e3 * statistics.median(times),
+        "bytes": sent,
+        "final_loss": float(loss.detach()),
+        "skipped_steps": int(skipped),
+    }
 
 
 def worker(rank: int, world: int, args: Any, out: str) -> None:
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     header = (
         f"{'case':<22} {'ranks':>5} {'sharded':>7} {'ms/step':>9} {'vs 1 rank':>9} "
-        f"{'stats KB':>9} {'(/dense)':>8} {'refresh KB':>10} {'grads KB':>9} {'ctrl KB':>8}"
+        f"{'stats KB':>9} {'(/dense)':>8} {'refresh KB':>10} {'grads KB':>9} {'ctrl KB':>8} {'loss':>7} {'skip':>4}"
     )
     print(header)
     print("-" * len(header))
@@ -177,12 +190,14 @@ def main(argv: list[str] | None = None) -> int:
                 f"{r['label']:<22} {world:>5} {('yes' if r['shard'] else 'no') if world > 1 else '-':>7} "
                 f"{r['ms']:>9.2f} {speedup:>8.2f}× {stats_kb:>9.1f} "
                 f"{(b.get('statistics', 0.0) / dense if b else 0.0):>8.2f} {b.get('refresh', 0.0) / 1024:>10.1f} "
-                f"{b.get('gradients', 0.0) / 1024:>9.1f} {b.get('control', 0.0) / 1024:>8.2f}"
+                f"{b.get('gradients', 0.0) / 1024:>9.1f} {b.get('control', 0.0) / 1024:>8.2f} "
+                f"{r['final_loss']:>7.3f} {r['skipped_steps']:>4}"
             )
             rows.append({**r, "speedup_vs_1_rank": speedup})
     print(
         "'vs 1 rank': one process's ms/step on the whole batch over this one's (>1: faster); bytes are one rank's "
-        "payload per step; '(/dense)': statistics bytes over dense float32 factors."
+        "payload per step; '(/dense)': statistics bytes over dense float32 factors; loss: rank 0's last training "
+        "loss; skip: steps skipped for non-finite gradients (a diverged run)."
     )
     if args.json:
         with open(args.json, "w") as f:

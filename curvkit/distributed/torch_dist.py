@@ -41,20 +41,37 @@ from curvkit.distributed.base import Distributor
 __all__ = ["TorchDistributor", "pack_symmetric", "unpack_symmetric"]
 
 
+_TRIANGLES: dict[tuple[int, str], tuple[Tensor, Tensor]] = {}
+
+
+def _triangle(d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Flat indices of the upper triangle of a ``(d, d)`` matrix, row by row, and of its
+    mirror image (cached per size and device: building them costs more than using them)."""
+    key = (d, str(device))
+    found = _TRIANGLES.get(key)
+    if found is None:
+        rows, cols = torch.triu_indices(d, d, device=device)
+        found = (rows * d + cols, cols * d + rows)
+        if len(_TRIANGLES) > 64:
+            _TRIANGLES.clear()
+        _TRIANGLES[key] = found
+    return found
+
+
 def pack_symmetric(t: Tensor) -> Tensor:
     """The upper triangle (diagonal included) of a symmetric ``(d, d)`` matrix, row by row:
     ``d (d + 1) / 2`` numbers."""
-    d = t.shape[0]
-    rows, cols = torch.triu_indices(d, d, device=t.device)
-    return t[rows, cols]
+    upper, _ = _triangle(t.shape[0], t.device)
+    return t.reshape(-1).index_select(0, upper)
 
 
 def unpack_symmetric(v: Tensor, d: int) -> Tensor:
     """Inverse of :func:`pack_symmetric`: the symmetric ``(d, d)`` matrix."""
-    rows, cols = torch.triu_indices(d, d, device=v.device)
+    upper, lower = _triangle(d, v.device)
     out = v.new_empty(d, d)
-    out[rows, cols] = v
-    out[cols, rows] = v
+    flat = out.view(-1)
+    flat.index_copy_(0, upper, v)
+    flat.index_copy_(0, lower, v)
     return out
 
 
