@@ -144,6 +144,7 @@ def worker(rank: int, world: int, args: Any, out: str) -> None:
                 results.append(_run_case(label, method, options, shard, rank, world, args, device))
     finally:
         if world > 1:
+            dist.barrier()
             dist.destroy_process_group()
     if rank == 0:
         torch.save(results, os.path.join(out, f"world{world}.pt"))

@@ -55,6 +55,7 @@ def main() -> None:
             print(f"epoch {epoch}: loss {loss.item():.4f}, accuracy on all digits {acc:.3f}")
     sent = opt.preconditioner.distributor.bytes_communicated
     print(f"rank {rank}: plan {opt.preconditioner.distribution_plan}, bytes sent {sent}")
+    dist.barrier()  # every rank done before any tears the group down (gloo aborts otherwise)
     dist.destroy_process_group()
 
 

@@ -233,6 +233,28 @@ class BrandKroneckerBlock(CurvatureBlock):
 
     # --- state --------------------------------------------------------------------------
 
+    # --- data-parallel training: one rank refreshes, the others install its result -----------
+
+    def refresh_state(self) -> dict[str, Any] | None:
+        """The inverse, the refresh counters and the low-rank factors (B-R-KFAC's periodic
+        RSVD correction replaces them in a refresh)."""
+        out: dict[str, Any] = {
+            "inverse_failures": self.inverse_failures,
+            "refreshes": self.refreshes,
+            "low": {side: {"U": low.U, "d": low.d} for side, low in self.low.items()},
+        }
+        if self.inverse is not None:
+            out["inverse_kind"] = self.inverse.kind
+            out["inverse"] = dict(self.inverse.tensors())
+        return out
+
+    def load_refresh_state(self, state: dict[str, Any]) -> None:
+        self.inverse_failures = int(state["inverse_failures"])
+        self.refreshes = int(state["refreshes"])
+        self.low = {side: LowRankFactor(low["U"], low["d"]) for side, low in state["low"].items()}
+        if "inverse" in state:
+            self.inverse = inverse_from_tensors(state["inverse_kind"], dict(state["inverse"]))
+
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "num_updates": self.num_updates,

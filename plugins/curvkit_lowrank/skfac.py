@@ -261,6 +261,19 @@ class SKFACBlock(CurvatureBlock):
         assert self.R_A is not None and self.R_G is not None
         return KroneckerOperator(self.R_A.t() @ self.R_A, self.R_G.t() @ self.R_G)
 
+    # --- data-parallel training: one rank builds the Woodbury inverse, the others install it --
+
+    def refresh_state(self) -> dict[str, Any] | None:
+        out: dict[str, Any] = {"inverse_failures": self.inverse_failures}
+        if self.inverse is not None:
+            out["inverse"] = dict(self.inverse.tensors())
+        return out
+
+    def load_refresh_state(self, state: dict[str, Any]) -> None:
+        self.inverse_failures = int(state["inverse_failures"])
+        if "inverse" in state:
+            self.inverse = WoodburyInverse.from_tensors(dict(state["inverse"]))
+
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_updates": self.num_updates, "inverse_failures": self.inverse_failures}
         if self.R_A is not None and self.R_G is not None:

@@ -38,6 +38,8 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("ekfac-type2-cnn", "ekfac", {"lr": 0.05, "damping": 1e-2, "T_inv": 2, "fisher": "type-2"}, "cnn"),
     ("tkfac", "tkfac", {"lr": 0.1, "damping": 1e-2, "T_inv": 2}, "mlp"),
     ("skfac", "skfac", {"lr": 0.1, "damping": 1e-2}, "mlp"),
+    ("b-kfac", "b-kfac", {"lr": 0.1, "rank": 4, "T_stats": 1, "T_inv": 2, "damping": 1e-2}, "mlp"),
+    ("b-r-kfac", "b-r-kfac", {"lr": 0.1, "rank": 4, "T_stats": 1, "T_inv": 2, "damping": 1e-2}, "mlp"),
     # statistics sent in float32 (half the bytes); every refresh on every rank
     (
         "kfac-fp32-comm",
@@ -190,6 +192,7 @@ def worker(rank: int, world: int, out_dir: str) -> None:
     try:
         run(rank, world, out_dir)
     finally:
+        torch.distributed.barrier()  # no rank tears the group down while another still uses it
         torch.distributed.destroy_process_group()
 
 

@@ -6,7 +6,7 @@ single-process reference runs here. Checked: parameters after 10 steps (rtol 1e-
 K-FAC (MLP; CNN with reduce; type-2 Fisher), EKFAC (MLP, CNN, type-2 on the CNN), SINGD
 (dense, diagonal), RS-KFAC, TKFAC, SKFAC, a plain model whose gradients the distributor
 averages, float32 communication and unsharded refreshes; that the two ranks hold bit-identical parameters; that each
-decomposition is computed on exactly one rank (counted); that a non-finite gradient on one
+decomposition is computed on exactly one rank (counted, also for B-KFAC and B-R-KFAC); that a non-finite gradient on one
 rank skips the same step on both; that a checkpoint saved on rank 0 resumes on two ranks;
 and that statistics travel as packed triangles (bytes counted).
 """
@@ -43,9 +43,14 @@ def runs():
 
 
 LABELS = [case[0] for case in w.CASES] + ["kfac-plain", "kfac-nan", "ekfac-resume"]
+#: B-KFAC's truncated Brand updates amplify rounding: scaling the loss by 1 + 1e-13 in one
+#: process moves its parameters after 10 steps by 1e-2 (relative) at rank 4 and 6e-5 at
+#: rank 8, so no run, distributed or not, reproduces another to 1e-8. Its cases check the
+#: sharing (one rank per refresh, bit-identical ranks), not the trajectory.
+CHAOTIC = {"b-kfac", "b-r-kfac"}
 
 
-@pytest.mark.parametrize("label", LABELS)
+@pytest.mark.parametrize("label", [label for label in LABELS if label not in CHAOTIC])
 def test_two_ranks_equal_one_process_with_the_whole_batch(runs, label):
     reference, ranks = runs
     rtol = 1e-5 if label == "kfac-fp32-comm" else 1e-8
@@ -61,7 +66,9 @@ def test_ranks_hold_bit_identical_parameters(runs, label):
         assert torch.equal(a, b), label
 
 
-@pytest.mark.parametrize("label", ["kfac", "kfac-cnn-reduce", "ekfac", "ekfac-cnn", "rs-kfac", "tkfac"])
+@pytest.mark.parametrize(
+    "label", ["kfac", "kfac-cnn-reduce", "ekfac", "ekfac-cnn", "rs-kfac", "tkfac", "skfac", "b-kfac", "b-r-kfac"]
+)
 def test_each_decomposition_is_computed_on_exactly_one_rank(runs, label):
     reference, ranks = runs
     plan = ranks[0][label]["plan"]
@@ -134,8 +141,8 @@ def test_which_blocks_share_their_refresh():
     for name in ["kfac", "ekfac", "tkfac", "rs-kfac", "singd", "skfac"]:
         opt = create(name, torch.nn.Sequential(torch.nn.Linear(3, 2)))
         shared[name] = shares_refresh(opt.preconditioner.blocks["0"])
-    # SINGD has nothing to refresh; SKFAC's refresh is not shared (computed on every rank)
-    assert shared == {"kfac": True, "ekfac": True, "tkfac": True, "rs-kfac": True, "singd": False, "skfac": False}
+    # SINGD has nothing to refresh
+    assert shared == {"kfac": True, "ekfac": True, "tkfac": True, "rs-kfac": True, "singd": False, "skfac": True}
 
 
 def test_local_by_default_and_clear_errors_without_a_process_group():
