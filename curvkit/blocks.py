@@ -108,6 +108,12 @@ class LayerStats:
         return int(self.inputs.shape[0])
 
     @cached_property
+    def in_features(self) -> Tensor:
+        """``(N, R, d_in)`` input features **without** the bias column (what the layer
+        handler extracts from the captured input; computed once per batch)."""
+        return self._in_features
+
+    @cached_property
     def _in_features(self) -> Tensor:
         return self.layer.handler.input_features(self.layer.module, self.inputs)
 
@@ -222,6 +228,10 @@ class SharedLayerStats(LayerStats):
 
     def per_example_gradients(self) -> Tensor:
         raise self._missing("per_example_gradients()")
+
+    @property
+    def in_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("in_features")
 
     @property
     def a_features(self) -> Tensor:  # type: ignore[override]

@@ -293,7 +293,7 @@ class SINGDBlock(CurvatureBlock):
         K, C = self.K, self.C
         # (N, R, d_in) without the bias column, cached on the stats (any other object with
         # rows(), such as a test's stand-in, goes through rows())
-        x = stats._in_features if isinstance(stats, LayerStats) else None
+        x = stats.in_features if isinstance(stats, LayerStats) and stats.shared is None else None
         # float16 factors keep the scaled rows: unscaled sums over N·R rows can leave its range
         fp16 = torch.float16 in (K.dtype, C.dtype)
         if x is not None and not fp16 and (stats.approx is KFACApprox.EXPAND or x.shape[1] == 1):
