@@ -166,17 +166,10 @@ GENERIC_HYPERPARAMETERS: dict[str, Any] = {"lr": 0.03, "momentum": 0.9, "damping
 
 @functools.lru_cache(maxsize=1)
 def _digits() -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    """The demo's split of digits (75/25, stratified, ``random_state=0``), loaded once."""
+    from curvkit.demo import digits_split
 
-    X, y = load_digits(return_X_y=True)
-    X_tr, X_te, y_tr, y_te = train_test_split(X / 16.0, y, test_size=0.25, stratify=y, random_state=0)
-    return (
-        torch.as_tensor(X_tr, dtype=torch.float32),
-        torch.as_tensor(y_tr, dtype=torch.long),
-        torch.as_tensor(X_te, dtype=torch.float32),
-        torch.as_tensor(y_te, dtype=torch.long),
-    )
+    return digits_split()
 
 
 def _digits_images() -> tuple[Tensor, Tensor, Tensor, Tensor]:
