@@ -129,7 +129,6 @@ class TorchDistributor(Distributor):
 
     def attach(self, model: nn.Module, blocks: Mapping[str, CurvatureBlock]) -> None:
         super().attach(model, blocks)
-        self._blocks = blocks
         if self._reduce_gradients_option is None:
             self.averages_gradients = not _is_ddp(model)
         param = next(iter(model.parameters()), None)
@@ -178,20 +177,26 @@ class TorchDistributor(Distributor):
             yield bucket
 
     def _sum_flats(self, flats: list[Tensor], kind: str, comm_dtype: torch.dtype | None) -> list[Tensor]:
-        """All-reduce (sum) a list of 1-D tensors of one dtype, in buckets."""
-        out: list[Tensor] = [t for t in flats]
-        for idx in self._buckets(flats):
-            buf = torch.cat([flats[i] for i in idx]) if len(idx) > 1 else flats[idx[0]].clone()
-            dtype = buf.dtype
-            if comm_dtype is not None and comm_dtype != dtype:
-                buf = buf.to(comm_dtype)
-            self._all_reduce(buf, kind)
-            buf = buf.to(dtype)
-            offset = 0
-            for i in idx:
-                n = flats[i].numel()
-                out[i] = buf[offset : offset + n]
-                offset += n
+        """All-reduce (sum) a list of 1-D tensors in buckets of one dtype each; the sums in
+        the order of ``flats``."""
+        out: list[Tensor] = list(flats)
+        by_dtype: dict[torch.dtype, list[int]] = {}
+        for i, f in enumerate(flats):
+            by_dtype.setdefault(f.dtype, []).append(i)
+        for same in by_dtype.values():
+            for bucket in self._buckets([flats[i] for i in same]):
+                idx = [same[j] for j in bucket]
+                buf = torch.cat([flats[i] for i in idx]) if len(idx) > 1 else flats[idx[0]].clone()
+                dtype = buf.dtype
+                if comm_dtype is not None and comm_dtype != dtype:
+                    buf = buf.to(comm_dtype)
+                self._all_reduce(buf, kind)
+                buf = buf.to(dtype)
+                offset = 0
+                for i in idx:
+                    n = flats[i].numel()
+                    out[i] = buf[offset : offset + n]
+                    offset += n
         return out
 
     # --- the four calls ----------------------------------------------------------------------
@@ -200,13 +205,8 @@ class TorchDistributor(Distributor):
         if not self.averages_gradients:
             return
         grads = [p.grad for p in params if p.grad is not None]
-        by_dtype: dict[torch.dtype, list[Tensor]] = {}
-        for g in grads:
-            by_dtype.setdefault(g.dtype, []).append(g)
-        for group in by_dtype.values():
-            summed = self._sum_flats([g.reshape(-1) for g in group], "gradients", None)
-            for g, s in zip(group, summed):
-                g.copy_(s.view_as(g)).div_(self.world_size)
+        for g, total in zip(grads, self._sum_flats([g.reshape(-1) for g in grads], "gradients", None)):
+            g.copy_(total.view_as(g)).div_(self.world_size)
 
     def all_ok(self, ok: bool) -> bool:
         flag = torch.tensor([0.0 if ok else 1.0], device=self.device)
@@ -262,7 +262,7 @@ class TorchDistributor(Distributor):
                     )
                 gather_names.append(n)
         if reduce_names:
-            out.update(self._reduce(reduce_names, names, stats, local, all_meta))
+            out.update(self._reduce(reduce_names, names, stats, blocks, local, all_meta))
         if gather_names:
             out.update(self._gather(gather_names, names, stats, all_meta))
         return out
@@ -272,39 +272,32 @@ class TorchDistributor(Distributor):
         reduce_names: list[str],
         names: list[str],
         stats: Mapping[str, LayerStats],
+        blocks: Mapping[str, CurvatureBlock],
         local: Mapping[str, dict[str, Tensor] | None],
         all_meta: Tensor,
     ) -> dict[str, LayerStats]:
         index = {n: i for i, n in enumerate(names)}
-        entries: list[tuple[str, str, Tensor]] = []  # (layer, key, local tensor)
+        totals = {n: int(all_meta[:, index[n], 1].sum()) for n in reduce_names}
+        entries: list[tuple[str, str, Tensor, bool]] = []  # (layer, key, local tensor, as a triangle)
+        flats: list[Tensor] = []
         for n in reduce_names:
             d = local[n]
             assert d is not None
-            entries.extend((n, key, d[key]) for key in sorted(d))
-        flats: list[Tensor] = []
-        for n, key, t in entries:
-            total = float(all_meta[:, index[n], 1].sum())
-            weight = stats[n].num_data / total if total > 0 else 0.0
-            symmetric = key in self._block_of(n).symmetric_statistics
-            flat = pack_symmetric(t) if symmetric and t.ndim == 2 else t.reshape(-1)
-            flats.append(flat * weight)
-        by_dtype: dict[torch.dtype, list[int]] = {}
-        for i, f in enumerate(flats):
-            by_dtype.setdefault(f.dtype, []).append(i)
-        summed: list[Tensor] = list(flats)
-        for idx in by_dtype.values():
-            for i, total_i in zip(idx, self._sum_flats([flats[i] for i in idx], "statistics", self.comm_dtype)):
-                summed[i] = total_i
+            symmetric = blocks[n].symmetric_statistics
+            weight = stats[n].num_data / totals[n] if totals[n] > 0 else 0.0
+            for key in sorted(d):
+                t = d[key]
+                triangle = key in symmetric and t.ndim == 2
+                entries.append((n, key, t, triangle))
+                flats.append((pack_symmetric(t) if triangle else t.reshape(-1)) * weight)
+        summed = self._sum_flats(flats, "statistics", self.comm_dtype)
         shared: dict[str, dict[str, Tensor]] = {n: {} for n in reduce_names}
-        for (n, key, t), v in zip(entries, summed):
-            symmetric = key in self._block_of(n).symmetric_statistics
-            shared[n][key] = unpack_symmetric(v, t.shape[0]) if symmetric and t.ndim == 2 else v.reshape(t.shape)
-        out: dict[str, LayerStats] = {}
-        for n in reduce_names:
-            s = stats[n]
-            total = int(all_meta[:, index[n], 1].sum())
-            out[n] = SharedLayerStats(s.layer, shared[n], total, s.inputs, s.approx)
-        return out
+        for (n, key, t, triangle), v in zip(entries, summed):
+            shared[n][key] = unpack_symmetric(v, t.shape[0]) if triangle else v.reshape(t.shape)
+        return {
+            n: SharedLayerStats(stats[n].layer, shared[n], totals[n], stats[n].inputs, stats[n].approx)
+            for n in reduce_names
+        }
 
     def _gather(
         self, gather_names: list[str], names: list[str], stats: Mapping[str, LayerStats], all_meta: Tensor
@@ -353,11 +346,6 @@ class TorchDistributor(Distributor):
                 )
             out[n] = LayerStats(s.layer, inputs, grads, s.approx, 1.0)
         return out
-
-    def _block_of(self, name: str) -> CurvatureBlock:
-        return self._blocks[name]
-
-    _blocks: Mapping[str, CurvatureBlock] = {}
 
     def refresh(self, due: list[str], blocks: Mapping[str, CurvatureBlock], run: Callable[[str], None]) -> None:
         shared = [n for n in due if n in self.shared_refreshes]

@@ -254,8 +254,8 @@ class SINGDBlock(CurvatureBlock):
     @property
     def symmetric_statistics(self) -> frozenset[str]:  # type: ignore[override]
         """The dense grams travel as triangles."""
-        names = [p + "matrix" for p, cls in (("K.", self.structure_K), ("C.", self.structure_C))]
-        return frozenset(n for n, cls in zip(names, (self.structure_K, self.structure_C)) if cls is DenseStructure)
+        sides = (("K.", self.structure_K), ("C.", self.structure_C))
+        return frozenset(prefix + "matrix" for prefix, cls in sides if cls is DenseStructure)
 
     def _shared_grams(self, stats: LayerStats) -> tuple[FactorStructure, FactorStructure, float, float]:
         assert stats.shared is not None
