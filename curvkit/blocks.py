@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from curvkit.config import KFACApprox
 from curvkit.linalg.damping import Damping
-from curvkit.linalg.inverters import Inverter, KroneckerInverse, inverse_from_tensors
+from curvkit.linalg.inverters import Inverter, KroneckerInverse, inverse_from_state, inverse_state
 from curvkit.numerics import all_finite
 from curvkit.stats.factors import output_gram
 from curvkit.stats.handlers import weight_matrix
@@ -471,16 +471,11 @@ class KroneckerBlock(CurvatureBlock):
         return {"A": a, "G": g}
 
     def refresh_state(self) -> dict[str, Any] | None:
-        out: dict[str, Any] = {"inverse_failures": self.inverse_failures}
-        if self.inverse is not None:
-            out["inverse_kind"] = self.inverse.kind
-            out["inverse"] = dict(self.inverse.tensors())
-        return out
+        return {"inverse_failures": self.inverse_failures, **inverse_state(self.inverse)}
 
     def load_refresh_state(self, state: dict[str, Any]) -> None:
         self.inverse_failures = int(state["inverse_failures"])
-        if "inverse" in state:
-            self.inverse = inverse_from_tensors(state["inverse_kind"], dict(state["inverse"]))
+        self.inverse = inverse_from_state(state, clone=False)
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
@@ -518,9 +513,7 @@ class KroneckerBlock(CurvatureBlock):
         if self.A is not None and self.G is not None:
             out["A"] = dict(self.A.tensors())
             out["G"] = dict(self.G.tensors())
-        if self.inverse is not None:
-            out["inverse_kind"] = self.inverse.kind
-            out["inverse"] = dict(self.inverse.tensors())
+        out.update(inverse_state(self.inverse))
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -529,10 +522,7 @@ class KroneckerBlock(CurvatureBlock):
         if "A" in state:
             self.A = self.structure_A.from_tensors({k: v.clone() for k, v in state["A"].items()})
             self.G = self.structure_G.from_tensors({k: v.clone() for k, v in state["G"].items()})
-        if "inverse" in state:
-            self.inverse = inverse_from_tensors(
-                state["inverse_kind"], {k: v.clone() for k, v in state["inverse"].items()}
-            )
+        self.inverse = inverse_from_state(state)
 
     def describe(self) -> str:
         return (

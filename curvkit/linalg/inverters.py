@@ -38,6 +38,9 @@ __all__ = [
     "KroneckerInverse",
     "check_compatible",
     "compute_dtype",
+    "inverse_from_state",
+    "inverse_from_tensors",
+    "inverse_state",
     "symmetric_eigh",
 ]
 
@@ -169,8 +172,6 @@ class IdentityInverse(KroneckerInverse):
         return cls()
 
 
-
-
 def inverse_from_tensors(kind: str, tensors: dict[str, Tensor]) -> KroneckerInverse:
     """Rebuild a stored :class:`KroneckerInverse` (``state_dict`` round trip)."""
     if kind not in _INVERSE_KINDS:
@@ -179,6 +180,23 @@ def inverse_from_tensors(kind: str, tensors: dict[str, Tensor]) -> KroneckerInve
             "Is the plugin that defines it installed and loaded?"
         )
     return _INVERSE_KINDS[kind].from_tensors(tensors)
+
+
+def inverse_state(inverse: KroneckerInverse | None) -> dict[str, Any]:
+    """The entries a block's ``state_dict`` (or ``refresh_state``) stores for its cached
+    inverse: ``{"inverse_kind", "inverse"}``, none for ``None``."""
+    if inverse is None:
+        return {}
+    return {"inverse_kind": inverse.kind, "inverse": dict(inverse.tensors())}
+
+
+def inverse_from_state(state: dict[str, Any], *, clone: bool = True) -> KroneckerInverse | None:
+    """Inverse of :func:`inverse_state` (any registered kind): the inverse, or ``None``
+    when ``state`` holds none. ``clone=False`` keeps the given tensors."""
+    if "inverse" not in state:
+        return None
+    tensors = {k: v.clone() if clone else v for k, v in state["inverse"].items()}
+    return inverse_from_tensors(state["inverse_kind"], tensors)
 
 
 class Inverter:

@@ -41,7 +41,13 @@ from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerSt
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, IncompatibleComponentsError
 from curvkit.linalg.damping import Damping, ExactDamping
-from curvkit.linalg.inverters import IdentityInverse, KroneckerInverse, compute_dtype
+from curvkit.linalg.inverters import (
+    IdentityInverse,
+    KroneckerInverse,
+    compute_dtype,
+    inverse_from_state,
+    inverse_state,
+)
 from curvkit.methods import MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.structures.base import DenseStructure
@@ -51,7 +57,6 @@ from curvkit_lowrank.lowrank import (
     LowRankFactor,
     LowRankInverse,
     RandomizedInverter,
-    inverse_from_tensors,
     low_rank_shifts,
     randomized_svd,
 )
@@ -238,22 +243,18 @@ class BrandKroneckerBlock(CurvatureBlock):
     def refresh_state(self) -> dict[str, Any] | None:
         """The inverse, the refresh counters and the low-rank factors (B-R-KFAC's periodic
         RSVD correction replaces them in a refresh)."""
-        out: dict[str, Any] = {
+        return {
             "inverse_failures": self.inverse_failures,
             "refreshes": self.refreshes,
             "low": {side: {"U": low.U, "d": low.d} for side, low in self.low.items()},
+            **inverse_state(self.inverse),
         }
-        if self.inverse is not None:
-            out["inverse_kind"] = self.inverse.kind
-            out["inverse"] = dict(self.inverse.tensors())
-        return out
 
     def load_refresh_state(self, state: dict[str, Any]) -> None:
         self.inverse_failures = int(state["inverse_failures"])
         self.refreshes = int(state["refreshes"])
         self.low = {side: LowRankFactor(low["U"], low["d"]) for side, low in state["low"].items()}
-        if "inverse" in state:
-            self.inverse = inverse_from_tensors(state["inverse_kind"], dict(state["inverse"]))
+        self.inverse = inverse_from_state(state, clone=False)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -268,9 +269,7 @@ class BrandKroneckerBlock(CurvatureBlock):
             out[f"low_{side}"] = {"U": low.U, "d": low.d}
         for side, X in self.exact.items():
             out[f"exact_{side}"] = X
-        if self.inverse is not None:
-            out["inverse_kind"] = self.inverse.kind
-            out["inverse"] = dict(self.inverse.tensors())
+        out.update(inverse_state(self.inverse))
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -288,11 +287,7 @@ class BrandKroneckerBlock(CurvatureBlock):
         if self.low or self.exact:
             some = next(iter(self.low.values())).U if self.low else next(iter(self.exact.values()))
             self.init(dtype=some.dtype, device=some.device)
-        self.inverse = None
-        if "inverse" in state:
-            self.inverse = inverse_from_tensors(
-                state["inverse_kind"], {k: v.clone() for k, v in state["inverse"].items()}
-            )
+        self.inverse = inverse_from_state(state)
 
     def side_description(self, side: str) -> str:
         d = self.dims[side]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -210,14 +210,6 @@ class LowRankEigenInverse(KroneckerInverse):
         )
 
 
-#: Inverse kinds of this plugin, for ``state_dict`` round trips (curvkit's
-#: ``inverse_from_tensors`` only knows its built-in kinds).
-INVERSE_KINDS: dict[str, type[KroneckerInverse]] = {
-    LowRankInverse.kind: LowRankInverse,
-    LowRankEigenInverse.kind: LowRankEigenInverse,
-}
-
-
 def low_rank_shifts(
     damping: Damping, A: FactorStructure, G: FactorStructure, a: LowRankFactor, g: LowRankFactor, lam: float
 ) -> tuple[float, float]:
@@ -328,12 +320,3 @@ class RandomizedEighInverter(RandomizedInverter):
             generator=generator,
             reorthonormalise=self.reorthonormalise,
         )
-
-
-def inverse_from_tensors(kind: str, tensors: dict[str, Tensor]) -> Any:
-    """Rebuild a stored inverse of this plugin's kinds, or of curvkit's built-in ones."""
-    if kind in INVERSE_KINDS:
-        return INVERSE_KINDS[kind].from_tensors(tensors)
-    from curvkit.linalg.inverters import inverse_from_tensors as builtin
-
-    return builtin(kind, tensors)

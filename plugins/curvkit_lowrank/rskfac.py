@@ -24,7 +24,7 @@ from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComp
 from curvkit.linalg.damping import Damping, ExactDamping, RelativeDamping
 from curvkit.linalg.inverters import IdentityInverse
 from curvkit.methods import KroneckerConfig, MethodSpec
-from curvkit_lowrank.lowrank import RandomizedInverter, inverse_from_tensors
+from curvkit_lowrank.lowrank import RandomizedInverter
 
 __all__ = [
     "LowRankKroneckerBlock",
@@ -41,8 +41,7 @@ class LowRankKroneckerBlock(KroneckerBlock):
     :class:`~curvkit_lowrank.lowrank.RandomizedInverter`.
 
     It seeds refresh ``i``'s sketches from ``i`` (saved in ``state_dict``, so a resumed run
-    draws the same sketches), restores this plugin's inverse kinds on ``load_state_dict``
-    (curvkit's ``inverse_from_tensors`` knows only its built-in kinds), and, if the very
+    draws the same sketches), and, if the very
     first refresh fails (e.g. an all-zero factor under relative damping, which has no
     valid shift), falls back to the identity.
     """
@@ -80,14 +79,8 @@ class LowRankKroneckerBlock(KroneckerBlock):
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        rest = {k: v for k, v in state.items() if k not in ("inverse", "inverse_kind", "refreshes")}
-        super().load_state_dict(rest)
+        super().load_state_dict(state)
         self.refreshes = int(state.get("refreshes", 0))
-        self.inverse = None
-        if "inverse" in state:
-            self.inverse = inverse_from_tensors(
-                state["inverse_kind"], {k: v.clone() for k, v in state["inverse"].items()}
-            )
 
     def describe(self) -> str:
         return (

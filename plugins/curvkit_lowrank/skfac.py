@@ -25,7 +25,7 @@ from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerSt
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, IncompatibleComponentsError
 from curvkit.linalg.damping import ConstantDamping, Damping, ExactDamping, PiDamping, ScalarDamping
-from curvkit.linalg.inverters import KroneckerInverse, compute_dtype
+from curvkit.linalg.inverters import KroneckerInverse, compute_dtype, inverse_from_state, inverse_state
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.structures.base import DenseStructure
@@ -264,15 +264,11 @@ class SKFACBlock(CurvatureBlock):
     # --- data-parallel training: one rank builds the Woodbury inverse, the others install it --
 
     def refresh_state(self) -> dict[str, Any] | None:
-        out: dict[str, Any] = {"inverse_failures": self.inverse_failures}
-        if self.inverse is not None:
-            out["inverse"] = dict(self.inverse.tensors())
-        return out
+        return {"inverse_failures": self.inverse_failures, **inverse_state(self.inverse)}
 
     def load_refresh_state(self, state: dict[str, Any]) -> None:
         self.inverse_failures = int(state["inverse_failures"])
-        if "inverse" in state:
-            self.inverse = WoodburyInverse.from_tensors(dict(state["inverse"]))
+        self.inverse = inverse_from_state(state, clone=False)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_updates": self.num_updates, "inverse_failures": self.inverse_failures}
