@@ -21,20 +21,19 @@ heavy-ball momentum are the optimizer's (``weight_decay_mode="after"``, ``moment
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
-from curvkit.config import KFACApprox, check_number
+from curvkit.config import KFACApprox
 from curvkit.errors import ConfigError
-from curvkit.linalg.damping import Damping, ScalarDamping
-from curvkit.methods import MethodConfig, MethodSpec
+from curvkit.linalg.damping import Damping
+from curvkit.methods import MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.structures.base import DenseStructure, DiagonalStructure, FactorStructure
+from curvkit_singd.config import IKFACConfig, INGDConfig, SINGDConfig, SINGDDamping
 from curvkit_singd.structures import (
     BlockDiagonalStructure,
     GroupStructure,
@@ -42,7 +41,6 @@ from curvkit_singd.structures import (
     HierarchicalStructure,
     TrilToeplitzStructure,
     TriuToeplitzStructure,
-    resolve_structure,
     s_add_,
     s_add_identity_,
     s_added,
@@ -66,129 +64,8 @@ __all__ = [
     "SINGD_SPEC",
 ]
 
-DTypeSpec = torch.dtype | None | tuple[torch.dtype | None, torch.dtype | None]
 _HALF = {torch.bfloat16, torch.float16}
 _ROWS_BUFFER_BYTES = 16 * 2**20
-
-
-@dataclass(frozen=True, kw_only=True)
-class SINGDDamping(ScalarDamping):
-    """SINGD's damping λ: it enters only the ``m_K``/``m_C`` updates, as ``λ KᵀK`` and
-    ``λ CᵀC`` (trace-coupled unless ``kfac_like``); nothing is ever inverted."""
-
-    name: ClassVar[str] = "singd"
-
-
-@dataclass(frozen=True, kw_only=True)
-class SINGDConfig(MethodConfig):
-    r"""SINGD's options, by the paper's symbols (Lin et al. 2024, Fig. 4).
-
-    The optimizer's own options carry the rest: ``lr`` (β₂), ``momentum`` (α₂) and
-    ``weight_decay`` (γ, applied after preconditioning: ``weight_decay_mode="after"``).
-
-    Args:
-        damping: λ, the damping inside the ``m_K``/``m_C`` updates (> 0); a float or a
-            :class:`SINGDDamping`.
-        alpha1: α₁, the Riemannian momentum of ``m_K``/``m_C`` in [0, 1); ``None`` means
-            0.5, or 0 with ``kfac_like``.
-        lr_cov: β₁, the step size of the ``K``/``C`` updates, or a callable ``step ->
-            β₁`` (a schedule; ``step`` is the optimizer step of the update).
-        T: Update ``K``, ``C`` every ``T`` steps (from step 0 on).
-        structure: Structure of ``K`` and ``C`` (registered names, e.g. ``"dense"``,
-            ``"diagonal"``, ``"block30diagonal"``, ``"hierarchical15_15"``,
-            ``"triltoeplitz"``; ``"block{k}diagonal"`` and ``"hierarchical{k1}_{k2}"`` for
-            any sizes), or a pair ``(K's, C's)``.
-        kfac_like: IKFAC's update (no trace coupling, α₁ = 0).
-        normalize_lr_cov: β₁ ← β₁ / max(1, ‖m‖_∞), with ½ → ½(1 − α₁).
-        factor_dtype: dtype of ``K``, ``m_K`` and ``C``, ``m_C`` (one dtype or a pair
-            ``(K's, C's)``; ``None``: the parameters' dtype). The update and the
-            preconditioning run in these dtypes.
-    """
-
-    damping: SINGDDamping | float = field(default_factory=lambda: SINGDDamping(value=1e-3))
-    alpha1: float | None = None
-    lr_cov: float | Callable[[int], float] = 1e-2
-    T: int = 10
-    structure: str | tuple[str, str] = "dense"
-    kfac_like: bool = False
-    normalize_lr_cov: bool = False
-    factor_dtype: DTypeSpec = None
-    T_stats: int = field(default=10, init=False)
-
-    def normalise(self) -> list[str]:
-        out = super().normalise()
-        if isinstance(self.T, int) and not isinstance(self.T, bool):
-            self._set("T_stats", self.T)
-        if isinstance(self.damping, (int, float)) and not isinstance(self.damping, bool):
-            try:
-                self._set("damping", SINGDDamping(value=float(self.damping)))
-            except ConfigError as err:
-                out.extend(f"damping={self.damping!r}: {p}" for p in err.problems)
-        if self.alpha1 is None:
-            self._set("alpha1", 0.0 if self.kfac_like else 0.5)
-        return out
-
-    def problems(self) -> list[str]:
-        out = super().problems()
-        out = [p for p in out if not p.startswith("T_stats")]
-        check_number(out, "T", self.T, low=1, integer=True)
-        if not isinstance(self.damping, (SINGDDamping, float, int)):
-            out.append(f"damping={self.damping!r} must be a float > 0 (λ) or a SINGDDamping")
-        check_number(out, "alpha1", self.alpha1, low=0.0, high=1.0, high_open=True)
-        if self.kfac_like and isinstance(self.alpha1, (int, float)) and self.alpha1 != 0:
-            out.append(f"alpha1={self.alpha1!r} must be 0 with kfac_like=True (IKFAC has no Riemannian momentum)")
-        if not callable(self.lr_cov):
-            check_number(out, "lr_cov", self.lr_cov, low=0.0, low_open=True)
-        if not isinstance(self.kfac_like, bool):
-            out.append(f"kfac_like={self.kfac_like!r} must be True or False")
-        if not isinstance(self.normalize_lr_cov, bool):
-            out.append(f"normalize_lr_cov={self.normalize_lr_cov!r} must be True or False")
-        s = self.structure
-        if not (isinstance(s, str) or (isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, str) for x in s))):
-            out.append(f"structure={s!r} must be a registered structure name or a pair (K's, C's) of names")
-        f = self.factor_dtype
-        pair = f if isinstance(f, tuple) else (f, f)
-        if len(pair) != 2 or not all(x is None or isinstance(x, torch.dtype) for x in pair):
-            out.append(f"factor_dtype={f!r} must be a torch.dtype, None, or a pair (K's, C's) of them")
-        elif any(x is not None and not x.is_floating_point for x in pair):
-            out.append(f"factor_dtype={f!r} must be floating-point dtype(s)")
-        return out
-
-    # --- resolution ------------------------------------------------------------------------
-
-    def structure_classes(self, registry: Any) -> tuple[type[FactorStructure], type[FactorStructure]]:
-        names = (self.structure, self.structure) if isinstance(self.structure, str) else self.structure
-        return resolve_structure(names[0], registry), resolve_structure(names[1], registry)
-
-    def dtypes(self) -> tuple[torch.dtype | None, torch.dtype | None]:
-        f = self.factor_dtype
-        return f if isinstance(f, tuple) else (f, f)  # type: ignore[return-value]
-
-    def check_components(self, registry: Any) -> None:
-        self.structure_classes(registry)
-
-    @property
-    def lam(self) -> float:
-        """λ as a float."""
-        d = self.damping
-        return float(d.value) if isinstance(d, SINGDDamping) else float(d)
-
-    def beta1(self, step: int) -> float:
-        return float(self.lr_cov(step)) if callable(self.lr_cov) else float(self.lr_cov)
-
-
-@dataclass(frozen=True, kw_only=True)
-class IKFACConfig(SINGDConfig):
-    """IKFAC: SINGD's options with ``kfac_like=True`` (so α₁ = 0)."""
-
-    kfac_like: bool = True
-
-
-@dataclass(frozen=True, kw_only=True)
-class INGDConfig(SINGDConfig):
-    """INGD: SINGD with dense ``K`` and ``C`` (the structure is fixed)."""
-
-    structure: str | tuple[str, str] = field(default="dense", init=False)
 
 
 class SINGDBlock(CurvatureBlock):
