@@ -144,7 +144,7 @@ class SINGDBlock(CurvatureBlock):
         return self.structure_K.from_tensors(parts["K."]), self.structure_C.from_tensors(parts["C."]), 1.0, 1.0
 
     def batch_is_finite(self, stats: LayerStats) -> bool:
-        if getattr(stats, "shared", None) is not None:  # the ranks' averaged grams (batch_statistics)
+        if stats.shared is not None:  # the ranks' averaged grams (batch_statistics)
             return super().batch_is_finite(stats)
         # SINGD never forms the dense factors A and G, nor needs the scaled rows: it computes
         # H_K, H_C here (kept for update) and checks their traces. A non-finite entry of
@@ -170,7 +170,7 @@ class SINGDBlock(CurvatureBlock):
         K, C = self.K, self.C
         # (N, R, d_in) without the bias column, cached on the stats (any other object with
         # rows(), such as a test's stand-in, goes through rows())
-        x = stats.in_features if isinstance(stats, LayerStats) and stats.shared is None else None
+        x = stats.in_features if isinstance(stats, LayerStats) else None
         # float16 factors keep the scaled rows: unscaled sums over N·R rows can leave its range
         fp16 = torch.float16 in (K.dtype, C.dtype)
         if x is not None and not fp16 and (stats.approx is KFACApprox.EXPAND or x.shape[1] == 1):
@@ -207,7 +207,7 @@ class SINGDBlock(CurvatureBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         pending, self._pending = self._pending, None
-        if getattr(stats, "shared", None) is not None:
+        if stats.shared is not None:
             H_K, H_C, sK, sC = self._shared_grams(stats)
         elif pending is not None and pending[0]() is stats:
             H_K, H_C, sK, sC = pending[1:]

@@ -24,6 +24,8 @@ from curvkit.errors import ConfigError
 class _Stats:
     """The part of ``LayerStats`` a SINGD block reads."""
 
+    shared = None  # one process's own batch (LayerStats.shared)
+
     def __init__(self, a_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
         self.a_rows, self.g_rows = a_rows, g_rows
         self.inputs = a_rows
