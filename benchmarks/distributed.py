@@ -91,6 +91,7 @@ def _run_case(
     loss_fn = nn.CrossEntropyLoss()
     times = []
     loss = torch.tensor(float("nan"))
+    sent_before = dict(pre.distributor.bytes_communicated) if pre is not None else {}
     for step in range(args.warmup + args.steps):
         if world > 1:
             dist.barrier()

@@ -32,38 +32,22 @@ from typing import Any
 import torch
 from torch import nn
 
+from curvkit.bench.tasks import digits_cnn, digits_mlp
+from curvkit.demo import digits_split
+
 NAMES = ["KFAC", "SOKLDWRM", "QKLDWRM", "QEKLDWRM"]
 LABELS = {"KFAC": "K-FAC", "SOKLDWRM": "SO-KLD-WRM", "QKLDWRM": "Q-KLD-WRM", "QEKLDWRM": "QE-KLD-WRM"}
 COLORS = {"KFAC": "k", "SOKLDWRM": "tab:blue", "QKLDWRM": "tab:orange", "QEKLDWRM": "tab:green"}
 
 
 def digits(image: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    X_tr, X_te, y_tr, y_te = train_test_split(
-        data.data, data.target, test_size=0.25, stratify=data.target, random_state=0
-    )
+    """``(X_train, X_test, y_train, y_test)``: the split of ``curvkit demo`` and ``curvkit bench``."""
+    X_tr, y_tr, X_te, y_te = digits_split()
     shape = (-1, 1, 8, 8) if image else (-1, 64)
-    X_tr, X_te = (torch.tensor(x / 16, dtype=torch.float32).reshape(shape) for x in (X_tr, X_te))
-    return X_tr, X_te, torch.tensor(y_tr), torch.tensor(y_te)
+    return X_tr.reshape(shape), X_te.reshape(shape), y_tr, y_te
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
-
-
-def cnn() -> nn.Module:
-    return nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 16, 10),
-    )
+mlp, cnn = digits_mlp, digits_cnn
 
 
 MODELS: dict[str, tuple[Callable[[], nn.Module], bool, int, float]] = {

@@ -27,11 +27,13 @@ def _digits_images() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return X_tr.reshape(-1, 1, 8, 8), y_tr, X_te.reshape(-1, 1, 8, 8), y_te
 
 
-def _mlp() -> nn.Module:
+def digits_mlp() -> nn.Module:
+    """The ``digits-mlp`` model: 64-128-10 with ReLU."""
     return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
-def _cnn() -> nn.Module:
+def digits_cnn() -> nn.Module:
+    """The ``digits-cnn`` model (see :mod:`curvkit.bench`)."""
     return nn.Sequential(
         nn.Conv2d(1, 16, 3, padding=1),
         nn.ReLU(),
@@ -124,7 +126,7 @@ TASKS: dict[str, Task] = {
         Task(
             "digits-mlp",
             "sklearn digits, MLP 64-128-10 (ReLU)",
-            _mlp,
+            digits_mlp,
             _digits,
             steps=210,
             quick_steps=60,
@@ -133,7 +135,7 @@ TASKS: dict[str, Task] = {
         Task(
             "digits-cnn",
             "sklearn digits 1x8x8, Conv16-Conv32-AvgPool-Linear",
-            _cnn,
+            digits_cnn,
             _digits_images,
             steps=105,
             quick_steps=50,
