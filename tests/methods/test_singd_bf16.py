@@ -11,17 +11,26 @@ Tasks:
   carry the model's 1/R from the sequence mean; with ``loss_average="batch"`` the curvature
   is mis-scaled by R).
 
-Both train with the learning rate decayed linearly to 0 over the 500 steps. At a constant
-learning rate the test accuracy at the last step is a draw from the SGD noise: float32
-itself moves by ±1.5 points between steps 400 and 500 on the sequence task, which made a
-bf16 − fp32 comparison at one step a coin toss (gaps of −2.7 to +0.9 points over eight
-data seeds). With the decay the last iterate settles; over sixteen data seeds the
-sequence gap was −0.9 to +1.1 points (mean +0.15): no seed more than 1 point below; on
-digits, over eight seeds (initialisation and batch order), −1.6 to +1.3 (dense, mean
-−0.1) and −2.0 to +0.9 (block-diagonal, mean 0.0): there a single seed is not within 1
-point reliably (2 and 1 of 8 seeds beyond), the mean is. The single-seed tests below use
-seed 0 (gaps −0.2, −0.4, 0.0); :func:`test_bf16_gap_over_seeds` (slow) checks the mean
-over seeds 0–3.
+Both train with the learning rate decayed linearly to 0 over the 500 steps, and the
+parameters get curvkit's compensated (Kahan) update in bf16 (``kahan_sum=True``, the
+default: :mod:`curvkit.optim.optimizer`).
+
+What "within 1 point" can mean here, measured (bf16 − fp32 test accuracy, points, seeds
+0–15, initialisation and batch order; for the sequences also data and teacher):
+
+* sequences, dense: −0.59 to +1.37 (mean +0.06): every seed within 1 point below, so it is
+  checked per seed (seeds 0–7) and at seed 0;
+* digits (450 test images, one image = 0.22 points), dense: −1.33 to +1.78 (mean 0.00);
+  block-diagonal: −2.00 to +0.22 (mean −0.51). That scatter is the floor of the
+  comparison, not bf16: **float64 − float32** on the same seeds scatters as much (dense
+  −1.33 to +2.00, block-diagonal −1.33 to +1.78), so no precision can be held to 1 point
+  on one digits seed. Checked: the mean over seeds 0–7 within 1 point, no seed more than
+  2 points below (the float64/float32 floor).
+
+The compensated update removes a bias, not that scatter: at a *constant* learning rate
+(where the small late steps matter most) the mean gap over 12 seeds moved from −0.89 to
+−0.23 points on the sequences and from −0.50 to +0.22 on digits (dense) when it was turned
+on; with the decay the means were already within 1 point without it (−0.11, −0.08, +0.26).
 
 ``K`` and ``C`` are stored in bf16 with their rounding error carried to the next update
 (:meth:`SINGDBlock._step_factor`); :func:`test_bf16_factor_update_is_compensated` shows
@@ -114,10 +123,7 @@ def _train(task: str, dtype: torch.dtype, structure: str, seed: int = 0) -> tupl
     return acc, losses, opt
 
 
-@pytest.mark.parametrize(
-    ("task", "structure", "tolerance"),
-    [("digits", "dense", 0.01), ("digits", "block30diagonal", 0.01), ("sequence", "dense", 0.01)],
-)
+@pytest.mark.parametrize(("task", "structure", "tolerance"), [("sequence", "dense", 0.01)])
 def test_bf16_matches_fp32_accuracy(task, structure, tolerance):
     acc32, losses32, _ = _train(task, torch.float32, structure)
     acc16, losses16, opt = _train(task, torch.bfloat16, structure)
@@ -177,22 +183,28 @@ def test_bf16_rounding_errors_round_trip_through_state_dict():
     assert other.err_C is not None and torch.equal(other.err_C["matrix"], block.err_C["matrix"])
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize(
-    ("task", "structure"), [("digits", "dense"), ("digits", "block30diagonal"), ("sequence", "dense")]
+    ("task", "structure", "mean_tolerance", "seed_tolerance"),
+    [
+        ("sequence", "dense", 0.01, 0.01),
+        ("digits", "dense", 0.01, 0.02),
+        ("digits", "block30diagonal", 0.01, 0.02),
+    ],
 )
-def test_bf16_gap_over_seeds(task, structure):
-    """The robust form of the 1-point claim: over seeds 0–3 (model initialisation and batch
-    order; for the sequences also the data and the teacher) the mean bf16 − fp32 gap is
-    within 1 point, and no single seed loses more than 2.5 (a single seed scatters: on
-    digits −1.6 to +1.3 points over eight seeds, one test sample being 0.22 points).
-    Measured: digits dense −0.22, +0.22, −1.56, +0.22; block-diagonal −0.44, −0.67, +0.44,
-    +0.89; sequences 0.00, +0.49, +0.49, +0.10 points."""
+def test_bf16_gap_over_seeds(task, structure, mean_tolerance, seed_tolerance):
+    """Seeds 0–7: the mean bf16 − fp32 gap within 1 point, and every seed within
+    ``seed_tolerance`` (sequences: 1 point; digits: 2 points, the float64 − float32 floor of
+    one seed, see the module docstring). Measured on seeds 0–7: sequences −0.59 to +0.49
+    (mean +0.00); digits dense −1.11 to +1.11 (mean +0.00), block-diagonal −1.56 to +0.22
+    (mean −0.39)."""
     gaps = []
-    for seed in range(4):
+    for seed in range(8):
         acc32, _, _ = _train(task, torch.float32, structure, seed)
         acc16, losses16, _ = _train(task, torch.bfloat16, structure, seed)
         assert all(math.isfinite(v) for v in losses16), f"seed {seed}: bf16 SINGD produced a non-finite loss"
         gaps.append(acc16 - acc32)
-    assert sum(gaps) / len(gaps) >= -0.01, f"mean bf16 − fp32 gap {gaps} below −1 point"
-    assert min(gaps) >= -0.025, f"a seed lost more than 2.5 points: {gaps}"
+    shown = ", ".join(f"{100 * g:+.2f}" for g in gaps)
+    assert sum(gaps) / len(gaps) >= -mean_tolerance, (
+        f"mean bf16 − fp32 gap below −{100 * mean_tolerance:g} points: {shown}"
+    )
+    assert min(gaps) >= -seed_tolerance - 1e-6, f"a seed lost more than {100 * seed_tolerance:g} points: {shown}"
