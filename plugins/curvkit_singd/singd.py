@@ -52,6 +52,7 @@ from curvkit_singd.structures import (
     s_product,
     s_scale_,
 )
+from curvkit_singd.structures.base import symmetric_mm
 
 __all__ = [
     "SINGDDamping",
@@ -376,7 +377,7 @@ class SINGDBlock(CurvatureBlock):
             # more than 2d rows: Fᵀ (XᵀX) F costs n d² + 2 d³ multiply-adds, (X F)ᵀ (X F) 2 n d²
             # (in half precision the latter: two roundings of the result instead of three)
             M = F.matrix
-            return cls.from_dense((M.T @ (x.T @ x)) @ M)
+            return cls.from_dense(symmetric_mm(M.T, symmetric_mm(x.T, x) @ M))
         return s_gram(cls, F.rmatmul(x).T)
 
     def _scratch(self, key: str, like: Tensor) -> Tensor:
@@ -416,7 +417,7 @@ class SINGDBlock(CurvatureBlock):
           work of ``F`` then ``Fᵀ``) and diagonal ``F``: always.
         """
         if isinstance(F, DenseStructure):
-            return F.matrix @ F.matrix.T if d < self.config.T * other else F.matrix.new_empty(0)
+            return symmetric_mm(F.matrix, F.matrix.T) if d < self.config.T * other else F.matrix.new_empty(0)
         if isinstance(F, (BlockDiagonalStructure, HierarchicalStructure)):
             return F.square()
         if isinstance(F, DiagonalStructure):

@@ -115,6 +115,10 @@ def _model(kind: str) -> nn.Module:
         m = nn.Sequential(
             nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 3, 3, stride=2), nn.Flatten(), nn.Linear(12, 3)
         )
+    elif kind == "wide":  # dense factors of 301, 320 and 321: symmetric products in blocks
+        m = nn.Sequential(nn.Linear(300, 320), nn.Tanh(), nn.Linear(320, 3))
+    elif kind == "wideseq":  # 640 rows > 2 d: the gram is formed as Kᵀ (XᵀX) K
+        m = nn.Sequential(nn.Linear(290, 300), nn.Tanh(), nn.Linear(300, 3), _SeqMean())
     else:  # Linear layers on sequences (weight sharing over the sequence axis)
         m = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 3), _SeqMean())
     return m.double()
@@ -123,7 +127,7 @@ def _model(kind: str) -> nn.Module:
 def _data(kind: str) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(1)
     n = 64
-    shape = {"mlp": (n, 7), "cnn": (n, 2, 5, 5), "seq": (n, 4, 6)}[kind]
+    shape = {"mlp": (n, 7), "cnn": (n, 2, 5, 5), "seq": (n, 4, 6), "wide": (n, 300), "wideseq": (n, 40, 290)}[kind]
     X = torch.randn(*shape, generator=gen, dtype=torch.float64)
     y = torch.randint(0, 3, (n,), generator=gen)
     return X, y
@@ -178,6 +182,14 @@ def test_cnn_trajectory_matches_package(structure):
 @pytest.mark.parametrize("structure", PACKAGE_STRUCTURES + ["block3diagonal", "hierarchical3_2"])
 def test_sequence_linear_trajectory_matches_package(structure, approx):
     _compare("seq", (structure, structure), kfac_approx=approx)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+@pytest.mark.parametrize("kind", ["wide", "wideseq"])
+def test_wide_dense_trajectory_matches_package(kind, T):
+    """Factors of dimension 290–321, where the symmetric products (``KᵀK``, the grams,
+    ``K Kᵀ``) run in 2×2 blocks on the CPU (``symmetric_mm``)."""
+    _compare(kind, ("dense", "dense"), T=T)
 
 
 OPTIONS = [

@@ -178,3 +178,22 @@ def test_s_all_finite_tells_overflow_from_non_finite():
         assert not s_all_finite(DiagonalStructure(torch.ones(2)), DenseStructure(m))
     h = hierarchical(1, 1).identity(2)  # an empty middle block is skipped
     assert s_all_finite(h)
+
+
+@pytest.mark.parametrize("d", [5, 287, 300, 450, 785])
+def test_symmetric_mm_equals_the_product(d):
+    """``symmetric_mm`` (blocks on and above the diagonal, the rest mirrored) against one
+    GEMM in float64, for ``Fᵀ F``, ``F Fᵀ`` and ``Fᵀ (A F)``; off the diagonal blocks the
+    result is exactly symmetric."""
+    from curvkit_singd.structures.base import symmetric_mm
+
+    gen = torch.Generator().manual_seed(d)
+    F = torch.randn(d, d, generator=gen, dtype=torch.float64)
+    X = torch.randn(2 * d + 1, d, generator=gen, dtype=torch.float64)
+    A = X.T @ X
+    for left, right in [(F.T, F), (F, F.T), (F.T, A @ F), (X.T, X)]:
+        got = symmetric_mm(left, right)
+        torch.testing.assert_close(got, left @ right, rtol=1e-12, atol=1e-12 * float((left @ right).abs().max()))
+        if d >= 288:
+            h = round(d / 2) if d < 448 else round(d / 4)
+            assert torch.equal(got[h:, :h], got[:h, h:].T)
