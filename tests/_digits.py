@@ -6,22 +6,16 @@ import torch
 from torch import nn
 
 import curvkit.optim
+from curvkit.bench.tasks import digits_mlp
+from curvkit.demo import digits_split
 
 
 def digits_accuracy(method, *, lr, momentum, seed=0, epochs=10, **options):
     """Train the 64-128-10 ReLU MLP on sklearn's digits (float32, batch 64) and return the
     test accuracy."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    X_tr, X_te, y_tr, y_te = train_test_split(
-        data.data, data.target, test_size=0.25, stratify=data.target, random_state=0
-    )
-    X_tr, X_te = (torch.tensor(x / 16, dtype=torch.float32) for x in (X_tr, X_te))
-    y_tr, y_te = torch.tensor(y_tr), torch.tensor(y_te)
+    X_tr, y_tr, X_te, y_te = digits_split()
     torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = digits_mlp()
     loss_fn = nn.CrossEntropyLoss()
     opt = curvkit.optim.CurvatureOptimizer(
         model,

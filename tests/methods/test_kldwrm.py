@@ -8,7 +8,9 @@ from curvkit_kldwrm import QEKLDWRM, QKLDWRM, SOKLDWRM, QKLDWRMBlock, QKLDWRMCon
 from torch import nn
 
 import curvkit.optim
+from curvkit.bench.tasks import digits_cnn, digits_mlp
 from curvkit.blocks import BlockInfo
+from curvkit.demo import digits_split
 from curvkit.linalg.damping import ExactDamping
 from curvkit.plugins import default_registry
 
@@ -250,16 +252,9 @@ def test_qe_inner_loop_and_memory_bound():
 
 
 def _digits(image: bool = False):
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    X_tr, X_te, y_tr, y_te = train_test_split(
-        data.data, data.target, test_size=0.25, stratify=data.target, random_state=0
-    )
+    X_tr, y_tr, X_te, y_te = digits_split()
     shape = (-1, 1, 8, 8) if image else (-1, 64)
-    X_tr, X_te = (torch.tensor(x / 16, dtype=torch.float32).reshape(shape) for x in (X_tr, X_te))
-    return X_tr, X_te, torch.tensor(y_tr), torch.tensor(y_te)
+    return X_tr.reshape(shape), X_te.reshape(shape), y_tr, y_te
 
 
 def _digits_accuracy(name: str, model: nn.Module, epochs: int, image: bool, **options) -> float:
@@ -284,7 +279,7 @@ def test_trains_digits_to_95_percent(name):
     """lr 0.05, heavy-ball 0.9, exact damping 0.1, ρ = 0.95, ω = 0.5, T_inv = 10, 10 epochs
     (measured: SO 97.1%, Q 97.3%, QE 97.8%; K-FAC with the same settings diverges at lr 0.1)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    model = digits_mlp()
     acc = _digits_accuracy(
         name,
         model,
@@ -308,15 +303,7 @@ def test_trains_digits_cnn_to_95_percent(name):
     """Conv(1→16)-ReLU-Conv(16→32)-ReLU-AvgPool-Linear on 1×8×8 digits, 5 epochs, the MLP's settings
     but lr 0.02 (measured: SO 96.9%, Q 97.1%, QE 97.1%, K-FAC 96.4%; at lr 0.05 SO diverges)."""
     torch.manual_seed(0)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(32 * 16, 10),
-    )
+    model = digits_cnn()
     acc = _digits_accuracy(
         name,
         model,

@@ -13,6 +13,8 @@ from torch import nn
 
 import curvkit
 import curvkit.optim
+from curvkit.bench.tasks import digits_cnn
+from curvkit.demo import digits_split
 from curvkit.optim import Preconditioner
 
 LAM = 0.05
@@ -145,25 +147,10 @@ def test_the_conv_strategy_is_shown_and_bad_values_name_the_option():
 def cnn_digits_accuracy(epochs=4, seed=0, **options):
     """Conv(1,16,3,p1)-ReLU-Conv(16,32,3,p1)-ReLU-AvgPool(2)-Flatten-Linear(512,10) on digits
     as 1×8×8 (stratified 75/25 split, random_state 0, inputs/16, batch 64, float32)."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    X_tr, X_te, y_tr, y_te = train_test_split(
-        data.data, data.target, test_size=0.25, stratify=data.target, random_state=0
-    )
-    X_tr, X_te = (torch.tensor(x / 16, dtype=torch.float32).reshape(-1, 1, 8, 8) for x in (X_tr, X_te))
-    y_tr, y_te = torch.tensor(y_tr), torch.tensor(y_te)
+    X_tr, y_tr, X_te, y_te = digits_split()
+    X_tr, X_te = X_tr.reshape(-1, 1, 8, 8), X_te.reshape(-1, 1, 8, 8)
     torch.manual_seed(seed)
-    model = nn.Sequential(
-        nn.Conv2d(1, 16, 3, padding=1),
-        nn.ReLU(),
-        nn.Conv2d(16, 32, 3, padding=1),
-        nn.ReLU(),
-        nn.AvgPool2d(2),
-        nn.Flatten(),
-        nn.Linear(512, 10),
-    )
+    model = digits_cnn()
     loss_fn = nn.CrossEntropyLoss()
     opt = curvkit.optim.CurvatureOptimizer(model, method="skfac", loss_fn=loss_fn, **options)
     gen = torch.Generator().manual_seed(seed)

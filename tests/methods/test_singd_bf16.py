@@ -45,26 +45,12 @@ import pytest
 import torch
 from torch import nn
 
+from curvkit.bench.tasks import digits_mlp
+from curvkit.demo import digits_split
 from curvkit.optim import SINGD
 
 STEPS = 500
 HYPER = {"lr": 0.02, "momentum": 0.9, "damping": 1e-3, "lr_cov": 1e-2, "T": 1}
-
-
-def _digits() -> tuple[torch.Tensor, ...]:
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
-
-    data = load_digits()
-    X_tr, X_te, y_tr, y_te = train_test_split(
-        data.data, data.target, test_size=0.25, stratify=data.target, random_state=0
-    )
-    return (
-        torch.tensor(X_tr / 16, dtype=torch.float32),
-        torch.tensor(y_tr),
-        torch.tensor(X_te / 16, dtype=torch.float32),
-        torch.tensor(y_te),
-    )
 
 
 class _SeqMean(nn.Module):
@@ -93,11 +79,11 @@ def _model(task: str, seed: int = 0) -> nn.Module:
     if task == "sequence":
         return nn.Sequential(_seq_block(), _SeqMean(), nn.Linear(16, 4))
     assert task == "digits"
-    return nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 10))
+    return digits_mlp()
 
 
 def _train(task: str, dtype: torch.dtype, structure: str, seed: int = 0) -> tuple[float, list[float], SINGD]:
-    X_tr, y_tr, X_te, y_te = _digits() if task == "digits" else _sequences(seed)
+    X_tr, y_tr, X_te, y_te = digits_split() if task == "digits" else _sequences(seed)
     X_tr, X_te = X_tr.to(dtype), X_te.to(dtype)
     model = _model(task, seed).to(dtype)
     extra = {"loss_average": "batch+sequence"} if task == "sequence" else {}
