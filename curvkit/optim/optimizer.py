@@ -45,7 +45,7 @@ from torch import Tensor, nn
 from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.methods import MethodConfig, MethodSpec
-from curvkit.numerics import all_finite
+from curvkit.numerics import all_finite, compensated_add
 from curvkit.optim.preconditioner import Preconditioner, layer_matrix, split_layer_matrix
 
 __all__ = [
@@ -367,22 +367,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return out
 
     def _compensated_update(self, ps: list[Tensor], ms: list[Tensor], lr: float, decoupled: float) -> None:
-        """``θ ← θ − η m − η γ θ`` for 16-bit ``θ``, in float32 with the carried rounding
-        error ``e``: ``t = θ + (−η m − η γ θ + e)``, ``θ ← round(t)``, ``e ← t − θ``."""
+        """``θ ← θ − η m − η γ θ`` for 16-bit ``θ`` with the rounding error carried in
+        ``state[θ]["kahan_comp"]`` (:func:`curvkit.numerics.compensated_add`)."""
         for p, m in zip(ps, ms):
             state = self.state[p]
-            comp = state.get("kahan_comp")
-            if comp is None:
-                comp = torch.zeros_like(p)
-                state["kahan_comp"] = comp
-            wide = p.to(torch.float32, copy=True)
             inc = m.to(torch.float32, copy=True).mul_(-lr)
             if decoupled:
-                inc.add_(wide, alpha=-lr * decoupled)
-            inc.add_(comp)
-            wide.add_(inc)
-            p.copy_(wide)
-            comp.copy_(wide.sub_(p))
+                inc.add_(p, alpha=-lr * decoupled)
+            carried = state.get("kahan_comp")
+            if carried is not None:  # folded into the (small) increment before it meets θ
+                inc.add_(carried)
+            new, err = compensated_add(p, inc)
+            p.copy_(new)
+            state["kahan_comp"] = err
 
     def _adapt_damping(
         self,

@@ -31,7 +31,7 @@ from curvkit.config import KFACApprox
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import Damping
 from curvkit.methods import MethodSpec
-from curvkit.numerics import all_finite
+from curvkit.numerics import all_finite, compensated_add
 from curvkit.structures.base import DenseStructure, DiagonalStructure, FactorStructure
 from curvkit_singd.config import IKFACConfig, INGDConfig, SINGDConfig, SINGDDamping
 from curvkit_singd.structures import (
@@ -312,11 +312,7 @@ class SINGDBlock(CurvatureBlock):
             return s_added(F, delta, alpha), None
         theirs, out, new_err = delta.tensors(), {}, {}
         for name, t in F.tensors().items():
-            full = t.float().add_(theirs[name].float(), alpha=alpha)
-            if err is not None:
-                full.add_(err[name].float())
-            out[name] = full.to(t.dtype)
-            new_err[name] = full.sub_(out[name].float()).to(t.dtype)
+            out[name], new_err[name] = compensated_add(t, theirs[name], None if err is None else err[name], alpha=alpha)
         return type(F).from_tensors(out), new_err
 
     def refresh(self, damping: Damping, lam: float) -> None:
