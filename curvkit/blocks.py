@@ -488,15 +488,21 @@ class KroneckerBlock(CurvatureBlock):
 
     def refresh(self, damping: Damping, lam: float) -> None:
         assert self.A is not None and self.G is not None, "refresh() before the first update()"
-        inverse = self.inverter.prepare(self.A, self.G, damping, lam)
+        self.refresh_from(self.A, self.G, damping, lam)
+
+    def refresh_from(self, a: FactorStructure, g: FactorStructure, damping: Damping, lam: float) -> None:
+        """Install the inverter's inverse of ``(a, g)`` (the block's factors, or factors a
+        method derived from them). A failed decomposition is counted in
+        ``inverse_failures`` and keeps the last good inverse; with none yet, the damping
+        alone is inverted."""
+        inverse = self.inverter.prepare(a, g, damping, lam)
         if inverse is None:
             self.inverse_failures += 1
-            if self.inverse is None:  # nothing to keep: invert the damping alone
-                zero_a = self.structure_A.zeros(self.info.d_in, dtype=self.A.dtype, device=self.A.device)
-                zero_g = self.structure_G.zeros(self.info.d_out, dtype=self.G.dtype, device=self.G.device)
-                inverse = self.inverter.prepare(zero_a, zero_g, damping, lam)
-            else:
+            if self.inverse is not None:
                 return
+            zero_a = self.structure_A.zeros(self.info.d_in, dtype=a.dtype, device=a.device)
+            zero_g = self.structure_G.zeros(self.info.d_out, dtype=g.dtype, device=g.device)
+            inverse = self.inverter.prepare(zero_a, zero_g, damping, lam)
         self.inverse = inverse
 
     def precondition(self, grad: Tensor) -> Tensor:

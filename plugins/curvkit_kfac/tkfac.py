@@ -165,16 +165,7 @@ class TKFACBlock(KroneckerBlock):
 
     def refresh(self, damping: Damping, lam: float) -> None:
         assert self.A is not None and self.G is not None, "refresh() before the first update()"
-        a_bal, g_bal = self.balanced_factors()
-        inverse = self.inverter.prepare(a_bal, g_bal, damping, lam)
-        if inverse is None:
-            self.inverse_failures += 1
-            if self.inverse is not None:
-                return
-            zero_a = self.structure_A.zeros(self.info.d_in, dtype=self.A.dtype, device=self.A.device)
-            zero_g = self.structure_G.zeros(self.info.d_out, dtype=self.G.dtype, device=self.G.device)
-            inverse = self.inverter.prepare(zero_a, zero_g, damping, lam)
-        self.inverse = inverse
+        self.refresh_from(*self.balanced_factors(), damping, lam)
 
     # its refresh changes only the inverse, as K-FAC's does: shared the same way
     refresh_state = KroneckerBlock.refresh_state

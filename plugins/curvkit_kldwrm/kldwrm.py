@@ -299,15 +299,7 @@ class QKLDWRMBlock(SOKLDWRMBlock):
         self.B_A, self.B_G = a_loc.clone(), g_loc.clone()  # the inner loop's local curvature (QE)
         a_aug = self.structure_A.from_dense(self.A.to_dense() + zeta * a_loc)
         g_aug = self.structure_G.from_dense(self.G.to_dense() + zeta * g_loc)
-        inverse = self.inverter.prepare(a_aug, g_aug, self._damping, self._lam)
-        if inverse is None:
-            self.inverse_failures += 1
-            if self.inverse is not None:
-                return
-            zero_a = self.structure_A.zeros(self.info.d_in, dtype=self.A.dtype, device=self.A.device)
-            zero_g = self.structure_G.zeros(self.info.d_out, dtype=self.G.dtype, device=self.G.device)
-            inverse = self.inverter.prepare(zero_a, zero_g, self._damping, self._lam)
-        self.inverse = inverse
+        self.refresh_from(a_aug, g_aug, self._damping, self._lam)
 
     def wake_product(self, eta_prev: float | None) -> Tensor | None:
         r""":math:`\hat M_{k-1}\hat g_{k-1}` by the author's branch logic (``None`` = 0)."""
