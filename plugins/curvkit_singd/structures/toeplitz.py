@@ -52,26 +52,6 @@ def _conv_last(v: Tensor, x: Tensor, lower: bool) -> Tensor:
     return y.to(x.dtype)
 
 
-def _sandwich(v: Tensor, x: Tensor, lower: bool, dim: int) -> Tensor:
-    """``T Tᵀ`` applied to the vectors along axis ``dim`` of ``x`` (``T``: the lower-triangular
-    Toeplitz matrix of ``v`` if ``lower``, else the upper one): ``Tᵀ`` first, truncation to
-    ``d``, then ``T``, with one spectrum of ``v`` for both products. ``dim = -1`` gives
-    ``x T Tᵀ`` for a 2-D ``x`` (``T Tᵀ`` is symmetric), ``dim = 0`` gives ``T Tᵀ x``."""
-    d = v.shape[0]
-    if d == 0:
-        return x.clone()
-    ct = _compute_dtype(torch.promote_types(v.dtype, x.dtype))
-    n = _fft_len(d)
-    vf = torch.fft.rfft(v.to(ct), n=n)
-    shape = [1] * x.ndim
-    shape[dim] = vf.shape[0]
-    vf = vf.reshape(shape)
-    first, second = (vf.conj(), vf) if lower else (vf, vf.conj())
-    y = torch.fft.irfft(torch.fft.rfft(x.to(ct), n=n, dim=dim).mul_(first), n=n, dim=dim).narrow(dim, 0, d)
-    z = torch.fft.irfft(torch.fft.rfft(y, n=n, dim=dim).mul_(second), n=n, dim=dim).narrow(dim, 0, d)
-    return z.to(x.dtype)
-
-
 def _padded(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
     """``x`` (``(m, d)``, any strides: a transposed view is copied only once, here) in a
     zeroed ``(m, n)`` buffer: the FFTs then transform a contiguous array of their own length
@@ -86,8 +66,8 @@ def _padded(x: Tensor, n: int, dtype: torch.dtype) -> Tensor:
 def _sandwich_rows(v: Tensor, x: Tensor, lower: bool) -> Tensor:
     """``x T Tᵀ`` for a 2-D ``x`` of any strides (``T``: lower/upper triangular Toeplitz of
     ``v``): ``Tᵀ`` then ``T`` along the rows, in one zero-padded buffer whose tail is
-    re-zeroed in place for the truncation between the two products (same transforms as
-    :func:`_sandwich`, without its pad copies)."""
+    re-zeroed in place for the truncation between the two products, with one spectrum of
+    ``v`` for both."""
     d = v.shape[0]
     if d == 0:
         return x.clone()
@@ -179,9 +159,7 @@ class _Toeplitz(GroupStructure):
     def square_right(self, x: Tensor) -> Tensor:
         """``x K Kᵀ`` (two FFT products along ``x``'s rows, one spectrum of ``K``)."""
         # x K = (Kᵀ xᵀ)ᵀ, then (x K) Kᵀ = (K (x K)ᵀ)ᵀ: along the last axis, Kᵀ then K
-        if x.ndim == 2:
-            return _sandwich_rows(self.diags, x, self.LOWER)
-        return _sandwich(self.diags, x, self.LOWER, dim=-1)
+        return _sandwich_rows(self.diags, x.reshape(-1, x.shape[-1]), self.LOWER).reshape(x.shape)
 
     def square_left(self, x: Tensor) -> Tensor:
         """``K Kᵀ x`` (along ``x``'s columns; FFTs along a strided axis are 1.5–2× slower than
