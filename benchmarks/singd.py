@@ -145,7 +145,8 @@ def make_optimizer(kind: str, structure: str | None, T: int, model: nn.Module) -
     if kind == "ours":
         from curvkit.optim import SINGD
 
-        return SINGD(model, structure=structure, T=T, **HYPER)
+        # the raw update, as the package's (recommended=False: no trust region, no factor-step bound)
+        return SINGD(model, structure=structure, T=T, recommended=False, **HYPER)
     if kind == "pkg":
         return _package_class()(  # type: ignore[no-any-return]
             model, structures=(structure, structure), T=T, warn_unsupported=False, **HYPER

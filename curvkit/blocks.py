@@ -31,8 +31,7 @@ from torch import Tensor, nn
 
 from curvkit.config import KFACApprox
 from curvkit.linalg.damping import Damping
-from curvkit.linalg.inverters import Inverter, KroneckerInverse, inverse_from_state, inverse_state
-from curvkit.numerics import all_finite
+from curvkit.linalg.inverters import Inverter, KroneckerInverse, damping_only_inverse, inverse_from_state, inverse_state
 from curvkit.stats.factors import output_gram
 from curvkit.stats.handlers import weight_matrix
 from curvkit.stats.hooks_backend import layer_input_factor
@@ -242,6 +241,11 @@ class SharedLayerStats(LayerStats):
         raise self._missing("g_features")
 
 
+def _trace(factor: Tensor) -> Tensor:
+    """Trace of a dense factor, or sum of a diagonal one (a vector), as a 0-d tensor."""
+    return factor.sum() if factor.ndim == 1 else factor.diagonal().sum()
+
+
 class KroneckerOperator:
     r"""The linear operator :math:`G\otimes A` on row-major ``vec`` of ``(d_out, d_in)``
     matrices: ``op @ M = G M A`` for a matrix, ``op @ v`` for a flat vector."""
@@ -269,14 +273,19 @@ class CurvatureBlock(ABC):
 
     Attributes:
         info: The layer.
-        inverse_failures: Refreshes whose decomposition failed (the previous inverse was
-            kept).
+        inverse_failures: Refreshes whose decomposition failed even in float64 (the
+            previous inverse was kept).
+        skipped_updates: Statistics updates the block declined because its new state
+            would not have been finite (the state was left as it was).
     """
+
+    skipped_updates = 0  # a class default too, for blocks that do not call this __init__
 
     def __init__(self, info: BlockInfo) -> None:
         self.info = info
         self.inverse_failures = 0
         self.num_updates = 0
+        self.skipped_updates = 0
 
     @abstractmethod
     def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
@@ -297,6 +306,20 @@ class CurvatureBlock(ABC):
     @abstractmethod
     def as_operator(self) -> Any:
         """The undamped curvature estimate as a linear operator (``@`` on matrices)."""
+
+    def step_state(self) -> Any:
+        """What :meth:`precondition` is about to change, for a step that may be refused
+        (``None``, the default: :meth:`precondition` changes nothing a skipped step must
+        undo). Blocks with step-time state (KLD-WRM's previous gradient) return it —
+        references suffice if :meth:`precondition` replaces rather than mutates it — and
+        :meth:`restore_step_state` puts it back when the preconditioner or the optimizer
+        refuses the step (non-finite direction or update), so a skipped step leaves the
+        block as it was."""
+        return None
+
+    def restore_step_state(self, state: Any) -> None:
+        """Undo :meth:`precondition` (see :meth:`step_state`)."""
+        del state
 
     def set_step_size(self, lr: float) -> None:
         """Told the learning rate of the coming step (its parameter group's ``lr``) by
@@ -353,16 +376,39 @@ class CurvatureBlock(ABC):
         """Whether the batch estimate this block would fold in is finite. Called for every
         block before any is updated, so one non-finite layer skips the update of all.
 
-        A block with :meth:`batch_factors` has exactly that pair checked; it is computed
-        once and handed to :meth:`take_batch_factors` in the update. Other blocks get the
-        layer's input and output features checked, unless they override this.
+        The default: the :meth:`batch_magnitudes` are finite. For a block with
+        :meth:`batch_factors` those are the traces of exactly that pair (Gram matrices, so
+        a finite trace proves every entry finite; computed once and handed to
+        :meth:`take_batch_factors` in the update); other blocks get the norms of the
+        layer's input and output features. Override it (and :meth:`batch_magnitudes`) for
+        a batch estimate that is not a pair of Gram matrices. The preconditioner calls an
+        override; for the default it checks the magnitudes directly.
+        """
+        return all(math.isfinite(float(v)) for v in self.batch_magnitudes(stats))
+
+    def batch_magnitudes(self, stats: LayerStats) -> tuple[float | Tensor, ...]:
+        """Scalar sizes of the parts of the batch estimate (floats or 0-d tensors), for the
+        finiteness check and the outlier gate of the statistics
+        (:meth:`curvkit.optim.Preconditioner._update_statistics`): a batch with a
+        non-finite part is refused, one with a part far above that part's running size is
+        skipped.
+
+        The default: the traces ``(tr A_b, tr G_b)`` of the batch factors (from
+        :meth:`batch_factors`, or the reduced ``"A"``/``"G"`` of a distributed step), else
+        the squared norms ``(‖ā‖², ‖g‖²)`` of the batch's features (a reduction over the
+        diagonals or the features, no more). Each factor on its own: an outlier input makes
+        ``A_b`` huge while a saturated activation may make ``G_b`` vanish.
         """
         if stats.shared is not None:
-            return all(all_finite(t) for t in stats.shared.values())
+            a, g = stats.shared.get("A"), stats.shared.get("G")
+            if a is not None and g is not None:
+                return _trace(a), _trace(g)
+            return tuple(torch.linalg.vector_norm(t.float()) ** 2 for t in stats.shared.values())
         factors = self._batch_factors_once(stats)
         if factors is not None:
-            return all_finite(factors[0]) and all_finite(factors[1])
-        return all_finite(stats.a_features) and all_finite(stats.g_features)
+            return _trace(factors[0]), _trace(factors[1])
+        a, g = stats.a_features, stats.g_features
+        return torch.linalg.vector_norm(a) ** 2, torch.linalg.vector_norm(g) ** 2 * stats.g_scale
 
     def take_batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
         """:meth:`batch_factors` for ``stats``, reusing the pair :meth:`batch_is_finite`
@@ -494,15 +540,16 @@ class KroneckerBlock(CurvatureBlock):
         """Install the inverter's inverse of ``(a, g)`` (the block's factors, or factors a
         method derived from them). A failed decomposition is counted in
         ``inverse_failures`` and keeps the last good inverse; with none yet, the damping
-        alone is inverted."""
+        alone is inverted, without a decomposition
+        (:func:`~curvkit.linalg.inverters.damping_only_inverse`)."""
         inverse = self.inverter.prepare(a, g, damping, lam)
         if inverse is None:
             self.inverse_failures += 1
             if self.inverse is not None:
                 return
-            zero_a = self.structure_A.zeros(self.info.d_in, dtype=a.dtype, device=a.device)
-            zero_g = self.structure_G.zeros(self.info.d_out, dtype=g.dtype, device=g.device)
-            inverse = self.inverter.prepare(zero_a, zero_g, damping, lam)
+            inverse = damping_only_inverse(
+                self.info.d_in, self.info.d_out, damping, lam, dtype=a.dtype, device=a.device
+            )
         self.inverse = inverse
 
     def precondition(self, grad: Tensor) -> Tensor:

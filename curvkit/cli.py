@@ -63,7 +63,9 @@ def _details(attr: str, component: Any) -> str:
     if attr == "methods":
         config = getattr(component, "config_cls", None)
         where = f" (options: {config.__module__}.{config.__qualname__})" if config is not None else ""
-        return f"{getattr(component, 'summary', '')}{where}".strip()
+        settings = component.recommended_settings() if hasattr(component, "recommended_settings") else {}
+        defaults = "; defaults: " + recommended_text(settings) if settings else "; no recommended settings"
+        return f"{getattr(component, 'summary', '')}{where}{defaults}".strip()
     kind = component if isinstance(component, type) else type(component)
     where = f"{kind.__module__}.{kind.__qualname__}"
     if attr == "inverters":
@@ -72,6 +74,18 @@ def _details(attr: str, component: Any) -> str:
         kinds = getattr(component, "kind", "")
         return f"{where}; kind: {kinds}" if isinstance(kinds, str) else f"{where}; kind: depends on options"
     return where
+
+
+def recommended_text(settings: dict[str, Any]) -> str:
+    """A method's recommended settings in one line (``lr=0.03, momentum=0.9, ...``)."""
+
+    def show(value: Any) -> str:
+        damping = getattr(value, "value", None)
+        if damping is not None and type(value).__name__.endswith("Damping"):
+            return f"{type(value).__name__}({damping:g})"
+        return f"{value:g}" if isinstance(value, float) else repr(value)
+
+    return ", ".join(f"{k}={show(v)}" for k, v in settings.items())
 
 
 def _plugin_sources() -> dict[str, str]:

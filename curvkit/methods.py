@@ -29,8 +29,9 @@ damping, inverter, factor structure). Example (what ``plugins/curvkit_kfac`` doe
 
 from __future__ import annotations
 
+import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,10 +42,16 @@ from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComp
 from curvkit.linalg.damping import Damping, PiDamping
 from curvkit.linalg.inverters import Inverter, check_compatible
 
-__all__ = ["LOSS_AVERAGES", "KroneckerConfig", "MethodConfig", "MethodSpec"]
+__all__ = ["LOSS_AVERAGES", "OPTIMIZER_OPTIONS", "KroneckerConfig", "MethodConfig", "MethodSpec"]
 
 #: Legal values of ``loss_average`` (how the training loss is normalised).
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
+
+#: Options of :class:`~curvkit.optim.CurvatureOptimizer` itself that a method's recommended
+#: settings may hold (the other keys are options of the method's configuration).
+OPTIMIZER_OPTIONS = frozenset(
+    {"lr", "momentum", "weight_decay", "weight_decay_mode", "kahan_sum", "kl_clip", "rms_clip", "grad_ratio_clip"}
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -174,6 +181,18 @@ class MethodSpec:
         sample_configs: Keyword sets the conformance suite trains with.
         bad_configs: ``(kwargs, expected exception type)`` the conformance suite expects
             to raise.
+        recommended: The method's recommended settings: settings that train at the
+            defaults, with a trust region. They are **the defaults everywhere**: of the
+            named optimizer class, of :func:`curvkit.optim.create`, of
+            :class:`~curvkit.optim.CurvatureOptimizer` with ``method=``, of
+            :class:`~curvkit.optim.Preconditioner` (its method options) and of ``curvkit
+            bench``. Keys are optimizer options (:data:`OPTIMIZER_OPTIONS`: ``lr``,
+            ``momentum``, the trust region ``kl_clip`` / ``rms_clip`` /
+            ``grad_ratio_clip``, ...) and options of :attr:`config_cls`; an optional
+            ``"tasks"`` entry maps a ``curvkit bench`` task name to overrides. Options the
+            user passes win; ``recommended=False`` (optimizer or preconditioner) or a
+            ready ``config=`` object skips them and leaves the configuration class's own
+            field defaults (the paper's values).
     """
 
     name: str
@@ -183,10 +202,26 @@ class MethodSpec:
     reference: str = ""
     sample_configs: tuple[dict[str, Any], ...] = ({},)
     bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
+    recommended: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
-    def make_config(self, **kwargs: Any) -> MethodConfig:
-        """Build the configuration; unknown keywords raise a :class:`ConfigError` that lists
-        the valid ones."""
+    def recommended_settings(self, task: str | None = None) -> dict[str, Any]:
+        """A copy of :attr:`recommended` with the overrides of ``task`` (a ``curvkit
+        bench`` task name) applied and the ``"tasks"`` entry removed."""
+        out = copy.deepcopy(dict(self.recommended))
+        per_task = out.pop("tasks", {}) or {}
+        if task is not None:
+            out.update(copy.deepcopy(per_task.get(task, {})))
+        return out
+
+    def recommended_options(self) -> dict[str, Any]:
+        """The method options of :meth:`recommended_settings` (no optimizer options)."""
+        return {k: v for k, v in self.recommended_settings().items() if k not in OPTIMIZER_OPTIONS}
+
+    def make_config(self, *, use_recommended: bool = True, **kwargs: Any) -> MethodConfig:
+        """Build the configuration from ``kwargs`` on top of the recommended method
+        options (``use_recommended=False``: on top of the configuration class's own
+        defaults); unknown keywords raise a :class:`ConfigError` that lists the valid
+        ones."""
         valid = {f.name for f in dataclasses.fields(self.config_cls) if f.init}
         unknown = sorted(set(kwargs) - valid)
         if unknown:
@@ -194,8 +229,20 @@ class MethodSpec:
                 f"{self.name} configuration",
                 [f"unknown option {k!r}; valid options: {', '.join(sorted(valid))}" for k in unknown],
             )
+        if use_recommended:
+            recommended = self.recommended_options()
+            stray = sorted(set(recommended) - valid)
+            if stray:
+                raise ConfigError(
+                    f"{self.name} recommended settings",
+                    [
+                        f"{k!r} is neither an optimizer option ({', '.join(sorted(OPTIMIZER_OPTIONS))}) nor an option "
+                        f"of {self.config_cls.__name__} ({', '.join(sorted(valid))}); fix MethodSpec.recommended"
+                        for k in stray
+                    ],
+                )
+            kwargs = {**recommended, **kwargs}
         return self.config_cls(**kwargs)
-
     def check(self, config: MethodConfig, registry: Any) -> None:
         """Check the configuration's components against the registry (raises
         :class:`UnknownComponentError` or :class:`IncompatibleComponentsError`)."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["all_finite", "compensated_add"]
+__all__ = ["all_finite", "all_finite_many", "compensated_add"]
 
 
 def all_finite(t: Tensor) -> bool:
@@ -21,6 +21,20 @@ def all_finite(t: Tensor) -> bool:
     if bool(torch.isfinite(t.sum())):
         return True
     return bool(torch.isfinite(t).all())
+
+
+def all_finite_many(tensors: list[Tensor]) -> bool:
+    """Whether every element of every tensor is finite: one sum per tensor and one check
+    of the sums (one synchronisation); only a tensor whose sum is not finite pays for the
+    elementwise check (see :func:`all_finite`)."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True
+    sums = torch.stack([t.sum().to(torch.float64) for t in tensors])
+    finite = torch.isfinite(sums)
+    if bool(finite.all()):
+        return True
+    return all(bool(torch.isfinite(tensors[i]).all()) for i in (~finite).nonzero().flatten().tolist())
 
 
 def compensated_add(

@@ -35,6 +35,8 @@ RUN_KEYS = {
     "train_seconds",
     "curve",
     "batch_loss",
+    "parameter_norm",
+    "guards",
 }
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -138,9 +140,10 @@ def test_sequence_task_is_per_token_on_3d_inputs():
 
 
 def test_plugin_method_appears_with_no_change_to_bench():
-    """A method a third party registers (K-FAC's spec under a new name) is benchmarked with
-    the generic hyperparameters and trains exactly like K-FAC with those settings."""
-    mine = dataclasses.replace(_kfac_spec(), name="my-kfac")
+    """A method a third party registers without recommended settings (K-FAC's spec under a
+    new name) is benchmarked with the generic hyperparameters and trains exactly like K-FAC
+    with those settings (and no trust region)."""
+    mine = dataclasses.replace(_kfac_spec(), name="my-kfac", recommended={})
     registry = _registry(_kfac_spec(), mine)
     results = _quiet(
         registry=registry,
@@ -148,7 +151,7 @@ def test_plugin_method_appears_with_no_change_to_bench():
         steps=8,
         out=None,
         baselines=False,
-        hyperparameters={"kfac": dict(GENERIC_HYPERPARAMETERS)},
+        hyperparameters={"kfac": {"kl_clip": None, "grad_ratio_clip": None}},
     )
     assert results["config"]["methods"] == ["kfac", "my-kfac"]
     kfac, my = results["runs"]
@@ -256,22 +259,25 @@ def test_bfloat16_parameters():
     assert results["config"]["dtype"] == "bfloat16"
 
 
-def test_hyperparameter_table():
-    assert hyperparameters_for("kfac", "digits-mlp") == {"lr": 0.03, "momentum": 0.9, "damping": 0.1}
+def test_hyperparameters_are_the_specs_recommended_settings():
+    kfac = curvkit.default_registry().methods.get("kfac")
+    expected = {"lr": 0.03, "momentum": 0.9, "damping": 0.1, "kl_clip": 1e-2, "grad_ratio_clip": 100.0}
+    assert hyperparameters_for("kfac", "digits-mlp") == kfac.recommended_settings("digits-mlp") == expected
     skfac_cnn = hyperparameters_for("skfac", "digits-cnn")
-    assert skfac_cnn["conv_strategy"] == "reduce_sum" and "tasks" not in skfac_cnn
-    assert hyperparameters_for("skfac", "digits-mlp")["lr"] == HYPERPARAMETERS["skfac"]["lr"]
-    # a method without an entry gets the generic ones, minus options its configuration lacks
+    assert skfac_cnn["conv_strategy"] == "reduce_sum" and skfac_cnn["lr"] == 0.1 and "tasks" not in skfac_cnn
+    assert hyperparameters_for("skfac", "digits-mlp")["lr"] == 0.03
+    # overrides are merged over them
+    assert hyperparameters_for("kfac", "sequence", overrides={"kfac": {"lr": 0.1}}) == {**expected, "lr": 0.1}
+    assert hyperparameters_for("sgd", "sequence") == HYPERPARAMETERS["sgd"]
+    # a method that recommends nothing gets the generic ones, minus options its configuration lacks
     from curvkit_singd import SINGD_SPEC
 
-    no_damping = dataclasses.replace(SINGD_SPEC, name="other")
-    assert hyperparameters_for("other", "sequence", no_damping) == GENERIC_HYPERPARAMETERS
-    fields = {f.name for f in dataclasses.fields(no_damping.config_cls)}
-    assert "damping" in fields
-    # every bundled method has an entry and every entry names a real option
+    other = dataclasses.replace(SINGD_SPEC, name="other", recommended={})
+    assert hyperparameters_for("other", "sequence", other) == GENERIC_HYPERPARAMETERS
+    # every bundled method recommends settings, and every entry names a real option
     for name in curvkit.optim.available_methods():
-        assert name in HYPERPARAMETERS
         spec = curvkit.default_registry().methods.get(name)
+        assert spec.recommended, name
         known = {f.name for f in dataclasses.fields(spec.config_cls)} | curvkit.bench.OPTIMIZER_OPTIONS
         for task in TASKS:
             assert set(hyperparameters_for(name, task)) <= known, (name, task)

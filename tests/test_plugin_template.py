@@ -121,7 +121,15 @@ def test_template_kfac_takes_the_steps_of_kfac_with_cholesky(registry, structure
         model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
         X, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
         opt = curvkit.optim.create(
-            method, model, lr=0.1, damping=1e-2, T_inv=1, structure=structure, registry=registry, **options
+            method,
+            model,
+            lr=0.1,
+            damping=1e-2,
+            T_inv=1,
+            structure=structure,
+            registry=registry,
+            recommended=False,  # the raw methods: only the inverters differ
+            **options,
         )
         for _ in range(5):
             opt.zero_grad()

@@ -35,9 +35,11 @@ Tasks (:data:`TASKS`):
     exactly. Every Linear sees 3-D inputs ``(N, T, C)``; the loss is the cross-entropy mean
     over all ``N·T`` tokens (methods get ``loss_average="batch+sequence"``).
 
-Hyperparameters: :data:`HYPERPARAMETERS` holds one entry per bundled method (the settings
-the method tests train digits with; per-task overrides under ``"tasks"``); a method with no
-entry, e.g. one from a third-party plugin, gets :data:`GENERIC_HYPERPARAMETERS`, from which
+Hyperparameters: every registered method runs at its **recommended settings**
+(:attr:`MethodSpec.recommended <curvkit.methods.MethodSpec.recommended>`, the defaults of
+its optimizers, with per-task overrides under ``"tasks"``); SGD and AdamW take
+:data:`HYPERPARAMETERS`; a method whose spec recommends nothing, e.g. one from a
+third-party plugin that did not fill it, gets :data:`GENERIC_HYPERPARAMETERS`, from which
 the options its configuration does not have are dropped. The methods run through their
 named optimizer class when there is one (e.g. ``curvkit_kldwrm.QEKLDWRM``, whose inner
 loop the generic :class:`~curvkit.optim.CurvatureOptimizer` lacks), otherwise through

@@ -155,6 +155,22 @@ def _state_bytes(opt: torch.optim.Optimizer) -> int:
 # --- one run ----------------------------------------------------------------------------------
 
 
+def _guards(opt: Any) -> dict[str, Any] | None:
+    """A curvature optimizer's guard counters (skipped steps by reason, skipped and
+    outlier statistics, blocks' declined updates and failed decompositions) and the
+    divergence warnings it gave; ``None`` for other optimizers."""
+    pre = getattr(opt, "preconditioner", None)
+    if pre is None:
+        return None
+    out: dict[str, Any] = {k: v for k, v in pre.counters.items() if isinstance(v, int)}
+    blocks = pre.blocks.values()
+    out["block_updates_declined"] = sum(int(getattr(b, "skipped_updates", 0)) for b in blocks)
+    out["failed_decompositions"] = sum(int(getattr(b, "inverse_failures", 0)) for b in blocks)
+    monitor = getattr(opt, "monitor", None)
+    out["divergence_warnings"] = list(monitor.state["warnings"]) if monitor is not None else []
+    return out
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -224,6 +240,8 @@ def _run_one(
         "train_seconds": 0.0,
         "curve": {"step": [], "seconds": [], "train_loss": [], "test_accuracy": []},
         "batch_loss": [],
+        "parameter_norm": None,
+        "guards": None,
     }
     X_tr, y_tr = data[0], data[1]
     n = len(X_tr)
@@ -295,6 +313,10 @@ def _run_one(
             run["train_seconds"] = seconds
             run["ms_per_step"] = 1000.0 * statistics.median(times) if times else None
             run["state_bytes"] = _state_bytes(opt)
+            run["parameter_norm"] = float(
+                torch.linalg.vector_norm(torch.stack([p.detach().double().norm() for p in model.parameters()]))
+            )
+            run["guards"] = _guards(opt)
             if run["status"] == "ok":
                 run["final_train_loss"] = curve["train_loss"][-1]
                 run["test_accuracy"] = curve["test_accuracy"][-1]
@@ -403,7 +425,8 @@ def run_bench(
             :attr:`Task.target_accuracy`).
         baselines: Add SGD and AdamW to the methods.
         registry: Plugin registry (default: :func:`curvkit.plugins.default_registry`).
-        hyperparameters: Per-method entries that replace those of :data:`HYPERPARAMETERS`.
+        hyperparameters: Per-method settings merged over the method's own
+            (:func:`~curvkit.bench.hyperparameters_for`), e.g. ``{"kfac": {"lr": 0.1}}``.
         progress: Show a tqdm progress bar on stderr.
         threads: torch's intra-op CPU threads during the benchmark (restored afterwards);
             ``None`` keeps the current setting. The default, 1, suits these small models: on

@@ -48,12 +48,21 @@ def _average_trace(factor: FactorStructure) -> float:
 
 
 def _largest_eigenvalue(factor: FactorStructure) -> float:
+    """The largest eigenvalue of a PSD factor, retried in float64; if both fail, the trace
+    (an upper bound for a PSD matrix, so the damping errs on the large side)."""
     if factor.is_diagonal:
         return float(factor.diagonal().max())
     m = factor.to_dense()
     if m.dtype not in (torch.float32, torch.float64):
         m = m.float()
-    return float(torch.linalg.eigvalsh(m)[-1])
+    for attempt in (m.dtype, torch.float64) if m.dtype != torch.float64 else (torch.float64,):
+        try:
+            top = float(torch.linalg.eigvalsh(m.to(attempt))[-1])
+        except RuntimeError:  # torch.linalg.LinAlgError: no convergence
+            continue
+        if math.isfinite(top):
+            return top
+    return float(m.diagonal().sum())
 
 
 class Damping(ValidatedConfig):

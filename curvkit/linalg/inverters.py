@@ -17,6 +17,7 @@ the failure). Nothing non-finite is ever returned.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -38,6 +39,7 @@ __all__ = [
     "KroneckerInverse",
     "check_compatible",
     "compute_dtype",
+    "damping_only_inverse",
     "inverse_from_state",
     "inverse_from_tensors",
     "inverse_state",
@@ -312,6 +314,41 @@ class IdentityInverter(Inverter):
 
     def prepare(self, A: FactorStructure, G: FactorStructure, damping: Damping, lam: float) -> KroneckerInverse | None:
         return IdentityInverse()
+
+
+def damping_only_inverse(
+    d_in: int, d_out: int, damping: Damping, lam: float, *, dtype: torch.dtype, device: torch.device | str | None = None
+) -> KroneckerInverse:
+    r"""The inverse of the damping alone (zero factors), built **without a decomposition**:
+    the fallback of a block whose very first refresh failed.
+
+    A factored damping gives :math:`\Delta = \nabla / (s_A s_G)` with its shifts of zero
+    factors; an eigenbasis damping :math:`\Delta = \nabla / \lambda_{\text{eff}}`; a
+    damping without a valid (finite, positive) shift of zero factors, e.g. one relative to
+    the factors' largest eigenvalue, the identity (:math:`\Delta = \nabla`)."""
+    from curvkit.structures.base import DiagonalStructure
+
+    dtype = compute_dtype(dtype)
+    try:
+        if damping.kind == "eigenbasis":
+            zero_a = torch.zeros(d_in, dtype=dtype, device=device)
+            zero_g = torch.zeros(d_out, dtype=dtype, device=device)
+            shift = float(damping.product_shift(zero_a, zero_g, lam))
+            if shift > 0 and math.isfinite(shift):
+                empty = torch.empty(0, dtype=dtype, device=device)
+                return EigenInverse(empty, empty.clone(), torch.full((d_out, d_in), shift, dtype=dtype, device=device))
+        else:
+            none_a = DiagonalStructure(torch.zeros(d_in, dtype=dtype, device=device))
+            none_g = DiagonalStructure(torch.zeros(d_out, dtype=dtype, device=device))
+            s_a, s_g = (float(v) for v in damping.factor_shifts(none_a, none_g, lam))
+            if s_a > 0 and s_g > 0 and math.isfinite(s_a) and math.isfinite(s_g):
+                return FactoredInverse(
+                    torch.full((d_in,), 1.0 / s_a, dtype=dtype, device=device),
+                    torch.full((d_out,), 1.0 / s_g, dtype=dtype, device=device),
+                )
+    except (ValueError, ZeroDivisionError, RuntimeError, NotImplementedError):
+        pass
+    return IdentityInverse()
 
 
 def check_compatible(inverter: Any, damping: Damping, *, registry: Any = None) -> None:

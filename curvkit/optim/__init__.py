@@ -2,6 +2,7 @@
 optimizer) and :class:`CurvatureOptimizer` (a ``torch.optim.Optimizer``) with named
 classes per bundled method and a by-name factory, :func:`create`."""
 
+from curvkit.optim.monitor import DivergenceWarning
 from curvkit.optim.optimizer import (
     BKFAC,
     BKFACC,
@@ -37,6 +38,7 @@ __all__ = [
     "TEKFAC",
     "TKFAC",
     "CurvatureOptimizer",
+    "DivergenceWarning",
     "Preconditioner",
     "available_methods",
     "create",

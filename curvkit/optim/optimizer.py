@@ -8,10 +8,13 @@ One step, for every parameter group (``lr``, ``momentum``, ``weight_decay``,
 2. :math:`\Delta = (G\otimes A + \text{damping})^{-1}\nabla` for tracked layers (the
    method's block); :math:`\Delta = \nabla` for the parameters of other modules (the
    first-order fallback);
-3. per-layer RMS clip :math:`\Delta_l \leftarrow \min(1, \kappa_{\text{rms}} /
-   \operatorname{rms}(\Delta_l))\,\Delta_l` and KL clip
+3. the trust region, when set (every bundled method sets one by default): per-layer RMS
+   clip :math:`\Delta_l \leftarrow \min(1, \kappa_{\text{rms}} /
+   \operatorname{rms}(\Delta_l))\,\Delta_l`, per-layer norm constraint
+   :math:`\Delta_l \leftarrow \min(1, c\lVert\nabla_l\rVert/\lVert\Delta_l\rVert)\,\Delta_l`
+   (``grad_ratio_clip`` c) and KL clip
    :math:`\Delta \leftarrow \min(1, \sqrt{\kappa / \sum_l \eta^2\langle\Delta_l,
-   \nabla_l\rangle})\,\Delta` (Ba et al. 2017), when set;
+   \nabla_l\rangle})\,\Delta` (Ba et al. 2017);
 4. ``weight_decay_mode="after"`` (default; alecwangcq's K-FAC, SINGD):
    :math:`\Delta \leftarrow \Delta + \gamma\theta`; ``"decoupled"``:
    :math:`\theta \leftarrow (1 - \eta\gamma)\theta`;
@@ -29,8 +32,16 @@ the parameter's size). Without it, increments below half an ulp of :math:`\theta
 (with :math:`\eta m \approx 10^{-3}\theta`, most of them in bf16). Float32/64 parameters
 are updated as above whatever the flag.
 
-A non-finite gradient anywhere skips the step (parameters, momenta and curvature state
-untouched; counted in ``optimizer.preconditioner.counters``).
+Defaults: every option left out takes the method's recommended value
+(:attr:`MethodSpec.recommended <curvkit.methods.MethodSpec.recommended>`), trust region
+included, so the named classes, :func:`create` and ``CurvatureOptimizer(method=...)`` agree.
+
+Guards (``docs/robustness.md``): the hyperparameters are checked at every step (a NaN or
+negative value from a scheduler raises); a non-finite or outlier gradient, a non-finite
+direction or an increment that is not finite or would overflow the parameter skips the
+step, leaving parameters and momenta byte-identical (counted in
+``optimizer.preconditioner.counters``); a :class:`~curvkit.optim.monitor.DivergenceMonitor`
+warns once when a run diverges.
 """
 
 from __future__ import annotations
@@ -45,8 +56,12 @@ from torch import Tensor, nn
 from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.methods import MethodConfig, MethodSpec
-from curvkit.numerics import all_finite, compensated_add
-from curvkit.optim.preconditioner import Preconditioner, layer_matrix, split_layer_matrix
+from curvkit.numerics import all_finite_many, compensated_add
+from curvkit.optim.guards import updates_fit
+from curvkit.optim.monitor import DivergenceMonitor
+from curvkit.optim.preconditioner import Preconditioner, layer_matrix, resolve_method, split_layer_matrix
+from curvkit.optim.trust_region import TrustRegion
+from curvkit.optim.trust_region import scales as trust_region_scales
 
 __all__ = [
     "BKFAC",
@@ -70,6 +85,8 @@ __all__ = [
 WEIGHT_DECAY_MODES = ("after", "before", "decoupled")
 #: Key of the preconditioner's state inside ``optimizer.state_dict()``.
 STATE_KEY = "curvkit"
+#: Key of the divergence monitor's state inside ``optimizer.state_dict()``.
+MONITOR_KEY = "curvkit_monitor"
 
 
 def _check_group(group: dict[str, Any], where: str) -> list[str]:
@@ -88,28 +105,80 @@ def _check_group(group: dict[str, Any], where: str) -> list[str]:
     return out
 
 
+def _plainly_valid(group: dict[str, Any]) -> bool:
+    """The common case of :func:`_check_group`, fast (plain floats in range); anything else
+    goes through the full check, which names the problem."""
+    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
+    return (
+        type(lr) is float
+        and type(mu) is float
+        and type(wd) is float
+        and 0.0 <= lr < math.inf
+        and 0.0 <= mu < 1.0
+        and 0.0 <= wd < math.inf
+        and group["weight_decay_mode"] in WEIGHT_DECAY_MODES
+        and type(group.get("kahan_sum", True)) is bool
+    )
+
+
+class _Recommended:
+    """Sentinel default of the optimizer's options: the method's recommended value
+    (:attr:`~curvkit.methods.MethodSpec.recommended`), or :data:`FALLBACK_DEFAULTS`."""
+
+    def __repr__(self) -> str:
+        return "<recommended>"
+
+
+RECOMMENDED: Any = _Recommended()
+
+#: The optimizer options of a method whose recommended settings do not set them (and of any
+#: method with ``recommended=False``): plain SGD steps, no trust region.
+FALLBACK_DEFAULTS: dict[str, Any] = {
+    "lr": 1e-3,
+    "momentum": 0.0,
+    "weight_decay": 0.0,
+    "weight_decay_mode": "after",
+    "kahan_sum": True,
+    "kl_clip": None,
+    "rms_clip": None,
+    "grad_ratio_clip": None,
+}
+
+
 class CurvatureOptimizer(torch.optim.Optimizer):
     """A second-order optimizer over any registered method.
 
+    Every option left out takes the method's **recommended** value
+    (:attr:`MethodSpec.recommended <curvkit.methods.MethodSpec.recommended>`: settings that
+    train, with a trust region), so ``KFAC(model)``, ``create("kfac", model)`` and
+    ``CurvatureOptimizer(model, method="kfac")`` are the same optimizer; ``curvkit plugins``
+    and the method pages list them. Options the recommended settings do not set fall back
+    to :data:`FALLBACK_DEFAULTS`.
+
     Args:
         model: The model (its tracked layers get curvature blocks).
-        params: Parameters or parameter groups (default: ``model.parameters()``). Groups
-            may set ``lr``, ``momentum``, ``weight_decay``, ``weight_decay_mode``,
-            ``kahan_sum``.
+        params: Parameters or parameter groups (default: ``model.parameters()``); every
+            parameter must belong to ``model``. Groups may set ``lr``, ``momentum``,
+            ``weight_decay``, ``weight_decay_mode``, ``kahan_sum``.
         method: Registered method name or :class:`~curvkit.methods.MethodSpec` (the named
             subclasses fix it).
         lr: Learning rate :math:`\\eta`.
         momentum: Heavy-ball momentum :math:`\\mu \\in [0, 1)`.
         weight_decay: :math:`\\gamma \\ge 0`.
-        weight_decay_mode: ``"after"`` preconditioning (default), ``"before"`` it, or
+        weight_decay_mode: ``"after"`` preconditioning, ``"before"`` it, or
             ``"decoupled"`` (AdamW-style).
-        kahan_sum: Compensated (Kahan) update of bf16/fp16 parameters (default ``True``;
-            see the module docstring); no effect on float32/64 parameters.
+        kahan_sum: Compensated (Kahan) update of bf16/fp16 parameters (see the module
+            docstring); no effect on float32/64 parameters.
         kl_clip: KL-clip bound :math:`\\kappa` (``None``: off).
-        rms_clip: Per-layer RMS-clip bound (``None``: off).
+        rms_clip: Per-layer RMS-clip bound of the direction (``None``: off).
+        grad_ratio_clip: Per-layer norm constraint :math:`\\lVert\\Delta_l\\rVert \\le
+            c\\,\\lVert\\nabla_l\\rVert` (``None``: off).
         loss_fn: The training loss module (needed for ``fisher="mc"`` / ``"type-2"``).
         registry, config, generator, distributor: As :class:`Preconditioner` (``distributor``:
             data-parallel training, automatic under an initialised process group).
+        recommended: ``False`` ignores the method's recommended settings: the options left
+            out take :data:`FALLBACK_DEFAULTS` (no trust region) and the configuration
+            class's own defaults (the paper's values) — the raw method.
         **options: Method options (``damping``, ``T_inv``, ``fisher``, ...).
 
     Example:
@@ -131,18 +200,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         params: Iterable[Any] | None = None,
         *,
         method: str | MethodSpec | None = None,
-        lr: float = 1e-3,
-        momentum: float = 0.0,
-        weight_decay: float = 0.0,
-        weight_decay_mode: str = "after",
-        kahan_sum: bool = True,
-        kl_clip: float | None = None,
-        rms_clip: float | None = None,
+        lr: float = RECOMMENDED,
+        momentum: float = RECOMMENDED,
+        weight_decay: float = RECOMMENDED,
+        weight_decay_mode: str = RECOMMENDED,
+        kahan_sum: bool = RECOMMENDED,
+        kl_clip: float | None = RECOMMENDED,
+        rms_clip: float | None = RECOMMENDED,
+        grad_ratio_clip: float | None = RECOMMENDED,
         loss_fn: nn.Module | None = None,
         registry: Any = None,
         config: MethodConfig | None = None,
         generator: torch.Generator | None = None,
         distributor: Any = None,
+        recommended: bool = True,
         **options: Any,
     ) -> None:
         method = method if method is not None else type(self).method
@@ -153,27 +224,47 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 f"the first argument must be the model (an nn.Module), got {type(model).__name__}; "
                 "curvature optimizers hook into the model's layers. Pass parameters as params=."
             )
-        defaults = {
+        if not isinstance(recommended, bool):
+            raise TypeError(f"recommended={recommended!r} must be True or False.")
+        if registry is None:
+            from curvkit.plugins import default_registry
+
+            registry = default_registry()
+        spec = resolve_method(method, registry)
+        given = {
             "lr": lr,
             "momentum": momentum,
             "weight_decay": weight_decay,
             "weight_decay_mode": weight_decay_mode,
             "kahan_sum": kahan_sum,
+            "kl_clip": kl_clip,
+            "rms_clip": rms_clip,
+            "grad_ratio_clip": grad_ratio_clip,
         }
+        settings = spec.recommended_settings() if recommended else {}
+        resolved: dict[str, Any] = {
+            k: (v if v is not RECOMMENDED else settings.get(k, FALLBACK_DEFAULTS[k])) for k, v in given.items()
+        }
+        defaults = {k: resolved[k] for k in ("lr", "momentum", "weight_decay", "weight_decay_mode", "kahan_sum")}
         problems = _check_group(defaults, "")
-        check_number(problems, "kl_clip", kl_clip, low=0.0, low_open=True, optional=True)
-        check_number(problems, "rms_clip", rms_clip, low=0.0, low_open=True, optional=True)
+        for clip in ("kl_clip", "rms_clip", "grad_ratio_clip"):
+            check_number(problems, clip, resolved[clip], low=0.0, low_open=True, optional=True)
         if problems:
             raise ConfigError(f"{type(self).__name__} options", problems)
         super().__init__(model.parameters() if params is None else params, defaults)
         group_problems = [p for i, g in enumerate(self.param_groups) for p in _check_group(g, f"param_groups[{i}].")]
         if group_problems:
             raise ConfigError(f"{type(self).__name__} parameter groups", group_problems)
-        self.kl_clip = kl_clip
-        self.rms_clip = rms_clip
+        self._check_params_in_model(model)
+        self.kl_clip: float | None = resolved["kl_clip"]
+        self.rms_clip: float | None = resolved["rms_clip"]
+        self.grad_ratio_clip: float | None = resolved["grad_ratio_clip"]
+        if config is None:
+            config = spec.make_config(use_recommended=recommended, **options)
+            options = {}
         self.preconditioner = Preconditioner(
             model,
-            method,
+            spec,
             loss_fn=loss_fn,
             config=config,
             registry=registry,
@@ -184,6 +275,42 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self._check_layer_groups()
         damping = self.preconditioner.damping
         self._adaptive = bool(getattr(damping, "adaptive", False))
+        self.monitor = DivergenceMonitor(self._describe_settings)
+
+    def _describe_settings(self) -> str:
+        group = self.param_groups[0]
+        damping = self.preconditioner.damping
+        lam = "" if damping is None else f", damping {type(damping).__name__}(λ={self.preconditioner.damping_value:g})"
+        return (
+            f"{self.preconditioner.spec.name}: lr {group['lr']:g}, momentum {group['momentum']:g}{lam}, "
+            f"{self.trust_region_description()}"
+        )
+
+    def trust_region_description(self) -> str:
+        """The trust region in words (``"no trust region"`` when every clip is off)."""
+        return TrustRegion(self.kl_clip, self.rms_clip, self.grad_ratio_clip).describe()
+
+    def _check_params_in_model(self, model: nn.Module) -> None:
+        """Refuse parameters that are not the model's: the curvature hooks see only the
+        model, so such a parameter would be moved by gradients nobody computes (with
+        ``params=`` from another model, nothing would train)."""
+        own = {id(p) for p in model.parameters()}
+        names = {id(p): n for n, p in model.named_parameters()}
+        stray = [
+            (i, j, tuple(p.shape))
+            for i, g in enumerate(self.param_groups)
+            for j, p in enumerate(g["params"])
+            if id(p) not in own
+        ]
+        if stray:
+            listed = ", ".join(f"param_groups[{i}]['params'][{j}] (shape {list(s)})" for i, j, s in stray[:5])
+            more = f" and {len(stray) - 5} more" if len(stray) > 5 else ""
+            raise ValueError(
+                f"{len(stray)} parameter(s) in params are not parameters of the model: {listed}{more}. "
+                "Pass parameters of the model given as the first argument (e.g. params=model.parameters(), or "
+                "groups of them); to optimize several models, wrap them in one nn.Module."
+                + ("" if names else " (The model has no parameters at all.)")
+            )
 
     def _group_of(self) -> dict[int, dict[str, Any]]:
         return {id(p): g for g in self.param_groups for p in g["params"]}
@@ -210,7 +337,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.preconditioner.curvature_backward(output, targets)
 
     def summary(self) -> str:
-        return self.preconditioner.summary()
+        """The preconditioner's table (layers, counters) plus the step settings, the trust
+        region and the divergence monitor's state."""
+        group = self.param_groups[0]
+        lines = [
+            self.preconditioner.summary(),
+            f"  step: lr {group['lr']:g}, momentum {group['momentum']:g}, weight decay {group['weight_decay']:g} "
+            f"({group['weight_decay_mode']}); {self.trust_region_description()}",
+            f"  {self.monitor.describe()}",
+        ]
+        return "\n".join(lines)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state: curvature blocks plus momentum buffers."""
@@ -227,15 +363,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def step(self, closure: Callable[[], Any] | None = None) -> Any:  # type: ignore[override]
         """One optimization step (see the module docstring).
 
+        Every write is guarded: the hyperparameters of every group are checked first (a
+        non-finite or negative value, e.g. from a scheduler, raises
+        :class:`~curvkit.errors.ConfigError` before anything changes); a non-finite
+        gradient, preconditioned direction or parameter increment skips the step, leaving
+        parameters and momenta byte-identical (counted in ``preconditioner.counters``); a
+        call without any gradient does nothing and does not advance the step counter.
+
         Args:
             closure: Re-evaluates the model and returns the loss. Required with
                 :class:`~curvkit.linalg.damping.LevenbergMarquardtDamping`, which
-                evaluates it again after the update to measure the reduction ratio.
+                evaluates it again after the update to measure the reduction ratio. Its
+                loss also feeds the divergence monitor.
         """
+        try:
+            self._check_step_hyperparameters()
+        except ConfigError:
+            self.preconditioner.clear_records()  # this step's captured batch is not used
+            raise
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+            self.monitor.loss(loss)
         pre = self.preconditioner
         adapt_now = self._adaptive and pre.steps % pre.damping.every == 0  # type: ignore[union-attr]
         if adapt_now and closure is None:
@@ -245,7 +395,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
         pre.distributor.reduce_gradients(p for g in self.param_groups for p in g["params"])
         groups = self._group_of()
-        need_raw = self.kl_clip is not None or adapt_now
         tracked: set[int] = set()
         grads: dict[str, tuple[Tensor, Tensor | None]] = {}
         raw: dict[str, Tensor] = {}
@@ -259,7 +408,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 continue
             gw = w.grad if w.grad is not None else torch.zeros_like(w)
             gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
-            if need_raw:  # only the KL clip and the LM quadratic model read the raw gradient
+            if adapt_now:  # the LM quadratic model reads the raw gradient
                 raw[name] = layer_matrix(layer, gw, gb)
             gw, gb = (
                 self._decay_before(w, gw, groups),
@@ -267,35 +416,61 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             )
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
-        fallback_ok = all(all_finite(p.grad) for p in fallback)  # type: ignore[arg-type]
+        if not grads and not fallback:
+            # nothing to do: no gradient anywhere (e.g. step() before any backward)
+            pre.counters["empty_steps"] = pre.counters.get("empty_steps", 0) + 1
+            pre.clear_records()
+            return loss
+        fallback_ok = all_finite_many([p.grad for p in fallback])  # type: ignore[misc]
         dirs = pre.compute_directions(grads, others_finite=fallback_ok)
         if dirs is None:
+            self.monitor.skipped(pre.steps, pre.counters)
             return loss
-        # per-parameter directions
+        scales = self._trust_region(dirs, fallback, groups)
         direction: dict[int, Tensor] = {}
         params: dict[int, Tensor] = {}
-        layer_dirs = dirs
-        if self.rms_clip is not None:
-            layer_dirs = {n: d * min(1.0, self.rms_clip / max(_rms(d), 1e-30)) for n, d in dirs.items()}
-        nu = self._kl_factor(layer_dirs, raw, fallback, groups)
-        for name, mat in layer_dirs.items():
+        for name, mat in dirs.items():
             layer = pre.layers[name]
-            w_dir, b_dir = split_layer_matrix(layer, mat * nu if nu != 1.0 else mat)
+            scale = scales.get(name, 1.0)
+            w_dir, b_dir = split_layer_matrix(layer, mat * scale if scale != 1.0 else mat)
             direction[id(layer.weight)], params[id(layer.weight)] = w_dir, layer.weight
             if b_dir is not None:
                 bias = layer.bias
                 assert bias is not None
                 direction[id(bias)], params[id(bias)] = b_dir, bias
+        nu = scales.get("", 1.0)
         for p in fallback:
             assert p.grad is not None
             g = self._decay_before(p, p.grad, groups)
             direction[id(p)], params[id(p)] = (g * nu if nu != 1.0 else g), p
         old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
-        self._apply(params, direction, groups)
+        if not self._apply(params, direction, groups):
+            pre.revert_step("nonfinite_updates")
+            self.monitor.skipped(pre.steps, pre.counters)
+            return loss
+        self.monitor.applied(pre.grad_norms_sq, list(params.values()))
         if adapt_now:
             assert old is not None and closure is not None
             self._adapt_damping(loss, closure, old, params, raw)
         return loss
+
+    def _check_step_hyperparameters(self) -> None:
+        """Refuse non-finite or out-of-range hyperparameters met at step time (set after
+        construction, e.g. by a learning-rate scheduler) before anything changes."""
+        if all(_plainly_valid(g) for g in self.param_groups) and all(
+            c is None or (isinstance(c, float) and 0.0 < c < math.inf)
+            for c in (self.kl_clip, self.rms_clip, self.grad_ratio_clip)
+        ):
+            return
+        problems = [p for i, g in enumerate(self.param_groups) for p in _check_group(g, f"param_groups[{i}].")]
+        for clip in ("kl_clip", "rms_clip", "grad_ratio_clip"):
+            check_number(problems, clip, getattr(self, clip), low=0.0, low_open=True, optional=True)
+        if problems:
+            raise ConfigError(
+                f"{type(self).__name__} at step {self.preconditioner.steps} (values set after construction, e.g. by a "
+                "learning-rate scheduler; nothing was changed)",
+                problems,
+            )
 
     def _decay_before(self, p: Tensor, g: Tensor, groups: dict[int, dict[str, Any]]) -> Tensor:
         group = groups[id(p)]
@@ -303,31 +478,37 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return g.add(p, alpha=group["weight_decay"])
         return g
 
-    def _kl_factor(
-        self, dirs: dict[str, Tensor], raw: dict[str, Tensor], fallback: list[Tensor], groups: dict[int, dict[str, Any]]
-    ) -> float:
-        if self.kl_clip is None:
-            return 1.0
-        total = 0.0
-        for name, d in dirs.items():
-            lr = groups[id(self.preconditioner.layers[name].weight)]["lr"]
-            total += lr**2 * float((d * raw[name].to(d.dtype)).sum())
-        for p in fallback:
-            assert p.grad is not None
-            total += groups[id(p)]["lr"] ** 2 * float((p.grad * p.grad).sum())
-        if not math.isfinite(total) or total <= 0:
-            return 1.0
-        return min(1.0, math.sqrt(self.kl_clip / total))
+    def _trust_region(
+        self, dirs: dict[str, Tensor], fallback: list[Tensor], groups: dict[int, dict[str, Any]]
+    ) -> dict[str, float]:
+        """Per-layer scale factors of the directions (:func:`~curvkit.optim.trust_region.scales`)."""
+        if self.kl_clip is None and self.rms_clip is None and self.grad_ratio_clip is None:
+            return {}
+        pre = self.preconditioner
+        return trust_region_scales(
+            TrustRegion(self.kl_clip, self.rms_clip, self.grad_ratio_clip),
+            dirs,
+            {name: groups[id(pre.layers[name].weight)]["lr"] for name in dirs},
+            pre.grad_norms_sq,
+            pre.inner_products,
+            [(p, groups[id(p)]["lr"]) for p in fallback],
+        )
 
     def _apply(
         self, params: dict[int, Tensor], directions: dict[int, Tensor], groups: dict[int, dict[str, Any]]
-    ) -> None:
+    ) -> bool:
         """Weight decay (after / decoupled), momentum and the update — SGD's exact ops, one
-        multi-tensor call per operation for the parameters of a group that share dtypes."""
+        multi-tensor call per operation for the parameters of a group that share dtypes.
+
+        Guarded: every increment (new momentum buffer, or direction plus decay) is formed
+        out of place and checked (:func:`~curvkit.optim.guards.updates_fit`) before anything is written; one that
+        is not finite, or would overflow the parameter, returns ``False`` with parameters and
+        momenta untouched."""
         buckets: dict[tuple[int, torch.dtype, torch.dtype, torch.device], list[int]] = {}
         for i, d in directions.items():
             p = params[i]
             buckets.setdefault((id(groups[i]), p.dtype, d.dtype, p.device), []).append(i)
+        plans: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool, list[tuple[Tensor, Tensor] | None]]] = []
         for (_, dtype, _, _), ids in buckets.items():
             group = groups[ids[0]]
             lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
@@ -337,49 +518,73 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             ds = [directions[i] for i in ids]
             if wd != 0 and mode == "after":
                 ds = list(torch._foreach_add(ds, ps, alpha=wd))
-            elif wd != 0 and mode == "decoupled" and not kahan:
-                torch._foreach_mul_(ps, 1 - lr * wd)
+            bufs: list[tuple[Tensor, Tensor] | None] = [None] * len(ps)
             if mu != 0:
-                ds = self._momentum(ps, ds, mu)
+                ds, bufs = self._momentum(ps, ds, mu)
             if kahan:
-                self._compensated_update(ps, ds, lr, wd if mode == "decoupled" else 0.0)
-            else:
-                torch._foreach_add_(ps, ds, alpha=-lr)
+                ds = self._compensated_increments(ps, ds, lr, wd if mode == "decoupled" else 0.0)
+            plans.append((group, ps, ds, kahan, bufs))
+        if not updates_fit((group, ps, ds, kahan) for group, ps, ds, kahan, _ in plans):
+            return False
+        for group, ps, ds, kahan, bufs in plans:
+            for p, entry in zip(ps, bufs):
+                if entry is not None:
+                    self.state[p]["momentum_buffer"] = entry[1]
+            lr, wd, mode = group["lr"], group["weight_decay"], group["weight_decay_mode"]
+            if kahan:
+                self._compensated_commit(ps, ds)
+                continue
+            if wd != 0 and mode == "decoupled":
+                torch._foreach_mul_(ps, 1 - lr * wd)
+            torch._foreach_add_(ps, ds, alpha=-lr)
+        return True
 
-    def _momentum(self, ps: list[Tensor], ds: list[Tensor], mu: float) -> list[Tensor]:
-        """``m ← μ m + Δ`` (``m = Δ`` on a parameter's first step); returns the ``m``'s."""
+    def _momentum(
+        self, ps: list[Tensor], ds: list[Tensor], mu: float
+    ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor] | None]]:
+        """The new buffers ``m ← μ m + Δ`` (``m = Δ`` on a parameter's first step), formed
+        out of place: ``(the m's, [(parameter, new buffer)] to install once checked)``."""
         out: list[Tensor] = []
-        bufs: list[Tensor] = []
+        old: list[Tensor] = []
         incs: list[Tensor] = []
-        for p, d in zip(ps, ds):
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
+        where: list[int] = []
+        for k, (p, d) in enumerate(zip(ps, ds)):
+            buf = self.state[p].get("momentum_buffer")
             if buf is None:
-                buf = torch.clone(d).detach()
-                state["momentum_buffer"] = buf
+                out.append(torch.clone(d).detach())
             else:
-                bufs.append(buf)
+                out.append(d)  # placeholder, replaced below
+                old.append(buf)
                 incs.append(d)
-            out.append(buf)
-        if bufs:
-            torch._foreach_mul_(bufs, mu)
-            torch._foreach_add_(bufs, incs)
-        return out
+                where.append(k)
+        if old:
+            new = torch._foreach_mul(old, mu)
+            torch._foreach_add_(new, incs)
+            for k, m in zip(where, new):
+                out[k] = m
+        return out, [(p, m) for p, m in zip(ps, out)]
 
-    def _compensated_update(self, ps: list[Tensor], ms: list[Tensor], lr: float, decoupled: float) -> None:
-        """``θ ← θ − η m − η γ θ`` for 16-bit ``θ`` with the rounding error carried in
-        ``state[θ]["kahan_comp"]`` (:func:`curvkit.numerics.compensated_add`)."""
+    def _compensated_increments(self, ps: list[Tensor], ms: list[Tensor], lr: float, decoupled: float) -> list[Tensor]:
+        """The float32 increments ``−η m − η γ θ`` plus the carried rounding error of 16-bit
+        ``θ`` (see :meth:`_compensated_commit`)."""
+        out = []
         for p, m in zip(ps, ms):
-            state = self.state[p]
             inc = m.to(torch.float32, copy=True).mul_(-lr)
             if decoupled:
                 inc.add_(p, alpha=-lr * decoupled)
-            carried = state.get("kahan_comp")
+            carried = self.state[p].get("kahan_comp")
             if carried is not None:  # folded into the (small) increment before it meets θ
                 inc.add_(carried)
+            out.append(inc)
+        return out
+
+    def _compensated_commit(self, ps: list[Tensor], incs: list[Tensor]) -> None:
+        """``θ ← θ + inc`` for 16-bit ``θ`` with the rounding error carried in
+        ``state[θ]["kahan_comp"]`` (:func:`curvkit.numerics.compensated_add`)."""
+        for p, inc in zip(ps, incs):
             new, err = compensated_add(p, inc)
             p.copy_(new)
-            state["kahan_comp"] = err
+            self.state[p]["kahan_comp"] = err
 
     def _adapt_damping(
         self,
@@ -411,18 +616,48 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()
         out[STATE_KEY] = self.preconditioner.state_dict()
+        out[MONITOR_KEY] = self.monitor.state_dict()
         return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         state_dict = dict(state_dict)
         pre_state = state_dict.pop(STATE_KEY, None)
+        monitor_state = state_dict.pop(MONITOR_KEY, None)
         if pre_state is None:
             raise ValueError(
                 f"this state_dict has no {STATE_KEY!r} entry (curvature state); it was not saved by a "
                 "curvkit optimizer."
             )
-        super().load_state_dict(state_dict)
+        self.preconditioner.check_state_dict(pre_state)
+        self._check_state_shapes(state_dict)
         self.preconditioner.load_state_dict(pre_state)
+        super().load_state_dict(state_dict)
+        if monitor_state is not None:
+            self.monitor.load_state_dict(monitor_state)
+
+    def _check_state_shapes(self, state_dict: dict[str, Any]) -> None:
+        """Refuse per-parameter state (momentum, Kahan buffers) whose shapes differ from the
+        parameters', naming the parameter and both shapes (torch.optim would accept it and
+        fail later)."""
+        names = {id(p): n for n, p in self.preconditioner.model.named_parameters()}
+        ours = [p for g in self.param_groups for p in g["params"]]
+        saved_groups = state_dict.get("param_groups", [])
+        saved_ids = [i for g in saved_groups for i in g.get("params", [])]
+        if len(saved_ids) != len(ours):
+            return  # torch.optim reports the count mismatch itself
+        problems = []
+        for key, p in zip(saved_ids, ours):
+            for field_name, value in state_dict.get("state", {}).get(key, {}).items():
+                if isinstance(value, Tensor) and value.ndim and value.shape != p.shape:
+                    problems.append(
+                        f"parameter {names.get(id(p), key)!r}: saved {field_name} has shape {list(value.shape)}, "
+                        f"the parameter has shape {list(p.shape)}"
+                    )
+        if problems:
+            raise ValueError(
+                "this state_dict does not fit the model (was it saved from a model of other widths?): "
+                + "; ".join(problems)
+            )
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -431,10 +666,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             group.setdefault("momentum", 0.0)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("kahan_sum", True)
-
-
-def _rms(t: Tensor) -> float:
-    return float(t.norm()) / math.sqrt(t.numel())
 
 
 class KFAC(CurvatureOptimizer):
@@ -462,46 +693,20 @@ class TEKFAC(CurvatureOptimizer):
     method = "tekfac"
 
 
-class _SINGDFamily(CurvatureOptimizer):
-    """The ``singd`` package's step defaults: ``lr`` β₂ = 1e-3, ``momentum`` α₂ = 0.9,
-    weight decay γ applied after preconditioning."""
-
-    def __init__(
-        self,
-        model: nn.Module,
-        params: Iterable[Any] | None = None,
-        *,
-        lr: float = 1e-3,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        weight_decay_mode: str = "after",
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            params,
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            weight_decay_mode=weight_decay_mode,
-            **options,
-        )
-
-
-class SINGD(_SINGDFamily):
+class SINGD(CurvatureOptimizer):
     """SINGD (Lin et al. 2024), from the bundled ``singd`` plugin; options:
     :class:`curvkit_singd.SINGDConfig`."""
 
     method = "singd"
 
 
-class IKFAC(_SINGDFamily):
+class IKFAC(CurvatureOptimizer):
     """IKFAC (SINGD with ``kfac_like=True``); options: :class:`curvkit_singd.IKFACConfig`."""
 
     method = "ikfac"
 
 
-class INGD(_SINGDFamily):
+class INGD(CurvatureOptimizer):
     """INGD (dense SINGD, Lin et al. 2023); options: :class:`curvkit_singd.INGDConfig`."""
 
     method = "ingd"

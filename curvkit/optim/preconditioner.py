@@ -19,13 +19,17 @@ optimizer::
         precond.step()     # .grad ← (G ⊗ A + damping)⁻¹ .grad for tracked layers
         opt.step()
 
-Guarantees: a non-finite gradient skips the whole step and leaves the state untouched; a
-non-finite statistic skips that statistics update (counted in :attr:`counters`); a failed
-decomposition keeps the last good inverse (counted by the block).
+Guarantees (each counted in :attr:`counters` or by the block; :mod:`curvkit.optim.guards`,
+``docs/robustness.md``): a non-finite gradient, an outlier gradient or a non-finite
+direction skips the whole step and leaves the state as it was; a non-finite or outlier
+statistics batch skips that statistics update for every layer; a failed decomposition is
+retried in float64, then keeps the last good inverse; a block declines an update whose new
+state would not be finite.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -39,7 +43,14 @@ from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
 from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.methods import MethodConfig, MethodSpec
-from curvkit.numerics import all_finite
+from curvkit.optim.guards import (
+    COUNTERS,
+    OutlierGates,
+    describe_counters,
+    finite_from_squares,
+    inner_products,
+    squared_norms,
+)
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.plan import LayerPlan, make_plan
@@ -111,6 +122,9 @@ class Preconditioner:
             process group when one with several processes is initialised; ``False`` keeps
             every process to itself; or a :class:`~curvkit.distributed.Distributor`
             (e.g. ``TorchDistributor(comm_dtype=torch.bfloat16)``).
+        recommended: Options left out take the method's recommended values
+            (:attr:`~curvkit.methods.MethodSpec.recommended`, as the optimizers do);
+            ``False``: the configuration class's own defaults (the paper's values).
         **options: Method options (see the method's config class), e.g. ``damping=1e-3``,
             ``T_inv=10``, ``fisher="mc"``.
 
@@ -129,6 +143,7 @@ class Preconditioner:
         registry: Any = None,
         generator: torch.Generator | None = None,
         distributor: Any = None,
+        recommended: bool = True,
         **options: Any,
     ) -> None:
         if registry is None:
@@ -142,7 +157,7 @@ class Preconditioner:
         self.spec = resolve_method(method, registry)
         if config is not None and options:
             raise TypeError("pass either config= or keyword options, not both.")
-        self.config = config if config is not None else self.spec.make_config(**options)
+        self.config = config if config is not None else self.spec.make_config(use_recommended=recommended, **options)
         self.spec.check(self.config, registry)
         self.damping = getattr(self.config, "damping", None)
         self.fisher: FisherType = self.config.fisher  # type: ignore[assignment]
@@ -172,7 +187,13 @@ class Preconditioner:
         self._seed = int(torch.randint(0, 2**62, (1,)).item()) + self.distributor.rank
         self.steps = 0
         self.damping_value = self.damping.initial_value() if self.damping is not None else 0.0
-        self.counters = {"skipped_steps": 0, "skipped_stat_updates": 0}
+        self.counters: dict[str, Any] = dict(COUNTERS)
+        #: The running levels of the outlier gates (:mod:`curvkit.optim.guards`).
+        self.gates = OutlierGates()
+        #: Per layer, the last step's ``⟨Δ_l, ∇_l⟩`` and ``‖∇_l‖²`` (the guard's reductions,
+        #: reused by the optimizer's trust region).
+        self.inner_products: dict[str, float] = {}
+        self.grad_norms_sq: dict[str, float] = {}
         #: Refreshes this process computed, per layer (not saved in checkpoints).
         self.refresh_counts: dict[str, int] = {name: 0 for name in self.blocks}
         self._records: dict[str, list[_Record]] = {}
@@ -300,10 +321,20 @@ class Preconditioner:
         r = layer.handler.output_features(layer.module, grad).shape[1]
         return float(n * r)
 
+    @torch.no_grad()
     def compute_directions(
         self, grads: dict[str, tuple[Tensor, Tensor | None]], *, others_finite: bool = True
     ) -> dict[str, Tensor] | None:
         """Advance one step: fold in statistics, refresh, precondition.
+
+        Every write is guarded. The gradient (``‖∇_l‖²`` per layer, one reduction each) and
+        the new statistics are checked before anything changes; a block's refresh that fails
+        keeps the last good inverse (the very first is retried every step until it works);
+        the direction is checked by ``⟨Δ_l, ∇_l⟩`` (one reduction per layer, finite only if
+        ``Δ_l`` is). A non-finite gradient or direction returns ``None``: the step counter
+        does not advance, and the skip is counted in :attr:`counters`. The two reductions
+        are kept in :attr:`grad_norms_sq` and :attr:`inner_products` for the optimizer's
+        trust region.
 
         Args:
             grads: ``{layer name: (weight gradient, bias gradient or None)}`` for the
@@ -314,14 +345,23 @@ class Preconditioner:
 
         Returns:
             ``{layer name: preconditioned direction in matrix form}``, or ``None`` if the
-            step was skipped (a non-finite gradient or no usable curvature yet).
+            step was skipped.
         """
+        self._last_step_state = None
         try:
             mats = {name: layer_matrix(self.layers[name], w, b) for name, (w, b) in grads.items()}
-            ok = others_finite and all(all_finite(m) for m in mats.values())
+            names = list(mats)
+            sq = squared_norms(list(mats.values()))
+            ok = others_finite and finite_from_squares(sq, list(mats.values()))
             if not self.distributor.all_ok(ok):
-                self.counters["skipped_steps"] += 1
+                self._count_skip("nonfinite_gradients")
                 return None
+            if sq:
+                outlier, accepted = self.gates.gradient_outlier(sum(sq))
+                self.counters["accepted_outlier_levels"] += accepted
+                if outlier:
+                    self._count_skip("outlier_gradients")
+                    return None
             if self.stats_due:
                 self._update_statistics()
             # a layer with no statistics yet (it did not run on a statistics step, or its
@@ -330,21 +370,64 @@ class Preconditioner:
             first_order: dict[str, Tensor] = {}
             if missing:
                 self._missing_statistics(missing)
-                first_order = {n: mats.pop(n) for n in missing}
+                first_order = {n: mats[n] for n in missing}
             due = [
                 name
                 for name, block in self.blocks.items()
                 if block.num_updates > 0 and (self.refresh_due or name not in self._refreshed)
             ]
             if due:
+                failures = {name: self.blocks[name].inverse_failures for name in due}
                 self.distributor.refresh(due, self.blocks, self._refresh_block)
-                self._refreshed.update(due)
-            out = {name: self.blocks[name].precondition(m) for name, m in mats.items()}
-            out.update(first_order)
+                # a block whose first refresh failed has no inverse of its own yet: retry it
+                # on the next step rather than wait for the schedule
+                self._refreshed.update(
+                    n for n in due if n in self._refreshed or self.blocks[n].inverse_failures == failures[n]
+                )
+            saved = {n: self.blocks[n].step_state() for n in mats if n not in first_order}
+            out = {
+                name: (first_order[name] if name in first_order else self.blocks[name].precondition(m))
+                for name, m in mats.items()
+            }
+            dots = inner_products([(out[n], mats[n]) for n in names])
+            ok = all(math.isfinite(d) for d in dots)
+            if not self.distributor.all_ok(ok):
+                self._restore_step_state(saved)
+                self._count_skip("nonfinite_directions")
+                return None
+            self.inner_products = dict(zip(names, dots))
+            self.grad_norms_sq = dict(zip(names, sq))
+            if sq:
+                self.gates.track_gradient(sum(sq))
+            self._last_step_state = saved
             self.steps += 1
             return out
         finally:
             self.clear_records()
+
+    def _count_skip(self, reason: str) -> None:
+        self.counters["skipped_steps"] += 1
+        self.counters[reason] = self.counters.get(reason, 0) + 1
+
+    def _restore_step_state(self, saved: dict[str, Any]) -> None:
+        for name, state in saved.items():
+            if state is not None:
+                self.blocks[name].restore_step_state(state)
+
+    def revert_step(self, reason: str = "nonfinite_updates") -> None:
+        """Undo the last :meth:`compute_directions` as far as the step goes: the blocks'
+        step-time state (:meth:`~curvkit.blocks.CurvatureBlock.step_state`, e.g.
+        KLD-WRM's previous gradient) is restored and the step counter goes back; the
+        statistics folded in on that step (checked finite) are kept. The optimizer calls it
+        when it refuses the parameter update; counted as a skipped step (``reason``)."""
+        saved, self._last_step_state = self._last_step_state, None
+        if saved is None:
+            return
+        self._restore_step_state(saved)
+        self.steps -= 1
+        self._count_skip(reason)
+
+    _last_step_state: dict[str, Any] | None = None
 
     def _refresh_block(self, name: str) -> None:
         self.blocks[name].refresh(self.damping, self.damping_value)  # type: ignore[arg-type]
@@ -383,18 +466,58 @@ class Preconditioner:
             )
 
     def _update_statistics(self) -> None:
+        """Fold this step's statistics into the blocks, behind two gates.
+
+        * **Finite**: every block's batch estimate is checked before any block changes
+          (:meth:`~curvkit.blocks.CurvatureBlock.batch_is_finite`); one non-finite layer
+          skips the update of all (``skipped_stat_updates``).
+        * **Outliers**: each layer's batch magnitude
+          (:meth:`~curvkit.blocks.CurvatureBlock.batch_magnitudes`, e.g. ``tr A_b`` and
+          ``tr G_b``) are compared with the running (log-average) magnitudes of the batches
+          it accepted (:class:`~curvkit.optim.guards.OutlierGates`); a part above
+          ``OUTLIER_RATIO`` times its running magnitude makes the batch an outlier, and the
+          update of all layers is skipped (``outlier_stat_updates``). ``OUTLIER_PATIENCE``
+          outliers in a row are taken as a real change of level: the batch is folded in
+          (``accepted_outlier_levels``).
+
+        A block may still decline its own update when its new state would not be finite
+        (counted by the block, :attr:`~curvkit.blocks.CurvatureBlock.skipped_updates`).
+        """
         stats = {name: self._layer_stats(name) for name in self.blocks}
         present = self.distributor.share_statistics({n: s for n, s in stats.items() if s is not None}, self.blocks)
         ema = getattr(self.config, "ema_decay", 0.0)
         # check every batch estimate before changing any block: a non-finite one leaves
         # every block untouched
-        if not all(self.blocks[n].batch_is_finite(s) for n, s in present.items()):
+        # blocks with their own check run it; the default check is the magnitudes' finiteness
+        own = [n for n in present if type(self.blocks[n]).batch_is_finite is not CurvatureBlock.batch_is_finite]
+        if not all(self.blocks[n].batch_is_finite(present[n]) for n in own):
             self.counters["skipped_stat_updates"] += 1
+            self._release(present)
             return
+        magnitudes = {n: tuple(float(v) for v in self.blocks[n].batch_magnitudes(s)) for n, s in present.items()}
+        if any(not math.isfinite(v) for m in magnitudes.values() for v in m):
+            self.counters["skipped_stat_updates"] += 1
+            self._release(present)
+            return
+        outliers, accepted = self.gates.statistics_outliers(magnitudes)
+        if outliers and not accepted:
+            self.counters["outlier_stat_updates"] += 1
+            self._release(present)
+            return
+        self.counters["accepted_outlier_levels"] += accepted
         for name, s in present.items():
             block = self.blocks[name]
             k = block.num_updates + 1
             block.update(s, min(1.0 - 1.0 / k, ema))
+            self.gates.track_statistics(name, magnitudes[name])
+
+    def _release(self, present: dict[str, LayerStats]) -> None:
+        """Drop what the blocks computed from a batch they will not fold in (it holds the
+        batch's features)."""
+        for name in present:
+            block = self.blocks[name]
+            if getattr(block, "_batch_cache", None) is not None:
+                block._batch_cache = None
 
     def step(self, *, weight_decay: float = 0.0) -> bool:
         """Rewrite ``.grad`` of every tracked parameter with its preconditioned direction.
@@ -404,11 +527,16 @@ class Preconditioner:
                 your optimizer's own weight decay for the usual placement after it.
 
         Returns:
-            ``False`` if the step was skipped (non-finite gradients); ``.grad`` is then left
-            as it was, and so is the preconditioner's state.
+            ``False`` if the step was skipped (a non-finite or outlier gradient, a non-finite
+            direction) or there was no gradient at all; ``.grad`` is then left as it was, and
+            so is the preconditioner's state (the step counter does not advance).
         """
         self.distributor.reduce_gradients(p for p in self.model.parameters() if p.requires_grad)
         grads = self._collect_grads(weight_decay)
+        if not grads:
+            self.counters["empty_steps"] = self.counters.get("empty_steps", 0) + 1
+            self.clear_records()
+            return False
         dirs = self.compute_directions(grads)
         if dirs is None:
             return False
@@ -451,6 +579,9 @@ class Preconditioner:
         return out  # type: ignore[return-value]
 
     def state_dict(self) -> dict[str, Any]:
+        """Tensors and plain Python values only, so ``torch.load(..., weights_only=True)``
+        reads a checkpoint; with each layer's matrix shape ``[d_out, d_in]`` (bias column
+        included), which :meth:`load_state_dict` checks."""
         return {
             "method": self.spec.name,
             "steps": self.steps,
@@ -460,10 +591,15 @@ class Preconditioner:
             "generator": None if self.generator is None else self.generator.get_state(),
             "generator_device": None if self.generator is None else str(self.generator.device),
             "refreshed": sorted(self._refreshed),
+            "layer_shapes": {name: [b.info.d_out, b.info.d_in] for name, b in self.blocks.items()},
+            "outlier_gates": self.gates.state_dict(),
             "blocks": {name: block.state_dict() for name, block in self.blocks.items()},
         }
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def check_state_dict(self, state: dict[str, Any]) -> None:
+        """Raise ``ValueError`` (changing nothing) unless ``state`` is a
+        :meth:`state_dict` of this method for layers this model tracks, with the same
+        shapes (the message names the layer and both shapes)."""
         if state.get("method") != self.spec.name:
             raise ValueError(
                 f"state_dict is from method {state.get('method')!r}, this preconditioner runs {self.spec.name!r}."
@@ -474,15 +610,36 @@ class Preconditioner:
                 f"state_dict has blocks for layers {sorted(unknown)} that this model does not track; "
                 f"tracked: {sorted(self.blocks)}."
             )
+        mismatched = []
+        for name, shape in state.get("layer_shapes", {}).items():
+            info = self.blocks[name].info
+            ours = [info.d_out, info.d_in]
+            if list(shape) != ours:
+                mismatched.append(
+                    f"layer {name!r}: the checkpoint's matrix form is {list(shape)} (d_out, d_in incl. bias), "
+                    f"this model's is {ours}"
+                )
+        if mismatched:
+            raise ValueError(
+                "state_dict does not fit this model (saved from a model with the same layer names but other widths?): "
+                + "; ".join(mismatched)
+            )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`'s output, after :meth:`check_state_dict`."""
+        self.check_state_dict(state)
         self.steps = int(state["steps"])
         self.damping_value = float(state["damping_value"])
-        self.counters = dict(state["counters"])
+        self.counters = {**COUNTERS, **dict(state["counters"])}
         self._seed = int(state["seed"])
         if state["generator"] is not None:
             if self.generator is None:
                 self.generator = torch.Generator(device=state["generator_device"])
             self.generator.set_state(state["generator"])
         self._refreshed = set(state["refreshed"])
+        self.gates = OutlierGates()
+        self.gates.load_state_dict(state.get("outlier_gates", {}))
+        self._last_step_state = None
         for name, block_state in state["blocks"].items():
             self.blocks[name].load_state_dict(block_state)
 
@@ -511,7 +668,12 @@ class Preconditioner:
             lines.append(f"  {name or '<model>'}: {block.describe()}{where}{pending}")
         for name in self.plan.skipped:
             lines.append(f"  {name}: first-order (no layer handler)")
+        lines.append(f"  guards: {self.describe_counters()}")
         return "\n".join(lines)
+
+    def describe_counters(self) -> str:
+        """The guards' counters in one line (:func:`curvkit.optim.guards.describe_counters`)."""
+        return describe_counters(self.steps, self.counters, self.blocks.values())
 
     def __del__(self) -> None:
         try:

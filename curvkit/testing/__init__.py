@@ -9,6 +9,9 @@ component and what went wrong; call them from your test suite (pytest or anythin
     def test_my_method():
         check_method("my-method")          # by registered name, or pass the MethodSpec
 
+    def test_my_method_survives_faults():
+        check_robustness("my-method")      # NaN gradients, outliers, failing decompositions, ...
+
     def test_my_structure():
         check_structure(MyStructure)
 
@@ -27,14 +30,20 @@ from curvkit.testing.methods import (
     check_state_dict_roundtrip,
 )
 from curvkit.testing.plugin import check_plugin
+from curvkit.testing.robustness import FAULTS, FaultResult, check_robustness, failing_decompositions, robustness_report
 
 __all__ = [
+    "FAULTS",
+    "FaultResult",
     "check_bad_configs",
     "check_inverter",
     "check_method",
     "check_nonfinite_gradient_skips",
     "check_plugin",
+    "check_robustness",
     "check_sample_configs_train",
     "check_state_dict_roundtrip",
     "check_structure",
+    "failing_decompositions",
+    "robustness_report",
 ]

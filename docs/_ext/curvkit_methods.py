@@ -1,7 +1,9 @@
 """Sphinx directive ``curvkit-method-reference``: one section per registered method, with
-its summary, citation, optimizer class, documentation page and a table of every option
-(name, default, description) generated from the configuration dataclass and the
-``Args:`` sections of its docstrings (the most derived class's entry wins).
+its summary, citation, optimizer class, recommended settings (the defaults), documentation
+page and a table of every option (name, default, description) generated from the
+configuration dataclass and the ``Args:`` sections of its docstrings (the most derived
+class's entry wins). An option the spec recommends shows the recommended value first and
+the configuration's field default (the paper's value, ``recommended=False``) in brackets.
 
 The build warns when a bundled method has no page in :data:`METHOD_PAGES` (so every
 method is documented) or an option has no description in any docstring.
@@ -125,6 +127,20 @@ def method_reference(registry: Any, warn: Any) -> list[str]:
             if cls
             else f"* optimizer: ``curvkit.optim.create({name!r}, model, ...)``",
         ]
+        settings = spec.recommended_settings() if spec.recommended else {}
+        if settings:
+            from curvkit.cli import recommended_text
+            from curvkit.methods import OPTIMIZER_OPTIONS
+
+            step = {k: v for k, v in settings.items() if k in OPTIMIZER_OPTIONS}
+            lines.append(
+                f"* defaults (the recommended settings; method options below): ``{recommended_text(step)}``"
+                if step
+                else "* defaults: the recommended settings of the options below"
+            )
+            tasks = (spec.recommended.get("tasks") or {}) if hasattr(spec.recommended, "get") else {}
+            for task, over in tasks.items():
+                lines.append(f"* ``curvkit bench`` task ``{task}``: ``{recommended_text(dict(over))}``")
         if page:
             lines.append(f"* maths and provenance: :doc:`/{page}`")
         if spec.reference:
@@ -136,7 +152,7 @@ def method_reference(registry: Any, warn: Any) -> list[str]:
             "   :widths: 18 22 60",
             "",
             "   * - option",
-            "     - default",
+            "     - default (field default)",
             "     - meaning",
         ]
         docs = option_docs(spec.config_cls)
@@ -150,7 +166,10 @@ def method_reference(registry: Any, warn: Any) -> list[str]:
                     "in an Args: section of the configuration's docstrings"
                 )
                 text = ""
-            lines += [f"   * - ``{field.name}``", f"     - {_cell(_default(field))}", f"     - {_cell(text)}"]
+            default = _default(field)
+            if field.name in settings:
+                default = f"``{settings[field.name]!r}`` ({default})"
+            lines += [f"   * - ``{field.name}``", f"     - {_cell(default)}", f"     - {_cell(text)}"]
         lines.append("")
     return lines
 

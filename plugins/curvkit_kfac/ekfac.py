@@ -46,7 +46,9 @@ from curvkit.errors import ConfigError, UnknownComponentError
 from curvkit.linalg.damping import Damping, ExactDamping, PiDamping, RelativeDamping
 from curvkit.linalg.inverters import EigenInverse, compute_dtype, symmetric_eigh
 from curvkit.methods import KroneckerConfig, MethodSpec
+from curvkit.numerics import all_finite
 from curvkit.structures.base import FactorStructure
+from curvkit_kfac.kfac import GRAD_RATIO_CLIP, KL_CLIP
 from curvkit_kfac.tkfac import trace_weighted_statistics
 
 __all__ = [
@@ -296,9 +298,11 @@ class EKFACBlock(CurvatureBlock):
         (self.eig_A, self.Q_A), (self.eig_G, self.Q_G) = ea, eg
         self.shift = float(damping.product_shift(self.eig_A, self.eig_G, lam))
         pending, self._pending = self._pending, None
-        if pending is not None:
-            self.S = self._batch_scaling(pending)
+        batch = self._batch_scaling(pending) if pending is not None else None
+        if batch is not None and all_finite(batch):
+            self.S = batch
         else:
+            self.skipped_updates += batch is not None
             self.S = self.kronecker_eigenvalues()
         self.scale_updates = 1
 
@@ -339,6 +343,9 @@ class EKFACBlock(CurvatureBlock):
         if pending is None or self.S is None or not self.correct_eigenvalues:
             return
         batch = self._batch_scaling(pending)
+        if not all_finite(batch):  # the rotated second moments overflowed: keep S
+            self.skipped_updates += 1
+            return
         self.scale_updates += 1
         decay = min(1.0 - 1.0 / self.scale_updates, self.scale_decay)
         self.S = self.S * decay + batch * (1.0 - decay)
@@ -519,6 +526,7 @@ EKFAC_SPEC = MethodSpec(
         {"damping": 1e-2, "fisher": "type-2", "T_inv": 3},
         {"damping": RelativeDamping(value=1e-2, on="product"), "fisher": "mc", "scale_decay": 0.75},
     ),
+    recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.3, "kl_clip": KL_CLIP, "grad_ratio_clip": GRAD_RATIO_CLIP},
     bad_configs=_EIGEN_BAD_CONFIGS,
 )
 
@@ -533,6 +541,7 @@ TEKFAC_SPEC = MethodSpec(
         {"damping": 1e-2, "fisher": "type-2", "T_inv": 3},
         {"damping": 1e-2, "fisher": "mc", "conv_damping": "trace"},
     ),
+    recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.3, "kl_clip": KL_CLIP, "grad_ratio_clip": GRAD_RATIO_CLIP},
     bad_configs=(
         *_EIGEN_BAD_CONFIGS,
         ({"conv_damping": "huge"}, ConfigError),

@@ -21,7 +21,15 @@ from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComp
 from curvkit.linalg.damping import ExactDamping
 from curvkit.methods import KroneckerConfig, MethodSpec
 
-__all__ = ["KFACConfig", "KFAC_SPEC", "kfac_block"]
+__all__ = ["GRAD_RATIO_CLIP", "KFACConfig", "KFAC_SPEC", "KL_CLIP", "kfac_block"]
+
+#: The K-FAC family's default trust region (its recommended settings): the KL clip κ (Ba et
+#: al. 2017), :math:`\eta^2\nu\langle\Delta, \nabla\rangle \le \kappa` over all layers, ...
+KL_CLIP = 1e-2
+#: ... and the per-layer norm constraint :math:`\lVert\Delta_l\rVert \le 100\lVert\nabla_l\rVert`
+#: that every bundled method carries (at the recommended damping K-FAC's direction stays
+#: below 10× the gradient, so it binds only when a step would be orders of magnitude larger).
+GRAD_RATIO_CLIP = 100.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +55,7 @@ KFAC_SPEC = MethodSpec(
         {"structure": "diagonal", "damping": 1e-2},
         {"fisher": "type-2", "damping": 1e-2},
     ),
+    recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.1, "kl_clip": KL_CLIP, "grad_ratio_clip": GRAD_RATIO_CLIP},
     bad_configs=(
         ({"ema_decay": 1.5, "T_inv": 0}, ConfigError),
         ({"damping": -1.0}, ConfigError),

@@ -34,6 +34,7 @@ gradients; :meth:`TKFACBlock.as_operator` returns it as a
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -45,6 +46,7 @@ from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComp
 from curvkit.linalg.damping import Damping, ExactDamping, ScalarDamping
 from curvkit.methods import KroneckerConfig, MethodSpec
 from curvkit.structures.base import FactorStructure
+from curvkit_kfac.kfac import GRAD_RATIO_CLIP, KL_CLIP
 
 __all__ = [
     "TKFACBlock",
@@ -140,11 +142,27 @@ class TKFACBlock(KroneckerBlock):
         assert self.A is not None
         self.delta = torch.zeros((), dtype=self.A.dtype, device=device)
 
+    def batch_factors(self, stats: LayerStats) -> tuple[Tensor, Tensor]:
+        """The trace-weighted pair ``(δΦ, δΨ)`` this block folds in (so the preconditioner's
+        finiteness and outlier checks see what is folded in; ``δ`` is kept for
+        :meth:`update`)."""
+        delta, phi, psi = trace_weighted_statistics(stats)
+        self._delta_batch = (weakref.ref(stats), delta)  # weak: a skipped batch is not kept alive
+        return phi, psi
+
+    def batch_is_finite(self, stats: LayerStats) -> bool:
+        if not super().batch_is_finite(stats):
+            return False
+        pending = getattr(self, "_delta_batch", None)
+        return pending is None or pending[0]() is not stats or bool(torch.isfinite(pending[1]))
+
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
             self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
         assert self.A is not None and self.G is not None and self.delta is not None
-        delta, phi, psi = trace_weighted_statistics(stats)
+        phi, psi = self.take_batch_factors(stats)
+        pending, self._delta_batch = getattr(self, "_delta_batch", None), None
+        delta = pending[1] if pending is not None and pending[0]() is stats else trace_weighted_statistics(stats)[0]
         self.A.ema_(self.structure_A.from_dense(phi.to(self.A.dtype)), decay)
         self.G.ema_(self.structure_G.from_dense(psi.to(self.G.dtype)), decay)
         self.delta.mul_(decay).add_(delta.to(self.delta.dtype), alpha=1 - decay)
@@ -219,6 +237,7 @@ TKFAC_SPEC = MethodSpec(
         {"damping": 1e-2, "fisher": "type-2", "T_inv": 3},
         {"damping": ExactDamping(value=1e-2), "inverter": "eigh", "fisher": "mc"},
     ),
+    recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.1, "kl_clip": KL_CLIP, "grad_ratio_clip": GRAD_RATIO_CLIP},
     bad_configs=(
         ({"ema_decay": 1.5, "T_inv": 0}, ConfigError),
         ({"damping": -1.0}, ConfigError),

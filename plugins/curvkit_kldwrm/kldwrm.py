@@ -173,6 +173,16 @@ class SOKLDWRMBlock(KroneckerBlock):
         self.k = 0  # preconditioned steps taken
         self.g_prev: Tensor | None = None
 
+    #: What :meth:`precondition` replaces (restored when the step is refused).
+    _STEP_ATTRS: tuple[str, ...] = ("g_prev", "eta_prev", "k")
+
+    def step_state(self) -> dict[str, Any]:
+        return {name: getattr(self, name) for name in self._STEP_ATTRS}
+
+    def restore_step_state(self, state: dict[str, Any]) -> None:
+        for name, value in state.items():
+            setattr(self, name, value)
+
     def set_step_size(self, eta: float) -> None:
         """The step size :math:`\\eta_k` of the coming step (the optimizer's learning rate)."""
         self.eta_next = float(eta)
@@ -233,6 +243,18 @@ class QKLDWRMBlock(SOKLDWRMBlock):
     """
 
     _warned_eta = False  # warn once per process that the step size is assumed
+    _STEP_ATTRS = (
+        "g_prev",
+        "eta_prev",
+        "k",
+        "ghat_prev",
+        "s_prev",
+        "fresh",
+        "B_A",
+        "B_G",
+        "inverse",
+        "inverse_failures",
+    )
 
     def __init__(self, info: BlockInfo, config: QKLDWRMConfig, registry: Any) -> None:
         super().__init__(info, config, registry)
@@ -246,7 +268,9 @@ class QKLDWRMBlock(SOKLDWRMBlock):
         self.fresh = False  # factors updated since the previous step
         self.B_A: Tensor | None = None  # local factors used by the latest decomposition
         self.B_G: Tensor | None = None
-        self._damping: Damping | None = None
+        # the optimizer's damping strategy (refresh() passes the same object); not saved in
+        # checkpoints, which hold tensors and plain values only
+        self._damping: Damping | None = config.damping if isinstance(config.damping, Damping) else None
         self._lam = 0.0
 
     def update(self, stats: LayerStats, decay: float) -> None:
@@ -327,7 +351,7 @@ class QKLDWRMBlock(SOKLDWRMBlock):
     def precondition(self, grad: Tensor) -> Tensor:
         eta = self._eta()
         if self.inverse is None or self.k % self.T_inv in (0, 1):
-            if self._damping is None:
+            if self._damping is None or self.A is None:
                 raise RuntimeError(f"block {self.info.name!r}: precondition() before the first refresh()")
             self._decompose(eta)
         ghat = self.modified_gradient(grad, eta)
@@ -345,7 +369,6 @@ class QKLDWRMBlock(SOKLDWRMBlock):
         out = super().state_dict()
         out["kldwrm"]["fresh"] = self.fresh
         out["kldwrm"]["lam"] = self._lam
-        out["kldwrm"]["damping"] = self._damping
         wake = out.setdefault("wake", {})
         for key in _Q_STATE:
             value = getattr(self, key)
@@ -357,7 +380,6 @@ class QKLDWRMBlock(SOKLDWRMBlock):
         super().load_state_dict(state)
         self.fresh = bool(state["kldwrm"]["fresh"])
         self._lam = float(state["kldwrm"]["lam"])
-        self._damping = state["kldwrm"]["damping"]
         wake = state.get("wake", {})
         for key in _Q_STATE:
             setattr(self, key, _clone(wake.get(key)))
@@ -382,6 +404,26 @@ class QEKLDWRMBlock(QKLDWRMBlock):
         return super().precondition(grad)
 
 
+#: KLD-WRM's recommended settings (digits MLP and CNN to ≥ 95 %; the author's MNIST values,
+#: lr 0.01 with weight decay 1e-3 before preconditioning and ρ = 0.33, train these tasks
+#: slower); trust region: the K-FAC family's (a KL clip and ‖Δ_l‖ ≤ 100‖∇_l‖; with batches of
+#: one the wake-modified direction exceeded 100× the gradient and training did not recover).
+RECOMMENDED: dict[str, Any] = {
+    "lr": 0.05,
+    "momentum": 0.9,
+    "damping": ExactDamping(value=0.1),
+    "ema_decay": 0.95,
+    "T_stats": 1,
+    "T_inv": 10,
+    "kl_clip": 1e-2,
+    "grad_ratio_clip": 100.0,
+    "weight_decay": 0.0,
+    "weight_decay_mode": "before",
+    "wake_decay": 0.5,
+    "tasks": {"digits-cnn": {"lr": 0.02}},
+}
+
+
 def _bad_configs() -> tuple[tuple[dict[str, Any], type[Exception]], ...]:
     return (
         ({"ema_decay": 1.5, "T_inv": 0}, ConfigError),
@@ -404,6 +446,7 @@ SO_KLDWRM_SPEC = MethodSpec(
         {"T_stats": 1, "T_inv": 1, "damping": 1e-2, "ema_decay": 0.9, "wake_decay": 0.5},
     ),
     bad_configs=_bad_configs(),
+    recommended=RECOMMENDED,
 )
 
 Q_KLDWRM_SPEC = MethodSpec(
@@ -417,6 +460,7 @@ Q_KLDWRM_SPEC = MethodSpec(
         {"T_stats": 2, "T_inv": 2, "damping": 1e-2, "eta": 0.05},
     ),
     bad_configs=(*_bad_configs(), ({"local_weight": -1.0}, ConfigError)),
+    recommended=RECOMMENDED,
 )
 
 QE_KLDWRM_SPEC = MethodSpec(
@@ -427,4 +471,5 @@ QE_KLDWRM_SPEC = MethodSpec(
     reference="Puiu (2022), Rethinking Exponential Averaging of the Fisher, arXiv:2204.04718",
     sample_configs=({"T_stats": 1, "T_inv": 3, "damping": 1e-2, "eta": 0.05},),
     bad_configs=(*_bad_configs(), ({"capacity": 0}, ConfigError), ({"kappa": 0.0}, ConfigError)),
+    recommended=RECOMMENDED,
 )

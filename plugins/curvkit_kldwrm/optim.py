@@ -1,8 +1,10 @@
 r"""Named KLD-WRM optimizers: :class:`SOKLDWRM`, :class:`QKLDWRM`, :class:`QEKLDWRM`.
 
-They are :class:`curvkit.optim.CurvatureOptimizer` with the author's MNIST step settings as
-defaults (``lr=0.01``, ``weight_decay=1e-3`` added **before** preconditioning, ``kl_clip=0.1``,
-and for Q/QE a per-layer ``rms_clip=2.0``) and two additions the generic optimizer lacks:
+They are :class:`curvkit.optim.CurvatureOptimizer` with the methods' recommended settings as
+defaults (:data:`curvkit_kldwrm.kldwrm.RECOMMENDED`, the same as ``create()``'s; the
+author's MNIST step settings were ``lr=0.01``, ``weight_decay=1e-3`` added **before**
+preconditioning, ``kl_clip=0.1`` and for Q/QE a per-layer ``rms_clip=2.0``) and two
+additions the generic optimizer lacks:
 
 * before each step they pass every layer's learning rate :math:`\eta_k = 1/\lambda_k` to its
   block (the wake recursions use :math:`\eta_{k-1}/\eta_k`, Q augments its factors by
@@ -44,18 +46,6 @@ def symmetric_kl(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 
 
 class _KLDWRMOptimizer(CurvatureOptimizer):
-    _defaults: dict[str, Any] = {
-        "lr": 0.01,
-        "weight_decay": 1e-3,
-        "weight_decay_mode": "before",
-        "kl_clip": 0.1,
-    }
-
-    def __init__(self, model: nn.Module, params: Any = None, **kwargs: Any) -> None:
-        for key, value in self._defaults.items():
-            kwargs.setdefault(key, value)
-        super().__init__(model, params, **kwargs)
-
     def _push_step_sizes(self) -> None:
         groups = self._group_of()
         for name, layer in self.preconditioner.layers.items():
@@ -80,7 +70,6 @@ class QKLDWRM(_KLDWRMOptimizer):
     """Q-KLD-WRM (Puiu 2022); options: :class:`curvkit_kldwrm.QKLDWRMConfig`."""
 
     method = "q-kldwrm"
-    _defaults = {**_KLDWRMOptimizer._defaults, "rms_clip": 2.0}
 
 
 class QEKLDWRM(QKLDWRM):

@@ -51,16 +51,17 @@ from curvkit.linalg.inverters import (
 from curvkit.methods import MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.structures.base import DenseStructure
-from curvkit_lowrank.brand import brand_update
+from curvkit_lowrank.brand import brand_update_with_retry
 from curvkit_lowrank.lowrank import (
     LowRankEigenInverse,
     LowRankFactor,
     LowRankInverse,
     RandomizedInverter,
+    decompose_with_retry,
     low_rank_shifts,
     randomized_svd,
 )
-from curvkit_lowrank.rskfac import RSKFACConfig
+from curvkit_lowrank.rskfac import RECOMMENDED, RSKFACConfig
 
 __all__ = [
     "BKFACCConfig",
@@ -93,6 +94,26 @@ def correct_eigenpairs(low: LowRankFactor, exact: Tensor, fraction: float, gener
     d[idx] = lam.clamp_min(0).to(d.dtype)
     d, order = torch.sort(d, descending=True)
     return LowRankFactor(U[:, order].contiguous(), d)
+
+
+def _correct_with_retry(
+    low: LowRankFactor, exact: Tensor, fraction: float, generator: torch.Generator
+) -> LowRankFactor | None:
+    """:func:`correct_eigenpairs` in the factor's dtype, retried in float64 (with the same
+    random columns) when its ``eigh`` fails; ``None`` when both fail."""
+    dtype = low.U.dtype
+    for attempt in (dtype, torch.float64) if dtype != torch.float64 else (torch.float64,):
+        state = generator.get_state()
+        try:
+            cast = LowRankFactor(low.U.to(attempt), low.d.to(attempt))
+            out = correct_eigenpairs(cast, exact.to(attempt), fraction, generator)
+        except RuntimeError:  # torch.linalg.LinAlgError
+            generator.set_state(state)
+            continue
+        if all_finite(out.U) and all_finite(out.d):
+            return LowRankFactor(out.U.to(dtype), out.d.to(dtype))
+        generator.set_state(state)
+    return None
 
 
 class BrandKroneckerBlock(CurvatureBlock):
@@ -151,32 +172,55 @@ class BrandKroneckerBlock(CurvatureBlock):
         return issubclass(self.info.module_type, nn.Linear) and self.rank + n < self.dims[side]
 
     def update(self, stats: LayerStats, decay: float) -> None:
+        """Fold in one batch: every new value (Brand factors, the exact factors' batch
+        Gram) is computed first and checked; a Brand update that fails even in float64, or
+        a non-finite result, declines the whole update (counted in ``skipped_updates``,
+        state unchanged)."""
         if not hasattr(self, "_dtype"):
             self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
         a_rows, g_rows = stats.rows()
         rows = {"A": a_rows, "G": g_rows.reshape(-1, g_rows.shape[-1])}
+        brand: dict[str, bool] = {}
+        new_low: dict[str, LowRankFactor] = {}
+        grams: dict[str, Tensor] = {}
         for side in _SIDES:
             R = rows[side].detach().to(self._dtype)
-            if side not in self.brand:
-                self.brand[side] = self._eligible(side, R.shape[0])
-                if self.brand[side]:
+            brand[side] = self.brand[side] if side in self.brand else self._eligible(side, R.shape[0])
+            if brand[side]:
+                d = self.dims[side]
+                low = self.low.get(side) or LowRankFactor(
+                    torch.zeros(d, 0, dtype=self._dtype, device=R.device),
+                    torch.zeros(0, dtype=self._dtype, device=R.device),
+                )
+                updated = brand_update_with_retry(low, R.t(), decay, self.rank)
+                if updated is None:
+                    self.skipped_updates += 1
+                    return
+                new_low[side] = updated
+            if not brand[side] or self.keeps_exact:
+                grams[side] = R.t() @ R
+        if not all(all_finite(x) for x in grams.values()):
+            self.skipped_updates += 1
+            return
+        for side in _SIDES:
+            self.brand[side] = brand[side]
+            if side in new_low:
+                self.low[side] = new_low[side]
+            if side in grams:
+                if side not in self.exact:
                     d = self.dims[side]
-                    self.low[side] = LowRankFactor(
-                        torch.zeros(d, 0, dtype=self._dtype, device=R.device),
-                        torch.zeros(0, dtype=self._dtype, device=R.device),
-                    )
-                if not self.brand[side] or self.keeps_exact:
-                    self.exact[side] = torch.zeros(self.dims[side], self.dims[side], dtype=self._dtype, device=R.device)
-            if self.brand[side]:
-                self.low[side] = brand_update(self.low[side], R.t(), decay, self.rank)
-            if side in self.exact:
-                self.exact[side].mul_(decay).add_(R.t() @ R, alpha=1.0 - decay)
+                    self.exact[side] = torch.zeros(d, d, dtype=self._dtype, device=grams[side].device)
+                self.exact[side].mul_(decay).add_(grams[side], alpha=1.0 - decay)
         self.num_updates += 1
         if self.correction_period and self.num_updates % self.correction_period == 0:
             gen = torch.Generator().manual_seed(self.inverter.seed * 1_000_003 + 500_009 + self.corrections)
             for side in _SIDES:
                 if self.brand[side]:
-                    self.low[side] = correct_eigenpairs(self.low[side], self.exact[side], self.correction_fraction, gen)
+                    corrected = _correct_with_retry(self.low[side], self.exact[side], self.correction_fraction, gen)
+                    if corrected is None:
+                        self.inverse_failures += 1  # the correction's eigh failed: keep the factor
+                    else:
+                        self.low[side] = corrected
             self.corrections += 1
 
     # --- inversion ----------------------------------------------------------------------
@@ -185,12 +229,15 @@ class BrandKroneckerBlock(CurvatureBlock):
         if self.brand[side]:
             if self.refresh_period and self.refreshes % self.refresh_period == 0:
                 X = self.exact[side]
-                state = gen.get_state()
-                low = randomized_svd(
-                    X, self.rank, oversampling=self.inverter.oversampling, niter=self.inverter.niter, generator=gen
+                inv = self.inverter
+                low = decompose_with_retry(
+                    lambda M, g: randomized_svd(
+                        M, self.rank, oversampling=inv.oversampling, niter=inv.niter, generator=g
+                    ),
+                    X,
+                    gen,
                 )
-                if not (all_finite(low.U) and all_finite(low.d)):
-                    gen.set_state(state)
+                if low is None:
                     return None
                 self.low[side] = LowRankFactor(low.U.to(X.dtype), low.d.to(X.dtype))
             return self.low[side]
@@ -396,6 +443,7 @@ B_KFAC_SPEC = MethodSpec(
     reference="Puiu (2022), Brand New K-FACs, arXiv:2210.08494",
     sample_configs=_SAMPLES,
     bad_configs=_BAD,
+    recommended=RECOMMENDED,
 )
 
 B_R_KFAC_SPEC = MethodSpec(
@@ -406,6 +454,7 @@ B_R_KFAC_SPEC = MethodSpec(
     reference="Puiu (2022), Brand New K-FACs, arXiv:2210.08494",
     sample_configs=tuple({**s, "B_R_period": 2} for s in _SAMPLES),
     bad_configs=(*_BAD, ({"B_R_period": 0}, ConfigError)),
+    recommended={**RECOMMENDED, "B_R_period": 5},
 )
 
 B_KFAC_C_SPEC = MethodSpec(
@@ -416,4 +465,5 @@ B_KFAC_C_SPEC = MethodSpec(
     reference="Puiu (2022), Brand New K-FACs, arXiv:2210.08494",
     sample_configs=tuple({**s, "correction_period": 2, "B_R_period": i % 2} for i, s in enumerate(_SAMPLES)),
     bad_configs=(*_BAD, ({"correction_fraction": 1.5}, ConfigError), ({"correction_period": 0}, ConfigError)),
+    recommended={**RECOMMENDED, "B_R_period": 5, "correction_period": 5},
 )

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from curvkit_lowrank.lowrank import LowRankFactor
 
-__all__ = ["brand_update"]
+__all__ = ["brand_update", "brand_update_with_retry"]
 
 
 def brand_update(low: LowRankFactor, Y: Tensor, decay: float, rank: int | None = None) -> LowRankFactor:
@@ -44,3 +44,20 @@ def brand_update(low: LowRankFactor, Y: Tensor, decay: float, rank: int | None =
     if rank is not None:
         S, W = S[:rank], W[:, :rank]
     return LowRankFactor((torch.cat([U, Q], dim=1) @ W).contiguous(), S.clamp_min(0))
+
+
+def brand_update_with_retry(
+    low: LowRankFactor, Y: Tensor, decay: float, rank: int | None = None
+) -> LowRankFactor | None:
+    """:func:`brand_update` in the factor's dtype, retried in float64 when its QR or
+    ``eigh`` fails or its result is not finite; the result in the factor's dtype, or
+    ``None`` when both fail (the caller keeps the old factor)."""
+    dtype = low.U.dtype
+    for attempt in (dtype, torch.float64) if dtype != torch.float64 else (torch.float64,):
+        try:
+            new = brand_update(LowRankFactor(low.U.to(attempt), low.d.to(attempt)), Y.to(attempt), decay, rank)
+        except RuntimeError:  # torch.linalg.LinAlgError
+            continue
+        if bool(torch.isfinite(new.U).all()) and bool(torch.isfinite(new.d).all()):
+            return LowRankFactor(new.U.to(dtype), new.d.to(dtype))
+    return None

@@ -27,6 +27,7 @@ zero eigenvalues below ``1e-10`` (the author's ``eps``). With ``rank ≥ d`` the
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -46,6 +47,7 @@ __all__ = [
     "RandomizedEighInverter",
     "RandomizedInverter",
     "RandomizedSVDInverter",
+    "decompose_with_retry",
     "randomized_eigh",
     "randomized_svd",
 ]
@@ -152,6 +154,27 @@ def randomized_eigh(
     return LowRankFactor((Q @ W).contiguous(), _floor(evals))
 
 
+def decompose_with_retry(
+    decompose: Callable[[Tensor, torch.Generator], LowRankFactor], X: Tensor, generator: torch.Generator
+) -> LowRankFactor | None:
+    """``decompose(X, generator)`` in float32 at least, retried in float64 when it raises
+    (a failed QR, SVD or eigh) or returns non-finite values; the result in the compute
+    dtype, or ``None`` if both fail. A failed attempt leaves ``generator`` as it found it,
+    so the retry draws the same sketch."""
+    dtype = compute_dtype(X.dtype)
+    for attempt in (dtype, torch.float64) if dtype != torch.float64 else (torch.float64,):
+        state = generator.get_state()
+        try:
+            low = decompose(X.to(attempt), generator)
+        except RuntimeError:  # a failed QR / SVD / eigh (torch.linalg.LinAlgError)
+            generator.set_state(state)
+            continue
+        if all_finite(low.U) and all_finite(low.d):
+            return LowRankFactor(low.U.to(dtype), low.d.to(dtype))
+        generator.set_state(state)
+    return None
+
+
 class LowRankInverse(KroneckerInverse):
     r""":math:`\Delta = (G_k + s_G I)^{-1}\,\nabla\,(A_k + s_A I)^{-1}` with low-rank
     ``A_k``, ``G_k`` (factored damping)."""
@@ -248,19 +271,7 @@ class RandomizedInverter(Inverter):
     def factor(self, factor: FactorStructure, generator: torch.Generator) -> LowRankFactor | None:
         """The low-rank representation of one factor (float32 at least, retried in float64);
         ``None`` if it is not finite."""
-        m = factor.to_dense()
-        dtype = compute_dtype(m.dtype)
-        for attempt in (dtype, torch.float64) if dtype != torch.float64 else (torch.float64,):
-            state = generator.get_state()
-            try:
-                low = self.decompose(m.to(attempt), generator)
-            except RuntimeError:  # a failed QR / SVD / eigh
-                generator.set_state(state)
-                continue
-            if all_finite(low.U) and all_finite(low.d):
-                return LowRankFactor(low.U.to(dtype), low.d.to(dtype))
-            generator.set_state(state)
-        return None
+        return decompose_with_retry(lambda X, gen: self.decompose(X, gen), factor.to_dense(), generator)
 
     def prepare(
         self, A: FactorStructure, G: FactorStructure, damping: Damping, lam: float, *, seed: int | None = None

@@ -92,6 +92,17 @@ class WoodburyFactor:
                 return cls(kept, L.to(dtype), shift)
         return None
 
+    @classmethod
+    def damping_only(cls, d: int, shift: float, like: Tensor) -> WoodburyFactor:
+        """:math:`(sI)^{-1}`, built without a factorisation (one zero row; a shift that is not
+        finite and positive counts as 1): the fallback of a first refresh that failed."""
+        if not (shift > 0 and math.isfinite(shift)):
+            shift = 1.0
+        dtype = compute_dtype(like.dtype)
+        R = torch.zeros(1, d, dtype=dtype, device=like.device)
+        L = torch.full((1, 1), math.sqrt(shift), dtype=dtype, device=like.device)
+        return cls(R, L, shift)
+
     def solve_left(self, M: Tensor) -> Tensor:
         """:math:`(R^\top R + sI)^{-1} M`."""
         if not self.woodbury:
@@ -249,6 +260,11 @@ class SKFACBlock(CurvatureBlock):
         g = WoodburyFactor.build(self.R_G, s_g)
         if a is None or g is None:
             self.inverse_failures += 1
+            if self.inverse is None:  # no good inverse yet: the damping alone, no decomposition
+                self.inverse = WoodburyInverse(
+                    WoodburyFactor.damping_only(self.info.d_in, s_a, self.R_A),
+                    WoodburyFactor.damping_only(self.info.d_out, s_g, self.R_G),
+                )
             return
         self.inverse = WoodburyInverse(a, g)
 
@@ -395,4 +411,12 @@ SKFAC_SPEC = MethodSpec(
         ({"subsample_locations": 0}, ConfigError),
         ({"subsample_mode": "grid"}, ConfigError),
     ),
+    recommended={
+        "lr": 0.03,
+        "momentum": 0.9,
+        "damping": 0.03,
+        "kl_clip": 1e-2,
+        "grad_ratio_clip": 100.0,
+        "tasks": {"digits-cnn": {"lr": 0.1, "damping": 0.3, "conv_strategy": "reduce_sum"}},
+    },
 )

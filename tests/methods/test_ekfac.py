@@ -185,7 +185,7 @@ def test_corrected_eigenvalues_are_dense_second_moments_with_ema():
     model, X, y = build_case("mlp", "ce", n=64)
     loss_fn = nn.CrossEntropyLoss()
     rho = 0.3
-    pre = curvkit.optim.Preconditioner(model, "ekfac", T_inv=2, scale_decay=rho, ema_decay=0.9)
+    pre = curvkit.optim.Preconditioner(model, "ekfac", T_inv=2, scale_decay=rho, ema_decay=0.9, damping=1e-3)
     batches = [(X[:32], y[:32]), (X[32:], y[32:])]
     moments = []
     for xb, yb in batches:
@@ -238,12 +238,12 @@ def test_tekfac_basis_is_trace_weighted_and_restart_uses_tkfac_eigenvalues():
 
 def test_tekfac_trace_damping_on_conv_layers_only():
     model, X, y = build_case("cnn", "ce", n=16)
-    blocks = _one_step(model, X, y, method="tekfac", conv_damping="trace", trace_floor=1e-3)
+    blocks = _one_step(model, X, y, method="tekfac", conv_damping="trace", trace_floor=1e-3, damping=1e-3)
     kinds = {name: block.trace_damping for name, block in blocks.items()}
     assert kinds == {"0": True, "2": True, "5": False}
     for block in blocks.values():
         s = block.S
-        lam = max(float(s.sum()), 1e-3) / s.numel() if block.trace_damping else 1e-3  # default ExactDamping(1e-3)
+        lam = max(float(s.sum()), 1e-3) / s.numel() if block.trace_damping else 1e-3  # ExactDamping(1e-3)
         g = torch.randn(s.shape, dtype=torch.float64)
         q_a, q_g = block.Q_A, block.Q_G
         expected = q_g @ ((q_g.t() @ g @ q_a) / (s + lam)) @ q_a.t()

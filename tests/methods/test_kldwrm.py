@@ -173,12 +173,13 @@ def test_q_matches_dense_recursion(T_inv):
 
 
 def test_generic_optimizer_passes_the_learning_rate_to_q():
-    """CurvatureOptimizer tells every block its group's lr (CurvatureBlock.set_step_size), so
+    """CurvatureOptimizer tells every block its group's lr (CurvatureBlock.set_step_size), and
+    the named class and ``create()`` share the recommended defaults, so
     ``create("q-kldwrm", ...)`` takes the named QKLDWRM's steps, and a different lr changes them."""
     common = dict(T_stats=1, T_inv=2)
     model, named_model, other_model = _mlp(), _mlp(), _mlp()
     got = _run(curvkit.optim.create("q-kldwrm", model, lr=0.1, **common), model)
-    ref = _run(QKLDWRM(named_model, lr=0.1, kl_clip=None, rms_clip=None, weight_decay=0.0, **common), named_model)
+    ref = _run(QKLDWRM(named_model, lr=0.1, **common), named_model)
     other = _run(curvkit.optim.create("q-kldwrm", other_model, lr=0.01, **common), other_model)
     for a, b in zip(got, ref):
         torch.testing.assert_close(a, b, rtol=RTOL, atol=RTOL)

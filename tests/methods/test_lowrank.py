@@ -158,7 +158,8 @@ def test_inverter_refuses_a_zero_factor_under_relative_damping():
 def _train(method, steps=6, **options):
     model, X, y = build_case("mlp", "ce", n=24)
     loss_fn = nn.CrossEntropyLoss()
-    opt = CurvatureOptimizer(model, method=method, lr=0.1, momentum=0.5, loss_fn=loss_fn, **options)
+    # the raw methods (recommended=False): RS-KFAC's trust region is not K-FAC's
+    opt = CurvatureOptimizer(model, method=method, lr=0.1, momentum=0.5, loss_fn=loss_fn, recommended=False, **options)
     for i in range(steps):
         idx = slice(4 * i % 24, 4 * i % 24 + 8)
         opt.zero_grad()

@@ -18,6 +18,7 @@ from curvkit_singd.optim import IKFAC, INGD, SINGD
 from curvkit_singd.singd import IKFACConfig, SINGDBlock, SINGDConfig
 from torch import nn
 
+import curvkit.optim
 from curvkit.errors import ConfigError
 
 
@@ -130,12 +131,21 @@ def test_bf16_factors_train(structure):
 
 
 def test_named_optimizers_and_defaults():
+    """The named classes and create() take the spec's recommended settings; recommended=False
+    gives the configuration's own defaults (the singd package's)."""
     model = nn.Sequential(nn.Linear(3, 2))
     opt = SINGD(model)
-    assert opt.param_groups[0]["lr"] == 1e-3 and opt.param_groups[0]["momentum"] == 0.9
+    assert opt.param_groups[0]["lr"] == 0.03 and opt.param_groups[0]["momentum"] == 0.9
+    assert (opt.kl_clip, opt.grad_ratio_clip) == (1e-2, 100.0)
     cfg = opt.config
     assert isinstance(cfg, SINGDConfig)
-    assert (cfg.lam, cfg.alpha1, cfg.T, cfg.lr_cov, cfg.structure) == (1e-3, 0.5, 10, 1e-2, "dense")
+    got = (cfg.lam, cfg.alpha1, cfg.T, cfg.lr_cov, cfg.structure, cfg.max_factor_step)
+    assert got == (0.1, 0.5, 1, 0.05, "dense", 0.5)
+    same = curvkit.optim.create("singd", nn.Sequential(nn.Linear(3, 2)))
+    assert same.config == cfg and same.defaults == opt.defaults and same.kl_clip == opt.kl_clip
+    raw = SINGD(nn.Sequential(nn.Linear(3, 2)), recommended=False)
+    assert (raw.config.lam, raw.config.T, raw.config.lr_cov, raw.config.max_factor_step) == (1e-3, 10, 1e-2, None)
+    assert (raw.kl_clip, raw.grad_ratio_clip, raw.defaults["momentum"]) == (None, None, 0.0)
     ikfac = IKFAC(nn.Sequential(nn.Linear(3, 2)))
     assert ikfac.config.kfac_like and ikfac.config.alpha1 == 0.0  # type: ignore[attr-defined]
     ingd = INGD(nn.Sequential(nn.Linear(3, 2)))

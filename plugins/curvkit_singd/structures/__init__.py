@@ -42,6 +42,7 @@ from curvkit_singd.structures.base import (
     s_max_abs,
     s_product,
     s_scale_,
+    s_spectral_estimate,
 )
 from curvkit_singd.structures.blocked import (
     BlockDiagonalStructure,
@@ -86,6 +87,7 @@ __all__ = [
     "s_gram",
     "s_inner",
     "s_max_abs",
+    "s_spectral_estimate",
     "s_product",
     "s_scale_",
 ]

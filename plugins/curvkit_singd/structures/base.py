@@ -3,6 +3,7 @@ structure (curvkit's own dense and diagonal ones included)."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -21,6 +22,7 @@ __all__ = [
     "s_gram",
     "s_inner",
     "s_max_abs",
+    "s_spectral_estimate",
     "s_product",
     "s_scale_",
 ]
@@ -222,6 +224,32 @@ def s_add_identity_(k: FactorStructure, value: float) -> FactorStructure:
 def s_max_abs(k: FactorStructure) -> float:
     vals = [float(t.abs().max()) for t in k.tensors().values() if t.numel() > 0]
     return max(vals) if vals else 0.0
+
+
+def s_spectral_estimate(k: FactorStructure, iterations: int = 3) -> float:
+    """A cheap estimate of the largest singular value of a structure: the largest stored
+    entry (exact for a diagonal) or, if larger, ``iterations`` power iterations with the
+    structure's own ``matmul`` from the normalised all-ones vector (deterministic; a lower
+    bound, close to the top singular value when it dominates). ``inf`` if ``k`` is not
+    finite."""
+    if isinstance(k, DiagonalStructure):
+        return float(k.diag.abs().max()) if k.diag.numel() else 0.0
+    top = s_max_abs(k)
+    if not math.isfinite(top):
+        return math.inf
+    some = next(iter(k.tensors().values()))
+    dtype = torch.float32 if some.dtype in (torch.bfloat16, torch.float16) else some.dtype
+    x = torch.full((k.dim, 1), k.dim**-0.5, dtype=some.dtype, device=some.device)
+    norm = 0.0
+    for _ in range(iterations):
+        y = k.matmul(x).to(dtype)
+        norm = float(torch.linalg.vector_norm(y))
+        if not math.isfinite(norm):
+            return math.inf
+        if norm == 0.0:
+            break
+        x = (y / norm).to(some.dtype)
+    return max(top, norm)
 
 
 def s_clone(k: FactorStructure) -> FactorStructure:

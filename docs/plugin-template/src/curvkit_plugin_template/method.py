@@ -82,4 +82,7 @@ TEMPLATE_KFAC_SPEC = MethodSpec(
         ({"ns_max_iter": 0}, ConfigError),
         ({"ema_decay": 1.5}, ConfigError),
     ),
+    # the defaults of create("template-kfac", model) and of curvkit bench: settings that
+    # train, with a trust region (a KL clip and a bound on the direction per layer)
+    recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.1, "kl_clip": 1e-2, "grad_ratio_clip": 100.0},
 )
