@@ -20,22 +20,18 @@ inverse-free update) subclass :class:`CurvatureBlock` directly.
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.config import KFACApprox
 from curvkit.linalg.damping import Damping
 from curvkit.linalg.inverters import Inverter, KroneckerInverse, inverse_from_state, inverse_state
 from curvkit.numerics import all_finite
-from curvkit.stats.factors import output_gram
 from curvkit.stats.handlers import weight_matrix
-from curvkit.stats.hooks_backend import layer_input_factor
+from curvkit.stats.layer_stats import LayerStats, SharedLayerStats
 from curvkit.stats.plan import LayerPlan
 from curvkit.structures.base import FactorStructure
 
@@ -64,182 +60,6 @@ class BlockInfo:
     def from_plan(cls, layer: LayerPlan) -> BlockInfo:
         d_out, d_in = weight_matrix(layer.handler, layer.module, layer.weight.detach()).shape
         return cls(layer.name, type(layer.module), int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias)
-
-
-class LayerStats:
-    r"""One batch's statistics of one layer, computed lazily on request.
-
-    Built by the optimizer from the captured layer input ``x`` and the ``P`` captured
-    output gradients (``P = 1`` for the empirical Fisher, ``M`` MC samples, or ``C``
-    columns of the type-2 Hessian root). With :math:`\bar a_{n,r}` the input features
-    (bias column appended) and :math:`g_{p,n,r}` the output features:
-
-    * :meth:`A`, :meth:`G`: the batch's Kronecker factors, scaled exactly as
-      :func:`curvkit.kronecker_factors` scales them, ``G = g_scale · Σ_p Σ g gᵀ``;
-    * :meth:`rows`: ``(a_rows, g_rows)`` with ``A = a_rowsᵀ a_rows`` and
-      ``G = Σ_p g_rows[p]ᵀ g_rows[p]``, row ``i`` of ``a_rows`` paired with row ``i`` of
-      every ``g_rows[p]`` (expand: one row per ``(n, r)``; reduce: one per ``n``);
-    * :meth:`per_example_gradients`: ``J_{p,n} = √g_scale Σ_r g_{p,n,r} ā_{n,r}ᵀ``, so
-      that :math:`\sum_{p,n}\operatorname{vec}J_{p,n}\operatorname{vec}J_{p,n}^\top` is the
-      batch's (empirical, MC or type-2) Fisher block the factors approximate.
-
-    Args:
-        layer: The tracked layer.
-        inputs: Its captured (detached) input.
-        grads: Captured gradients w.r.t. its output, one per backpropagated vector.
-        approx: Expand or reduce.
-        g_scale: Multiplier of ``Σ g gᵀ`` in ``G`` (``N`` for the empirical Fisher of a
-            batch-mean loss, ``1/Z`` for sampled vectors, see :mod:`curvkit.optim`).
-    """
-
-    #: The reduced :meth:`CurvatureBlock.batch_statistics` of a distributed step
-    #: (:class:`SharedLayerStats`); ``None`` for one process's own batch.
-    shared: dict[str, Tensor] | None = None
-
-    def __init__(self, layer: LayerPlan, inputs: Tensor, grads: list[Tensor], approx: KFACApprox, g_scale: float):
-        self.layer = layer
-        self.inputs = inputs
-        self.grads = grads
-        self.approx = approx
-        self.g_scale = float(g_scale)
-
-    @property
-    def num_data(self) -> int:
-        return int(self.inputs.shape[0])
-
-    @cached_property
-    def in_features(self) -> Tensor:
-        """``(N, R, d_in)`` input features **without** the bias column (what the layer
-        handler extracts from the captured input; computed once per batch)."""
-        return self._in_features
-
-    @cached_property
-    def _in_features(self) -> Tensor:
-        return self.layer.handler.input_features(self.layer.module, self.inputs)
-
-    @cached_property
-    def g_features(self) -> Tensor:
-        """``(P, N, R, d_out)`` output features."""
-        h, m = self.layer.handler, self.layer.module
-        return torch.stack([h.output_features(m, g) for g in self.grads])
-
-    @cached_property
-    def a_features(self) -> Tensor:
-        """``(N, R, d_in [+1])`` input features, the bias column of ones appended."""
-        x = self._in_features
-        if self.layer.has_bias:
-            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
-        return x
-
-    def A(self) -> Tensor:
-        """The batch's input factor."""
-        return self._A
-
-    @cached_property
-    def _A(self) -> Tensor:
-        return layer_input_factor(self.layer, self.inputs, self.approx)
-
-    def G(self) -> Tensor:
-        """The batch's output-gradient factor."""
-        return self._G
-
-    @cached_property
-    def _G(self) -> Tensor:
-        h, m = self.layer.handler, self.layer.module
-        total: Tensor | None = None
-        for g in self.grads:
-            s = output_gram(h.output_features(m, g), self.approx)
-            total = s if total is None else total.add_(s)
-        assert total is not None
-        return total.mul_(self.g_scale)
-
-    def rows(self) -> tuple[Tensor, Tensor]:
-        """``(a_rows (K, d_in), g_rows (P, K, d_out))``; see the class docstring (computed
-        once per batch)."""
-        return self._rows
-
-    @cached_property
-    def _rows(self) -> tuple[Tensor, Tensor]:
-        a, g = self.a_features, self.g_features
-        n, r = a.shape[0], a.shape[1]
-        if self.approx is KFACApprox.EXPAND or r == 1:
-            a_rows = a.reshape(n * r, -1) / math.sqrt(n * r)
-            g_rows = g.reshape(g.shape[0], n * r, -1) * math.sqrt(self.g_scale)
-        else:
-            a_rows = a.mean(1) / math.sqrt(n)
-            g_rows = g.sum(2) * math.sqrt(self.g_scale)
-        return a_rows, g_rows
-
-    def per_example_gradients(self) -> Tensor:
-        """``(P·N, d_out, d_in [+1])`` scaled per-example gradients (class docstring)."""
-        a, g = self.a_features, self.g_features
-        p = g.shape[0]
-        # the true per-example gradient for both expand and reduce (as curvlinops' EKFAC)
-        j = torch.einsum("pnro,nri->pnoi", g, a)
-        return (j * math.sqrt(self.g_scale)).reshape(p * a.shape[0], *j.shape[2:])
-
-
-class SharedLayerStats(LayerStats):
-    """The statistics of a batch spread over several processes, as a block's update sees
-    them in data-parallel training (:mod:`curvkit.distributed`).
-
-    It holds exactly what the block's :meth:`CurvatureBlock.batch_statistics` returned,
-    averaged over every process's data (:attr:`shared`); :meth:`A` and :meth:`G` return the
-    entries ``"A"`` and ``"G"`` when there are such entries. The per-example quantities
-    (:meth:`rows`, the features) are not available: a block that needs them returns
-    ``None`` from ``batch_statistics`` and gets the gathered batch instead.
-
-    Args:
-        layer: The tracked layer.
-        shared: The averaged statistics.
-        num_data: Data points of the whole batch (all processes).
-        like: A tensor with the statistics' dtype and device (what ``init`` allocates in).
-        approx: Expand or reduce.
-    """
-
-    def __init__(self, layer: LayerPlan, shared: dict[str, Tensor], num_data: int, like: Tensor, approx: KFACApprox):
-        super().__init__(layer, like.new_empty((0,)), [], approx, 1.0)
-        self.shared = shared
-        self._num_data = int(num_data)
-
-    @property
-    def num_data(self) -> int:
-        return self._num_data
-
-    def _missing(self, what: str) -> RuntimeError:
-        return RuntimeError(
-            f"layer {self.layer.name!r}: {what} is not available in a distributed update, whose block declared "
-            f"batch_statistics() = {sorted(self.shared or {})}; return None from batch_statistics to get the "
-            "gathered batch instead, or add what the update needs to batch_statistics."
-        )
-
-    def A(self) -> Tensor:
-        if self.shared is None or "A" not in self.shared:
-            raise self._missing("A()")
-        return self.shared["A"]
-
-    def G(self) -> Tensor:
-        if self.shared is None or "G" not in self.shared:
-            raise self._missing("G()")
-        return self.shared["G"]
-
-    def rows(self) -> tuple[Tensor, Tensor]:
-        raise self._missing("rows()")
-
-    def per_example_gradients(self) -> Tensor:
-        raise self._missing("per_example_gradients()")
-
-    @property
-    def in_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("in_features")
-
-    @property
-    def a_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("a_features")
-
-    @property
-    def g_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("g_features")
 
 
 class KroneckerOperator:

@@ -13,6 +13,7 @@ __all__ = [
     "IncompatibleComponentsError",
     "PluginLoadError",
     "PluginRegistrationError",
+    "TiedStatisticsError",
     "UnknownComponentError",
     "UnsupportedModuleError",
     "UnsupportedRequestError",
@@ -52,7 +53,14 @@ class UnsupportedModuleError(CurvkitError, TypeError):
 
 
 class WeightTyingError(CurvkitError, RuntimeError):
-    """A tracked module (or parameter) is used more than once in one forward pass."""
+    """A weight tie that no single curvature block can describe (the message names the
+    modules and why)."""
+
+
+class TiedStatisticsError(CurvkitError, RuntimeError):
+    """A per-row statistic asked of a block whose weight is used in transposed layouts
+    (an embedding tied to an output layer), for which only the factors and the per-datum
+    gradients exist."""
 
 
 class ConfigError(CurvkitError, ValueError):

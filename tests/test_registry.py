@@ -120,7 +120,7 @@ def handler_plugin(*handlers):
 def test_core_registry_contents(core_registry):
     assert core_registry.plugins == ["curvkit"]
     assert core_registry.backends.names() == ["hooks"]
-    assert set(core_registry.layer_handlers.names()) == {"linear", "conv"}
+    assert set(core_registry.layer_handlers.names()) == {"linear", "conv", "multihead_attention"}
     assert core_registry.backends.plugin_of("hooks") == "curvkit"
     assert "hooks" in core_registry.backends and "nope" not in core_registry.backends
     assert len(core_registry.backends) == 1
@@ -301,7 +301,7 @@ def test_third_party_handler_for_custom_module(fisher, core_registry):
     y = torch.randint(0, 2, (6,))
     loss_fn = nn.CrossEntropyLoss()
     with pytest.raises(curvkit.UnsupportedModuleError, match="Affine"):
-        curvkit.kronecker_factors(affine, loss_fn, X, y, fisher=fisher, registry=core_registry)
+        curvkit.kronecker_factors(affine, loss_fn, X, y, fisher=fisher, unsupported="error", registry=core_registry)
     handler = AffineHandler()
     registry = curvkit.build_registry(autoload=False, plugins=[handler_plugin(handler)])
     ours = curvkit.kronecker_factors(affine, loss_fn, X, y, fisher=fisher, registry=registry)
@@ -337,7 +337,9 @@ def test_third_party_handler_check_can_refuse(core_registry):
     X = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (5,))
     with pytest.raises(curvkit.UnsupportedModuleError, match="'0'.*refused by test handler"):
-        curvkit.kronecker_factors(affine, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=registry)
+        curvkit.kronecker_factors(
+            affine, nn.CrossEntropyLoss(), X, y, fisher="type-2", unsupported="error", registry=registry
+        )
     out = curvkit.kronecker_factors(
         affine, nn.CrossEntropyLoss(), X, y, fisher="type-2", unsupported="skip", registry=registry
     )

@@ -90,7 +90,7 @@ class KroneckerCurvature(FlatOperator):
         factors: dict[str, KroneckerFactors],
         *,
         separate_bias: bool = False,
-        unsupported: UnsupportedPolicy | str = "error",
+        unsupported: UnsupportedPolicy | str = "warn",
         registry: Any = None,
     ) -> KroneckerCurvature:
         """Assemble the operator from ``{layer name: KroneckerFactors(A, G)}``.
@@ -150,8 +150,9 @@ class KroneckerCurvature(FlatOperator):
         separate_bias: bool = False,
         correct_eigenvalues: bool = False,
         progress: bool = True,
-        unsupported: UnsupportedPolicy | str = "error",
+        unsupported: UnsupportedPolicy | str = "warn",
         registry: Any = None,
+        output_fn: Any = None,
     ) -> KroneckerCurvature:
         r"""K-FAC (or EKFAC) curvature of ``loss_fn`` over the whole data set.
 
@@ -205,6 +206,7 @@ class KroneckerCurvature(FlatOperator):
             unsupported=unsupported,
             registry=registry,
             progress=progress,
+            output_fn=output_fn,
         )
         curvature = cls.from_factors(
             model, factors, separate_bias=separate_bias, unsupported=unsupported, registry=registry
@@ -226,6 +228,7 @@ class KroneckerCurvature(FlatOperator):
             unsupported=unsupported,
             registry=registry,
             progress=progress,
+            output_fn=output_fn,
         )
 
     # --- linear operator --------------------------------------------------------------

@@ -38,9 +38,10 @@ def eigenvalue_correction(
     fisher: FisherType | str,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    unsupported: UnsupportedPolicy | str = "error",
+    unsupported: UnsupportedPolicy | str = "warn",
     registry: Any = None,
     progress: bool = False,
+    output_fn: Any = None,
 ) -> KroneckerCurvature:
     """The EKFAC version of ``curvature`` (same factors and eigenbases, corrected spectrum)."""
     from tqdm.auto import tqdm
@@ -64,7 +65,9 @@ def eigenvalue_correction(
     total_z = 0.0
     for inputs, targets in tqdm(data, desc="EKFAC eigenvalues", disable=not progress, unit="batch"):
         z_batch = 1.0
-        for _, grads, z in fisher_gradients(model, plan, loss_fn, inputs, targets, fisher, mc_samples, generator):
+        for _, grads, z in fisher_gradients(
+            model, plan, loss_fn, inputs, targets, fisher, mc_samples, generator, output_fn
+        ):
             z_batch = z
             for i, (block, (layer, cols)) in enumerate(zip(curvature.blocks, spans)):
                 g = grads.get(layer)

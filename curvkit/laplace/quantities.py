@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.config import FisherType, KFACApprox, as_enum
+from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.laplace.curvature import KroneckerCurvature
 from curvkit.laplace.gradients import layer_columns, output_jacobians, stack_parameters
 from curvkit.laplace.prior import PriorMode, block_priors
@@ -65,6 +65,12 @@ class KroneckerLaplace:
             or one block per layer with the bias folded into ``A``.
         prior_mode: ``"exact"`` (eigenbasis) or ``"factored"`` addition of the prior.
         mc_samples, generator: For ``fisher="mc"``.
+        unsupported: Modules with trainable parameters and no layer handler: ``"warn"``
+            (default) or ``"skip"`` leave their parameters out of the posterior (fixed at
+            their MAP values, as in a subnetwork Laplace); ``"error"`` refuses. The same
+            policy and default as :func:`curvkit.kronecker_factors` and the optimizers.
+        output_fn: Picks the logits from the model's output (see
+            :mod:`curvkit.stats.model_io`).
 
     Example:
         >>> import torch
@@ -96,6 +102,8 @@ class KroneckerLaplace:
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         registry: Any = None,
+        unsupported: UnsupportedPolicy | str = "warn",
+        output_fn: Any = None,
     ) -> None:
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not valid; choose one of {_LIKELIHOODS}.")
@@ -122,6 +130,8 @@ class KroneckerLaplace:
         self.mc_samples = mc_samples
         self.generator = generator
         self.registry = registry
+        self.unsupported = as_enum(UnsupportedPolicy, unsupported, "unsupported")
+        self.output_fn = output_fn
         self.curvature: KroneckerCurvature | None = None
         self.loss = 0.0
         self.n_data = 0
@@ -161,6 +171,8 @@ class KroneckerLaplace:
             correct_eigenvalues=self.correct_eigenvalues,
             progress=progress,
             registry=self.registry,
+            unsupported=self.unsupported,
+            output_fn=self.output_fn,
         )
         self.curvature = curvature * self._factor
         total, count, outputs = 0.0, 0, 0
@@ -265,10 +277,10 @@ class KroneckerLaplace:
     def jacobians(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Jacobians ``(M, C, P)`` of the model output w.r.t. the curvature's parameters, and ``f (M, C)``."""
         curvature = self._fitted()
-        plan = make_plan(self.model, self.registry, "error")
+        plan = make_plan(self.model, self.registry, UnsupportedPolicy.SKIP)
         columns = layer_columns(plan, self.model)
         rows, out = [], None
-        for out, grads in output_jacobians(self.model, plan, inputs):
+        for out, grads in output_jacobians(self.model, plan, inputs, self.output_fn):
             rows.append(stack_parameters(grads, columns, curvature.param_names, out.shape[0]))
         assert out is not None
         return torch.stack(rows, dim=1).detach(), out.detach()

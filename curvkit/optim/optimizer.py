@@ -191,7 +191,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _check_layer_groups(self) -> None:
         groups = self._group_of()
         for layer in self.preconditioner.plan:
-            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            params = layer.params
             inside = [id(p) in groups for p in params]
             if any(inside) and not all(inside):
                 raise ValueError(
@@ -210,7 +210,21 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.preconditioner.curvature_backward(output, targets)
 
     def summary(self) -> str:
+        """One line per curvature block and per first-order parameter (see
+        :meth:`Preconditioner.summary`)."""
         return self.preconditioner.summary()
+
+    def remove_hooks(self) -> None:
+        """Detach from the model: its forward passes are no longer recorded. The optimizer
+        keeps its state; later steps are first-order for layers that need statistics. A
+        deleted optimizer detaches itself (its hooks hold it only weakly)."""
+        self.preconditioner.remove_hooks()
+
+    def __enter__(self) -> CurvatureOptimizer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove_hooks()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state: curvature blocks plus momentum buffers."""
@@ -250,30 +264,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads: dict[str, tuple[Tensor, Tensor | None]] = {}
         raw: dict[str, Tensor] = {}
         for name, layer in pre.layers.items():
+            w_param = layer.weight_ref.param
+            if id(w_param) not in groups:
+                continue
+            tracked.update(id(p) for p in layer.params)
+            pre.blocks[name].set_step_size(groups[id(w_param)]["lr"])
             w, b = layer.weight, layer.bias
-            if id(w) not in groups:
+            gw = layer.weight_ref.grad()
+            gb = None if b is None or layer.bias_ref is None else layer.bias_ref.grad()
+            if gw is None and (b is None or gb is None):
                 continue
-            tracked.update({id(w)} | ({id(b)} if b is not None else set()))
-            pre.blocks[name].set_step_size(groups[id(w)]["lr"])
-            if w.grad is None and (b is None or b.grad is None):
-                continue
-            gw = w.grad if w.grad is not None else torch.zeros_like(w)
-            gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
+            gw = gw if gw is not None else torch.zeros_like(w)
+            gb = None if b is None else (gb if gb is not None else torch.zeros_like(b))
             if need_raw:  # only the KL clip and the LM quadratic model read the raw gradient
                 raw[name] = layer_matrix(layer, gw, gb)
-            gw, gb = (
-                self._decay_before(w, gw, groups),
-                (None if b is None or gb is None else self._decay_before(b, gb, groups)),
-            )
+            gw = self._decay_before(w_param, w, gw, groups)
+            if b is not None and gb is not None and layer.bias_ref is not None:
+                gb = self._decay_before(layer.bias_ref.param, b, gb, groups)
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
         fallback_ok = all(all_finite(p.grad) for p in fallback)  # type: ignore[arg-type]
         dirs = pre.compute_directions(grads, others_finite=fallback_ok)
         if dirs is None:
             return loss
-        # per-parameter directions
+        # per-parameter directions (a parameter split into parts gets its rows from each)
         direction: dict[int, Tensor] = {}
         params: dict[int, Tensor] = {}
+        pieces: dict[int, list[tuple[tuple[int, int], Tensor]]] = {}
         layer_dirs = dirs
         if self.rms_clip is not None:
             layer_dirs = {n: d * min(1.0, self.rms_clip / max(_rms(d), 1e-30)) for n, d in dirs.items()}
@@ -281,14 +298,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         for name, mat in layer_dirs.items():
             layer = pre.layers[name]
             w_dir, b_dir = split_layer_matrix(layer, mat * nu if nu != 1.0 else mat)
-            direction[id(layer.weight)], params[id(layer.weight)] = w_dir, layer.weight
-            if b_dir is not None:
-                bias = layer.bias
-                assert bias is not None
-                direction[id(bias)], params[id(bias)] = b_dir, bias
+            refs = [(layer.weight_ref, w_dir)]
+            if b_dir is not None and layer.bias_ref is not None:
+                refs.append((layer.bias_ref, b_dir))
+            for ref, d in refs:
+                params[id(ref.param)] = ref.param
+                if ref.rows is None:
+                    direction[id(ref.param)] = d
+                else:
+                    pieces.setdefault(id(ref.param), []).append((ref.rows, d))
+        for i, parts in pieces.items():
+            direction[i] = self._assemble(params[i], parts, groups, nu)
         for p in fallback:
             assert p.grad is not None
-            g = self._decay_before(p, p.grad, groups)
+            g = self._decay_before(p, p, p.grad, groups)
             direction[id(p)], params[id(p)] = (g * nu if nu != 1.0 else g), p
         old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
         self._apply(params, direction, groups)
@@ -297,11 +320,33 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self._adapt_damping(loss, closure, old, params, raw)
         return loss
 
-    def _decay_before(self, p: Tensor, g: Tensor, groups: dict[int, dict[str, Any]]) -> Tensor:
-        group = groups[id(p)]
+    def _decay_before(self, param: Tensor, value: Tensor, g: Tensor, groups: dict[int, dict[str, Any]]) -> Tensor:
+        """``g + γ θ`` for ``weight_decay_mode="before"`` (``value``: ``θ``, or the rows of
+        ``param`` a block covers)."""
+        group = groups[id(param)]
         if group["weight_decay_mode"] == "before" and group["weight_decay"] != 0:
-            return g.add(p, alpha=group["weight_decay"])
+            return g.add(value, alpha=group["weight_decay"])
         return g
+
+    def _assemble(
+        self,
+        param: Tensor,
+        parts: list[tuple[tuple[int, int], Tensor]],
+        groups: dict[int, dict[str, Any]],
+        nu: float,
+    ) -> Tensor:
+        """A parameter's direction from the rows its blocks cover; rows no block moved
+        (a part without a gradient this step) take the first-order direction."""
+        out = torch.empty_like(param)
+        covered = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
+        for (r0, r1), d in parts:
+            out[r0:r1] = d
+            covered[r0:r1] = True
+        if not bool(covered.all()):
+            g = param.grad if param.grad is not None else torch.zeros_like(param)
+            g = self._decay_before(param, param, g, groups)
+            out[~covered] = g[~covered] * nu
+        return out
 
     def _kl_factor(
         self, dirs: dict[str, Tensor], raw: dict[str, Tensor], fallback: list[Tensor], groups: dict[int, dict[str, Any]]
@@ -310,7 +355,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             return 1.0
         total = 0.0
         for name, d in dirs.items():
-            lr = groups[id(self.preconditioner.layers[name].weight)]["lr"]
+            lr = groups[id(self.preconditioner.layers[name].weight_ref.param)]["lr"]
             total += lr**2 * float((d * raw[name].to(d.dtype)).sum())
         for p in fallback:
             assert p.grad is not None
@@ -394,8 +439,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         change = 0.0
         for name, g in raw.items():
             layer = pre.layers[name]
-            delta_w = layer.weight.detach() - old[id(layer.weight)]
-            delta_b = None if layer.bias is None else layer.bias.detach() - old[id(layer.bias)]
+            delta_w = _rows(layer.weight_ref, layer.weight_ref.param.detach() - old[id(layer.weight_ref.param)])
+            delta_b = None
+            if layer.bias is not None and layer.bias_ref is not None:
+                delta_b = _rows(layer.bias_ref, layer.bias_ref.param.detach() - old[id(layer.bias_ref.param)])
             delta = layer_matrix(layer, delta_w, delta_b)
             quad = pre.blocks[name].quadratic(delta) + lam * float((delta * delta).sum())
             change += float((g * delta).sum()) + 0.5 * quad
@@ -431,6 +478,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             group.setdefault("momentum", 0.0)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("kahan_sum", True)
+
+
+def _rows(ref: Any, t: Tensor) -> Tensor:
+    return t if ref.rows is None else t[ref.rows[0] : ref.rows[1]]
 
 
 def _rms(t: Tensor) -> float:

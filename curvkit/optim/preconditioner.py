@@ -29,7 +29,6 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -40,6 +39,7 @@ from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
+from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.plan import LayerPlan, make_plan
@@ -63,23 +63,6 @@ def split_layer_matrix(layer: LayerPlan, mat: Tensor) -> tuple[Tensor, Tensor | 
     if layer.has_bias:
         return weight_from_matrix(layer.handler, layer.module, mat[:, :-1], w.shape), mat[:, -1].reshape(-1)
     return weight_from_matrix(layer.handler, layer.module, mat, w.shape), None
-
-
-def _is_functorch_wrapped(t: Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
-
-
-@dataclass
-class _Record:
-    """One forward pass of one layer on a statistics step."""
-
-    inputs: Tensor
-    output: Tensor | None
-    version: int
-    grads: list[Tensor] = field(default_factory=list)
-    sampled: list[Tensor] = field(default_factory=list)
-    sampled_scale: float = 1.0
 
 
 def resolve_method(method: str | MethodSpec, registry: Any) -> MethodSpec:
@@ -175,11 +158,19 @@ class Preconditioner:
         self.counters = {"skipped_steps": 0, "skipped_stat_updates": 0}
         #: Refreshes this process computed, per layer (not saved in checkpoints).
         self.refresh_counts: dict[str, int] = {name: 0 for name in self.blocks}
-        self._records: dict[str, list[_Record]] = {}
-        self._suspended = 0
         self._warned_missing: set[str] = set()
         self._refreshed: set[str] = set()
-        self._handles = [layer.module.register_forward_hook(self._make_hook(layer.name)) for layer in self.plan]
+        self._fisher_calls = 0
+        self._fisher_scale = 1.0
+        #: The capture engine (:mod:`curvkit.stats.engine`): records layer inputs and output
+        #: gradients on statistics steps; its hooks hold this preconditioner only weakly.
+        self.engine = CaptureEngine(
+            self.plan,
+            model,
+            active=self._capturing,
+            keep_loss_grads=self.fisher is FisherType.EMPIRICAL,
+            persistent=True,
+        ).attach()
 
     # --- capture --------------------------------------------------------------------------
 
@@ -194,40 +185,18 @@ class Preconditioner:
         return self.steps % t_inv == 0
 
     def _capturing(self) -> bool:
-        return self._suspended == 0 and self.stats_due and torch.is_grad_enabled()
-
-    def _make_hook(self, name: str):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._capturing() or not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            if len(args) != 1 or not isinstance(args[0], Tensor):
-                return
-            if _is_functorch_wrapped(args[0]):
-                return  # a forward inside torch.func transforms (vmap/grad) is not a training step
-            record = _Record(args[0].detach(), output, output._version)
-            self._records.setdefault(name, []).append(record)
-            empirical = self.fisher is FisherType.EMPIRICAL
-
-            def grad_hook(g: Tensor) -> None:
-                if self._sampling:
-                    record.sampled.append(g.detach())
-                elif empirical:
-                    record.grads.append(g.detach())
-
-            output.register_hook(grad_hook)
-
-        return hook
-
-    _sampling = False
+        return self.stats_due
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
         """A block in which forward passes record nothing (evaluation, line searches)."""
-        self._suspended += 1
-        try:
+        with self.engine.suspended():
             yield
-        finally:
-            self._suspended -= 1
+
+    @property
+    def is_suspended(self) -> bool:
+        """Whether forward passes record nothing now (inside :meth:`suspended`)."""
+        return self.engine._suspended > 0
 
     def curvature_backward(self, output: Tensor, targets: Tensor) -> None:
         """Backpropagate the Fisher's vectors for ``fisher="mc"`` or ``"type-2"``.
@@ -237,67 +206,47 @@ class Preconditioner:
         collect no statistics, so a loop can call it unconditionally.
 
         Args:
-            output: The model output of this step's forward pass.
+            output: The logits of this step's forward pass: ``(N, C, ...)``, or
+                ``(N, ..., C)`` (language-model logits) for cross-entropy.
             targets: The targets (used for shapes; MC samples its own).
         """
-        if self.fisher is FisherType.EMPIRICAL or not self.stats_due or not self._records:
+        if self.fisher is FisherType.EMPIRICAL or not self.stats_due or not self.engine.records:
             return
+        live = [r for r in self.engine.records if r.output is not None]
+        if not live:
+            raise RuntimeError("curvature_backward() was already called for this forward pass.")
         assert self.loss_fn is not None
         adapter = loss_adapter(self.loss_fn)
-        rows, target_rows = adapter.to_rows(output, targets)
         if self.generator is None:
             self.generator = torch.Generator(device=output.device).manual_seed(self._seed)
-        passes = adapter.vector_passes(rows, target_rows, self.fisher, self.config.mc_samples, self.generator)
-        records = [r for recs in self._records.values() for r in recs]
-        outputs = [r.output for r in records if r.output is not None]
-        if len(outputs) != len(records):
-            raise RuntimeError("curvature_backward() was already called for this forward pass.")
-        intact = all(o._version == r.version for o, r in zip(outputs, records))
-        wrt = outputs if intact else [self.layers[n].weight for n in self._records]
-        scale = 1.0 / adapter.normaliser(output, targets)
-        self._sampling = True
-        try:
-            for v in passes:
-                torch.autograd.grad(
-                    output, wrt, adapter.from_rows(v.unsqueeze(0), output)[0], retain_graph=True, allow_unused=True
-                )
-        finally:
-            self._sampling = False
-        for r in records:
-            r.sampled_scale = scale
-            r.output = None  # drop the graph reference as soon as it is no longer needed
+        vectors = adapter.output_vectors(output, targets, self.fisher, self.config.mc_samples, self.generator)
+        self.engine.backpropagate(output, vectors, retain_graph=True)
+        self._fisher_scale = 1.0 / adapter.normaliser(output, targets)
+        self._fisher_calls += 1
+        self.engine.drop_outputs()  # the graph is the caller's again
 
     # --- the step ---------------------------------------------------------------------------
 
     def _layer_stats(self, name: str) -> LayerStats | None:
-        records = [r for r in self._records.get(name, []) if (r.sampled if self._sampled_fisher else r.grads)]
-        if not records:
-            return None
-        layer = self.layers[name]
-        if len(records) > 1 and len({r.inputs.shape[1:] for r in records}) > 1:
-            records = records[-1:]
-        inputs = torch.cat([r.inputs for r in records]) if len(records) > 1 else records[0].inputs
+        approx = self.config.kfac_approx
         if self._sampled_fisher:
-            n_pass = min(len(r.sampled) for r in records)
-            grads = [torch.cat([r.sampled[p] for r in records]) for p in range(n_pass)]
-            scale = records[0].sampled_scale / len(records)
-        else:
-            grads = [torch.cat([r.grads[0] for r in records])] if len(records) > 1 else [records[0].grads[0]]
-            scale = self._empirical_scale(layer, inputs, grads[0])
-        return LayerStats(layer, inputs, grads, self.config.kfac_approx, scale)  # type: ignore[arg-type]
+            scale = self._fisher_scale / max(1, self._fisher_calls)
+            return self.engine.layer_stats(name, "fisher", approx, scale)  # type: ignore[arg-type]
+        return self.engine.layer_stats(name, "loss", approx, self._empirical_scale)  # type: ignore[arg-type]
 
     @property
     def _sampled_fisher(self) -> bool:
         return self.fisher is not FisherType.EMPIRICAL
 
-    def _empirical_scale(self, layer: LayerPlan, inputs: Tensor, grad: Tensor) -> float:
+    def _empirical_scale(self, stats: LayerStats) -> float:
         average = self.config.loss_average
         if average is None:
             return 1.0
-        n = inputs.shape[0]
+        n = stats.num_data
         if average == "batch":
             return float(n)
-        r = layer.handler.output_features(layer.module, grad).shape[1]
+        part = stats.parts[0]
+        r = part.output_features(part.grads[0]).shape[1]
         return float(n * r)
 
     def compute_directions(
@@ -351,23 +300,21 @@ class Preconditioner:
         self.refresh_counts[name] += 1
 
     def clear_records(self) -> None:
-        """Forget what the hooks recorded since the last step.
-
-        Each record is emptied before it is dropped: the tensor hook on a layer output
-        holds its record, and the record held the output, a cycle through autograd's C++
-        graph that Python's garbage collector cannot see (it leaked the graph of every
-        step until this was done).
-        """
-        for records in self._records.values():
-            for r in records:
-                r.output = None
-                r.inputs = None  # type: ignore[assignment]
-                r.grads.clear()
-                r.sampled.clear()
-        self._records.clear()
+        """Forget what the hooks recorded since the last step."""
+        self.engine.clear()
+        self._fisher_calls = 0
 
     def _missing_statistics(self, missing: list[str]) -> None:
-        if self._sampled_fisher and self.stats_due and not any(r.sampled for rs in self._records.values() for r in rs):
+        if self.engine.displaced:
+            if "<displaced>" not in self._warned_missing:
+                self._warned_missing.add("<displaced>")
+                warnings.warn(
+                    f"this {self.spec.name} optimizer's hooks were detached when another curvkit optimizer was built "
+                    "on the same model; it collects no statistics, and its layers without any take first-order steps.",
+                    stacklevel=4,
+                )
+            return
+        if self._sampled_fisher and self.stats_due and not any(r.fisher_grads for r in self.engine.records):
             raise RuntimeError(
                 f"no curvature statistics for layer(s) {', '.join(map(repr, missing))} at step {self.steps}: with "
                 f"fisher={self.fisher.value!r}, call curvature_backward(output, targets) after the forward pass and "
@@ -415,9 +362,10 @@ class Preconditioner:
         for name, mat in dirs.items():
             layer = self.layers[name]
             w, b = split_layer_matrix(layer, mat)
-            layer.weight.grad.copy_(w)  # type: ignore[union-attr]
+            layer.weight_ref.grad().copy_(w)  # type: ignore[union-attr]
             if b is not None:
-                layer.bias.grad.copy_(b)  # type: ignore[union-attr]
+                assert layer.bias_ref is not None
+                layer.bias_ref.grad().copy_(b)  # type: ignore[union-attr]
         return True
 
     def _collect_grads(self, weight_decay: float = 0.0) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -425,9 +373,10 @@ class Preconditioner:
         for name, layer in self.layers.items():
             w = layer.weight
             b = layer.bias
-            if w.grad is None or (b is not None and b.grad is None):
+            gw = layer.weight_ref.grad()
+            gb = layer.bias_ref.grad() if b is not None and layer.bias_ref is not None else None
+            if gw is None or (b is not None and gb is None):
                 continue
-            gw, gb = w.grad, (b.grad if b is not None else None)
             if weight_decay:
                 gw = gw.add(w, alpha=weight_decay)
                 gb = gb.add(b, alpha=weight_decay) if gb is not None and b is not None else gb
@@ -436,19 +385,21 @@ class Preconditioner:
 
     # --- bookkeeping ------------------------------------------------------------------------
 
-    def remove(self) -> None:
-        """Remove the hooks from the model (the preconditioner stops capturing)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def remove_hooks(self) -> None:
+        """Detach from the model: remove every hook (the preconditioner records nothing
+        afterwards, and another optimizer may be attached to the model)."""
+        self.engine.detach()
+        self.engine.clear()
+
+    remove = remove_hooks
 
     def tracked_parameters(self) -> list[nn.Parameter]:
-        out = []
+        """The parameters with a curvature block (each once)."""
+        out: dict[int, nn.Parameter] = {}
         for layer in self.plan:
-            out.append(layer.weight)
-            if layer.bias is not None:
-                out.append(layer.bias)
-        return out  # type: ignore[return-value]
+            for p in layer.params:
+                out.setdefault(id(p), p)
+        return list(out.values())
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -508,13 +459,14 @@ class Preconditioner:
                 shared = name in dist.shared_refreshes
                 where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
             pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
-            lines.append(f"  {name or '<model>'}: {block.describe()}{where}{pending}")
-        for name in self.plan.skipped:
-            lines.append(f"  {name}: first-order (no layer handler)")
+            tie = self.layers[name].describe_sites()
+            lines.append(f"  {name or '<model>'}: {block.describe()}{tie}{where}{pending}")
+        for pname, reason in self.plan.first_order.items():
+            lines.append(f"  {pname}: first-order ({reason})")
         return "\n".join(lines)
 
     def __del__(self) -> None:
         try:
-            self.remove()
+            self.engine.detach()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass

@@ -1,24 +1,31 @@
-"""Kronecker statistics: capture, layer handlers, Fisher sources, backends."""
+"""Kronecker statistics: the capture engine, layer handlers, Fisher sources, backends."""
 
 from curvkit.stats.api import accumulate_kronecker_factors, factor_request, kronecker_factors
 from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors, StatisticsBackend
-from curvkit.stats.capture import capture
+from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import ConvHandler, LayerHandler, LinearHandler
-from curvkit.stats.plan import LayerPlan, TrackingPlan, make_plan
+from curvkit.stats.layer_stats import LayerStats
+from curvkit.stats.model_io import call_model, model_logits
+from curvkit.stats.plan import LayerPlan, ParamRef, Site, TrackingPlan, make_plan
 
 __all__ = [
     "BackendCapabilities",
+    "CaptureEngine",
     "ConvHandler",
     "FactorRequest",
     "KroneckerFactors",
     "LayerHandler",
     "LayerPlan",
+    "LayerStats",
     "LinearHandler",
+    "ParamRef",
+    "Site",
     "StatisticsBackend",
     "TrackingPlan",
     "accumulate_kronecker_factors",
-    "capture",
+    "call_model",
     "factor_request",
     "kronecker_factors",
     "make_plan",
+    "model_logits",
 ]

@@ -18,7 +18,7 @@ axis); ``G`` carries the loss scale (``1/(N·R_loss)`` for ``reduction="mean"``)
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 import torch
@@ -28,6 +28,7 @@ from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedRequestError
 from curvkit.stats.backend import FactorRequest, KroneckerFactors
 from curvkit.stats.losses import loss_adapter
+from curvkit.stats.model_io import batch_size
 from curvkit.stats.plan import make_plan
 
 __all__ = ["accumulate_kronecker_factors", "factor_request", "kronecker_factors", "resolve_backend"]
@@ -71,7 +72,7 @@ def _default_generator(device: torch.device) -> torch.Generator:
 def _make_request(
     model: nn.Module,
     loss_fn: nn.Module,
-    inputs: Tensor,
+    inputs: Any,
     targets: Tensor,
     fisher: FisherType | str,
     kfac_approx: KFACApprox | str,
@@ -80,6 +81,7 @@ def _make_request(
     unsupported: UnsupportedPolicy | str,
     registry: Any,
     plan: Any = None,
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> FactorRequest:
     fisher = as_enum(FisherType, fisher, "fisher")
     approx = as_enum(KFACApprox, kfac_approx, "kfac_approx")
@@ -92,15 +94,18 @@ def _make_request(
         )
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
-    if not isinstance(inputs, Tensor) or not isinstance(targets, Tensor):
+    if output_fn is not None and not callable(output_fn):
+        raise TypeError(f"output_fn={output_fn!r} must be a callable (model output -> logits tensor) or None.")
+    if not isinstance(targets, Tensor):
+        raise TypeError(f"targets must be a tensor; got {type(targets).__name__}.")
+    if not isinstance(inputs, (Tensor, Mapping, tuple, list)):
         raise TypeError(
-            f"inputs and targets must be tensors; got {type(inputs).__name__} and {type(targets).__name__}."
+            f"inputs must be a tensor, a mapping (model(**inputs)) or a tuple (model(*inputs)); got "
+            f"{type(inputs).__name__}."
         )
-    if inputs.ndim == 0 or targets.ndim == 0 or inputs.shape[0] != targets.shape[0]:
-        raise ValueError(
-            f"inputs {tuple(inputs.shape)} and targets {tuple(targets.shape)} must share the "
-            "leading batch dimension N."
-        )
+    if targets.ndim == 0:
+        raise ValueError(f"targets {tuple(targets.shape)} need a leading batch dimension N.")
+    batch_size(inputs, targets)
     loss_adapter(loss_fn)  # validates the loss early, with a clear message
     if isinstance(loss_fn, nn.CrossEntropyLoss):
         if targets.is_floating_point():
@@ -114,10 +119,12 @@ def _make_request(
                 "the number of loss terms per datum. Remove them from the batch first."
             )
     if fisher is FisherType.MC and generator is None:
-        generator = _default_generator(inputs.device)
+        generator = _default_generator(targets.device)
     if plan is None:
         plan = make_plan(model, registry, unsupported)
-    return FactorRequest(model, loss_fn, inputs, targets, fisher, approx, mc_samples, generator, plan)
+    return FactorRequest(
+        model, loss_fn, inputs, targets, fisher, approx, mc_samples, generator, plan, output_fn
+    )
 
 
 def factor_request(
@@ -130,8 +137,9 @@ def factor_request(
     kfac_approx: KFACApprox | str = "expand",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    unsupported: UnsupportedPolicy | str = "error",
+    unsupported: UnsupportedPolicy | str = "warn",
     registry: Any = None,
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> FactorRequest:
     """Validate arguments and build the :class:`~curvkit.stats.backend.FactorRequest` that
     :func:`kronecker_factors` hands to a backend.
@@ -144,7 +152,17 @@ def factor_request(
     Arguments are those of :func:`kronecker_factors`.
     """
     return _make_request(
-        model, loss_fn, inputs, targets, fisher, kfac_approx, mc_samples, generator, unsupported, _registry(registry)
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        fisher,
+        kfac_approx,
+        mc_samples,
+        generator,
+        unsupported,
+        _registry(registry),
+        output_fn=output_fn,
     )
 
 
@@ -159,8 +177,9 @@ def kronecker_factors(
     backend: str = "hooks",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    unsupported: UnsupportedPolicy | str = "error",
+    unsupported: UnsupportedPolicy | str = "warn",
     registry: Any = None,
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> dict[str, KroneckerFactors]:
     r"""Kronecker factors ``(A, G)`` of every tracked layer for one batch.
 
@@ -174,8 +193,11 @@ def kronecker_factors(
             which a layer handler is registered (``Linear``, ``Conv1d/2d/3d`` in the core).
         loss_fn: ``CrossEntropyLoss``, ``MSELoss`` or ``BCEWithLogitsLoss`` with
             ``reduction`` ``"mean"`` or ``"sum"``. Outputs may carry extra (e.g. sequence)
-            dimensions: ``(N, C, ...)`` for cross-entropy, ``(N, ..., C)`` otherwise.
-        inputs: Model inputs, batch first.
+            dimensions: ``(N, C, ...)`` or ``(N, ..., C)`` (language-model logits, as
+            Hugging Face models return them) for cross-entropy with targets ``(N, ...)``,
+            ``(N, ..., C)`` otherwise. A layout that fits neither (or both) raises.
+        inputs: Model inputs, batch first: a tensor, a mapping (``model(**inputs)``, e.g.
+            a tokenizer's output) or a tuple (``model(*inputs)``).
         targets: Targets, batch first.
         fisher: ``"empirical"``, ``"mc"`` or ``"type-2"`` (see :class:`~curvkit.FisherType`).
         kfac_approx: ``"expand"`` or ``"reduce"`` for weight-sharing layers.
@@ -186,7 +208,12 @@ def kronecker_factors(
             same targets as curvlinops with that seed. ``None`` draws a seed from the
             global generator (so ``torch.manual_seed`` makes the result reproducible).
         unsupported: What to do with modules that have trainable parameters but no
-            handler: ``"error"`` (default), ``"warn"`` or ``"skip"``.
+            handler: ``"warn"`` (default: warn and leave them out), ``"skip"`` (leave them
+            out silently) or ``"error"``. The same policy and default as the optimizers
+            and :mod:`curvkit.laplace`.
+        output_fn: Picks the logits from the model's output when it is not a tensor or
+            a mapping with ``"logits"`` (Hugging Face ``ModelOutput``), e.g.
+            ``lambda out: out[0]`` (see :mod:`curvkit.stats.model_io`).
         registry: A :class:`~curvkit.registry.Registry`; ``None`` uses
             :func:`curvkit.plugins.default_registry`.
 
@@ -210,7 +237,17 @@ def kronecker_factors(
     """
     registry = _registry(registry)
     request = _make_request(
-        model, loss_fn, inputs, targets, fisher, kfac_approx, mc_samples, generator, unsupported, registry
+        model,
+        loss_fn,
+        inputs,
+        targets,
+        fisher,
+        kfac_approx,
+        mc_samples,
+        generator,
+        unsupported,
+        registry,
+        output_fn=output_fn,
     )
     return resolve_backend(registry, backend, request).compute(request)
 
@@ -225,9 +262,10 @@ def accumulate_kronecker_factors(
     backend: str = "hooks",
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    unsupported: UnsupportedPolicy | str = "error",
+    unsupported: UnsupportedPolicy | str = "warn",
     registry: Any = None,
     progress: bool = False,
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> dict[str, KroneckerFactors]:
     r"""Kronecker factors over a whole data set, streamed batch by batch.
 
@@ -256,13 +294,24 @@ def accumulate_kronecker_factors(
     total = 0
     for inputs, targets in tqdm(data, desc="Kronecker factors", disable=not progress, unit="batch"):
         if fisher is FisherType.MC and generator is None:
-            generator = _default_generator(inputs.device)  # one stream for all batches
+            generator = _default_generator(targets.device)  # one stream for all batches
         request = _make_request(
-            model, loss_fn, inputs, targets, fisher, kfac_approx, mc_samples, generator, unsupported, registry, plan
+            model,
+            loss_fn,
+            inputs,
+            targets,
+            fisher,
+            kfac_approx,
+            mc_samples,
+            generator,
+            unsupported,
+            registry,
+            plan,
+            output_fn=output_fn,
         )
         # every batch is checked: a backend's support can depend on the batch (shapes)
         backend_obj = resolve_backend(registry, backend, request)
-        n = inputs.shape[0]
+        n = int(targets.shape[0])
         g_weight = n if loss_fn.reduction == "mean" else 1
         for name, (a, g) in backend_obj.compute(request).items():
             if name in sums:

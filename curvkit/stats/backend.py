@@ -37,17 +37,25 @@ class KroneckerFactors(NamedTuple):
 
 @dataclass(frozen=True)
 class FactorRequest:
-    """Everything a backend needs to compute the factors of one batch."""
+    """Everything a backend needs to compute the factors of one batch.
+
+    Attributes:
+        inputs: A tensor (``model(inputs)``), a mapping (``model(**inputs)``) or a tuple
+            (``model(*inputs)``); see :mod:`curvkit.stats.model_io`.
+        output_fn: Picks the logits from the model's output (``None``: the output itself,
+            or its ``"logits"`` entry).
+    """
 
     model: nn.Module
     loss_fn: nn.Module
-    inputs: Tensor
+    inputs: Any
     targets: Tensor
     fisher: FisherType
     kfac_approx: KFACApprox
     mc_samples: int
     generator: torch.Generator | None
     plan: TrackingPlan
+    output_fn: Callable[[Any], Tensor] | None = None
 
 
 def _names(values: Any) -> str:
@@ -66,6 +74,9 @@ class BackendCapabilities:
         reductions: Supported loss reductions.
         extra_check: Optional callable ``request -> list[str]`` of further reasons a
             request is refused (e.g. "Linear on 3-D inputs").
+        model_io: Whether it accepts mapping/tuple inputs and an ``output_fn``.
+        sites: Whether it handles blocks whose weight is used by several modules (tied
+            weights), through functional calls, or split by rows (attention).
     """
 
     fisher_types: frozenset[FisherType]
@@ -74,6 +85,8 @@ class BackendCapabilities:
     losses: tuple[type[nn.Module], ...]
     reductions: frozenset[str] = frozenset({"mean", "sum"})
     extra_check: Callable[[FactorRequest], list[str]] | None = field(default=None, compare=False)
+    model_io: bool = False
+    sites: bool = False
 
     def reasons(self, request: FactorRequest, registry: Any = None) -> list[str]:
         """Why this backend cannot serve ``request`` (empty if it can)."""
@@ -91,6 +104,16 @@ class BackendCapabilities:
         bad = sorted({type(layer.module).__name__ for layer in request.plan if not isinstance(layer.module, self.module_types)})
         if bad:
             out.append(f"module type(s) {', '.join(bad)} (supports {_names(self.module_types)})")
+        if not self.model_io and (not isinstance(request.inputs, torch.Tensor) or request.output_fn is not None):
+            out.append("inputs given as a mapping or tuple, or an output_fn (supports a tensor in, a tensor out)")
+        if not self.sites:
+            special = sorted(
+                layer.name
+                for layer in request.plan
+                if len(layer.sites) > 1 or layer.is_part or any(s.functional for s in layer.sites)
+            )
+            if special:
+                out.append(f"tied, shared or functionally used weights ({', '.join(map(repr, special))})")
         if self.extra_check is not None and not out:
             out.extend(self.extra_check(request))
         return out

@@ -171,7 +171,7 @@ def test_nonfinite_statistic_skips_the_update_but_not_the_step():
     params = [p.detach().clone() for p in model.parameters()]
     opt.zero_grad()
     nn.CrossEntropyLoss()(model(X[:8]), y[:8]).backward()
-    opt.preconditioner._records["0"][0].inputs[0, 0] = float("nan")  # a corrupted statistic
+    opt.preconditioner.engine.uses["0"][0].record.inputs[0, 0] = float("nan")  # a corrupted statistic
     opt.step()
     assert opt.preconditioner.counters["skipped_stat_updates"] == 1
     for name, state in blocks.items():
@@ -370,7 +370,7 @@ def test_forward_inside_torch_func_transforms_is_not_recorded():
 
     vmap(grad(f), in_dims=(None, 0, 0))({k: v.detach() for k, v in model.named_parameters()}, X, y)
     assert precond.step()
-    assert len(precond._records) == 0 and precond.blocks["0"].num_updates == 1
+    assert not precond.engine.records and precond.blocks["0"].num_updates == 1
 
 
 @pytest.mark.parametrize("fisher", ["empirical", "type-2"])

@@ -1,0 +1,464 @@
+r"""One batch's statistics of one block, from the uses the capture engine recorded.
+
+A block's weight can be used several times in one forward pass: a module called twice,
+layers shared across depth (ALBERT), modules whose weights are tied. Each use ``u`` gives
+the block input features :math:`\bar a_{n,r,u}` and output gradients :math:`g_{p,n,r,u}`
+(``p`` the backpropagated vector: one for the empirical Fisher, ``M`` MC samples, ``C``
+columns of the type-2 loss-Hessian root). The exact per-datum gradient of the weight is
+:math:`J_{p,n} = \sum_u\sum_r g_{p,n,r,u}\,\bar a_{n,r,u}^\top`.
+
+**Uses in the same layout** are extra positions of the weight-sharing axis ``r``
+(Eschenhagen et al., 2023, applied across uses): *expand* treats every position of every
+use as a sample, :math:`A = \frac{1}{N\sum_u R_u}\sum\bar a\bar a^\top`,
+:math:`G = s\sum g g^\top`; *reduce* sums the gradients and averages the inputs over all
+positions of all uses before the outer products. With a single use this is the usual
+expand/reduce; for a linear layer applied to a sequence it is exactly what you get by
+concatenating the sequences.
+
+**Uses in transposed layouts** (an embedding ``W`` tied to an output layer ``Wᵀ``): each
+layout's uses give a Kronecker term in the block's layout, :math:`G_1\otimes A_1` and
+:math:`A_2\otimes G_2`, and the block's pair is the *nearest Kronecker product* of their
+sum in the Frobenius norm (Van Loan & Pitsianis, 1993): :math:`G = \sum_t\alpha_t G_t`,
+:math:`A = \sum_t\beta_t A_t` with the coefficients from the top singular pair of the
+rearranged sum (a ``2 × 2`` eigenproblem), normalised so that :math:`\sum_t\alpha_t = 1`.
+It reproduces either term exactly when the other vanishes. Per-datum gradients are exact
+(the sum over both layouts); the per-row quantities (:meth:`LayerStats.rows`, the
+features) do not exist for such a block and raise :class:`~curvkit.errors.TiedStatisticsError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from curvkit.config import KFACApprox
+from curvkit.errors import TiedStatisticsError
+from curvkit.stats.factors import assemble_gram, gram, output_gram, sum_gram
+
+__all__ = ["LayerStats", "Part", "SharedLayerStats", "nearest_kronecker"]
+
+
+@dataclass
+class Part:
+    """One use of a block: its handler, module, batch-first input and output gradients.
+
+    Attributes:
+        handler: Feature extraction for this use (``input_features`` /
+            ``output_features``, optional ``input_gram``).
+        module: The module handed to the handler.
+        inputs: The use's input (detached, batch first).
+        grads: Gradients w.r.t. the use's output, one per backpropagated vector (batch
+            first, restricted to the block's output columns).
+        transposed: The use's layout is the transpose of the block's.
+    """
+
+    handler: Any
+    module: nn.Module
+    inputs: Tensor
+    grads: list[Tensor] = field(default_factory=list)
+    transposed: bool = False
+
+    def input_features(self) -> Tensor:
+        return self.handler.input_features(self.module, self.inputs)
+
+    def output_features(self, g: Tensor) -> Tensor:
+        return self.handler.output_features(self.module, g)
+
+
+def _input_sums(parts: list[Part], approx: KFACApprox, has_bias: bool) -> Tensor:
+    """``A`` of same-layout parts (see the module docstring), through a handler's
+    ``input_gram`` fast path where it has one (expand)."""
+    if approx is KFACApprox.EXPAND:
+        xtx: Tensor | None = None
+        col_sum: Tensor | None = None
+        count = 0
+        for part in parts:
+            fast = getattr(part.handler, "input_gram", None)
+            stats = fast(part.module, part.inputs) if fast is not None else None
+            if stats is None:
+                feats = part.input_features()
+                stats = (sum_gram(feats), feats.sum((0, 1)), feats.shape[0] * feats.shape[1])
+            p_xtx, p_sum, p_count = stats
+            xtx = p_xtx if xtx is None else xtx.add_(p_xtx)
+            col_sum = p_sum if col_sum is None else col_sum.add_(p_sum)
+            count += p_count
+        assert xtx is not None and col_sum is not None
+        a = assemble_gram(xtx, col_sum, count) if has_bias else xtx
+        return a.div_(max(count, 1))
+    feats = _cat_features([p.input_features() for p in parts])
+    n = feats.shape[0]
+    return gram(feats.mean(1), has_bias).div_(n)
+
+
+def _cat_features(features: list[Tensor]) -> Tensor:
+    if len(features) == 1:
+        return features[0]
+    n = {f.shape[0] for f in features}
+    if len(n) > 1:
+        raise ValueError(
+            f"the uses of one block in one forward pass have different batch sizes {sorted(n)}; curvkit pairs "
+            "the uses of a weight datum by datum. Call the module on batches of one size within a forward pass."
+        )
+    return torch.cat(features, dim=1)
+
+
+def _output_sum(parts: list[Part], p: int, approx: KFACApprox) -> Tensor:
+    """Unscaled ``Σ g gᵀ`` of pass ``p`` over same-layout parts (expand: every position of
+    every use; reduce: the positions' and uses' sum per datum first)."""
+    if approx is KFACApprox.EXPAND:
+        total: Tensor | None = None
+        for part in parts:
+            s = output_gram(part.output_features(part.grads[p]), approx)
+            total = s if total is None else total.add_(s)
+        assert total is not None
+        return total
+    summed: Tensor | None = None
+    for part in parts:
+        f = part.output_features(part.grads[p]).sum(1)
+        summed = f if summed is None else summed + f
+    assert summed is not None
+    return gram(summed)
+
+
+def nearest_kronecker(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    r"""The pair ``(L, R)`` minimising :math:`\lVert\sum_t L_t\otimes R_t - L\otimes R\rVert_F`.
+
+    With :math:`M_L = (\langle L_s, L_t\rangle)` and :math:`M_R = (\langle R_s, R_t\rangle)`,
+    ``L = Σ α_t L_t`` for the top eigenvector ``α`` of :math:`M_R M_L` (non-negative for
+    positive semi-definite factors) and ``R = Σ (M_L α)_t R_t / αᵀ M_L α`` (Van Loan &
+    Pitsianis, 1993). ``α`` is scaled to sum to one.
+    """
+    if len(terms) == 1:
+        return terms[0]
+    k = len(terms)
+    dev = terms[0][0].device
+    ml = torch.empty(k, k, dtype=torch.float64, device=dev)
+    mr = torch.empty(k, k, dtype=torch.float64, device=dev)
+    for s in range(k):
+        for t in range(k):
+            ml[s, t] = (terms[s][0].double() * terms[t][0].double()).sum()
+            mr[s, t] = (terms[s][1].double() * terms[t][1].double()).sum()
+    # M_R M_L is similar to the symmetric M_L^{1/2} M_R M_L^{1/2}: real, non-negative spectrum
+    evals, evecs = torch.linalg.eig(mr @ ml)
+    alpha = evecs[:, int(evals.real.argmax())].real
+    if float(alpha.sum()) < 0:
+        alpha = -alpha
+    alpha = alpha.clamp_min(0)
+    total = float(alpha.sum())
+    norm = float(alpha @ ml @ alpha) if total > 0 else 0.0
+    like_l, like_r = terms[0]
+    if total <= 0 or norm <= 0:
+        return torch.zeros_like(like_l), torch.zeros_like(like_r)
+    alpha = alpha / total
+    beta = (ml @ alpha) / float(alpha @ ml @ alpha)
+    left = sum(float(a) * t[0] for a, t in zip(alpha, terms))
+    right = sum(float(b) * t[1] for b, t in zip(beta, terms))
+    return left, right  # type: ignore[return-value]
+
+
+class LayerStats:
+    r"""One batch's statistics of one block, computed lazily on request.
+
+    Built by the capture engine (:mod:`curvkit.stats.engine`) from the uses of the block in
+    the batch's forward pass(es), each a :class:`Part`; ``LayerStats(layer, inputs, grads,
+    approx, g_scale)`` builds the statistics of a single use. With :math:`\bar a_{n,r}` the
+    input features (bias column appended; ``r`` running over the positions of every use) and
+    :math:`g_{p,n,r}` the output features:
+
+    * :meth:`A`, :meth:`G`: the batch's Kronecker factors, scaled exactly as
+      :func:`curvkit.kronecker_factors` scales them, ``G = g_scale · Σ_p Σ g gᵀ``;
+    * :meth:`rows`: ``(a_rows, g_rows)`` with ``A = a_rowsᵀ a_rows`` and
+      ``G = Σ_p g_rows[p]ᵀ g_rows[p]``, row ``i`` of ``a_rows`` paired with row ``i`` of
+      every ``g_rows[p]`` (expand: one row per ``(n, r)``; reduce: one per ``n``);
+    * :meth:`per_example_gradients`: ``J_{p,n} = √g_scale Σ_r g_{p,n,r} ā_{n,r}ᵀ``, so
+      that :math:`\sum_{p,n}\operatorname{vec}J_{p,n}\operatorname{vec}J_{p,n}^\top` is the
+      batch's (empirical, MC or type-2) Fisher block the factors approximate.
+
+    For a weight tied in transposed layouts see the module docstring.
+
+    Args:
+        layer: The block (:class:`~curvkit.stats.plan.LayerPlan`).
+        inputs: The captured input of a single use (or ``None`` with ``parts``).
+        grads: Gradients w.r.t. that use's output, one per backpropagated vector.
+        approx: Expand or reduce.
+        g_scale: Multiplier of ``Σ g gᵀ`` in ``G`` (``N`` for the empirical Fisher of a
+            batch-mean loss, ``1/Z`` for sampled vectors).
+        parts: The uses (instead of ``inputs`` and ``grads``).
+    """
+
+    #: The reduced :meth:`CurvatureBlock.batch_statistics` of a distributed step
+    #: (:class:`SharedLayerStats`); ``None`` for one process's own batch.
+    shared: dict[str, Tensor] | None = None
+
+    def __init__(
+        self,
+        layer: Any,
+        inputs: Tensor | None = None,
+        grads: list[Tensor] | None = None,
+        approx: KFACApprox = KFACApprox.EXPAND,
+        g_scale: float = 1.0,
+        *,
+        parts: list[Part] | None = None,
+    ):
+        if parts is None:
+            if inputs is None:
+                raise TypeError("LayerStats needs inputs and grads, or parts.")
+            parts = [Part(layer.handler, layer.module, inputs, list(grads or []))]
+        if not parts:
+            raise ValueError(f"block {getattr(layer, 'name', layer)!r}: no uses to build statistics from.")
+        self.layer = layer
+        self.parts = parts
+        self.approx = approx
+        self.g_scale = float(g_scale)
+
+    # --- what the batch is --------------------------------------------------------------
+
+    @property
+    def inputs(self) -> Tensor:
+        """The (first) use's captured input; use :attr:`dtype` / :attr:`device` for those."""
+        return self.parts[0].inputs
+
+    @property
+    def grads(self) -> list[Tensor]:
+        """The single use's output gradients, one per backpropagated vector."""
+        if len(self.parts) != 1:
+            raise TiedStatisticsError(
+                f"block {self.layer.name!r} was used {len(self.parts)} times in the forward pass; its raw output "
+                "gradients are per use. Use output_features(p) or g_features, which combine the uses."
+            )
+        return self.parts[0].grads
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.parts[0].inputs.dtype if self.parts[0].inputs.is_floating_point() else self._grad_dtype
+
+    @property
+    def _grad_dtype(self) -> torch.dtype:
+        g = self.parts[0].grads
+        return g[0].dtype if g else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        return self.parts[0].inputs.device
+
+    @property
+    def num_data(self) -> int:
+        return int(self.parts[0].inputs.shape[0])
+
+    @property
+    def num_passes(self) -> int:
+        return len(self.parts[0].grads)
+
+    @cached_property
+    def tied(self) -> bool:
+        """Whether the uses come in transposed layouts (see the module docstring)."""
+        return any(p.transposed for p in self.parts)
+
+    def _same_layout(self, what: str) -> list[Part]:
+        if self.tied:
+            raise TiedStatisticsError(
+                f"block {self.layer.name!r} ties its weight in transposed layouts "
+                f"({', '.join(s.name for s in self.layer.sites)}); {what} does not exist for it (only A(), G() and "
+                "per_example_gradients() do). A method that needs it cannot precondition this block."
+            )
+        return self.parts
+
+    # --- features -----------------------------------------------------------------------
+
+    @cached_property
+    def in_features(self) -> Tensor:
+        """``(N, R, d_in)`` input features **without** the bias column (every use's
+        positions along ``R``; computed once per batch)."""
+        return _cat_features([p.input_features() for p in self._same_layout("in_features")])
+
+    def output_features(self, p: int) -> Tensor:
+        """``(N, R, d_out)`` output features of pass ``p`` (every use's positions along ``R``)."""
+        return _cat_features([part.output_features(part.grads[p]) for part in self._same_layout("output_features")])
+
+    @cached_property
+    def g_features(self) -> Tensor:
+        """``(P, N, R, d_out)`` output features."""
+        if self.num_passes == 1:
+            return self.output_features(0).unsqueeze(0)
+        return torch.stack([self.output_features(p) for p in range(self.num_passes)])
+
+    @cached_property
+    def a_features(self) -> Tensor:
+        """``(N, R, d_in [+1])`` input features, the bias column of ones appended."""
+        x = self.in_features
+        if self.layer.has_bias:
+            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
+        return x
+
+    # --- factors ------------------------------------------------------------------------
+
+    def A(self) -> Tensor:
+        """The batch's input factor."""
+        return self._factors[0]
+
+    def G(self) -> Tensor:
+        """The batch's output-gradient factor."""
+        return self._factors[1]
+
+    @cached_property
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        if not self.tied:
+            return self._layout_factors(self.parts, self.layer.has_bias)
+        same = [p for p in self.parts if not p.transposed]
+        other = [p for p in self.parts if p.transposed]
+        terms = []
+        if same:
+            a, g = self._layout_factors(same, self.layer.has_bias)
+            terms.append((g, a))
+        if other:
+            a_t, g_t = self._layout_factors(other, False)
+            terms.append((a_t, g_t))  # in the block's layout its G side is the use's A side
+        g, a = nearest_kronecker(terms)
+        return a, g
+
+    def _layout_factors(self, parts: list[Part], has_bias: bool) -> tuple[Tensor, Tensor]:
+        a = _input_sums(parts, self.approx, has_bias)
+        total: Tensor | None = None
+        for p in range(len(parts[0].grads)):
+            s = _output_sum(parts, p, self.approx)
+            total = s if total is None else total.add_(s)
+        if total is None:
+            raise ValueError(f"block {self.layer.name!r}: no output gradients were captured.")
+        return a, total.mul_(self.g_scale)
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        """``(a_rows (K, d_in), g_rows (P, K, d_out))``; see the class docstring (computed
+        once per batch)."""
+        return self._rows
+
+    @cached_property
+    def _rows(self) -> tuple[Tensor, Tensor]:
+        a, g = self.a_features, self.g_features
+        n, r = a.shape[0], a.shape[1]
+        if self.approx is KFACApprox.EXPAND or r == 1:
+            a_rows = a.reshape(n * r, -1) / math.sqrt(n * r)
+            g_rows = g.reshape(g.shape[0], n * r, -1) * math.sqrt(self.g_scale)
+        else:
+            a_rows = a.mean(1) / math.sqrt(n)
+            g_rows = g.sum(2) * math.sqrt(self.g_scale)
+        return a_rows, g_rows
+
+    def per_example_gradients(self) -> Tensor:
+        """``(P·N, d_out, d_in [+1])`` scaled per-example gradients (class docstring)."""
+        if not self.tied:
+            return self._layout_gradients(self.parts, self.layer.has_bias)
+        same = [p for p in self.parts if not p.transposed]
+        other = [p for p in self.parts if p.transposed]
+        total: Tensor | None = self._layout_gradients(same, self.layer.has_bias) if same else None
+        if other:
+            t = self._layout_gradients(other, False).transpose(1, 2)
+            total = t if total is None else total + t
+        assert total is not None
+        return total
+
+    def _layout_gradients(self, parts: list[Part], has_bias: bool) -> Tensor:
+        a = _cat_features([p.input_features() for p in parts])
+        if has_bias:
+            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        passes = len(parts[0].grads)
+        g = torch.stack([_cat_features([q.output_features(q.grads[p]) for q in parts]) for p in range(passes)])
+        # the true per-example gradient for both expand and reduce (as curvlinops' EKFAC)
+        j = torch.einsum("pnro,nri->pnoi", g, a)
+        return (j * math.sqrt(self.g_scale)).reshape(passes * a.shape[0], *j.shape[2:])
+
+    def featurized(self) -> LayerStats:
+        """The same statistics as a single use of already extracted features (what
+        data-parallel training gathers for a block with several uses)."""
+        if len(self.parts) == 1:
+            return self
+        x = self.in_features
+        grads = [self.output_features(p) for p in range(self.num_passes)]
+        part = Part(_FEATURES, self.layer.module, x, grads)
+        return LayerStats(self.layer, approx=self.approx, g_scale=self.g_scale, parts=[part])
+
+
+class _Features:
+    """A handler for inputs and gradients that are features already (``(N, R, d)``)."""
+
+    name = "features"
+    module_types: tuple[type[nn.Module], ...] = ()
+
+    def input_features(self, module: nn.Module, x: Tensor) -> Tensor:
+        return x
+
+    def output_features(self, module: nn.Module, g: Tensor) -> Tensor:
+        return g
+
+
+_FEATURES = _Features()
+
+
+class SharedLayerStats(LayerStats):
+    """The statistics of a batch spread over several processes, as a block's update sees
+    them in data-parallel training (:mod:`curvkit.distributed`).
+
+    It holds exactly what the block's :meth:`CurvatureBlock.batch_statistics` returned,
+    averaged over every process's data (:attr:`shared`); :meth:`A` and :meth:`G` return the
+    entries ``"A"`` and ``"G"`` when there are such entries. The per-example quantities
+    (:meth:`rows`, the features) are not available: a block that needs them returns
+    ``None`` from ``batch_statistics`` and gets the gathered batch instead.
+
+    Args:
+        layer: The tracked layer.
+        shared: The averaged statistics.
+        num_data: Data points of the whole batch (all processes).
+        like: A tensor with the statistics' dtype and device (what ``init`` allocates in).
+        approx: Expand or reduce.
+    """
+
+    def __init__(self, layer: Any, shared: dict[str, Tensor], num_data: int, like: Tensor, approx: KFACApprox):
+        super().__init__(layer, like.new_empty((0,)), [], approx, 1.0)
+        self.shared = shared
+        self._num_data = int(num_data)
+
+    @property
+    def num_data(self) -> int:
+        return self._num_data
+
+    def _missing(self, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"layer {self.layer.name!r}: {what} is not available in a distributed update, whose block declared "
+            f"batch_statistics() = {sorted(self.shared or {})}; return None from batch_statistics to get the "
+            "gathered batch instead, or add what the update needs to batch_statistics."
+        )
+
+    def A(self) -> Tensor:
+        if self.shared is None or "A" not in self.shared:
+            raise self._missing("A()")
+        return self.shared["A"]
+
+    def G(self) -> Tensor:
+        if self.shared is None or "G" not in self.shared:
+            raise self._missing("G()")
+        return self.shared["G"]
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        raise self._missing("rows()")
+
+    def per_example_gradients(self) -> Tensor:
+        raise self._missing("per_example_gradients()")
+
+    def output_features(self, p: int) -> Tensor:
+        raise self._missing("output_features()")
+
+    @property
+    def in_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("in_features")
+
+    @property
+    def a_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("a_features")
+
+    @property
+    def g_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("g_features")
