@@ -238,10 +238,17 @@ class KroneckerLaplace:
                 progress=progress,
                 **factor_kwargs,  # type: ignore[arg-type]
             )
-        except torch.linalg.LinAlgError as err:  # EKFAC's eigenbasis of non-finite factors
+        except torch.linalg.LinAlgError as err:  # EKFAC's eigenbasis of non-finite factors?
+            from curvkit.stats.api import accumulate_kronecker_factors
+
             error = self._locate(batches, loss_fn, state, factor_kwargs)
-            if error.batch is None:
-                raise
+            if error.batch is None:  # no batch on its own: is it their sum, or the eigensolver?
+                generator = self._replay(state)
+                factors = accumulate_kronecker_factors(
+                    self.model, loss_fn, batches, generator=generator, **factor_kwargs
+                )
+                if all(bool(torch.isfinite(t).all()) for pair in factors.values() for t in pair):
+                    raise
             raise error from err
         if not curvature_is_finite(curvature):
             raise self._locate(batches, loss_fn, state, factor_kwargs)
@@ -250,12 +257,17 @@ class KroneckerLaplace:
     def _locate(
         self, batches: CheckedBatches, loss_fn: nn.Module, state: Tensor | None, factor_kwargs: dict[str, Any]
     ) -> NonFiniteInputError:
-        generator = None
-        if self.generator is not None and state is not None:
-            generator = torch.Generator(device=self.generator.device)
-            generator.set_state(state)  # the targets the failed pass drew
         dtype = next(iter(self.model.parameters())).dtype
+        generator = self._replay(state)
         return locate_nonfinite_curvature(self.model, loss_fn, batches, dtype, generator=generator, **factor_kwargs)
+
+    def _replay(self, state: Tensor | None) -> torch.Generator | None:
+        """A generator in the state the failed pass started from (the same MC targets)."""
+        if self.generator is None or state is None:
+            return None
+        generator = torch.Generator(device=self.generator.device)
+        generator.set_state(state)
+        return generator
 
     def _fitted(self) -> KroneckerCurvature:
         if self.curvature is None:

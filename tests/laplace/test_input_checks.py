@@ -107,12 +107,13 @@ def test_fit_refuses_a_batch_whose_curvature_overflows(options):
     assert info.value.batch == 1 and la.curvature is None
 
 
-def test_fit_refuses_a_curvature_sum_that_overflows_naming_no_batch():
+@pytest.mark.parametrize("ekfac", [False, True], ids=["kfac", "ekfac"])
+def test_fit_refuses_a_curvature_sum_that_overflows_naming_no_batch(ekfac):
     # every input ×3e18 in float32: each batch's summed a·aᵀ (≈1.5e38) is finite, their sum is not
     model, loader = _problem(dtype=torch.float32)
     loader.dataset.tensors[0].mul_(3e18)
     with pytest.raises(NonFiniteInputError, match="summed over all batches is non-finite") as info:
-        KroneckerLaplace(model, "classification").fit(loader, progress=False)
+        KroneckerLaplace(model, "classification", correct_eigenvalues=ekfac).fit(loader, progress=False)
     assert info.value.batch is None
 
 
@@ -253,3 +254,20 @@ def test_custom_registry_that_does_not_pickle_is_named():
     la.fit(loader, progress=False)
     with pytest.raises(TypeError, match=r"explicit registry= that does not pickle.*registry=None"):
         torch.save(la, io.BytesIO())
+
+
+def test_an_eigensolver_failure_on_finite_data_is_not_blamed_on_a_batch(monkeypatch):
+    from curvkit.laplace import KroneckerCurvature
+
+    def failing(*args, **kwargs):
+        raise torch.linalg.LinAlgError("linalg.eigh: The algorithm failed to converge")
+
+    model, loader = _problem()
+    monkeypatch.setattr(KroneckerCurvature, "from_data", failing)
+    with pytest.raises(torch.linalg.LinAlgError, match="failed to converge"):
+        KroneckerLaplace(model, "classification", correct_eigenvalues=True).fit(loader, progress=False)
+    model, loader = _problem(dtype=torch.float32)  # the same failure where the factor sum overflows
+    loader.dataset.tensors[0].mul_(3e18)
+    with pytest.raises(NonFiniteInputError, match="summed over all batches") as info:
+        KroneckerLaplace(model, "classification", correct_eigenvalues=True).fit(loader, progress=False)
+    assert isinstance(info.value.__cause__, torch.linalg.LinAlgError)
