@@ -5,7 +5,8 @@
   eigendecomposition, sampling), exportable to SciPy and curvlinops.
 * :class:`KroneckerLaplace`: a Laplace approximation built on it, without laplace-torch
   (posterior precision, log marginal likelihood, prior precision optimisation, linearised
-  predictive).
+  predictive). Its inputs are checked: see :mod:`curvkit.laplace.checks` and
+  :class:`NonFiniteInputError`.
 * :class:`CurvkitGGN`, :class:`CurvkitEF`: backends for laplace-torch
   (``Laplace(model, ..., backend=CurvkitGGN)``). They live in :mod:`curvkit.laplace.backend`,
   which imports laplace-torch; they are loaded on first access, so importing this package
@@ -17,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
+from curvkit.laplace.checks import NonFiniteInputError
 from curvkit.laplace.curvature import KroneckerCurvature, KroneckerPower
 from curvkit.laplace.prior import PriorMode
 from curvkit.laplace.quantities import KroneckerLaplace
@@ -29,6 +31,7 @@ __all__ = [
     "KroneckerCurvature",
     "KroneckerLaplace",
     "KroneckerPower",
+    "NonFiniteInputError",
     "PriorMode",
 ]
 

@@ -26,7 +26,15 @@ size, ``N`` the data-set size):
 Frozen parameters, last-layer and subnetwork Laplace are supported. Where a trainable
 parameter sits in a module curvkit has no layer handler for (e.g. ``LayerNorm``), the
 dense methods fall back to laplace-torch's ``torch.func`` implementations and ``kron``
-raises an error naming the module.
+raises an error naming the module. The per-datum gradients need row ``n`` of every tracked
+layer's input to belong to datum ``n``; a model that folds data into the layer's batch
+dimension (a reward model that runs ``(B, 2, D)`` preference pairs as ``(2B, D)``) breaks
+that, which is detected on the first pass, and the dense methods then use laplace-torch's
+``torch.func`` versions for this backend instance.
+
+The backends pickle (``torch.save`` of a fitted Laplace object): the default curvkit
+registry is stored as a marker and looked up again on load; a custom ``registry=`` is
+stored as it is and must itself be picklable.
 
 Keyword arguments of ``kron``/``diag`` (laplace-torch forwards ``asdl_fisher_kwargs`` to
 them): ``kfac_approx`` (``"expand"``/``"reduce"``), ``mc_samples``, ``seed`` or
@@ -47,6 +55,7 @@ from torch import Tensor, nn
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedModuleError
 from curvkit.laplace.gradients import fisher_gradients, layer_columns, per_sample_gradients, stack_parameters
+from curvkit.laplace.pickling import registry_from_state, registry_to_state
 from curvkit.stats.api import resolve_backend
 from curvkit.stats.backend import FactorRequest
 from curvkit.stats.plan import TrackingPlan, make_plan
@@ -56,11 +65,18 @@ __all__ = ["CurvkitEF", "CurvkitGGN"]
 _KRON_KWARGS = {"N", "kfac_approx", "mc_samples", "seed", "generator"}
 
 
+class _RowsAreNotData(Exception):
+    """A tracked layer's input rows are not the data points (see the module docstring)."""
+
+
 class _CurvkitInterface(CurvatureInterface):
     """Shared machinery of :class:`CurvkitGGN` and :class:`CurvkitEF`."""
 
     _statistics_backend: str = "hooks"
     registry: Any = None
+    #: Set once a pass showed that a tracked layer's rows are not the data points; the
+    #: dense methods then use laplace-torch's ``torch.func`` implementations.
+    _rows_not_data: bool = False
 
     def _fisher(self) -> FisherType:
         raise NotImplementedError
@@ -78,6 +94,18 @@ class _CurvkitInterface(CurvatureInterface):
         self.registry = registry
         self._statistics_backend = statistics_backend
         self._generator: torch.Generator | None = None
+
+    # --- pickling (torch.save of a fitted Laplace object) -----------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state.pop("_tracking_cache", None)  # rebuilt on first use
+        state["registry"] = registry_to_state(state.get("registry"), type(self).__name__)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["registry"] = registry_from_state(state.get("registry"))
+        self.__dict__.update(state)
 
     def _tracking(self) -> tuple[TrackingPlan, dict[str, tuple[str, slice, torch.Size]], list[str]] | None:
         """The plan of ``self._model`` and the parameter names of ``self.params``, or
@@ -187,10 +215,22 @@ class _CurvkitInterface(CurvatureInterface):
         loss_fn: nn.Module = self.lossfunc  # type: ignore[assignment]
         inputs: Tensor = self._inputs(x)  # type: ignore[assignment]
         for output, grads, _ in fisher_gradients(self._model, plan, loss_fn, inputs, y, fisher, mc_samples, generator):
+            self._check_rows(grads, n)
             rows = stack_parameters(grads, columns, param_names, n)
             if self.subnetwork_indices is not None:
                 rows = rows[:, self.subnetwork_indices]
             yield output, rows
+
+    def _check_rows(self, grads: dict[str, Tensor], n: int) -> None:
+        """Refuse per-layer gradients whose rows are not the ``n`` data points (they would be
+        regrouped into wrong per-datum gradients); the caller falls back to ``torch.func``."""
+        if any(g.shape[0] != n for g in grads.values()):
+            self._rows_not_data = True
+            raise _RowsAreNotData
+
+    def _per_datum(self) -> bool:
+        """Whether the per-datum gradient path applies (else: laplace-torch's ``torch.func``)."""
+        return not self._rows_not_data and self._tracking() is not None
 
     def _dense(
         self, x: Tensor | MutableMapping[str, Any], y: Tensor, kwargs: dict[str, Any], diagonal: bool
@@ -210,39 +250,52 @@ class _CurvkitInterface(CurvatureInterface):
     def full(self, x: Tensor | MutableMapping[str, Any], y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Dense curvature ``(P, P)`` of this batch (summed), and ``factor·ℓ``."""
         self._check_kwargs(kwargs, "full")
-        if self._tracking() is None:
-            return super().full(x, y, **kwargs)  # type: ignore[no-any-return, misc]
-        return self._dense(x, y, kwargs, diagonal=False)
+        if self._per_datum():
+            try:
+                return self._dense(x, y, kwargs, diagonal=False)
+            except _RowsAreNotData:
+                pass
+        return super().full(x, y, **kwargs)  # type: ignore[no-any-return, misc]
 
     def diag(self, x: Tensor | MutableMapping[str, Any], y: Tensor, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """Diagonal ``(P,)`` of this batch's curvature (summed), and ``factor·ℓ``."""
         self._check_kwargs(kwargs, "diag")
-        if self._tracking() is None:
-            return super().diag(x, y, **kwargs)  # type: ignore[no-any-return, misc]
-        return self._dense(x, y, kwargs, diagonal=True)
+        if self._per_datum():
+            try:
+                return self._dense(x, y, kwargs, diagonal=True)
+            except _RowsAreNotData:
+                pass
+        return super().diag(x, y, **kwargs)  # type: ignore[no-any-return, misc]
 
     def gradients(self, x: Tensor | MutableMapping[str, Any], y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-datum gradients ``(M, P)`` of the sum-reduced loss (without ``factor``), and the loss."""
-        if self._tracking() is None:
-            return super().gradients(x, y)
-        (output, rows), *_ = list(self._fisher_rows(x, y, FisherType.EMPIRICAL, 1, {}))
-        return rows, self.lossfunc(output.detach(), y)
+        if self._per_datum():
+            try:
+                (output, rows), *_ = list(self._fisher_rows(x, y, FisherType.EMPIRICAL, 1, {}))
+                return rows, self.lossfunc(output.detach(), y)
+            except _RowsAreNotData:
+                pass
+        return super().gradients(x, y)
 
     def jacobians(self, x: Tensor | MutableMapping[str, Any], enable_backprop: bool = False) -> tuple[Tensor, Tensor]:
         """Jacobians ``(M, C, P)`` of the model output and the output ``(M, C)``."""
-        if enable_backprop or self.last_layer or self._tracking() is None:
-            return CurvatureInterface.jacobians(self, x, enable_backprop=enable_backprop)
-        return self._selected(x, None)
+        if not (enable_backprop or self.last_layer) and self._per_datum():
+            try:
+                return self._selected(x, None)
+            except _RowsAreNotData:
+                pass
+        return CurvatureInterface.jacobians(self, x, enable_backprop=enable_backprop)
 
     def selected_output_jacobians(
         self, x: Tensor | MutableMapping[str, Any], outputs: Tensor, enable_backprop: bool = False
     ) -> tuple[Tensor, Tensor]:
         """Jacobians ``(M, K, P)`` of the output coordinates ``outputs`` ``(M,)`` or ``(M, K)``."""
-        if enable_backprop or self.last_layer or self._tracking() is None:
-            return super().selected_output_jacobians(x, outputs, enable_backprop)
-        if outputs.ndim == 1:
-            outputs = outputs[:, None]
-        return self._selected(x, outputs)
+        if not (enable_backprop or self.last_layer) and self._per_datum():
+            try:
+                return self._selected(x, outputs[:, None] if outputs.ndim == 1 else outputs)
+            except _RowsAreNotData:
+                pass
+        return super().selected_output_jacobians(x, outputs, enable_backprop)
 
     def _selected(self, x: Tensor | MutableMapping[str, Any], outputs: Tensor | None) -> tuple[Tensor, Tensor]:
         plan, columns, param_names = self._tracking()  # type: ignore[misc]
@@ -266,6 +319,7 @@ class _CurvkitInterface(CurvatureInterface):
         f: Tensor | None = None
         for f, grads in per_sample_gradients(self.model, plan, x, vectors):  # type: ignore[arg-type]
             n = f.shape[0]
+            self._check_rows(grads, n)
             rows = stack_parameters(grads, columns, param_names, n)
             if self.subnetwork_indices is not None:
                 rows = rows[:, self.subnetwork_indices]

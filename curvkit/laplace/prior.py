@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from curvkit.laplace.blocks import KroneckerBlock
+from curvkit.laplace.checks import check_prior_precision
 
 __all__ = ["PriorMode", "block_priors"]
 
@@ -49,22 +50,23 @@ def block_priors(
 
     Raises:
         TypeError: ``prior_precision`` is neither a number nor a tensor.
-        ValueError: Its shape fits none of scalar / per block / diagonal, or it is negative.
+        ValueError: Its shape fits none of scalar / per block / diagonal, or an entry is negative
+            or non-finite (see :func:`curvkit.laplace.checks.check_prior_precision`).
     """
     num_params = sum(b.numel for b in blocks)
-    if isinstance(prior_precision, bool) or not isinstance(prior_precision, (int, float, Tensor)):
-        raise TypeError(
-            f"prior_precision={prior_precision!r} must be a number or a tensor (scalar, one value per block, "
-            "or one per parameter)."
-        )
+    check_prior_precision(prior_precision)
     prior = torch.as_tensor(prior_precision, dtype=dtype, device=device)
-    if prior.ndim > 1 or (prior.ndim == 1 and prior.shape[0] not in (1, len(blocks), num_params)):
+    if prior.ndim == 1 and prior.shape[0] not in (1, len(blocks), num_params):
         raise ValueError(
             f"prior_precision of shape {tuple(prior.shape)} fits neither a scalar, nor one value per block "
-            f"({len(blocks)}), nor one per parameter ({num_params}); pass a tensor of one of these lengths."
+            f"({len(blocks)}: {[b.name for b in blocks]}), nor one per parameter ({num_params}); pass a tensor of "
+            "one of these lengths."
         )
-    if not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()):
-        raise ValueError("prior_precision must be finite and non-negative; got a negative or non-finite entry.")
+    if not bool(torch.isfinite(prior).all()):
+        raise ValueError(
+            f"prior_precision overflows {dtype} (largest entry {float(torch.as_tensor(prior_precision).max()):.3g}); "
+            "pass a smaller value."
+        )
     if prior.ndim == 0 or prior.shape[0] == 1:
         return [prior.reshape(()) for _ in blocks]
     if prior.shape[0] == len(blocks):
