@@ -48,6 +48,10 @@ class BlockInfo:
         d_in: Input dimension **including** the bias column when there is one.
         d_out: Output dimension.
         has_bias: Whether the last column of the matrix form is the bias.
+        tied: The weight is used in transposed layouts (an embedding tied to an output
+            layer): the block's statistics have ``A()``, ``G()`` and
+            ``per_example_gradients()`` but no per-row quantities (``rows()``, features).
+            Only methods whose spec sets ``tied_blocks=True`` get such blocks.
     """
 
     name: str
@@ -55,11 +59,15 @@ class BlockInfo:
     d_in: int
     d_out: int
     has_bias: bool
+    tied: bool = False
 
     @classmethod
     def from_plan(cls, layer: LayerPlan) -> BlockInfo:
         d_out, d_in = weight_matrix(layer.handler, layer.module, layer.weight.detach()).shape
-        return cls(layer.name, type(layer.module), int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias)
+        tied = any(site.transposed for site in layer.sites)
+        return cls(
+            layer.name, type(layer.module), int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias, tied
+        )
 
 
 class KroneckerOperator:

@@ -174,6 +174,10 @@ class MethodSpec:
         sample_configs: Keyword sets the conformance suite trains with.
         bad_configs: ``(kwargs, expected exception type)`` the conformance suite expects
             to raise.
+        tied_blocks: Whether the method's blocks work from ``A()``, ``G()`` and
+            ``per_example_gradients()`` alone, so they can serve a weight tied in transposed
+            layouts (:attr:`~curvkit.blocks.BlockInfo.tied`). Otherwise such a weight takes
+            the first-order step, and ``summary()`` says why.
     """
 
     name: str
@@ -183,6 +187,7 @@ class MethodSpec:
     reference: str = ""
     sample_configs: tuple[dict[str, Any], ...] = ({},)
     bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
+    tied_blocks: bool = False
 
     def make_config(self, **kwargs: Any) -> MethodConfig:
         """Build the configuration; unknown keywords raise a :class:`ConfigError` that lists
@@ -207,6 +212,15 @@ class MethodSpec:
                 check(registry)
             except (UnknownComponentError, IncompatibleComponentsError):
                 raise
+
+    def unsupported_reason(self, info: Any) -> str | None:
+        """Why this method cannot build a block for ``info`` (``None`` if it can)."""
+        if getattr(info, "tied", False) and not self.tied_blocks:
+            return (
+                f"its weight is tied in transposed layouts and method {self.name!r} needs per-row statistics, which "
+                "such a block does not have (methods with tied_blocks=True: e.g. 'kfac', 'ekfac')"
+            )
+        return None
 
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:
         return self.block_factory(info, config, registry)

@@ -42,7 +42,7 @@ from curvkit.numerics import all_finite
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
 from curvkit.stats.losses import loss_adapter
-from curvkit.stats.plan import LayerPlan, make_plan
+from curvkit.stats.plan import LayerPlan, TrackingPlan, make_plan
 
 __all__ = ["Preconditioner", "layer_matrix", "split_layer_matrix"]
 
@@ -139,9 +139,22 @@ class Preconditioner:
         self.loss_fn = loss_fn
         self.plan = make_plan(model, registry, self.config.unsupported)
         self.layers: dict[str, LayerPlan] = {layer.name: layer for layer in self.plan}
-        self.blocks: dict[str, CurvatureBlock] = {
-            layer.name: self.spec.make_block(BlockInfo.from_plan(layer), self.config, registry) for layer in self.plan
-        }
+        self.blocks: dict[str, CurvatureBlock] = {}
+        #: Layers this method cannot precondition (first-order), with the reason.
+        self.first_order_layers: dict[str, str] = {}
+        for layer in self.plan:
+            info = BlockInfo.from_plan(layer)
+            reason = self.spec.unsupported_reason(info)
+            if reason is not None:
+                self.first_order_layers[layer.name] = reason
+                continue
+            self.blocks[layer.name] = self.spec.make_block(info, self.config, registry)
+        if self.first_order_layers:
+            warnings.warn(
+                "; ".join(f"layer {n!r} takes first-order steps: {r}" for n, r in self.first_order_layers.items()),
+                stacklevel=3,
+            )
+        self.layers = {name: layer for name, layer in self.layers.items() if name in self.blocks}
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
         self.generator: torch.Generator | None = generator
@@ -165,7 +178,7 @@ class Preconditioner:
         #: The capture engine (:mod:`curvkit.stats.engine`): records layer inputs and output
         #: gradients on statistics steps; its hooks hold this preconditioner only weakly.
         self.engine = CaptureEngine(
-            self.plan,
+            TrackingPlan(tuple(self.layers.values()), self.plan.skipped, self.plan.first_order),
             model,
             active=self._capturing,
             keep_loss_grads=self.fisher is FisherType.EMPIRICAL,
@@ -396,7 +409,7 @@ class Preconditioner:
     def tracked_parameters(self) -> list[nn.Parameter]:
         """The parameters with a curvature block (each once)."""
         out: dict[int, nn.Parameter] = {}
-        for layer in self.plan:
+        for layer in self.layers.values():
             for p in layer.params:
                 out.setdefault(id(p), p)
         return list(out.values())
@@ -461,6 +474,8 @@ class Preconditioner:
             pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
             tie = self.layers[name].describe_sites()
             lines.append(f"  {name or '<model>'}: {block.describe()}{tie}{where}{pending}")
+        for name, reason in self.first_order_layers.items():
+            lines.append(f"  {name}: first-order ({reason})")
         for pname, reason in self.plan.first_order.items():
             lines.append(f"  {pname}: first-order ({reason})")
         return "\n".join(lines)

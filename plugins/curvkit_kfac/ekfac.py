@@ -152,8 +152,16 @@ def rotated_second_moments(stats: LayerStats, Q_A: Tensor, Q_G: Tensor, dtype: t
     the sum is one product of squares, :math:`s\sum_n (\sum_p (Q_G^\top g_{p,n})^{\circ2})
     ((Q_A^\top\bar a_n)^{\circ 2})^\top`; otherwise the rotated per-example gradients
     :math:`\sum_r (Q_G^\top g_{p,n,r})(Q_A^\top\bar a_{n,r})^\top` are formed in chunks of
-    examples.
+    examples. A weight tied in transposed layouts has no features, only its (exact)
+    per-example gradients, which are rotated directly.
     """
+    if stats.tied:
+        j = stats.per_example_gradients().to(dtype)  # (P·N, d_out, d_in), scaled by √s
+        if Q_G.numel():
+            j = Q_G.to(dtype).t() @ j
+        if Q_A.numel():
+            j = j @ Q_A.to(dtype)
+        return j.square().sum(0)
     a = stats.a_features.to(dtype)  # (N, R, d_in)
     g = stats.g_features.to(dtype)  # (P, N, R, d_out)
     if Q_A.numel():
@@ -511,6 +519,7 @@ EKFAC_SPEC = MethodSpec(
     name="ekfac",
     config_cls=EKFACConfig,
     block_factory=ekfac_block,
+    tied_blocks=True,
     summary="EKFAC: K-FAC's eigenbasis with eigenvalues re-estimated from per-example gradients (+ ε)",
     reference="George, Laurent, Bouthillier, Ballas & Vincent (2018), Fast Approximate Natural Gradient Descent "
     "in a Kronecker-factored Eigenbasis, NeurIPS, arXiv:1806.03884",
