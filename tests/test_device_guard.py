@@ -229,7 +229,14 @@ def test_factors_under_a_meta_default_device(backend):
             try:
                 with _MetaDefault():
                     factors = curvkit.kronecker_factors(
-                        model, nn.CrossEntropyLoss(), X, y, fisher=fisher, backend=backend, generator=gen, registry=REGISTRY
+                        model,
+                        nn.CrossEntropyLoss(),
+                        X,
+                        y,
+                        fisher=fisher,
+                        backend=backend,
+                        generator=gen,
+                        registry=REGISTRY,
                     )
             except UnsupportedRequestError:
                 continue
