@@ -499,8 +499,8 @@ class Preconditioner:
                 self.generator = torch.Generator(device=here).manual_seed(self._seed + self.steps)
             else:
                 if self.generator is None:
-                    self.generator = torch.Generator(device=saved)
-                self.generator.set_state(state["generator"])
+                    self.generator = torch.Generator(device=here if here is not None else saved)
+                self.generator.set_state(state["generator"].cpu())  # map_location may have moved it
         self._refreshed = set(state["refreshed"])
         for name, block_state in state["blocks"].items():
             # a checkpoint from another device (map_location, or CPU -> CUDA): the layer's device

@@ -164,3 +164,33 @@ def test_an_mc_generator_on_the_cpu_is_refused_for_a_device_model():
     out = model(X)
     with pytest.raises(ValueError, match="torch.Generator"):
         opt.curvature_backward(out, y)
+
+
+@pytest.mark.parametrize("direction", ["device-to-cpu", "cpu-to-device"])
+def test_an_mc_checkpoint_resumes_on_another_device(direction):
+    """The MC generator's state (a CPU byte tensor, which ``map_location`` moves) restores
+    on the same device type; across CPU and CUDA it cannot, and a new seeded stream starts
+    with a warning."""
+    source, target = (DEVICE, CPU) if direction == "device-to-cpu" else (CPU, DEVICE)
+    options = {"damping": 0.01, "fisher": "mc"}
+    torch.manual_seed(0)
+    model = _model().to(source)
+    opt = CurvatureOptimizer(model, method="kfac", lr=0.1, loss_fn=nn.CrossEntropyLoss(), **options)
+    _step(model, opt, 0)
+    buffer = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, map_location=target, weights_only=False)
+    torch.manual_seed(0)
+    model2 = _model().to(target)
+    opt2 = CurvatureOptimizer(model2, method="kfac", lr=0.1, loss_fn=nn.CrossEntropyLoss(), **options)
+    model2.load_state_dict(saved["model"])
+    if source.type != target.type:
+        with pytest.warns(UserWarning, match="cannot be restored"):
+            opt2.load_state_dict(saved["opt"])
+    else:
+        opt2.load_state_dict(saved["opt"])
+        assert torch.equal(opt2.preconditioner.generator.get_state(), opt.preconditioner.generator.get_state())
+    assert opt2.preconditioner.generator.device.type == target.type
+    _step(model2, opt2, 1)
+    assert all(bool(torch.isfinite(p).all()) for p in model2.parameters())
