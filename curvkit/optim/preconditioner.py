@@ -336,10 +336,13 @@ class Preconditioner:
                 return None
             if self.stats_due:
                 self._update_statistics()
-            if any(b.num_updates == 0 for name, b in self.blocks.items() if name in mats):
-                missing = [n for n, b in self.blocks.items() if n in mats and b.num_updates == 0]
+            # a layer with no statistics yet (it did not run on a statistics step, or its
+            # parameters are used outside its forward) takes the first-order step Δ = ∇
+            missing = [n for n, b in self.blocks.items() if n in mats and b.num_updates == 0]
+            first_order: dict[str, Tensor] = {}
+            if missing:
                 self._missing_statistics(missing)
-                mats = {n: m for n, m in mats.items() if n not in missing}
+                first_order = {n: mats.pop(n) for n in missing}
             due = [
                 name
                 for name, block in self.blocks.items()
@@ -349,6 +352,7 @@ class Preconditioner:
                 self.distributor.refresh(due, self.blocks, self._refresh_block)
                 self._refreshed.update(due)
             out = {name: self.blocks[name].precondition(m) for name, m in mats.items()}
+            out.update(first_order)
             self.steps += 1
             return out
         finally:
@@ -375,7 +379,7 @@ class Preconditioner:
         self._records.clear()
 
     def _missing_statistics(self, missing: list[str]) -> None:
-        if self._sampled_fisher:
+        if self._sampled_fisher and self.stats_due and not any(r.sampled for rs in self._records.values() for r in rs):
             raise RuntimeError(
                 f"no curvature statistics for layer(s) {', '.join(map(repr, missing))} at step {self.steps}: with "
                 f"fisher={self.fisher.value!r}, call curvature_backward(output, targets) after the forward pass and "
@@ -528,7 +532,8 @@ class Preconditioner:
             if dist.world_size > 1:
                 shared = name in dist.shared_refreshes
                 where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
-            lines.append(f"  {name or '<model>'}: {block.describe()}{where}")
+            pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
+            lines.append(f"  {name or '<model>'}: {block.describe()}{where}{pending}")
         for name in self.plan.skipped:
             lines.append(f"  {name}: first-order (no layer handler)")
         return "\n".join(lines)

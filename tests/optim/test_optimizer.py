@@ -409,3 +409,38 @@ def test_blocks_are_told_each_groups_learning_rate():
     X, y = _data()
     _run(model, opt, X, y, 2, scheduler)
     assert seen == {"0": [0.1, 0.05], "2": [0.05, 0.025]}
+
+
+@pytest.mark.parametrize(("method", "period"), [("kfac", "T_stats"), ("singd", "T"), ("rs-kfac", "T_stats")])
+def test_layer_without_statistics_takes_a_first_order_step(method, period):
+    """A tracked branch that runs only on steps without statistics (T_stats=5) is moved by
+    Δ = ∇ until it has statistics — never frozen — and summary() says so."""
+
+    class Branching(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trunk = nn.Linear(5, 8)
+            self.a = nn.Linear(8, 3)
+            self.b = nn.Linear(8, 3)
+
+        def forward(self, x, use_b=False):
+            h = torch.tanh(self.trunk(x))
+            return (self.b if use_b else self.a)(h)
+
+    torch.manual_seed(0)
+    model = Branching().double()
+    X, y = _data()
+    opt = create(method, model, lr=0.1, momentum=0.0, **{period: 5})
+    assert "no statistics yet" in opt.summary()
+    with pytest.warns(UserWarning, match="'b'"):
+        for i in range(3):  # step 0 collects statistics (branch a); steps 1, 2 run branch b
+            opt.zero_grad()
+            nn.CrossEntropyLoss()(model(X[:8], use_b=i > 0), y[:8]).backward()
+            before = model.b.weight.detach().clone()
+            grad = model.b.weight.grad.clone() if model.b.weight.grad is not None else None
+            opt.step()
+            if i > 0:
+                assert grad is not None
+                torch.testing.assert_close(model.b.weight.detach(), before - 0.1 * grad, rtol=1e-13, atol=0)
+    lines = {line.split(":")[0].strip(): line for line in opt.summary().splitlines()[1:]}
+    assert "no statistics yet" in lines["b"] and "no statistics yet" not in lines["a"]
