@@ -482,7 +482,9 @@ def preconditioned_share(opt: Any, model: nn.Module) -> dict[str, Any] | None:
         return None
     total = sum(p.numel() for p in model.parameters())
     tracked = {name: layer for name, layer in pre.layers.items()}
-    missing = set(getattr(pre, "_warned_missing", set()))
+    # a block that never received statistics (e.g. attention's out_proj, called functionally)
+    # takes the first-order step: it is tracked but not preconditioned
+    missing = {name for name, block in pre.blocks.items() if getattr(block, "num_updates", 1) == 0}
     size = {
         name: layer.weight.numel() + (layer.bias.numel() if layer.bias is not None else 0)
         for name, layer in tracked.items()
