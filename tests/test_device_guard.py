@@ -32,7 +32,8 @@ from torch import nn
 
 import curvkit
 
-ROOT = Path(curvkit.__file__).resolve().parent.parent
+#: The repository root (the tests run against an installed curvkit, so not its __file__).
+ROOT = Path(__file__).resolve().parent.parent
 SCANNED = ("curvkit", "plugins")
 
 #: torch functions that create a tensor (or a generator) on the default device unless given
@@ -109,7 +110,7 @@ def _scanned_files() -> list[Path]:
 
 def test_the_source_tree_is_scanned():
     files = {p.relative_to(ROOT).as_posix() for p in _scanned_files()}
-    # the checkout, not an installed copy without plugins/: the scan must see the plugins
+    # the checkout beside tests/, with plugins/: the scan must see the core and the plugins
     assert "curvkit/optim/preconditioner.py" in files and any(f.startswith("plugins/curvkit_kfac/") for f in files)
 
 
