@@ -231,6 +231,7 @@ class TorchDistributor(Distributor):
             meta[i] = torch.tensor(
                 [1.0, s.num_data, s.g_scale, 1.0 if reduced else 0.0, per_in, per_g, 0 if reduced else len(s.grads)],
                 dtype=torch.float64,
+                device=meta.device,
             )
         metas = self._all_gather(meta, "control")
         all_meta = torch.stack(metas).cpu()  # (world, L, 7)

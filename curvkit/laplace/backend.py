@@ -152,7 +152,7 @@ class _CurvkitInterface(CurvatureInterface):
         if "seed" in kwargs:
             return torch.Generator(device=device).manual_seed(int(kwargs["seed"]))
         if self._generator is None:  # one stream over all batches, seeded from the global RNG
-            seed = int(torch.randint(0, 2**62, (1,)).item())
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
             self._generator = torch.Generator(device=device).manual_seed(seed)
         return self._generator
 

@@ -187,6 +187,13 @@ def locate_nonfinite_curvature(
     )
 
 
+def _as_tensor(value: Any) -> Tensor:
+    """A user's number or tensor as a tensor to check (a number on the CPU, where it is)."""
+    if isinstance(value, Tensor):
+        return value.detach()
+    return torch.as_tensor(value, device="cpu")
+
+
 def check_prior_precision(value: Any, name: str = "prior_precision") -> None:
     """Refuse a prior precision that is not a finite, non-negative scalar or 1-d tensor.
 
@@ -196,7 +203,7 @@ def check_prior_precision(value: Any, name: str = "prior_precision") -> None:
     allowed = "a finite, non-negative number, or a 1-d tensor of them (one value, one per block, or one per parameter)"
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"{name}={value!r} is a {type(value).__name__}; it must be {allowed}.")
-    t = torch.as_tensor(value).detach()
+    t = _as_tensor(value)
     if t.ndim > 1:
         raise ValueError(
             f"{name} has shape {tuple(t.shape)}; it must be {allowed}. Flatten a per-parameter prior to (P,)."
@@ -220,7 +227,7 @@ def check_prior_mean(value: Any, num_params: int | None = None) -> None:
     allowed = "a finite number or a finite 1-d tensor with one entry per parameter"
     if isinstance(value, bool) or not isinstance(value, (int, float, Tensor)):
         raise TypeError(f"prior_mean={value!r} is a {type(value).__name__}; it must be {allowed}.")
-    t = torch.as_tensor(value).detach()
+    t = _as_tensor(value)
     if t.ndim > 1 or (num_params is not None and t.ndim == 1 and t.shape[0] not in (1, num_params)):
         expected = "" if num_params is None else f" ({num_params} parameters)"
         raise ValueError(

@@ -191,8 +191,10 @@ class KroneckerCurvature(FlatOperator):
 
             registry = default_registry()
         if generator is None and as_enum(FisherType, fisher, "fisher") is FisherType.MC and correct_eigenvalues:
-            seed = int(torch.randint(0, 2**62, (1,)).item())
-            generator = torch.Generator().manual_seed(seed)
+            seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
+            # on the model's device: MC targets are drawn where the outputs are
+            device = next((p.device for p in model.parameters()), torch.device("cpu"))
+            generator = torch.Generator(device=device).manual_seed(seed)
         state = generator.get_state() if generator is not None else None
         factors = accumulate_kronecker_factors(
             model,

@@ -154,14 +154,15 @@ def stack_parameters(
     """Per-datum layer gradients to ``(N, P)`` in the order of ``param_names`` (zeros for
     layers the vector did not reach)."""
     parts = []
+    ref = next(iter(grads.values()), None)
     for name in param_names:
         layer, cols, shape = columns[name]
         g = grads.get(layer)
         if g is None:
-            parts.append(torch.zeros(n, shape.numel()))
+            zeros = torch.zeros(n, shape.numel(), device="cpu") if ref is None else ref.new_zeros(n, shape.numel())
+            parts.append(zeros)
             continue
         parts.append(g[:, :, cols].reshape(n, -1))
-    ref = next(iter(grads.values()), None)
     if ref is not None:
         parts = [p.to(ref) for p in parts]
     return torch.cat(parts, dim=1)

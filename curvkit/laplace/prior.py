@@ -64,7 +64,7 @@ def block_priors(
         )
     if not bool(torch.isfinite(prior).all()):
         raise ValueError(
-            f"prior_precision overflows {dtype} (largest entry {float(torch.as_tensor(prior_precision).max()):.3g}); "
+            f"prior_precision overflows {dtype} (largest entry {float(prior.max()):.3g}); "
             "pass a smaller value."
         )
     if prior.ndim == 0 or prior.shape[0] == 1:

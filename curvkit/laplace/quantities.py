@@ -457,7 +457,8 @@ class KroneckerLaplace:
         if link_approx == "probit":
             kappa = 1 / torch.sqrt(1.0 + math.pi / 8 * torch.diagonal(f_var, dim1=1, dim2=2))
             return torch.softmax(kappa * f, dim=-1)
-        dist = torch.distributions.MultivariateNormal(f, f_var + 1e-12 * torch.eye(f.shape[-1], dtype=f.dtype))
+        jitter = 1e-12 * torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+        dist = torch.distributions.MultivariateNormal(f, f_var + jitter)
         if generator is not None:
             chol = torch.linalg.cholesky(dist.covariance_matrix)
             z = torch.randn(n_samples, *f.shape, dtype=f.dtype, device=f.device, generator=generator)

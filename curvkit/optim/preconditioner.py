@@ -65,6 +65,18 @@ def split_layer_matrix(layer: LayerPlan, mat: Tensor) -> tuple[Tensor, Tensor | 
     return weight_from_matrix(layer.handler, layer.module, mat, w.shape), None
 
 
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (a block's state: nested dicts, lists and tuples) with every tensor on ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        items = [_to_device(v, device) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
+
+
 def resolve_method(method: str | MethodSpec, registry: Any) -> MethodSpec:
     if isinstance(method, MethodSpec):
         return method
@@ -165,7 +177,7 @@ class Preconditioner:
                 "data-parallel training; use a fixed damping (e.g. damping=1e-3) or distributor=False."
             )
         self.distributor.attach(model, self.blocks)
-        self._seed = int(torch.randint(0, 2**62, (1,)).item()) + self.distributor.rank
+        self._seed = int(torch.randint(0, 2**62, (1,), device="cpu").item()) + self.distributor.rank
         self.steps = 0
         self.damping_value = self.damping.initial_value() if self.damping is not None else 0.0
         self.counters = {"skipped_steps": 0, "skipped_stat_updates": 0}
@@ -443,12 +455,25 @@ class Preconditioner:
         self.counters = dict(state["counters"])
         self._seed = int(state["seed"])
         if state["generator"] is not None:
-            if self.generator is None:
-                self.generator = torch.Generator(device=state["generator_device"])
-            self.generator.set_state(state["generator"])
+            here = next((p.device for p in self.tracked_parameters()), None)
+            saved = torch.device(state["generator_device"])
+            if here is not None and saved.type != here.type:
+                # CPU and CUDA generator states are not interchangeable: a new stream, seeded
+                warnings.warn(
+                    f"the MC generator was saved on {saved.type} and the model is on {here.type}: its state "
+                    "cannot be restored there, so MC targets continue from a new seeded stream.",
+                    stacklevel=2,
+                )
+                self.generator = torch.Generator(device=here).manual_seed(self._seed + self.steps)
+            else:
+                if self.generator is None:
+                    self.generator = torch.Generator(device=here if here is not None else saved)
+                self.generator.set_state(state["generator"].cpu())  # map_location may have moved it
         self._refreshed = set(state["refreshed"])
         for name, block_state in state["blocks"].items():
-            self.blocks[name].load_state_dict(block_state)
+            # a checkpoint from another device (map_location, or CPU -> CUDA): the layer's device
+            device = self.layers[name].weight.device
+            self.blocks[name].load_state_dict(_to_device(block_state, device))
 
     @property
     def distribution_plan(self) -> dict[str, int | None]:

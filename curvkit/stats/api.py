@@ -65,7 +65,7 @@ def resolve_backend(registry: Any, name: str, request: FactorRequest) -> Any:
 def _default_generator(device: torch.device) -> torch.Generator:
     """A generator for MC targets, seeded from the global one so ``torch.manual_seed``
     makes results reproducible."""
-    seed = int(torch.randint(0, 2**62, (1,)).item())
+    seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
     return torch.Generator(device=device).manual_seed(seed)
 
 

@@ -175,6 +175,11 @@ class LossAdapter:
             grad = self._raw_gradient(f, target_rows)
             yield grad if root_kappa == 1.0 else grad.mul_(root_kappa)
             return
+        if generator is not None and generator.device.type != f.device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the model's outputs are on {f.device}: MC targets are "
+                f"drawn where the outputs are; create it with torch.Generator(device={str(f.device)!r})."
+            )
         probs = self._probabilities(f)
         scale = root_kappa / math.sqrt(mc_samples)
         for _ in range(mc_samples):

@@ -84,7 +84,7 @@ def correct_eigenpairs(low: LowRankFactor, exact: Tensor, fraction: float, gener
     m = min(k, round(fraction * k + 1))
     if m == 0:
         return low
-    idx = torch.randperm(k, generator=generator)[:m].to(low.U.device)
+    idx = torch.randperm(k, generator=generator, device="cpu")[:m].to(low.U.device)
     Qs = low.U[:, idx]
     B = Qs.t() @ exact.to(Qs.dtype) @ Qs
     lam, W = torch.linalg.eigh((B + B.t()) / 2)
@@ -173,7 +173,7 @@ class BrandKroneckerBlock(CurvatureBlock):
                 self.exact[side].mul_(decay).add_(R.t() @ R, alpha=1.0 - decay)
         self.num_updates += 1
         if self.correction_period and self.num_updates % self.correction_period == 0:
-            gen = torch.Generator().manual_seed(self.inverter.seed * 1_000_003 + 500_009 + self.corrections)
+            gen = torch.Generator(device="cpu").manual_seed(self.inverter.seed * 1_000_003 + 500_009 + self.corrections)
             for side in _SIDES:
                 if self.brand[side]:
                     self.low[side] = correct_eigenpairs(self.low[side], self.exact[side], self.correction_fraction, gen)
@@ -201,7 +201,7 @@ class BrandKroneckerBlock(CurvatureBlock):
 
     def refresh(self, damping: Damping, lam: float) -> None:
         assert self.brand, "refresh() before the first update()"
-        gen = torch.Generator().manual_seed(self.inverter.seed * 1_000_003 + self.refreshes)
+        gen = torch.Generator(device="cpu").manual_seed(self.inverter.seed * 1_000_003 + self.refreshes)
         a, g = self._factor("A", gen), self._factor("G", gen)
         self.refreshes += 1
         inverse: KroneckerInverse | None = None

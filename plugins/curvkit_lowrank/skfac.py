@@ -125,7 +125,7 @@ class WoodburyInverse(KroneckerInverse):
         return self.A.solve_right(self.G.solve_left(m)).to(grad.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
-        shifts = torch.tensor([self.A.shift, self.G.shift], dtype=torch.float64)
+        shifts = torch.tensor([self.A.shift, self.G.shift], dtype=torch.float64, device="cpu")
         return {"R_A": self.A.R, "L_A": self.A.L, "R_G": self.G.R, "L_G": self.G.L, "shifts": shifts}
 
     @classmethod
@@ -146,9 +146,9 @@ def subsample_indices(n: int, t: int, s: int, mode: str, generator: torch.Genera
     subset (without replacement) per sample drawn from ``generator``."""
     s = min(s, t)
     if mode == "strided":
-        return (torch.arange(s) * t // s).expand(n, s)
+        return (torch.arange(s, device="cpu") * t // s).expand(n, s)
     if mode == "random":
-        return torch.rand(n, t, generator=generator, dtype=torch.float64).argsort(dim=1)[:, :s]
+        return torch.rand(n, t, generator=generator, dtype=torch.float64, device="cpu").argsort(dim=1)[:, :s]
     raise ValueError(f"subsample mode {mode!r} must be one of {SUBSAMPLE_MODES}")
 
 
@@ -228,7 +228,7 @@ class SKFACBlock(CurvatureBlock):
         indices = None
         if self.conv_strategy == "subsample":
             n, t = stats.a_features.shape[:2]
-            gen = torch.Generator().manual_seed(self.subsample_seed * 1_000_003 + self.num_updates)
+            gen = torch.Generator(device="cpu").manual_seed(self.subsample_seed * 1_000_003 + self.num_updates)
             indices = subsample_indices(n, t, self.subsample_locations, self.subsample_mode, gen)
         return conv_rows(stats, self.conv_strategy, indices)
 

@@ -418,7 +418,7 @@ class SINGDBlock(CurvatureBlock):
             return F.square()
         if isinstance(F, DiagonalStructure):
             return DiagonalStructure(F.diag * F.diag)
-        return torch.empty(0)
+        return torch.empty(0, device=F.device)
 
     def preconditioner_dense(self) -> tuple[Tensor, Tensor]:
         """``(K Kᵀ, C Cᵀ)`` as dense matrices (for tests and inspection)."""
