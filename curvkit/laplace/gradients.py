@@ -14,6 +14,11 @@ pass to the layer outputs and one batched GEMM per layer. Choosing the vectors g
   (:func:`fisher_gradients`): the exact diagonal and full GGN / Fisher / empirical Fisher,
   and EKFAC's corrected eigenvalues;
 * unit vectors on the outputs (:func:`output_jacobians`): Jacobians ``(N, C, P)``.
+
+A unit-wise layer (a normalisation layer, :mod:`curvkit.stats.norms`) has the matrix form
+``(D, k)``: row ``i`` holds unit ``i``'s ``[γ_i, β_i]`` (its per-datum gradient is
+:meth:`~curvkit.stats.LayerStats.unit_gradients`), so its scale is column 0 and its shift
+column 1, each in ``weight.flatten()`` order.
 """
 
 from __future__ import annotations
@@ -64,7 +69,7 @@ def per_sample_gradients(
         features: dict[str, Tensor] = {}
         for name in plan.names:
             stats = engine.layer_stats_inputs(name)
-            if stats is not None and not stats.tied:
+            if stats is not None and not stats.tied and not stats.unitwise:
                 features[name] = stats.a_features
         pending = list(vectors(output))
         for i, v in enumerate(pending):
@@ -74,7 +79,7 @@ def per_sample_gradients(
                 stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0)
                 if stats is None:
                     continue
-                if stats.tied:
+                if stats.tied or stats.unitwise:
                     result[name] = stats.per_example_gradients()
                 else:
                     result[name] = torch.einsum("nro,nri->noi", stats.output_features(0), features[name])
@@ -140,7 +145,8 @@ def layer_columns(plan: TrackingPlan, model: nn.Module) -> dict[str, tuple[str, 
     out: dict[str, tuple[str, slice, torch.Size]] = {}
     for layer in plan:
         weight = layer.weight
-        width = weight[0].numel()
+        # a unit-wise layer's matrix is (D, k): its scale is one column, whatever γ's shape
+        width = 1 if getattr(layer.handler, "kind", None) == "unitwise" else weight[0].numel()
         out[names[id(weight)]] = (layer.name, slice(0, width), weight.shape)
         bias = layer.bias
         if bias is not None:

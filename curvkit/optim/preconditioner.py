@@ -366,7 +366,9 @@ class Preconditioner:
         for name, s in present.items():
             block = self.blocks[name]
             k = block.num_updates + 1
-            block.update(s, min(1.0 - 1.0 / k, ema))
+            # a block may carry its own ρ (the unit-wise block, under methods without ema_decay)
+            rho = getattr(block, "stat_decay", None)
+            block.update(s, min(1.0 - 1.0 / k, ema if rho is None else rho))
 
     def step(self, *, weight_decay: float = 0.0) -> bool:
         """Rewrite ``.grad`` of every tracked parameter with its preconditioned direction.
