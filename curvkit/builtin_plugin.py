@@ -1,10 +1,11 @@
 """The core's own components, registered like any plugin under the name ``curvkit``.
 
 The core registers what every method can build on: the ``hooks`` statistics backend, the
-layer handlers for ``Linear``, ``Conv1d/2d/3d`` and ``MultiheadAttention`` (Kronecker blocks) and for
-``LayerNorm``, ``RMSNorm``, ``BatchNorm1d/2d/3d`` and ``GroupNorm`` (unit-wise blocks), the ``dense`` and ``diagonal`` factor
-structures, the ``cholesky``, ``eigh`` and ``identity`` inverters, and the damping
-strategies. Methods come from plugins in the ``curvkit`` entry-point group.
+layer handlers for ``Linear``, ``Conv1d/2d/3d`` and ``MultiheadAttention`` (Kronecker
+blocks) and for ``LayerNorm``, ``RMSNorm``, ``BatchNorm1d/2d/3d`` and ``GroupNorm``
+(unit-wise blocks), the ``dense`` and ``diagonal`` factor structures, the ``cholesky``,
+``eigh`` and ``identity`` inverters, and the damping strategies. Methods come from plugins
+in the ``curvkit`` entry-point group.
 """
 
 from __future__ import annotations

@@ -127,9 +127,10 @@ class ScaleShiftHandler:
             raise ValueError(f"{type(self).__name__}.unit_layout={self.unit_layout!r} must be 'last' or 'channels'.")
         shape = tuple(self.weight(module).shape)
         if t.ndim <= len(shape) or tuple(t.shape[t.ndim - len(shape) :]) != shape:
+            dims = ", ".join(map(str, shape))
             raise UnsupportedModuleError(
                 f"{type(module).__name__} got a tensor of shape {tuple(t.shape)}; curvkit needs a batch dimension "
-                f"before the normalised dimensions {shape}: pass inputs of shape (N, ..., {', '.join(map(str, shape))})."
+                f"before the normalised dimensions {shape}: pass inputs of shape (N, ..., {dims})."
             )
         return t.reshape(t.shape[0], -1, d)
 
