@@ -264,18 +264,19 @@ def check_unitwise_layers(method: str | MethodSpec, *, registry: Any = None, ste
         model = build()
         X, y = _task(kind, gen)
         before = _full_loss(model, X, y)
-        start = [p.detach().clone() for p in model[int(norm)].parameters()]
+        layer = model.get_submodule(norm)
+        start = [p.detach().clone() for p in layer.parameters()]
         opt = _make(spec, model, dict(options), registry, lr)
         block = opt.preconditioner.blocks.get(norm)
         if block is None or not getattr(block.info, "unitwise", False):
             raise AssertionError(
-                f"method {spec.name!r}: the {type(model[int(norm)]).__name__} layer {norm!r} has no unit-wise block "
+                f"method {spec.name!r}: the {type(layer).__name__} layer {norm!r} has no unit-wise block "
                 f"(blocks: {sorted(opt.preconditioner.blocks)}; first-order: {opt.preconditioner.first_order_layers})."
             )
         _train(opt, model, X, y, steps)
         after = _full_loss(model, X, y)
         line = next((ln for ln in opt.summary().splitlines() if ln.strip().startswith(f"{norm}:")), "")
-        moved = all(not torch.equal(a, b.detach()) for a, b in zip(start, model[int(norm)].parameters()))
+        moved = all(not torch.equal(a, b.detach()) for a, b in zip(start, layer.parameters()))
         finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
         problems = []
         if block.num_updates == 0:
@@ -314,8 +315,8 @@ def check_unitwise_layers(method: str | MethodSpec, *, registry: Any = None, ste
     opt2.load_state_dict(saved_opt)
     torch.manual_seed(42)
     _train(opt2, model2, X[32:], y[32:], 7)
-    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
-        if not torch.equal(expected.pop(0), b.detach()):
+    for (name, _), a, b in zip(model.named_parameters(), expected, model2.parameters()):
+        if not torch.equal(a, b.detach()):
             raise AssertionError(
                 f"method {spec.name!r}: parameter {name!r} of the LayerNorm MLP after resuming from state_dict differs "
                 "from the uninterrupted run; some unit-wise state is missing from state_dict."
