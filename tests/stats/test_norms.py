@@ -1,11 +1,9 @@
 """Normalisation layers (unit-wise blocks) against the dense float64 Fisher/GGN.
 
-The reference: the Jacobian of the whole batch's output w.r.t. the layer's ``γ`` (and
-``β``) from autograd (``torch.autograd.functional.jacobian``, so batch statistics of a
-train-mode BatchNorm are differentiated through), the loss Hessian from ``torch.func``,
-per-datum loss gradients from ``torch.func.grad``, and MC targets drawn with torch's
-``multinomial`` from an identically seeded generator. The dense matrix over ``[γ, β]`` is
-cut into the ``k × k`` blocks of each unit, and those must equal curvkit's to 1e-10.
+The reference (tests/_norm_reference.py): Jacobians from autograd over the whole batch (a
+train-mode BatchNorm's batch statistics included), loss Hessians and per-datum gradients
+from ``torch.func``. The dense matrix over ``[γ, β]`` is cut into the ``k × k`` blocks of
+each unit, and those must equal curvkit's to 1e-10.
 """
 
 from __future__ import annotations
@@ -14,9 +12,9 @@ import copy
 
 import pytest
 import torch
+from _norm_reference import dense_fisher, jacobian, layer_params, unit_blocks
 from _reference import assert_matrix_close
 from torch import nn
-from torch.func import functional_call, grad, hessian
 
 import curvkit
 from curvkit.stats.backend import UnitwiseFactors
@@ -116,64 +114,6 @@ KINDS = [
 ]
 
 
-def _layer_params(model: nn.Module, name: str) -> list[str]:
-    module = model.get_submodule(name)
-    return [f"{name}.{p}" for p in ("weight", "bias") if getattr(module, p, None) is not None]
-
-
-def _jacobian(model: nn.Module, X: torch.Tensor, names: list[str]) -> torch.Tensor:
-    """``(N, C, P)``: d output / d [γ, β] of the whole batch (autograd; BatchNorm's batch
-    statistics are part of the function), parameters flattened and concatenated."""
-    model = copy.deepcopy(model)  # a train-mode BatchNorm updates its running statistics
-    params = {k: v.detach() for k, v in model.named_parameters()}
-
-    def f(*sub):
-        return functional_call(model, {**params, **dict(zip(names, sub))}, (X,))
-
-    jac = torch.autograd.functional.jacobian(f, tuple(params[n] for n in names))
-    n, c = f(*[params[k] for k in names]).shape
-    return torch.cat([j.reshape(n, c, -1) for j in jac], dim=2)
-
-
-def dense_fisher(model, name, X, y, loss_fn, fisher, *, seed=0, mc_samples=1):
-    """The dense Fisher / GGN of ``loss_fn`` over the layer's ``[γ(.flatten()), β]``."""
-    names = _layer_params(model, name)
-    J = _jacobian(model, X, names)  # (N, C, P)
-    with torch.no_grad():
-        out = copy.deepcopy(model)(X)
-    n, c = out.shape
-    z = n if loss_fn.reduction == "mean" else 1
-
-    def term(f, t):  # one datum's loss term, summed
-        return nn.functional.cross_entropy(f.unsqueeze(0), t.unsqueeze(0), reduction="sum")
-
-    total = torch.zeros(J.shape[2], J.shape[2], dtype=DT)
-    if fisher == "type-2":
-        for i in range(n):
-            H = hessian(term)(out[i], y[i])
-            total += J[i].t() @ H @ J[i]
-    elif fisher == "empirical":
-        for i in range(n):
-            g = J[i].t() @ grad(term)(out[i], y[i])
-            total += torch.outer(g, g)
-    else:  # MC: targets drawn as the loss adapter draws them, from an identically seeded generator
-        gen = torch.Generator().manual_seed(seed)
-        probs = out.softmax(1)
-        for _ in range(mc_samples):
-            sampled = probs.multinomial(num_samples=1, generator=gen).squeeze(-1)
-            for i in range(n):
-                g = J[i].t() @ grad(term)(out[i], sampled[i])
-                total += torch.outer(g, g) / mc_samples
-    return total / z
-
-
-def unit_blocks(dense: torch.Tensor, k: int) -> torch.Tensor:
-    """``(D, k, k)``: the per-unit blocks of a dense matrix over ``[γ (D), β (D)]``."""
-    d = dense.shape[0] // k
-    idx = torch.arange(d).unsqueeze(1) + d * torch.arange(k).unsqueeze(0)  # (D, k): unit i's γ_i, β_i
-    return dense[idx.unsqueeze(2), idx.unsqueeze(1)]
-
-
 @pytest.mark.parametrize("fisher", ["type-2", "mc", "empirical"])
 @pytest.mark.parametrize("kind", KINDS)
 def test_unit_blocks_equal_the_dense_fisher(kind, fisher):
@@ -184,7 +124,7 @@ def test_unit_blocks_equal_the_dense_fisher(kind, fisher):
     ours = curvkit.kronecker_factors(copy.deepcopy(model), loss_fn, X, y, fisher=fisher, mc_samples=1, generator=gen)
     entry = ours[name]
     assert isinstance(entry, UnitwiseFactors)
-    k = len(_layer_params(model, name))
+    k = len(layer_params(model, name))
     dense = dense_fisher(model, name, X, y, loss_fn, fisher, seed=5)
     expected = unit_blocks(dense, k)
     assert entry.F.shape == expected.shape and entry.F.dtype == DT
@@ -259,7 +199,7 @@ def test_laplace_per_datum_gradients_are_the_jacobian_rows():
 
     model, X, name = _case("groupnorm")
     plan = make_plan(model, curvkit.default_registry())
-    J = _jacobian(model, X, _layer_params(model, name))  # (N, C, 2D)
+    J = jacobian(model, X, layer_params(model, name))  # (N, C, 2D)
     d = J.shape[2] // 2
     for c, (_, grads) in enumerate(output_jacobians(model, plan, X)):
         got = grads[name]  # (N, D, 2): [γ_i, β_i] per unit
