@@ -6,10 +6,11 @@ single-process reference runs here. Checked: parameters after 10 steps (rtol 1e-
 K-FAC (MLP; CNN with reduce; type-2 Fisher), EKFAC (MLP, CNN, type-2 on the CNN), SINGD
 (dense, diagonal), RS-KFAC, TKFAC, SKFAC, K-FAC and SINGD on a model with LayerNorm and
 BatchNorm1d (unit-wise blocks: their batch Fisher averaged, their refresh on one rank), a
-plain model whose gradients the distributor averages, float32 communication and unsharded refreshes; that the two ranks hold bit-identical parameters; that each
-decomposition is computed on exactly one rank (counted, also for B-KFAC and B-R-KFAC); that a non-finite gradient on one
-rank skips the same step on both; that a checkpoint saved on rank 0 resumes on two ranks;
-and that statistics travel as packed triangles (bytes counted).
+plain model whose gradients the distributor averages, float32 communication and unsharded
+refreshes; that the two ranks hold bit-identical parameters; that each decomposition is
+computed on exactly one rank (counted, also for B-KFAC and B-R-KFAC); that a non-finite
+gradient on one rank skips the same step on both; that a checkpoint saved on rank 0
+resumes on two ranks; and that statistics travel as packed triangles (bytes counted).
 """
 
 from __future__ import annotations
