@@ -307,7 +307,7 @@ class KroneckerBlock(CurvatureBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         assert self.A is not None and self.G is not None
         a, g = self.take_batch_factors(stats)
         self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
