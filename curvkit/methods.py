@@ -177,7 +177,9 @@ class MethodSpec:
     Attributes:
         name: Registered name (``"kfac"``).
         config_cls: Its frozen, keyword-only, self-validating configuration dataclass.
-        block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``.
+        block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``. It may raise
+            :class:`~curvkit.UnsupportedModuleError` for a layer the method cannot serve:
+            that layer then takes first-order steps, with the message in ``summary()``.
         summary: One line for ``curvkit plugins`` and the docs.
         reference: Citation.
         sample_configs: Keyword sets the conformance suite trains with.

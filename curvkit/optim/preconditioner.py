@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, SharedLayerStats
 from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
-from curvkit.errors import UnsupportedRequestError
+from curvkit.errors import UnsupportedModuleError, UnsupportedRequestError
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.stats.engine import CaptureEngine
@@ -158,10 +158,13 @@ class Preconditioner:
         for layer in self.plan:
             info = BlockInfo.from_plan(layer)
             reason = self.spec.unsupported_reason(info)
-            if reason is not None:
-                self.first_order_layers[layer.name] = reason
-                continue
-            self.blocks[layer.name] = self.spec.make_block(info, self.config, registry)
+            if reason is None:
+                try:
+                    self.blocks[layer.name] = self.spec.make_block(info, self.config, registry)
+                    continue
+                except UnsupportedModuleError as err:  # the factory declines this layer
+                    reason = str(err)
+            self.first_order_layers[layer.name] = reason
         if self.first_order_layers:
             warnings.warn(
                 "; ".join(f"layer {n!r} takes first-order steps: {r}" for n, r in self.first_order_layers.items()),
