@@ -218,3 +218,42 @@ def test_a_method_can_bring_its_own_unitwise_block():
     spec = replace(registry.methods.get("kfac"), unitwise_block=lambda info, config, reg: Mine(info))
     pre = Preconditioner(_model(), spec, registry=registry)
     assert type(pre.blocks["1"]) is Mine and type(pre.blocks["0"]).__name__ == "KroneckerBlock"
+
+
+def test_an_external_statistics_backend_feeds_unitwise_blocks():
+    """``backend=`` in the optimizers: a backend returning ``UnitwiseFactors`` (here the
+    capture engine registered under another name) gives the trajectory of the default
+    path; ASDL, which computes Kronecker factors only, refuses the LayerNorm by name."""
+    from curvkit.stats.hooks_backend import HooksBackend
+
+    class Mirror(HooksBackend):
+        name = "mirror"
+
+    class MirrorPlugin:
+        @staticmethod
+        @curvkit.hookimpl
+        def curvkit_register_statistics_backends(register):
+            register.add(Mirror())
+
+    registry = curvkit.build_registry(plugins=[MirrorPlugin])
+    X, y = _batch()
+    loss_fn = nn.CrossEntropyLoss()
+    models = []
+    for backend in ("hooks", "mirror"):
+        model = _model()
+        opt = KFAC(model, lr=0.1, damping=0.1, fisher="type-2", loss_fn=loss_fn, backend=backend, registry=registry)
+        for _ in range(3):
+            opt.zero_grad()
+            if backend != "hooks":
+                opt.collect_statistics(X, y)
+            out = model(X)
+            opt.curvature_backward(out, y)
+            loss_fn(out, y).backward()
+            opt.step()
+        assert isinstance(opt.preconditioner.blocks["1"], UnitwiseBlock)
+        models.append(model)
+    for a, b in zip(*(m.parameters() for m in models)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    opt = KFAC(_model(), lr=0.1, fisher="type-2", loss_fn=loss_fn, backend="asdl")
+    with pytest.raises(curvkit.UnsupportedRequestError, match=r"LayerNorm.*'hooks'"):
+        opt.collect_statistics(X, y)
