@@ -17,10 +17,10 @@ them:
 
 * **EMA**: ``ema_decay`` ρ (``F ← ρF + (1−ρ)F_batch``, the k-th update with
   ``min(1 − 1/k, ρ)`` as for the Kronecker factors); a configuration without
-  ``ema_decay`` (SINGD, IKFAC, INGD) uses :data:`DEFAULT_EMA_DECAY`;
+  ``ema_decay`` (SKFAC, SINGD, IKFAC, INGD) uses :data:`DEFAULT_EMA_DECAY`;
 * **damping**: the method's damping strategy and current strength λ, read as a shift of
   the product (:func:`unitwise_shift`): λ itself for π, exact, Levenberg–Marquardt,
-  equal-split and SINGD's damping (each is a shift of ``G ⊗ A`` by about λ);
+  TKFAC's, equal-split and SINGD's damping (each is a shift of ``G ⊗ A`` by about λ);
   ``a·g·λ²`` for :class:`~curvkit.linalg.damping.ConstantDamping` (the identity part of
   ``(G + gλ)⊗(A + aλ)``); λ times the layer's largest per-unit eigenvalue for
   :class:`~curvkit.linalg.damping.RelativeDamping`;

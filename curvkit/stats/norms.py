@@ -37,7 +37,6 @@ Face's ``LlamaRMSNorm``, see docs/plugins.md).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -221,7 +220,3 @@ class GroupNormHandler(ScaleShiftHandler):
         gn: nn.GroupNorm = module  # type: ignore[assignment]
         return F.group_norm(x, gn.num_groups, None, None, gn.eps)
 
-
-def unit_count(handler: Any, module: nn.Module) -> int:
-    """``D``, the number of units of a unit-wise layer."""
-    return int(math.prod(handler.weight(module).shape))

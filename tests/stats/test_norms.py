@@ -205,3 +205,61 @@ def test_laplace_per_datum_gradients_are_the_jacobian_rows():
         got = grads[name]  # (N, D, 2): [γ_i, β_i] per unit
         assert_matrix_close(got[:, :, 0], J[:, c, :d], rtol=1e-10)
         assert_matrix_close(got[:, :, 1], J[:, c, d:], rtol=1e-10)
+
+
+class _LlamaStyleRMSNorm(nn.Module):
+    """As Hugging Face's ``LlamaRMSNorm``: ``weight * normalised(x).to(input_dtype)``."""
+
+    def __init__(self, d: int, eps: float = 1e-6, gemma: bool = False) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d) if gemma else torch.ones(d))
+        self.variance_epsilon = eps
+        self.gemma = gemma
+
+    def forward(self, x):
+        dtype = x.dtype
+        h = x.to(torch.float32) if dtype in (torch.bfloat16, torch.float16) else x
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        scale = 1.0 + self.weight if self.gemma else self.weight  # Gemma scales by (1 + weight)
+        return scale * h.to(dtype)
+
+
+class _HFRMSNormHandler(curvkit.stats.ScaleShiftHandler):
+    """The docs/plugins.md example: only ``normalized`` (and a scale-only ``bias``)."""
+
+    name = "toy_hf_rms_norm"
+    module_types = (_LlamaStyleRMSNorm,)
+    unit_layout = "last"
+
+    def normalized(self, module, x):
+        xhat = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + module.variance_epsilon)
+        return xhat.to(x.dtype)
+
+    def bias(self, module):
+        return None
+
+
+@pytest.mark.parametrize("gemma", [False, True], ids=["llama", "gemma"])
+def test_a_plugin_handler_for_hugging_face_style_rmsnorm(gemma):
+    class Plugin:
+        @staticmethod
+        @curvkit.hookimpl
+        def curvkit_register_layer_handlers(register):
+            register.add(_HFRMSNormHandler())
+
+    registry = curvkit.build_registry(plugins=[Plugin])
+    torch.manual_seed(0)
+    norm = _LlamaStyleRMSNorm(4, gemma=gemma)
+    with torch.no_grad():
+        norm.weight.normal_()
+    model = _Seq(norm).to(DT)
+    X = torch.randn(7, 3, 5, dtype=DT)
+    y = torch.randint(0, 3, (7,))
+    loss_fn = nn.CrossEntropyLoss()
+    for fisher in ("type-2", "empirical"):
+        ours = curvkit.kronecker_factors(model, loss_fn, X, y, fisher=fisher, registry=registry)["norm"]
+        assert ours.F.shape == (4, 1, 1)
+        dense = dense_fisher(model, "norm", X, y, loss_fn, fisher)
+        assert_matrix_close(ours.F, unit_blocks(dense, 1), rtol=1e-10, msg=fisher)
+    opt = curvkit.optim.KFAC(model, lr=0.1, registry=registry)
+    assert "UnitwiseBlock(4 units × exact 1×1 Fisher (scale)" in opt.summary()
