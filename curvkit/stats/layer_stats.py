@@ -280,12 +280,18 @@ class LayerStats:
 
     # --- unit-wise statistics -------------------------------------------------------------
 
+    @cached_property
+    def _unit_x(self) -> Tensor:
+        """``(N, R, D, k_w)``: the handlers' unit features of every use (no shift column),
+        computed once per batch."""
+        self._require_unitwise("unit_features()")
+        return _cat_features([p.handler.unit_features(p.module, p.inputs) for p in self.parts])
+
     def unit_features(self) -> Tensor:
         """``(N, R, D, k)``: what multiplies the output gradient per unit (``x̂`` for the
         scale, a column of ones for the shift when the block has one), every use's
         positions along ``R``."""
-        self._require_unitwise("unit_features()")
-        x = _cat_features([p.handler.unit_features(p.module, p.inputs) for p in self.parts])
+        x = self._unit_x
         if self.layer.has_bias:
             x = torch.cat([x, x.new_ones(*x.shape[:3], 1)], dim=3)
         return x
@@ -293,26 +299,45 @@ class LayerStats:
     def _unit_grads(self, p: int) -> Tensor:
         return _cat_features([part.output_features(part.grads[p]) for part in self.parts])
 
+    def _unit_cols(self, p: int) -> list[Tensor]:
+        """Pass ``p``'s unscaled per-datum gradients, one ``(N, D)`` tensor per column of
+        the ``(D, k)`` matrix form: products and sums over the positions (the shift's column
+        of ones is never formed)."""
+        g = self._unit_grads(p)  # (N, R, D)
+        x = self._unit_x
+        if x.shape[-1] == 1:
+            cols = [(g * x[..., 0]).sum(1)]
+        else:
+            cols = list(torch.einsum("nrd,nrdk->ndk", g, x).unbind(-1))
+        if self.layer.has_bias:
+            cols.append(g.sum(1))
+        return cols
+
     def unit_gradients(self) -> Tensor:
         r"""``(P·N, D, k)``: :math:`J_{p,n,i} = \sqrt{s}\sum_r g_{p,n,r,i}\,\bar x_{n,r,i}`
         per pass ``p``, datum ``n`` and unit ``i`` (``s = g_scale``; sum over the positions of
         every use), so that :math:`\sum_{p,n} J_{p,n,i}J_{p,n,i}^\top` is unit ``i``'s block
         of the batch's (empirical, MC or type-2) Fisher."""
-        x = self.unit_features()
-        g = torch.stack([self._unit_grads(p) for p in range(self.num_passes)])  # (P, N, R, D)
-        j = torch.einsum("pnrd,nrdk->pndk", g, x) * math.sqrt(self.g_scale)
-        return j.reshape(-1, *j.shape[2:])
+        j = torch.cat([torch.stack(self._unit_cols(p), dim=-1) for p in range(self.num_passes)])
+        return j * math.sqrt(self.g_scale)
 
     def unit_fisher(self) -> Tensor:
         """``(D, k, k)``: the batch's exact per-unit Fisher ``Σ_{p,n} J Jᵀ`` (see
-        :meth:`unit_gradients`), accumulated pass by pass in at least float32."""
-        x = self.unit_features()
-        dtype = torch.promote_types(x.dtype, torch.float32)
+        :meth:`unit_gradients`), accumulated pass by pass in at least float32, entry by
+        entry (``k(k+1)/2`` products of ``(N, D)`` columns)."""
+        dtype = torch.promote_types(self._unit_x.dtype, torch.float32)
         total: Tensor | None = None
         for p in range(self.num_passes):
-            j = torch.einsum("nrd,nrdk->ndk", self._unit_grads(p), x).to(dtype)
-            f = torch.einsum("ndk,ndl->dkl", j, j)
-            total = f if total is None else total.add_(f)
+            cols = [c.to(dtype) for c in self._unit_cols(p)]
+            k = len(cols)
+            if total is None:
+                total = cols[0].new_zeros(cols[0].shape[1], k, k)
+            for a in range(k):
+                for b in range(a, k):
+                    entry = (cols[a] * cols[b]).sum(0)
+                    total[:, a, b] += entry
+                    if b != a:
+                        total[:, b, a] += entry
         if total is None:
             raise ValueError(f"block {self.layer.name!r}: no output gradients were captured.")
         return total.mul_(self.g_scale)
