@@ -175,6 +175,33 @@ def test_a_norm_layer_called_twice_sums_its_uses():
     assert_matrix_close(ours["norm"].F, unit_blocks(dense, 2), rtol=1e-10)
 
 
+def test_two_norm_modules_sharing_their_parameters_are_one_block():
+    """ALBERT-style: two LayerNorm modules holding the same γ and β: one unit-wise block
+    whose per-datum gradient sums both sites."""
+
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(5, 4)
+            self.n1, self.n2 = nn.LayerNorm(4), nn.LayerNorm(4)
+            self.n2.weight, self.n2.bias = self.n1.weight, self.n1.bias
+            self.out = nn.Linear(8, 3)
+
+        def forward(self, x):
+            h = self.a(x)
+            return self.out(torch.cat([torch.tanh(self.n1(h)), torch.sin(self.n2(2 * h))], 1))
+
+    torch.manual_seed(0)
+    model = Shared().to(DT)
+    _perturb(model.n1)
+    X, y = torch.randn(6, 5, dtype=DT), torch.tensor([0, 1, 2, 0, 1, 2])
+    loss_fn = nn.CrossEntropyLoss()
+    ours = curvkit.kronecker_factors(model, loss_fn, X, y, fisher="type-2")
+    assert sorted(ours) == ["a", "n1", "out"]
+    dense = dense_fisher(model, "n1", X, y, loss_fn, "type-2")  # γ, β of both sites
+    assert_matrix_close(ours["n1"].F, unit_blocks(dense, 2), rtol=1e-10)
+
+
 def test_the_optimizer_block_sees_the_same_fisher():
     """The first statistics update of the optimizers' block (decay 0) stores the batch's
     exact per-unit empirical Fisher (from the user's own backward) and type-2 GGN."""
