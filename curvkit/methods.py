@@ -178,6 +178,13 @@ class MethodSpec:
             ``per_example_gradients()`` alone, so they can serve a weight tied in transposed
             layouts (:attr:`~curvkit.blocks.BlockInfo.tied`). Otherwise such a weight takes
             the first-order step, and ``summary()`` says why.
+        diagonal_inputs: Whether the method's blocks take a layer with one-hot inputs
+            (:attr:`~curvkit.blocks.BlockInfo.diagonal_input`: an ``nn.Embedding``) from
+            its 1-D diagonal ``A()``, ``G()`` and sparse per-example gradients, at any
+            vocabulary size. Otherwise the method sees explicit one-hot rows, which curvkit
+            builds only for embeddings of at most
+            :data:`~curvkit.stats.embedding.ONE_HOT_LIMIT` rows; a larger one takes the
+            first-order step, and ``summary()`` says why.
     """
 
     name: str
@@ -188,6 +195,7 @@ class MethodSpec:
     sample_configs: tuple[dict[str, Any], ...] = ({},)
     bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
     tied_blocks: bool = False
+    diagonal_inputs: bool = False
 
     def make_config(self, **kwargs: Any) -> MethodConfig:
         """Build the configuration; unknown keywords raise a :class:`ConfigError` that lists
@@ -220,6 +228,16 @@ class MethodSpec:
                 f"its weight is tied in transposed layouts and method {self.name!r} needs per-row statistics, which "
                 "such a block does not have (methods with tied_blocks=True: e.g. 'kfac', 'ekfac')"
             )
+        if getattr(info, "diagonal_input", False) and not self.diagonal_inputs:
+            from curvkit.stats.embedding import ONE_HOT_LIMIT
+
+            if info.d_in > ONE_HOT_LIMIT:
+                return (
+                    f"it is an embedding with {info.d_in} rows and method {self.name!r} needs per-row input features: "
+                    f"one-hot rows and a {info.d_in}×{info.d_in} input factor, which curvkit builds only up to "
+                    f"ONE_HOT_LIMIT={ONE_HOT_LIMIT} rows (methods that keep its diagonal A at any size: e.g. 'kfac', "
+                    "'ekfac')"
+                )
         return None
 
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:

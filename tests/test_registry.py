@@ -120,7 +120,7 @@ def handler_plugin(*handlers):
 def test_core_registry_contents(core_registry):
     assert core_registry.plugins == ["curvkit"]
     assert core_registry.backends.names() == ["hooks"]
-    assert set(core_registry.layer_handlers.names()) == {"linear", "conv", "multihead_attention"}
+    assert set(core_registry.layer_handlers.names()) == {"linear", "conv", "embedding", "multihead_attention"}
     assert core_registry.backends.plugin_of("hooks") == "curvkit"
     assert "hooks" in core_registry.backends and "nope" not in core_registry.backends
     assert len(core_registry.backends) == 1
@@ -276,7 +276,7 @@ def test_handler_for_picks_most_specific(order):
 
 def test_handler_for_unknown_is_none(core_registry):
     assert core_registry.handler_for(nn.BatchNorm1d(2)) is None
-    assert core_registry.handler_for(nn.Embedding(3, 2)) is None
+    assert core_registry.handler_for(nn.EmbeddingBag(3, 2)) is None
     assert core_registry.handler_for(ScaledLinear(2, 2)) is core_registry.layer_handlers.get("linear")
 
 

@@ -19,8 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, UnsupportedPolicy, as_enum
-from curvkit.laplace.blocks import KroneckerBlock
-from curvkit.laplace.gradients import fisher_gradients, layer_columns
+from curvkit.laplace.gradients import fisher_gradients
 from curvkit.stats.plan import make_plan
 
 if TYPE_CHECKING:
@@ -54,13 +53,15 @@ def eigenvalue_correction(
         registry = default_registry()
     fisher = as_enum(FisherType, fisher, "fisher")
     plan = make_plan(model, registry, unsupported)
-    columns = layer_columns(plan, model)
-    # the columns of V each block covers, within its layer
+    # the layer feeding each block and the columns of its matrix [W b] the block covers
     spans: list[tuple[str, slice]] = []
     for block in curvature.blocks:
-        layer, first, _ = columns[block.param_names[0]]
-        last = columns[block.param_names[-1]][1]
-        spans.append((layer, slice(first.start, last.stop)))
+        if block.layer is None or block.columns is None:
+            raise ValueError(
+                f"block {block.name!r} does not say which tracked layer it belongs to (layer/columns are None); "
+                "build the curvature with KroneckerCurvature.from_factors or from_data."
+            )
+        spans.append((block.layer, slice(*block.columns)))
     sums = [torch.zeros(b.d_out, b.k, dtype=curvature.dtype, device=curvature.device) for b in curvature.blocks]
     total_z = 0.0
     for inputs, targets in tqdm(data, desc="EKFAC eigenvalues", disable=not progress, unit="batch"):
@@ -73,8 +74,7 @@ def eigenvalue_correction(
                 g = grads.get(layer)
                 if g is None:
                     continue
-                eig = block.eigen()
-                rotated = eig.QG.t() @ g[:, :, cols] @ eig.QA
+                rotated = block.eigen().rotate(g[:, :, cols])
                 sums[i].add_((rotated**2).sum(0))
         total_z += z_batch
     if total_z == 0.0:
@@ -82,7 +82,6 @@ def eigenvalue_correction(
     z_total = total_z if loss_fn.reduction == "mean" else 1.0
     blocks = []
     for block, s in zip(curvature.blocks, sums):
-        new = KroneckerBlock(block.name, block.param_names, block.param_shapes, block.G, block.A, s / z_total)
-        object.__setattr__(new, "_eigen", block.eigen())
-        blocks.append(new)
+        block.eigen()  # cached, and kept by replace()
+        blocks.append(block.replace(corrected_eigenvalues=s / z_total))
     return KroneckerCurvature(blocks)

@@ -167,6 +167,14 @@ class Preconditioner:
                 stacklevel=3,
             )
         self.layers = {name: layer for name, layer in self.layers.items() if name in self.blocks}
+        #: Columns of a block's matrix that take the first-order step (a handler's
+        #: ``first_order_columns``: an untied embedding's padding row, which has no gradient).
+        self._first_order_columns: dict[str, list[int]] = {}
+        for name, layer in self.layers.items():
+            columns = getattr(layer.handler, "first_order_columns", None)
+            cols = columns(layer.module) if columns is not None and not layer.tied else []
+            if cols:
+                self._first_order_columns[name] = cols
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
         self.generator: torch.Generator | None = generator
@@ -314,6 +322,9 @@ class Preconditioner:
                 self.distributor.refresh(due, self.blocks, self._refresh_block)
                 self._refreshed.update(due)
             out = {name: self.blocks[name].precondition(m) for name, m in mats.items()}
+            for name, cols in self._first_order_columns.items():
+                if name in out:  # e.g. an embedding's padding row: never moved by the curvature
+                    out[name][:, cols] = mats[name][:, cols].to(out[name].dtype)
             out.update(first_order)
             self.steps += 1
             return out

@@ -2,6 +2,7 @@
 
 from curvkit.stats.api import accumulate_kronecker_factors, factor_request, kronecker_factors
 from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors, StatisticsBackend
+from curvkit.stats.embedding import EmbeddingHandler
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import ConvHandler, LayerHandler, LinearHandler
 from curvkit.stats.layer_stats import LayerStats
@@ -12,6 +13,7 @@ __all__ = [
     "BackendCapabilities",
     "CaptureEngine",
     "ConvHandler",
+    "EmbeddingHandler",
     "FactorRequest",
     "KroneckerFactors",
     "LayerHandler",

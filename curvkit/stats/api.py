@@ -26,7 +26,8 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedRequestError
-from curvkit.stats.backend import FactorRequest, KroneckerFactors
+from curvkit.stats.backend import FactorRequest, KroneckerFactors, TiedKroneckerFactors
+from curvkit.stats.layer_stats import combine_layouts
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.model_io import batch_size
 from curvkit.stats.plan import make_plan
@@ -272,7 +273,10 @@ def accumulate_kronecker_factors(
     The scaling is that of the data set, not of a batch: with ``N`` data in total,
     :math:`A = \frac{1}{N}\sum_b N_b A_b`, and ``G`` likewise for a ``mean`` loss (summed
     for a ``sum`` loss) — the curvature of the loss over the whole data set, as a
-    ``mean``-reduced loss would average it. This equals curvlinops' ``KFACLinearOperator``
+    ``mean``-reduced loss would average it. A block whose weight is tied in transposed
+    layouts (an embedding and its LM head) adds up each layout's factors over the batches
+    and forms the nearest Kronecker product of the data set's sum at the end (not the sum of
+    the batches' products). This equals curvlinops' ``KFACLinearOperator``
     on the same data loader (and, for ``fisher="mc"`` with a generator seeded like
     curvlinops' ``seed``, draws the same targets). Memory is that of one batch plus the
     factors.
@@ -291,6 +295,8 @@ def accumulate_kronecker_factors(
     plan = make_plan(model, registry, unsupported)
     fisher = as_enum(FisherType, fisher, "fisher")
     sums: dict[str, list[Tensor]] = {}
+    #: tied blocks: each layout's (A, G) sums; their nearest Kronecker product at the end
+    tied: dict[str, dict[bool, list[Tensor]]] = {}
     total = 0
     for inputs, targets in tqdm(data, desc="Kronecker factors", disable=not progress, unit="batch"):
         if fisher is FisherType.MC and generator is None:
@@ -313,7 +319,18 @@ def accumulate_kronecker_factors(
         backend_obj = resolve_backend(registry, backend, request)
         n = int(targets.shape[0])
         g_weight = n if loss_fn.reduction == "mean" else 1
-        for name, (a, g) in backend_obj.compute(request).items():
+        for name, pair in backend_obj.compute(request).items():
+            a, g = pair
+            layouts = getattr(pair, "layouts", None)
+            if layouts is not None:
+                for transposed, a_u, g_u in layouts:
+                    entry = tied.setdefault(name, {}).get(transposed)
+                    if entry is None:
+                        tied[name][transposed] = [a_u.mul(n), g_u.mul(g_weight)]
+                    else:
+                        entry[0].add_(a_u, alpha=n)
+                        entry[1].add_(g_u, alpha=g_weight)
+                continue
             if name in sums:
                 sums[name][0].add_(a, alpha=n)
                 sums[name][1].add_(g, alpha=g_weight)
@@ -323,4 +340,10 @@ def accumulate_kronecker_factors(
     if total == 0:
         raise ValueError("data yielded no batches; pass a non-empty iterable of (inputs, targets).")
     g_div = total if loss_fn.reduction == "mean" else 1
-    return {name: KroneckerFactors(a.div_(total), g.div_(g_div)) for name, (a, g) in sums.items()}
+    out = {name: KroneckerFactors(a.div_(total), g.div_(g_div)) for name, (a, g) in sums.items()}
+    for name, by_layout in tied.items():
+        layouts = [(t, a.div_(total), g.div_(g_div)) for t, (a, g) in by_layout.items()]
+        pair = TiedKroneckerFactors(*combine_layouts(layouts))
+        pair.layouts = layouts
+        out[name] = pair
+    return {layer.name: out[layer.name] for layer in plan if layer.name in out}

@@ -18,7 +18,7 @@ from __future__ import annotations
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox
-from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors
+from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors, TiedKroneckerFactors
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.layer_stats import Part, _input_sums, _output_sum
 from curvkit.stats.losses import SUPPORTED_LOSSES, loss_adapter
@@ -84,7 +84,9 @@ class HooksBackend:
                 if layer.name in tied:
                     stats = engine.layer_stats(layer.name, "fisher", request.kfac_approx, 1.0 / normaliser)
                     if stats is not None:
-                        result[layer.name] = KroneckerFactors(stats.A(), stats.G())
+                        pair = TiedKroneckerFactors(stats.A(), stats.G())
+                        pair.layouts = stats.layout_factors()
+                        result[layer.name] = pair
                     continue
                 if layer.name not in sums:
                     continue  # the layer did not run, or does not influence the output

@@ -361,8 +361,10 @@ class SKFACConfig(MethodConfig):
 
 
 def skfac_block(info: BlockInfo, config: SKFACConfig, registry: Any) -> SKFACBlock:
-    if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        raise ConfigError("SKFAC", [f"layer {info.name!r} ({info.module_type.__name__}) is not a Linear or Conv layer"])
+    if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+        raise ConfigError(
+            "SKFAC", [f"layer {info.name!r} ({info.module_type.__name__}) is not a Linear, Conv or Embedding layer"]
+        )
     return SKFACBlock(
         info,
         conv_strategy=config.conv_strategy,
