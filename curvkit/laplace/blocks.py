@@ -157,7 +157,7 @@ class KroneckerBlock:
         if self.corrected_eigenvalues is None:
             return torch.kron(self.G, self.A_dense())
         eig = self.eigen()
-        q = torch.kron(eig.QG, eig.QA_dense())
+        q = torch.kron(eig.QG.contiguous(), eig.QA_dense().contiguous())
         return (q * self.corrected_eigenvalues.reshape(1, -1)) @ q.t()
 
     def dense(self) -> Tensor:
