@@ -53,7 +53,8 @@ class BlockInfo:
 
     Attributes:
         name: Qualified module name.
-        module_type: The module's class.
+        module_type: The layer type the block behaves as: the module's class, or
+            ``nn.Linear`` for attention's projections.
         d_in: Input dimension **including** the bias column when there is one.
         d_out: Output dimension.
         has_bias: Whether the last column of the matrix form is the bias.
@@ -87,9 +88,10 @@ class BlockInfo:
             and getattr(layer.handler, "diagonal_input", False)
             and all(type(site.handler) is type(layer.handler) for site in layer.sites)
         )
+        module_type = layer.module_type if layer.module_type is not None else type(layer.module)
         return cls(
             layer.name,
-            type(layer.module),
+            module_type,
             int(d_in) + (1 if layer.has_bias else 0),
             int(d_out),
             layer.has_bias,

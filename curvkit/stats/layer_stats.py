@@ -508,17 +508,17 @@ class SharedLayerStats(LayerStats):
         super().__init__(layer, like.new_empty((0,)), [], approx, 1.0)
         self.shared = shared
         self._num_data = int(num_data)
+        self._dtype = like.dtype if like.is_floating_point() else next(
+            (t.dtype for t in shared.values() if t.is_floating_point()), torch.get_default_dtype()
+        )
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
 
     @property
     def num_data(self) -> int:
         return self._num_data
-
-    @property
-    def dtype(self) -> torch.dtype:
-        like = self.parts[0].inputs
-        if like.is_floating_point() or not self.shared:
-            return super().dtype
-        return next(iter(self.shared.values())).dtype  # integer inputs (token ids): the statistics' dtype
 
     def _missing(self, what: str) -> RuntimeError:
         return RuntimeError(

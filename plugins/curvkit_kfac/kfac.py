@@ -39,6 +39,7 @@ KFAC_SPEC = MethodSpec(
     name="kfac",
     config_cls=KFACConfig,
     block_factory=kfac_block,
+    factor_statistics=True,
     tied_blocks=True,
     diagonal_inputs=True,
     summary="K-FAC / KFC: EMA Kronecker factors, damped inverse every T_inv steps",
