@@ -28,6 +28,7 @@ import statistics
 import time
 import warnings
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
@@ -115,11 +116,11 @@ def main() -> None:
             twin.emb.weight.copy_(model.emb.weight.t())  # type: ignore[operator]
             twin.head.load_state_dict(model.head.state_dict())
         dense_ok = 4 * vocab * vocab <= args.dense_limit and 4 * N * T * vocab <= args.dense_limit
-        contenders: dict[str, Callable[[], Any]] = {"curvkit": lambda: _ours(model, ids, y)}
+        contenders: dict[str, Callable[[], Any]] = {"curvkit": partial(_ours, model, ids, y)}
         if dense_ok:
             one_hot = torch.nn.functional.one_hot(ids, vocab).float()
-            contenders["asdl"] = lambda: _asdl(model, ids, y)
-            contenders["curvlinops"] = lambda: _curvlinops(twin, one_hot, y)
+            contenders["asdl"] = partial(_asdl, model, ids, y)
+            contenders["curvlinops"] = partial(_curvlinops, twin, one_hot, y)
         sizes = {name: fn().numel() * 4 for name, fn in contenders.items()}  # warm-up, and the A's size
         times: dict[str, list[float]] = {name: [] for name in contenders}
         for _ in range(args.repeats):
