@@ -151,8 +151,9 @@ class KroneckerCurvature(FlatOperator):
         for layer in plan:
             if layer.name not in factors:
                 raise ValueError(
-                    f"no factors for tracked layer {layer.name!r}; did it run in the forward pass? "
-                    f"Factors were given for {sorted(factors)}."
+                    f"no factors for tracked layer {layer.name!r}; did it run in the forward pass (or on a batch "
+                    f"of one, broadcast over the data, which curvkit warned about)? Factors were given for "
+                    f"{sorted(factors)}."
                 )
             a, g = factors[layer.name]
             index = layout.indices[layer.name]

@@ -74,7 +74,8 @@ def per_sample_gradients(
             engine.backpropagate(output, [v], num_passes=1, retain_graph=i < len(pending) - 1)
             result: dict[str, Tensor] = {}
             for name in plan.names:
-                stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0)
+                # a use broadcast over the batch yields one row: the callers check the rows
+                stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0, allow_broadcast=True)
                 if stats is None:
                     continue
                 if stats.tied or stats.diagonal_input:  # exact; an embedding's by scattering, no one-hot rows

@@ -114,6 +114,13 @@ class FlatLayout:
             return torch.zeros(n, self.num_params, device="cpu")
         out = ref.new_zeros(n, self.num_params)
         for name, g in grads.items():
+            if g.shape[0] != n:
+                raise ValueError(
+                    f"block {name!r} has per-datum gradients for {g.shape[0]} rows but the batch has {n} data: its "
+                    "module's rows are not the data points (a module called on a batch of one and broadcast over "
+                    "the batch, such as Hugging Face position ids of shape (1, T), or data folded into its batch). "
+                    "Pass inputs whose first dimension is the batch (e.g. position ids expanded to (N, T))."
+                )
             index = self.indices[name].to(out.device).reshape(-1)
             out[:, index] = g.reshape(n, -1).to(out.dtype)
         return out

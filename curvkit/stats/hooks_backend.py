@@ -53,7 +53,8 @@ class HooksBackend:
             vectors = adapter.output_vectors(output, targets, request.fisher, request.mc_samples, request.generator)
             dim = adapter.class_dim(output, targets)
             num_passes = adapter.num_passes(output.shape[dim], request.fisher, request.mc_samples)
-            names = [n for n in request.plan.names if n in engine.uses]
+            # a block used on a batch of one and broadcast has no per-datum statistics (the engine warned)
+            names = [n for n in request.plan.names if n in engine.uses and n not in engine.broadcast]
             tied = {n for n in names if any(u.site.transposed for u in engine.uses[n])}
             kept = {id(u.record) for n in tied for u in engine.uses[n]}
             sums: dict[str, Tensor] = {}

@@ -292,3 +292,56 @@ def test_one_hot_limit_is_documented_in_the_first_order_reason():
         opt = curvkit.optim.SINGD(model, lr=0.1)
     assert f"embedding with {ONE_HOT_LIMIT + 1} rows" in opt.summary()
     opt.remove_hooks()
+
+
+class _PositionLM(nn.Module):
+    """Token and position embeddings; position ids ``(1, T)`` broadcast over the batch (as
+    Hugging Face's GPT-2 passes them) unless ``expand``."""
+
+    def __init__(self, expand: bool):
+        super().__init__()
+        torch.manual_seed(0)
+        self.wte = nn.Embedding(V, D)
+        self.wpe = nn.Embedding(T, D)
+        self.head = nn.Linear(D, V)
+        self.expand = expand
+
+    def forward(self, ids):
+        pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
+        if self.expand:
+            pos = pos.expand(ids.shape[0], -1)
+        return self.head(torch.tanh(self.wte(ids) + self.wpe(pos)).mean(1))
+
+
+def test_a_use_broadcast_over_the_batch_gets_no_statistics():
+    """An embedding called on a batch of one whose output is broadcast receives gradients
+    already summed over the data: no Fisher block can be formed from them. It is left out
+    of the factors and moved by the first-order rule, with a warning naming the fix; with the
+    ids expanded to the batch it is preconditioned."""
+    ids = torch.randint(0, V, (6, T), generator=torch.Generator().manual_seed(0))
+    y = torch.randint(0, V, (6,), generator=torch.Generator().manual_seed(1))
+    loss_fn = nn.CrossEntropyLoss()
+    model = _PositionLM(expand=False).double()
+    with pytest.warns(UserWarning, match=r"'wpe'.*batch of one.*position_ids=torch.arange\(T\).expand\(N, T\)"):
+        factors = curvkit.kronecker_factors(model, loss_fn, ids, y, fisher="type-2")
+    assert set(factors) == {"wte", "head"}
+    expanded = curvkit.kronecker_factors(_PositionLM(expand=True).double(), loss_fn, ids, y, fisher="type-2")
+    assert_matrix_close(expanded["wpe"].A, torch.full((T,), 1.0 / T, dtype=DT), rtol=1e-12)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = curvkit.optim.KFAC(model, lr=0.1)
+        before = model.wpe.weight.detach().clone()
+        opt.zero_grad()
+        loss_fn(model(ids), y).backward()
+        g = model.wpe.weight.grad.detach().clone()
+        opt.step()
+    assert_matrix_close(before - model.wpe.weight.detach(), 0.1 * g, rtol=1e-12)  # the first-order rule
+    assert "wpe" in opt.preconditioner.engine.broadcast and "wte" not in opt.preconditioner.engine.broadcast
+    opt.remove_hooks()
+    from curvkit.laplace import KroneckerLaplace
+
+    la = KroneckerLaplace(model, "classification")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match="broadcast"):
+            la.fit([(ids, y)], progress=False)
