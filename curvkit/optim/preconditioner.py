@@ -435,7 +435,8 @@ class Preconditioner:
                 f"fisher={self.fisher.value!r}, call curvature_backward(output, targets) after the forward pass and "
                 "before loss.backward() (it does nothing on steps without statistics)."
             )
-        new = [n for n in missing if n not in self._warned_missing]
+        # a block broadcast over the batch was explained by the engine's own warning
+        new = [n for n in missing if n not in self._warned_missing and n not in self.engine.broadcast]
         if new:
             self._warned_missing.update(new)
             warnings.warn(
@@ -586,6 +587,13 @@ class Preconditioner:
             if dist.world_size > 1:
                 shared = name in dist.shared_refreshes
                 where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
+            if name in self.engine.broadcast:  # (the engine warned, with the fix)
+                lines.append(
+                    f"  {name or '<model>'}: first-order (its module was called on a batch of one and broadcast over "
+                    "the data, so it has no per-datum statistics; pass its ids expanded to the batch to precondition "
+                    "it)"
+                )
+                continue
             pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
             tie = self.layers[name].describe_sites()
             lines.append(f"  {name or '<model>'}: {block.describe()}{tie}{where}{pending}")

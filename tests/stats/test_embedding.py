@@ -337,6 +337,7 @@ def test_a_use_broadcast_over_the_batch_gets_no_statistics():
         opt.step()
     assert_matrix_close(before - model.wpe.weight.detach(), 0.1 * g, rtol=1e-12)  # the first-order rule
     assert "wpe" in opt.preconditioner.engine.broadcast and "wte" not in opt.preconditioner.engine.broadcast
+    assert "wpe: first-order (its module was called on a batch of one and broadcast" in opt.summary()
     opt.remove_hooks()
     from curvkit.laplace import KroneckerLaplace
 
