@@ -62,6 +62,11 @@ class BlockInfo:
             layer): the block's statistics have ``A()``, ``G()`` and
             ``per_example_gradients()`` but no per-row quantities (``rows()``, features).
             Only methods whose spec sets ``tied_blocks=True`` get such blocks.
+        unitwise: The layer is a normalisation layer's scale and shift (its handler's
+            ``kind`` is ``"unitwise"``, :mod:`curvkit.stats.norms`): ``d_out = D`` units,
+            ``d_in = k`` (scale, and shift when ``has_bias``); every method gets the core's
+            exact per-unit :class:`~curvkit.unitwise.UnitwiseBlock` for it (or its spec's
+            ``unitwise_block``).
         diagonal_input: The layer's input features are one-hot (``nn.Embedding``), so
             ``A`` is diagonal: ``stats.A()`` is its 1-D diagonal and a
             :class:`KroneckerBlock` stores ``A`` in the ``diagonal`` structure, whatever
@@ -76,6 +81,7 @@ class BlockInfo:
     d_out: int
     has_bias: bool
     tied: bool = False
+    unitwise: bool = False
     diagonal_input: bool = False
 
     @classmethod
@@ -88,6 +94,7 @@ class BlockInfo:
             and getattr(layer.handler, "diagonal_input", False)
             and all(type(site.handler) is type(layer.handler) for site in layer.sites)
         )
+        unitwise = getattr(layer.handler, "kind", None) == "unitwise"
         module_type = layer.module_type if layer.module_type is not None else type(layer.module)
         return cls(
             layer.name,
@@ -96,6 +103,7 @@ class BlockInfo:
             int(d_out),
             layer.has_bias,
             tied,
+            unitwise,
             bool(diagonal),
         )
 

@@ -199,6 +199,11 @@ class MethodSpec:
             builds only for embeddings of at most
             :data:`~curvkit.stats.embedding.ONE_HOT_LIMIT` rows; a larger one takes the
             first-order step, and ``summary()`` says why.
+        unitwise_block: ``(BlockInfo, config, registry) -> CurvatureBlock`` for unit-wise
+            layers (normalisation layers' scale and shift,
+            :attr:`~curvkit.blocks.BlockInfo.unitwise`); ``None`` (default) gives them the
+            core's exact per-unit :class:`~curvkit.unitwise.UnitwiseBlock`
+            (:meth:`~curvkit.unitwise.UnitwiseBlock.from_config`), whatever the method.
     """
 
     name: str
@@ -211,6 +216,7 @@ class MethodSpec:
     tied_blocks: bool = False
     diagonal_inputs: bool = False
     factor_statistics: bool = False
+    unitwise_block: Callable[..., Any] | None = None
 
     def make_config(self, **kwargs: Any) -> MethodConfig:
         """Build the configuration; unknown keywords raise a :class:`ConfigError` that lists
@@ -256,4 +262,13 @@ class MethodSpec:
         return None
 
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:
+        """The block for ``info``: the ``block_factory``'s, or for a unit-wise layer the
+        ``unitwise_block`` factory's (default: the core's
+        :class:`~curvkit.unitwise.UnitwiseBlock`)."""
+        if getattr(info, "unitwise", False):
+            if self.unitwise_block is not None:
+                return self.unitwise_block(info, config, registry)
+            from curvkit.unitwise import UnitwiseBlock
+
+            return UnitwiseBlock.from_config(info, config, registry)
         return self.block_factory(info, config, registry)

@@ -2,13 +2,15 @@ r"""One Kronecker block of a curvature operator: layout, dense view, spectrum.
 
 A block stands for the matrix :math:`G \otimes A` acting on the row-major flattening of its
 **block matrix** :math:`V \in \mathbb{R}^{d_{out} \times k}`:
-``(G ⊗ A) vec_r(V) = vec_r(G V Aᵀ)``. Where the entries of ``V`` sit in the flat parameter
-vector is the block's :attr:`KroneckerBlock.index` (see :mod:`curvkit.laplace.layout`): the
+``(G ⊗ A) vec_r(V) = vec_r(G V Aᵀ)``. Where the entries of ``V`` sit among the block's
+parameters is its :attr:`KroneckerBlock.index` (see :mod:`curvkit.laplace.layout`): the
 layer's ``[weight_matrix(W) | b]``, which may be a row range of a parameter (attention's
 query/key/value blocks) or its transpose (an embedding, a tied LM head). A block without an
 ``index`` covers whole parameters, each reshaped to ``(d_out, -1)`` and concatenated along
 the columns (``V = [W_{(d_out, ·)}  b_{(d_out, 1)}]``); a bias on its own is a block with
-the ``1 × 1`` factor ``A = [a]``.
+the ``1 × 1`` factor ``A = [a]``. A :class:`~curvkit.laplace.KroneckerCurvature` maps these
+positions into its flat vector (:attr:`~curvkit.laplace.KroneckerCurvature.indices`), so any
+set of blocks that covers its parameters exactly once forms a curvature.
 
 ``A`` may be given as its diagonal, a 1-D tensor (an embedding's token frequencies): the
 block is then :math:`G \otimes \operatorname{diag}(A)` and nothing ``k × k`` is formed
@@ -46,10 +48,10 @@ class KroneckerBlock:
         A: Input factor ``(k, k)``, or its diagonal ``(k,)`` (an embedding's).
         corrected_eigenvalues: Optional EKFAC spectrum ``(d_out, k)`` in the eigenbasis of
             ``G`` and ``A``; when set, it replaces ``λ_G λ_Aᵀ``.
-        index: ``(d_out, k)`` positions of the block matrix's entries in the flat parameter
-            vector of the curvature (``None``: whole parameters, each reshaped to
-            ``(d_out, -1)``, concatenated; :class:`~curvkit.laplace.KroneckerCurvature`
-            fills it in).
+        index: ``(d_out, k)`` positions of the block matrix's entries among the block's
+            parameters (``param_names``, each flattened row-major, concatenated); several
+            blocks may cover parts of one parameter. ``None``: whole parameters, each
+            reshaped to ``(d_out, -1)``, concatenated along the columns.
         layer: The tracked layer (block of the plan) whose per-datum gradients feed this
             block (EKFAC's correction), ``None`` for blocks built by hand.
         columns: The columns ``[start, stop)`` of that layer's matrix ``[W b]`` this block
@@ -146,8 +148,9 @@ class KroneckerBlock:
 
     def local_index(self) -> Tensor:
         """``(d_out, k)``: for each entry of ``V``, its position among the block's own
-        parameters, concatenated and flattened (the layout of a block without an
-        :attr:`index`)."""
+        parameters, concatenated and flattened (:attr:`index`, or the default layout)."""
+        if self.index is not None:
+            return self.index
         return self.to_matrix(torch.arange(self.numel, device=self.G.device).unsqueeze(1))[0]
 
     # --- the block as a matrix ----------------------------------------------------------------

@@ -23,6 +23,11 @@ cheap because each block is diagonal in the basis :math:`Q_G \otimes Q_A`:
 
 The prior precision :math:`P_0` may be a scalar, one value per block, or a diagonal (see
 :mod:`curvkit.laplace.prior`).
+
+A normalisation layer (``LayerNorm``, ``RMSNorm``, ``BatchNorm*``, ``GroupNorm``) is an
+exact unit-wise block :math:`\mathrm{blockdiag}_i(F_i)` over its ``(γ_i, β_i)``
+(:class:`~curvkit.laplace.unitwise.UnitwiseBlock`), diagonal in the basis of its ``D``
+small eigendecompositions; every quantity above is exact for it too.
 """
 
 from __future__ import annotations
@@ -38,7 +43,8 @@ from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
 from curvkit.laplace.layout import FlatLayout, parameter_order
 from curvkit.laplace.operator import FlatOperator
 from curvkit.laplace.prior import PriorMode, block_priors, factored_shifts
-from curvkit.stats.backend import KroneckerFactors
+from curvkit.laplace.unitwise import UnitwiseBlock, UnitwiseEigen
+from curvkit.stats.backend import KroneckerFactors, UnitwiseFactors
 from curvkit.stats.plan import make_plan
 
 __all__ = ["KroneckerCurvature", "KroneckerPower"]
@@ -73,13 +79,13 @@ class KroneckerCurvature(FlatOperator):
         True
     """
 
-    def __init__(self, blocks: Sequence[KroneckerBlock]) -> None:
+    def __init__(self, blocks: Sequence[KroneckerBlock | UnitwiseBlock]) -> None:
         blocks = list(blocks)
         if not blocks:
             raise ValueError("a KroneckerCurvature needs at least one block; the model has no tracked layer.")
-        if not all(isinstance(b, KroneckerBlock) for b in blocks):
-            raise TypeError("blocks must be KroneckerBlock instances.")
-        dtypes = {b.G.dtype for b in blocks} | {b.A.dtype for b in blocks}
+        if not all(isinstance(b, (KroneckerBlock, UnitwiseBlock)) for b in blocks):
+            raise TypeError("blocks must be KroneckerBlock or UnitwiseBlock instances.")
+        dtypes = {t.dtype for b in blocks for t in _block_tensors(b)}
         if len(dtypes) != 1:
             raise ValueError(f"all factors must share one dtype; got {sorted(map(str, dtypes))}.")
         # the flat vector: every parameter the blocks touch, once, in order of appearance
@@ -97,22 +103,26 @@ class KroneckerCurvature(FlatOperator):
         for name, shape in shapes.items():
             offsets[name] = total
             total += shape.numel()
-        device = blocks[0].G.device
-        placed = []
+        device = _block_tensors(blocks[0])[0].device
+        #: Per block, the ``(d_out, k)`` positions of its matrix entries in the flat vector.
+        self.indices: list[Tensor] = []
         for b in blocks:
-            if b.index is None:  # whole parameters, concatenated: consecutive in the flat vector
-                index = b.local_index() + offsets[b.param_names[0]]
-            else:
-                index = b.index
-            placed.append(b.replace(index=index.to(device=device, dtype=torch.long)))
-        covered = torch.bincount(torch.cat([b.index.reshape(-1) for b in placed]), minlength=total)  # type: ignore[union-attr]
+            # the block's own layout (positions within its parameters, concatenated) -> the flat vector
+            lookup = torch.cat(
+                [
+                    torch.arange(offsets[n], offsets[n] + torch.Size(shape).numel(), device="cpu")
+                    for n, shape in zip(b.param_names, b.param_shapes)
+                ]
+            )
+            self.indices.append(lookup[b.local_index().cpu()].to(device))
+        covered = torch.bincount(torch.cat([i.reshape(-1) for i in self.indices]).cpu(), minlength=total)
         if covered.numel() != total or not bool((covered == 1).all()):
             raise ValueError(
                 f"the blocks {[b.name for b in blocks]} must cover every entry of their parameters "
                 f"{self.param_names} exactly once ({int((covered == 0).sum())} entries uncovered, "
                 f"{int((covered > 1).sum())} covered more than once); pass one block per part of each parameter."
             )
-        self.blocks: list[KroneckerBlock] = placed
+        self.blocks: list[KroneckerBlock | UnitwiseBlock] = blocks
 
     # --- construction -----------------------------------------------------------------
 
@@ -120,13 +130,15 @@ class KroneckerCurvature(FlatOperator):
     def from_factors(
         cls,
         model: nn.Module,
-        factors: dict[str, KroneckerFactors],
+        factors: dict[str, KroneckerFactors | UnitwiseFactors],
         *,
         separate_bias: bool = False,
         unsupported: UnsupportedPolicy | str = "warn",
         registry: Any = None,
     ) -> KroneckerCurvature:
-        """Assemble the operator from ``{layer name: KroneckerFactors(A, G)}``.
+        """Assemble the operator from ``{layer name: KroneckerFactors(A, G)}`` (and
+        ``UnitwiseFactors(F)`` for normalisation layers, which become exact
+        :class:`~curvkit.laplace.unitwise.UnitwiseBlock` blocks).
 
         Args:
             model: The model the factors belong to.
@@ -135,6 +147,8 @@ class KroneckerCurvature(FlatOperator):
             separate_bias: Split each layer into a weight block ``G ⊗ A_W`` and a bias block
                 ``G ⊗ [a_bb]``, dropping the weight–bias cross terms. This is the layout of
                 laplace-torch's ``Kron`` and of curvlinops' ``separate_weight_and_bias=True``.
+                A normalisation layer is split likewise into a scale and a shift block (the
+                ``γ_i``–``β_i`` cross terms dropped).
             unsupported, registry: As for :func:`curvkit.kronecker_factors`.
 
         Raises:
@@ -147,7 +161,7 @@ class KroneckerCurvature(FlatOperator):
         names = {id(p): n for n, p in model.named_parameters()}
         plan = make_plan(model, registry, unsupported)
         layout = FlatLayout(plan, parameter_order(plan))
-        blocks: list[KroneckerBlock] = []
+        blocks: list[KroneckerBlock | UnitwiseBlock] = []
         for layer in plan:
             if layer.name not in factors:
                 raise ValueError(
@@ -155,8 +169,19 @@ class KroneckerCurvature(FlatOperator):
                     f"of one, broadcast over the data, which curvkit warned about)? Factors were given for "
                     f"{sorted(factors)}."
                 )
-            a, g = factors[layer.name]
-            index = layout.indices[layer.name]
+            entry = factors[layer.name]
+            unitwise = getattr(layer.handler, "kind", None) == "unitwise"
+            if unitwise != isinstance(entry, UnitwiseFactors):
+                want = "UnitwiseFactors(F)" if unitwise else "KroneckerFactors(A, G)"
+                raise TypeError(
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) needs {want}, got {type(entry).__name__}; "
+                    "pass the factors kronecker_factors / accumulate_kronecker_factors returned for this model."
+                )
+            index = _local_index(layout, layer)  # positions within the layer's own parameters
+            if isinstance(entry, UnitwiseFactors):
+                blocks.extend(_unitwise_blocks(layer, entry.F, names, separate_bias, index))
+                continue
+            a, g = entry
             params = layer.params
             pnames = tuple(names[id(p)] for p in params)
             pshapes = tuple(p.shape for p in params)
@@ -178,7 +203,7 @@ class KroneckerCurvature(FlatOperator):
                         g,
                         a[d:, d:].clone(),
                         None,
-                        index[:, d:],
+                        index[:, d:] - pshapes[0].numel(),  # positions within the bias alone
                         layer.name,
                         (d, k),
                     )
@@ -289,44 +314,41 @@ class KroneckerCurvature(FlatOperator):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.blocks[0].G.dtype
+        return _block_tensors(self.blocks[0])[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.blocks[0].G.device
+        return _block_tensors(self.blocks[0])[0].device
 
-    def gather(self, block: KroneckerBlock, x: Tensor) -> Tensor:
-        """Flat rows ``x`` ``(P, K)`` to the block's matrices ``(K, d_out, k)``."""
-        assert block.index is not None
-        return x[block.index.reshape(-1)].reshape(block.d_out, block.k, -1).permute(2, 0, 1)
+    def gather(self, i: int, x: Tensor) -> Tensor:
+        """Flat rows ``x`` ``(P, K)`` to block ``i``'s matrices ``(K, d_out, k)``."""
+        block = self.blocks[i]
+        return x[self.indices[i].reshape(-1)].reshape(block.d_out, block.k, -1).permute(2, 0, 1)
 
-    @staticmethod
-    def scatter(out: Tensor, block: KroneckerBlock, v: Tensor) -> None:
-        """Write block matrices ``v`` ``(K, d_out, k)`` into their rows of ``out`` ``(P, K)``."""
-        assert block.index is not None
-        out[block.index.reshape(-1)] = v.permute(1, 2, 0).reshape(block.numel, -1)
+    def scatter(self, out: Tensor, i: int, v: Tensor) -> None:
+        """Write block ``i``'s matrices ``v`` ``(K, d_out, k)`` into their rows of ``out`` ``(P, K)``."""
+        out[self.indices[i].reshape(-1)] = v.permute(1, 2, 0).reshape(self.blocks[i].numel, -1)
 
     def _matmat(self, x: Tensor) -> Tensor:
         out = torch.empty_like(x)
-        for block in self.blocks:
-            self.scatter(out, block, block.apply(self.gather(block, x)))
+        for i, block in enumerate(self.blocks):
+            self.scatter(out, i, block.apply(self.gather(i, x)))
         return out
 
     def to_dense(self) -> Tensor:
         """The operator as a dense ``(P, P)`` matrix: ``blockdiag(G ⊗ A)`` permuted to the
         flat parameter order (for small models and tests)."""
         out = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
-        for b in self.blocks:
-            assert b.index is not None
-            i = b.index.reshape(-1)
+        for b, index in zip(self.blocks, self.indices):
+            i = index.reshape(-1)
             out[i.unsqueeze(1), i.unsqueeze(0)] = b.kron()
         return out
 
     def diagonal(self) -> Tensor:
         """``diag(C)`` ``(P,)``: ``diag(G) ⊗ diag(A)`` per block (or its EKFAC counterpart)."""
         out = torch.empty(self.num_params, dtype=self.dtype, device=self.device)
-        for b in self.blocks:
-            self.scatter(out.unsqueeze(1), b, b.diagonal().unsqueeze(0))
+        for i, b in enumerate(self.blocks):
+            self.scatter(out.unsqueeze(1), i, b.diagonal().unsqueeze(0))
         return out
 
     def trace(self) -> Tensor:
@@ -347,8 +369,10 @@ class KroneckerCurvature(FlatOperator):
 
     # --- spectral quantities ----------------------------------------------------------
 
-    def eigendecomposition(self) -> list[BlockEigen]:
-        """Per block, ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ`` (cached)."""
+    def eigendecomposition(self) -> list[BlockEigen | UnitwiseEigen]:
+        """Per block, ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ`` (cached); for
+        a normalisation layer's block, ``F_i = Q_i diag(λ_i) Q_iᵀ`` per unit
+        (:class:`~curvkit.laplace.unitwise.UnitwiseEigen`)."""
         return [b.eigen() for b in self.blocks]
 
     def eigenvalues(self) -> Tensor:
@@ -358,7 +382,7 @@ class KroneckerCurvature(FlatOperator):
 
     def _priors(self, prior_precision: float | Tensor, mode: PriorMode | str) -> tuple[list[Tensor], PriorMode]:
         mode = as_enum(PriorMode, mode, "prior_mode")
-        priors = block_priors(prior_precision, self.blocks, self.dtype, self.device)
+        priors = block_priors(prior_precision, self.blocks, self.dtype, self.device, self.indices)
         for block, delta in zip(self.blocks, priors):
             if delta.ndim == 0:
                 continue
@@ -375,8 +399,10 @@ class KroneckerCurvature(FlatOperator):
                 )
         return priors, mode
 
-    def _shifted_spectrum(self, block: KroneckerBlock, delta: Tensor, mode: PriorMode, pi: bool) -> Tensor:
-        if mode is PriorMode.EXACT:
+    def _shifted_spectrum(
+        self, block: KroneckerBlock | UnitwiseBlock, delta: Tensor, mode: PriorMode, pi: bool
+    ) -> Tensor:
+        if mode is PriorMode.EXACT or isinstance(block, UnitwiseBlock):  # nothing to factor: exact
             return block.spectrum() + delta
         if block.corrected_eigenvalues is not None:
             raise ValueError(
@@ -389,7 +415,7 @@ class KroneckerCurvature(FlatOperator):
 
     def _block_apply(
         self,
-        block: KroneckerBlock,
+        block: KroneckerBlock | UnitwiseBlock,
         delta: Tensor,
         mode: PriorMode,
         pi: bool,
@@ -404,8 +430,10 @@ class KroneckerCurvature(FlatOperator):
             flat = v.reshape(v.shape[0], -1).t()
             coeff = evecs.t() @ flat if rotate_in else flat
             return (evecs @ (fn(evals).unsqueeze(1) * coeff)).t().reshape(v.shape)
-        eig = block.eigen()
         spectrum = fn(self._shifted_spectrum(block, delta, mode, pi))
+        if isinstance(block, UnitwiseBlock):
+            return block.unrotate(spectrum * (block.rotate(v) if rotate_in else v))
+        eig = block.eigen()
         rotated = eig.rotate(v) if rotate_in else v
         return eig.unrotate(spectrum * rotated)
 
@@ -466,18 +494,66 @@ class KroneckerCurvature(FlatOperator):
             raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
         priors, mode = self._priors(prior_precision, prior_mode)
         flat = torch.empty(self.num_params, num_samples, dtype=self.dtype, device=self.device)
-        for block, delta in zip(self.blocks, priors):
+        for i, (block, delta) in enumerate(zip(self.blocks, priors)):
             z = torch.randn(
                 num_samples, block.d_out, block.k, dtype=self.dtype, device=self.device, generator=generator
             )
             y = self._block_apply(block, delta, mode, pi_correction, _inverse_sqrt(block.name), z, rotate_in=False)
-            self.scatter(flat, block, y)
+            self.scatter(flat, i, y)
         samples = flat.t()
         if mean is not None:
             if mean.shape != (self.num_params,):
                 raise ValueError(f"mean must have shape ({self.num_params},), got {tuple(mean.shape)}.")
             samples = samples + mean
         return samples
+
+
+def _block_tensors(block: KroneckerBlock | UnitwiseBlock) -> list[Tensor]:
+    """The tensors that define a block (its factors, or a unit-wise block's ``F``)."""
+    if isinstance(block, UnitwiseBlock):
+        return block.tensors()
+    return [block.G, block.A]
+
+
+def _local_index(layout: FlatLayout, layer: Any) -> Tensor:
+    """The layer's ``(d_out, k)`` matrix positions within its own parameters (concatenated,
+    each flattened, in ``layer.params`` order): the layout a block's ``index`` describes."""
+    flat_to_local = torch.full((layout.num_params,), -1, dtype=torch.long, device="cpu")
+    start = 0
+    for p in layer.params:
+        offset = layout.offsets[id(p)]
+        flat_to_local[offset : offset + p.numel()] = torch.arange(start, start + p.numel(), device="cpu")
+        start += p.numel()
+    return flat_to_local[layout.indices[layer.name]]
+
+
+def _unitwise_blocks(
+    layer: Any, F: Tensor, names: dict[int, str], separate: bool, index: Tensor | None = None
+) -> list[UnitwiseBlock]:
+    """A normalisation layer's block (or its scale and shift blocks, ``separate``); ``index``
+    is the layer's ``(D, k)`` matrix in the flat vector (:mod:`curvkit.laplace.layout`)."""
+    params = layer.params
+    if F.shape[1] != len(params):
+        raise ValueError(
+            f"layer {layer.name!r}: UnitwiseFactors.F has shape {tuple(F.shape)} but the layer has {len(params)} "
+            "trainable parameter(s) per unit; pass the factors computed for this model."
+        )
+    pnames = tuple(names[id(p)] for p in params)
+    k = len(params)
+    if not separate or len(params) == 1:
+        return [UnitwiseBlock(layer.name, pnames, tuple(p.shape for p in params), F, index, layer.name, (0, k))]
+    return [
+        UnitwiseBlock(
+            label,
+            (pnames[j],),
+            (params[j].shape,),
+            F[:, j : j + 1, j : j + 1].clone(),
+            None if index is None else index[:, j : j + 1] - sum(p.numel() for p in params[:j]),
+            layer.name,
+            (j, j + 1),
+        )
+        for j, label in enumerate((layer.name, f"{layer.name}.bias"))
+    ]
 
 
 def _inverse_sqrt(name: str) -> Callable[[Tensor], Tensor]:
@@ -530,9 +606,9 @@ class KroneckerPower(FlatOperator):
 
         curvature = self.curvature
         out = torch.empty_like(x)
-        for block, delta in zip(curvature.blocks, self.priors):
-            y = curvature._block_apply(block, delta, self.mode, self.pi, fn, curvature.gather(block, x))
-            curvature.scatter(out, block, y)
+        for i, (block, delta) in enumerate(zip(curvature.blocks, self.priors)):
+            y = curvature._block_apply(block, delta, self.mode, self.pi, fn, curvature.gather(i, x))
+            curvature.scatter(out, i, y)
         return out
 
     def square_form(self, J: Tensor) -> Tensor:

@@ -15,6 +15,11 @@ pass to the layer outputs and one batched GEMM per layer. Choosing the vectors g
   and EKFAC's corrected eigenvalues;
 * unit vectors on the outputs (:func:`output_jacobians`): Jacobians ``(N, C, P)``.
 
+A unit-wise layer (a normalisation layer, :mod:`curvkit.stats.norms`) has the matrix form
+``(D, k)``: row ``i`` holds unit ``i``'s ``[γ_i, β_i]`` (its per-datum gradient is
+:meth:`~curvkit.stats.LayerStats.unit_gradients`), so its scale is column 0 and its shift
+column 1, each in ``weight.flatten()`` order.
+
 The per-block results are placed in the flat parameter vector by
 :class:`curvkit.laplace.layout.FlatLayout` (row ranges and transposed layouts included).
 """
@@ -67,7 +72,7 @@ def per_sample_gradients(
         features: dict[str, Tensor] = {}
         for name in plan.names:
             stats = engine.layer_stats_inputs(name)
-            if stats is not None and not stats.tied and not stats.diagonal_input:
+            if stats is not None and not stats.tied and not stats.unitwise and not stats.diagonal_input:
                 features[name] = stats.a_features
         pending = list(vectors(output))
         for i, v in enumerate(pending):
@@ -78,7 +83,7 @@ def per_sample_gradients(
                 stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0, allow_broadcast=True)
                 if stats is None:
                     continue
-                if stats.tied or stats.diagonal_input:  # exact; an embedding's by scattering, no one-hot rows
+                if stats.tied or stats.unitwise or stats.diagonal_input:  # an embedding's by scattering ids
                     result[name] = stats.per_example_gradients()
                 else:
                     result[name] = torch.einsum("nro,nri->noi", stats.output_features(0), features[name])

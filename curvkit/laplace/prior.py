@@ -30,6 +30,7 @@ from torch import Tensor
 
 from curvkit.laplace.blocks import KroneckerBlock
 from curvkit.laplace.checks import check_prior_precision
+from curvkit.laplace.unitwise import UnitwiseBlock
 
 __all__ = ["PriorMode", "block_priors"]
 
@@ -42,7 +43,11 @@ class PriorMode(str, Enum):
 
 
 def block_priors(
-    prior_precision: float | Tensor, blocks: list[KroneckerBlock], dtype: torch.dtype, device: torch.device
+    prior_precision: float | Tensor,
+    blocks: list[KroneckerBlock] | list[KroneckerBlock | UnitwiseBlock],
+    dtype: torch.dtype,
+    device: torch.device,
+    indices: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """Split a prior precision into one tensor per block.
 
@@ -76,8 +81,8 @@ def block_priors(
     out: list[Tensor] = []
     offset = 0
     for block in blocks:
-        if block.index is not None:  # the flat parameter vector's entries of the block matrix
-            part = prior[block.index.to(prior.device)]
+        if indices is not None:  # the flat vector's entries of the block matrix (a curvature's layout)
+            part = prior[indices[len(out)].to(prior.device)]
         else:
             part = block.to_matrix(prior[offset : offset + block.numel].unsqueeze(1))[0]
         offset += block.numel

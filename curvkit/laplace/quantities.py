@@ -235,7 +235,9 @@ class KroneckerLaplace:
         curvature = self._curvature(batches, loss_fn, progress)
         params = dict(self.model.named_parameters())
         mean = torch.cat([params[n].detach().reshape(-1) for n in curvature.param_names])
-        block_priors(self.prior_precision, curvature.blocks, curvature.dtype, curvature.device)  # fits the layout?
+        block_priors(  # fits the layout?
+            self.prior_precision, curvature.blocks, curvature.dtype, curvature.device, curvature.indices
+        )
         check_prior_mean(self.prior_mean, mean.numel())
         self.curvature = curvature * self._factor
         self.loss = self._factor * total
@@ -312,10 +314,10 @@ class KroneckerLaplace:
         """The prior precision as a ``(P,)`` diagonal."""
         curvature = self._fitted()
         prior = self.prior_precision if prior_precision is None else prior_precision
-        parts = block_priors(prior, curvature.blocks, curvature.dtype, curvature.device)
+        parts = block_priors(prior, curvature.blocks, curvature.dtype, curvature.device, curvature.indices)
         out = torch.empty(curvature.num_params, 1, dtype=curvature.dtype, device=curvature.device)
-        for b, p in zip(curvature.blocks, parts):
-            curvature.scatter(out, b, p.expand(b.d_out, b.k).unsqueeze(0))
+        for i, (b, p) in enumerate(zip(curvature.blocks, parts)):
+            curvature.scatter(out, i, p.expand(b.d_out, b.k).unsqueeze(0))
         return out[:, 0]
 
     def posterior_precision(self, prior_precision: float | Tensor | None = None) -> Tensor:
