@@ -244,7 +244,7 @@ class CaptureEngine:
                     for layer in blocks:
                         self._register_functional(layer, site)
                     handles.append(site.module.register_forward_pre_hook(_enter_functional(ref, site)))
-                    handles.append(site.module.register_forward_hook(_exit_functional(ref), always_call=True))
+                    handles.append(site.module.register_forward_hook(_exit_functional(ref, site), always_call=True))
                 else:
                     handles.append(
                         site.module.register_forward_hook(_record_module(ref, site, blocks), with_kwargs=True)
@@ -528,7 +528,7 @@ def _remove_all(handles: list[RemovableHandle]) -> None:
 def _count_forward(ref: weakref.ref[CaptureEngine]) -> Callable[..., None]:
     def hook(module: nn.Module, args: Any, kwargs: dict) -> None:
         engine = ref()
-        if engine is not None:
+        if engine is not None and engine._model_ref is not None and module is engine._model_ref():
             engine._forward += 1
             engine._forward_batch = _batch_of(args, kwargs)
 
@@ -546,7 +546,8 @@ def _batch_of(args: Any, kwargs: dict) -> int | None:
 def _record_module(ref: weakref.ref[CaptureEngine], site: Site, blocks: list[LayerPlan]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any) -> None:
         engine = ref()
-        if engine is not None:
+        # a deep copy of the model carries the hook: its forwards are not this engine's
+        if engine is not None and module is site.module:
             engine._record_call(site, blocks, args, kwargs, output)
 
     return hook
@@ -558,7 +559,7 @@ _ORIGINAL_LINEAR = F.linear
 def _enter_functional(ref: weakref.ref[CaptureEngine], site: Site) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         engine = ref()
-        if engine is None or not engine.recording():
+        if engine is None or module is not site.module or not engine.recording():
             return
         q = args[0] if args else None
         batch_first = bool(getattr(module, "batch_first", False))
@@ -573,10 +574,10 @@ def _enter_functional(ref: weakref.ref[CaptureEngine], site: Site) -> Callable[.
     return hook
 
 
-def _exit_functional(ref: weakref.ref[CaptureEngine]) -> Callable[..., None]:
+def _exit_functional(ref: weakref.ref[CaptureEngine], site: Site) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         engine = ref()
-        if engine is None or engine._function_depth == 0:
+        if engine is None or module is not site.module or engine._function_depth == 0:
             return
         engine._function_depth -= 1
         engine._batch.pop()
