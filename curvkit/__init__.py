@@ -17,6 +17,8 @@ from curvkit.errors import (  # noqa: E402
     IncompatibleComponentsError,
     PluginLoadError,
     PluginRegistrationError,
+    TiedStatisticsError,
+    UnitwiseStatisticsError,
     UnknownComponentError,
     UnsupportedModuleError,
     UnsupportedRequestError,
@@ -25,7 +27,7 @@ from curvkit.errors import (  # noqa: E402
 from curvkit.hookspecs import hookimpl
 from curvkit.plugins import build_registry, default_registry
 from curvkit.registry import Registry
-from curvkit.stats import KroneckerFactors, accumulate_kronecker_factors, kronecker_factors
+from curvkit.stats import KroneckerFactors, UnitwiseFactors, accumulate_kronecker_factors, kronecker_factors
 
 __version__ = "0.1.0"
 
@@ -40,6 +42,9 @@ __all__ = [
     "PluginLoadError",
     "PluginRegistrationError",
     "Registry",
+    "TiedStatisticsError",
+    "UnitwiseFactors",
+    "UnitwiseStatisticsError",
     "UnknownComponentError",
     "UnsupportedModuleError",
     "UnsupportedPolicy",

@@ -23,22 +23,28 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from functools import cached_property
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.config import KFACApprox
 from curvkit.linalg.damping import Damping
 from curvkit.linalg.inverters import Inverter, KroneckerInverse, damping_only_inverse, inverse_from_state, inverse_state
-from curvkit.stats.factors import output_gram
 from curvkit.stats.handlers import weight_matrix
-from curvkit.stats.hooks_backend import layer_input_factor
+from curvkit.stats.layer_stats import LayerStats, SharedLayerStats
 from curvkit.stats.plan import LayerPlan
-from curvkit.structures.base import FactorStructure
+from curvkit.structures.base import DiagonalStructure, FactorStructure
 
-__all__ = ["BlockInfo", "CurvatureBlock", "KroneckerBlock", "KroneckerOperator", "LayerStats", "SharedLayerStats"]
+__all__ = [
+    "BlockInfo",
+    "CurvatureBlock",
+    "KroneckerBlock",
+    "KroneckerOperator",
+    "LayerStats",
+    "SharedLayerStats",
+    "as_structure",
+    "input_structure",
+]
 
 
 @dataclass(frozen=True)
@@ -47,10 +53,26 @@ class BlockInfo:
 
     Attributes:
         name: Qualified module name.
-        module_type: The module's class.
+        module_type: The layer type the block behaves as: the module's class, or
+            ``nn.Linear`` for attention's projections.
         d_in: Input dimension **including** the bias column when there is one.
         d_out: Output dimension.
         has_bias: Whether the last column of the matrix form is the bias.
+        tied: The weight is used in transposed layouts (an embedding tied to an output
+            layer): the block's statistics have ``A()``, ``G()`` and
+            ``per_example_gradients()`` but no per-row quantities (``rows()``, features).
+            Only methods whose spec sets ``tied_blocks=True`` get such blocks.
+        unitwise: The layer is a normalisation layer's scale and shift (its handler's
+            ``kind`` is ``"unitwise"``, :mod:`curvkit.stats.norms`): ``d_out = D`` units,
+            ``d_in = k`` (scale, and shift when ``has_bias``); every method gets the core's
+            exact per-unit :class:`~curvkit.unitwise.UnitwiseBlock` for it (or its spec's
+            ``unitwise_block``).
+        diagonal_input: The layer's input features are one-hot (``nn.Embedding``), so
+            ``A`` is diagonal: ``stats.A()`` is its 1-D diagonal and a
+            :class:`KroneckerBlock` stores ``A`` in the ``diagonal`` structure, whatever
+            structure the method was configured with (exactly: nothing is projected away).
+            Methods whose spec sets ``diagonal_inputs=False`` need one-hot rows and serve
+            such a layer only up to :data:`curvkit.stats.embedding.ONE_HOT_LIMIT` rows.
     """
 
     name: str
@@ -58,187 +80,49 @@ class BlockInfo:
     d_in: int
     d_out: int
     has_bias: bool
+    tied: bool = False
+    unitwise: bool = False
+    diagonal_input: bool = False
 
     @classmethod
     def from_plan(cls, layer: LayerPlan) -> BlockInfo:
         d_out, d_in = weight_matrix(layer.handler, layer.module, layer.weight.detach()).shape
-        return cls(layer.name, type(layer.module), int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias)
-
-
-class LayerStats:
-    r"""One batch's statistics of one layer, computed lazily on request.
-
-    Built by the optimizer from the captured layer input ``x`` and the ``P`` captured
-    output gradients (``P = 1`` for the empirical Fisher, ``M`` MC samples, or ``C``
-    columns of the type-2 Hessian root). With :math:`\bar a_{n,r}` the input features
-    (bias column appended) and :math:`g_{p,n,r}` the output features:
-
-    * :meth:`A`, :meth:`G`: the batch's Kronecker factors, scaled exactly as
-      :func:`curvkit.kronecker_factors` scales them, ``G = g_scale · Σ_p Σ g gᵀ``;
-    * :meth:`rows`: ``(a_rows, g_rows)`` with ``A = a_rowsᵀ a_rows`` and
-      ``G = Σ_p g_rows[p]ᵀ g_rows[p]``, row ``i`` of ``a_rows`` paired with row ``i`` of
-      every ``g_rows[p]`` (expand: one row per ``(n, r)``; reduce: one per ``n``);
-    * :meth:`per_example_gradients`: ``J_{p,n} = √g_scale Σ_r g_{p,n,r} ā_{n,r}ᵀ``, so
-      that :math:`\sum_{p,n}\operatorname{vec}J_{p,n}\operatorname{vec}J_{p,n}^\top` is the
-      batch's (empirical, MC or type-2) Fisher block the factors approximate.
-
-    Args:
-        layer: The tracked layer.
-        inputs: Its captured (detached) input.
-        grads: Captured gradients w.r.t. its output, one per backpropagated vector.
-        approx: Expand or reduce.
-        g_scale: Multiplier of ``Σ g gᵀ`` in ``G`` (``N`` for the empirical Fisher of a
-            batch-mean loss, ``1/Z`` for sampled vectors, see :mod:`curvkit.optim`).
-    """
-
-    #: The reduced :meth:`CurvatureBlock.batch_statistics` of a distributed step
-    #: (:class:`SharedLayerStats`); ``None`` for one process's own batch.
-    shared: dict[str, Tensor] | None = None
-
-    def __init__(self, layer: LayerPlan, inputs: Tensor, grads: list[Tensor], approx: KFACApprox, g_scale: float):
-        self.layer = layer
-        self.inputs = inputs
-        self.grads = grads
-        self.approx = approx
-        self.g_scale = float(g_scale)
-
-    @property
-    def num_data(self) -> int:
-        return int(self.inputs.shape[0])
-
-    @cached_property
-    def in_features(self) -> Tensor:
-        """``(N, R, d_in)`` input features **without** the bias column (what the layer
-        handler extracts from the captured input; computed once per batch)."""
-        return self._in_features
-
-    @cached_property
-    def _in_features(self) -> Tensor:
-        return self.layer.handler.input_features(self.layer.module, self.inputs)
-
-    @cached_property
-    def g_features(self) -> Tensor:
-        """``(P, N, R, d_out)`` output features."""
-        h, m = self.layer.handler, self.layer.module
-        return torch.stack([h.output_features(m, g) for g in self.grads])
-
-    @cached_property
-    def a_features(self) -> Tensor:
-        """``(N, R, d_in [+1])`` input features, the bias column of ones appended."""
-        x = self._in_features
-        if self.layer.has_bias:
-            x = torch.cat([x, x.new_ones(*x.shape[:2], 1)], dim=2)
-        return x
-
-    def A(self) -> Tensor:
-        """The batch's input factor."""
-        return self._A
-
-    @cached_property
-    def _A(self) -> Tensor:
-        return layer_input_factor(self.layer, self.inputs, self.approx)
-
-    def G(self) -> Tensor:
-        """The batch's output-gradient factor."""
-        return self._G
-
-    @cached_property
-    def _G(self) -> Tensor:
-        h, m = self.layer.handler, self.layer.module
-        total: Tensor | None = None
-        for g in self.grads:
-            s = output_gram(h.output_features(m, g), self.approx)
-            total = s if total is None else total.add_(s)
-        assert total is not None
-        return total.mul_(self.g_scale)
-
-    def rows(self) -> tuple[Tensor, Tensor]:
-        """``(a_rows (K, d_in), g_rows (P, K, d_out))``; see the class docstring (computed
-        once per batch)."""
-        return self._rows
-
-    @cached_property
-    def _rows(self) -> tuple[Tensor, Tensor]:
-        a, g = self.a_features, self.g_features
-        n, r = a.shape[0], a.shape[1]
-        if self.approx is KFACApprox.EXPAND or r == 1:
-            a_rows = a.reshape(n * r, -1) / math.sqrt(n * r)
-            g_rows = g.reshape(g.shape[0], n * r, -1) * math.sqrt(self.g_scale)
-        else:
-            a_rows = a.mean(1) / math.sqrt(n)
-            g_rows = g.sum(2) * math.sqrt(self.g_scale)
-        return a_rows, g_rows
-
-    def per_example_gradients(self) -> Tensor:
-        """``(P·N, d_out, d_in [+1])`` scaled per-example gradients (class docstring)."""
-        a, g = self.a_features, self.g_features
-        p = g.shape[0]
-        # the true per-example gradient for both expand and reduce (as curvlinops' EKFAC)
-        j = torch.einsum("pnro,nri->pnoi", g, a)
-        return (j * math.sqrt(self.g_scale)).reshape(p * a.shape[0], *j.shape[2:])
-
-
-class SharedLayerStats(LayerStats):
-    """The statistics of a batch spread over several processes, as a block's update sees
-    them in data-parallel training (:mod:`curvkit.distributed`).
-
-    It holds exactly what the block's :meth:`CurvatureBlock.batch_statistics` returned,
-    averaged over every process's data (:attr:`shared`); :meth:`A` and :meth:`G` return the
-    entries ``"A"`` and ``"G"`` when there are such entries. The per-example quantities
-    (:meth:`rows`, the features) are not available: a block that needs them returns
-    ``None`` from ``batch_statistics`` and gets the gathered batch instead.
-
-    Args:
-        layer: The tracked layer.
-        shared: The averaged statistics.
-        num_data: Data points of the whole batch (all processes).
-        like: A tensor with the statistics' dtype and device (what ``init`` allocates in).
-        approx: Expand or reduce.
-    """
-
-    def __init__(self, layer: LayerPlan, shared: dict[str, Tensor], num_data: int, like: Tensor, approx: KFACApprox):
-        super().__init__(layer, like.new_empty((0,)), [], approx, 1.0)
-        self.shared = shared
-        self._num_data = int(num_data)
-
-    @property
-    def num_data(self) -> int:
-        return self._num_data
-
-    def _missing(self, what: str) -> RuntimeError:
-        return RuntimeError(
-            f"layer {self.layer.name!r}: {what} is not available in a distributed update, whose block declared "
-            f"batch_statistics() = {sorted(self.shared or {})}; return None from batch_statistics to get the "
-            "gathered batch instead, or add what the update needs to batch_statistics."
+        tied = any(site.transposed for site in layer.sites)
+        diagonal = (
+            not tied
+            and not layer.has_bias
+            and getattr(layer.handler, "diagonal_input", False)
+            and all(type(site.handler) is type(layer.handler) for site in layer.sites)
+        )
+        unitwise = getattr(layer.handler, "kind", None) == "unitwise"
+        module_type = layer.module_type if layer.module_type is not None else type(layer.module)
+        return cls(
+            layer.name,
+            module_type,
+            int(d_in) + (1 if layer.has_bias else 0),
+            int(d_out),
+            layer.has_bias,
+            tied,
+            unitwise,
+            bool(diagonal),
         )
 
-    def A(self) -> Tensor:
-        if self.shared is None or "A" not in self.shared:
-            raise self._missing("A()")
-        return self.shared["A"]
 
-    def G(self) -> Tensor:
-        if self.shared is None or "G" not in self.shared:
-            raise self._missing("G()")
-        return self.shared["G"]
+def input_structure(info: BlockInfo, structure: type[FactorStructure]) -> type[FactorStructure]:
+    """The structure a Kronecker block stores ``A`` in: :class:`DiagonalStructure` for a
+    layer with one-hot inputs (:attr:`BlockInfo.diagonal_input`), else ``structure``."""
+    return DiagonalStructure if info.diagonal_input else structure
 
-    def rows(self) -> tuple[Tensor, Tensor]:
-        raise self._missing("rows()")
 
-    def per_example_gradients(self) -> Tensor:
-        raise self._missing("per_example_gradients()")
-
-    @property
-    def in_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("in_features")
-
-    @property
-    def a_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("a_features")
-
-    @property
-    def g_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("g_features")
+def as_structure(structure: type[FactorStructure], factor: Tensor) -> FactorStructure:
+    """A batch factor in ``structure``: a 2-D factor is projected (``from_dense``); a 1-D
+    one is the diagonal of a matrix (an embedding's ``A``), taken as it is by a diagonal
+    structure and never made dense for it."""
+    if factor.ndim == 2:
+        return structure.from_dense(factor)
+    if issubclass(structure, DiagonalStructure):
+        return structure(factor)
+    return structure.from_dense(torch.diag(factor))
 
 
 def _trace(factor: Tensor) -> Tensor:
@@ -465,6 +349,9 @@ class KroneckerBlock(CurvatureBlock):
     Args:
         info: The layer.
         structure: Factor structure class for both factors, or a pair ``(A's, G's)``.
+            For a layer with one-hot inputs (:attr:`BlockInfo.diagonal_input`, an
+            ``nn.Embedding``) ``A`` is stored diagonal whatever is given here (it is
+            diagonal, so this loses nothing and never forms a ``V × V`` matrix).
         inverter: The inverter.
     """
 
@@ -478,6 +365,7 @@ class KroneckerBlock(CurvatureBlock):
     ) -> None:
         super().__init__(info)
         self.structure_A, self.structure_G = structure if isinstance(structure, tuple) else (structure, structure)
+        self.structure_A = input_structure(info, self.structure_A)
         self.inverter = inverter
         self.factor_dtype = factor_dtype
         self.A: FactorStructure | None = None
@@ -525,11 +413,11 @@ class KroneckerBlock(CurvatureBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         assert self.A is not None and self.G is not None
         a, g = self.take_batch_factors(stats)
-        self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
-        self.G.ema_(self.structure_G.from_dense(g.to(self.G.dtype)), decay)
+        self.A.ema_(as_structure(self.structure_A, a.to(self.A.dtype)), decay)
+        self.G.ema_(as_structure(self.structure_G, g.to(self.G.dtype)), decay)
         self.num_updates += 1
 
     def refresh(self, damping: Damping, lam: float) -> None:

@@ -13,6 +13,8 @@ __all__ = [
     "IncompatibleComponentsError",
     "PluginLoadError",
     "PluginRegistrationError",
+    "TiedStatisticsError",
+    "UnitwiseStatisticsError",
     "UnknownComponentError",
     "UnsupportedModuleError",
     "UnsupportedRequestError",
@@ -52,7 +54,20 @@ class UnsupportedModuleError(CurvkitError, TypeError):
 
 
 class WeightTyingError(CurvkitError, RuntimeError):
-    """A tracked module (or parameter) is used more than once in one forward pass."""
+    """A weight tie that no single curvature block can describe (the message names the
+    modules and why)."""
+
+
+class TiedStatisticsError(CurvkitError, RuntimeError):
+    """A per-row statistic asked of a block whose weight is used in transposed layouts
+    (an embedding tied to an output layer), for which only the factors and the per-datum
+    gradients exist."""
+
+
+class UnitwiseStatisticsError(CurvkitError, RuntimeError):
+    """A Kronecker statistic (``A``, ``G``, per-row features) asked of a unit-wise block
+    (a normalisation layer's scale and shift, :mod:`curvkit.stats.norms`), whose curvature
+    is an exact per-unit block instead."""
 
 
 class ConfigError(CurvkitError, ValueError):

@@ -72,6 +72,12 @@ class MethodConfig(ValidatedConfig):
         T_stats: Statistics every ``T_stats`` steps.
         unsupported: Modules with parameters but no layer handler: ``"warn"`` (default)
             or ``"skip"`` leave them to a first-order update; ``"error"`` refuses.
+        backend: Registered statistics backend: ``"hooks"`` (default: the capture engine,
+            fed by your own ``loss.backward()``), or ``"backpack"`` / ``"asdl"`` for methods
+            whose blocks need only the batch's factors (``MethodSpec.factor_statistics``).
+            Another backend runs its own forward and backward: call
+            ``optimizer.collect_statistics(inputs, targets)`` before ``step()`` (it does
+            nothing on steps without statistics).
     """
 
     fisher: FisherType | str = FisherType.EMPIRICAL
@@ -80,6 +86,7 @@ class MethodConfig(ValidatedConfig):
     mc_samples: int = 1
     T_stats: int = 1
     unsupported: UnsupportedPolicy | str = UnsupportedPolicy.WARN
+    backend: str = "hooks"
 
     def normalise(self) -> list[str]:
         out: list[str] = []
@@ -96,6 +103,8 @@ class MethodConfig(ValidatedConfig):
         if self.fisher is not FisherType.MC and self.mc_samples != 1 and "mc_samples" not in " ".join(out):
             out.append(f"mc_samples={self.mc_samples!r} only applies to fisher='mc'; leave it at 1")
         check_number(out, "T_stats", self.T_stats, low=1, integer=True)
+        if not isinstance(self.backend, str):
+            out.append(f"backend={self.backend!r} must be a registered statistics backend name (e.g. 'hooks')")
         return out
 
 
@@ -175,12 +184,33 @@ class MethodSpec:
     Attributes:
         name: Registered name (``"kfac"``).
         config_cls: Its frozen, keyword-only, self-validating configuration dataclass.
-        block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``.
+        block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``. It may raise
+            :class:`~curvkit.UnsupportedModuleError` for a layer the method cannot serve:
+            that layer then takes first-order steps, with the message in ``summary()``.
         summary: One line for ``curvkit plugins`` and the docs.
         reference: Citation.
         sample_configs: Keyword sets the conformance suite trains with.
         bad_configs: ``(kwargs, expected exception type)`` the conformance suite expects
             to raise.
+        factor_statistics: Whether the method's blocks need only the batch's factors
+            ``A()`` and ``G()``, so a statistics backend other than the capture engine
+            (``backend="backpack"``/``"asdl"``), which computes only those, can feed them.
+        tied_blocks: Whether the method's blocks work from ``A()``, ``G()`` and
+            ``per_example_gradients()`` alone, so they can serve a weight tied in transposed
+            layouts (:attr:`~curvkit.blocks.BlockInfo.tied`). Otherwise such a weight takes
+            the first-order step, and ``summary()`` says why.
+        diagonal_inputs: Whether the method's blocks take a layer with one-hot inputs
+            (:attr:`~curvkit.blocks.BlockInfo.diagonal_input`: an ``nn.Embedding``) from
+            its 1-D diagonal ``A()``, ``G()`` and sparse per-example gradients, at any
+            vocabulary size. Otherwise the method sees explicit one-hot rows, which curvkit
+            builds only for embeddings of at most
+            :data:`~curvkit.stats.embedding.ONE_HOT_LIMIT` rows; a larger one takes the
+            first-order step, and ``summary()`` says why.
+        unitwise_block: ``(BlockInfo, config, registry) -> CurvatureBlock`` for unit-wise
+            layers (normalisation layers' scale and shift,
+            :attr:`~curvkit.blocks.BlockInfo.unitwise`); ``None`` (default) gives them the
+            core's exact per-unit :class:`~curvkit.unitwise.UnitwiseBlock`
+            (:meth:`~curvkit.unitwise.UnitwiseBlock.from_config`), whatever the method.
         recommended: The method's recommended settings: settings that train at the
             defaults, with a trust region. They are **the defaults everywhere**: of the
             named optimizer class, of :func:`curvkit.optim.create`, of
@@ -202,6 +232,10 @@ class MethodSpec:
     reference: str = ""
     sample_configs: tuple[dict[str, Any], ...] = ({},)
     bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
+    tied_blocks: bool = False
+    diagonal_inputs: bool = False
+    factor_statistics: bool = False
+    unitwise_block: Callable[..., Any] | None = None
     recommended: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
     def recommended_settings(self, task: str | None = None) -> dict[str, Any]:
@@ -255,5 +289,33 @@ class MethodSpec:
             except (UnknownComponentError, IncompatibleComponentsError):
                 raise
 
+    def unsupported_reason(self, info: Any) -> str | None:
+        """Why this method cannot build a block for ``info`` (``None`` if it can)."""
+        if getattr(info, "tied", False) and not self.tied_blocks:
+            return (
+                f"its weight is tied in transposed layouts and method {self.name!r} needs per-row statistics, which "
+                "such a block does not have (methods with tied_blocks=True: e.g. 'kfac', 'ekfac')"
+            )
+        if getattr(info, "diagonal_input", False) and not self.diagonal_inputs:
+            from curvkit.stats.embedding import ONE_HOT_LIMIT
+
+            if info.d_in > ONE_HOT_LIMIT:
+                return (
+                    f"it is an embedding with {info.d_in} rows and method {self.name!r} needs per-row input features: "
+                    f"one-hot rows and a {info.d_in}×{info.d_in} input factor, which curvkit builds only up to "
+                    f"ONE_HOT_LIMIT={ONE_HOT_LIMIT} rows (methods that keep its diagonal A at any size: e.g. 'kfac', "
+                    "'ekfac')"
+                )
+        return None
+
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:
+        """The block for ``info``: the ``block_factory``'s, or for a unit-wise layer the
+        ``unitwise_block`` factory's (default: the core's
+        :class:`~curvkit.unitwise.UnitwiseBlock`)."""
+        if getattr(info, "unitwise", False):
+            if self.unitwise_block is not None:
+                return self.unitwise_block(info, config, registry)
+            from curvkit.unitwise import UnitwiseBlock
+
+            return UnitwiseBlock.from_config(info, config, registry)
         return self.block_factory(info, config, registry)

@@ -120,7 +120,16 @@ def handler_plugin(*handlers):
 def test_core_registry_contents(core_registry):
     assert core_registry.plugins == ["curvkit"]
     assert core_registry.backends.names() == ["hooks"]
-    assert set(core_registry.layer_handlers.names()) == {"linear", "conv"}
+    assert set(core_registry.layer_handlers.names()) == {
+        "linear",
+        "conv",
+        "embedding",
+        "multihead_attention",
+        "layer_norm",
+        "rms_norm",
+        "batch_norm",
+        "group_norm",
+    }
     assert core_registry.backends.plugin_of("hooks") == "curvkit"
     assert "hooks" in core_registry.backends and "nope" not in core_registry.backends
     assert len(core_registry.backends) == 1
@@ -271,12 +280,14 @@ def test_handler_for_picks_most_specific(order):
     assert registry.handler_for(ScaledLinear(2, 2)) is specific
     assert registry.handler_for(nn.Linear(2, 2)) is core_linear
     assert registry.handler_for(nn.Conv1d(1, 1, 1)) is registry.layer_handlers.get("conv")
-    assert registry.handler_for(nn.BatchNorm1d(2)) is generic
+    assert registry.handler_for(nn.PReLU(2)) is generic
+    assert registry.handler_for(nn.BatchNorm1d(2)) is registry.layer_handlers.get("batch_norm")
 
 
 def test_handler_for_unknown_is_none(core_registry):
-    assert core_registry.handler_for(nn.BatchNorm1d(2)) is None
-    assert core_registry.handler_for(nn.Embedding(3, 2)) is None
+    assert core_registry.handler_for(nn.PReLU(2)) is None
+    assert core_registry.handler_for(nn.SyncBatchNorm(2)) is None  # its statistics span processes
+    assert core_registry.handler_for(nn.EmbeddingBag(3, 2)) is None
     assert core_registry.handler_for(ScaledLinear(2, 2)) is core_registry.layer_handlers.get("linear")
 
 
@@ -301,7 +312,7 @@ def test_third_party_handler_for_custom_module(fisher, core_registry):
     y = torch.randint(0, 2, (6,))
     loss_fn = nn.CrossEntropyLoss()
     with pytest.raises(curvkit.UnsupportedModuleError, match="Affine"):
-        curvkit.kronecker_factors(affine, loss_fn, X, y, fisher=fisher, registry=core_registry)
+        curvkit.kronecker_factors(affine, loss_fn, X, y, fisher=fisher, unsupported="error", registry=core_registry)
     handler = AffineHandler()
     registry = curvkit.build_registry(autoload=False, plugins=[handler_plugin(handler)])
     ours = curvkit.kronecker_factors(affine, loss_fn, X, y, fisher=fisher, registry=registry)
@@ -337,7 +348,9 @@ def test_third_party_handler_check_can_refuse(core_registry):
     X = torch.randn(5, 3, dtype=torch.float64)
     y = torch.randint(0, 2, (5,))
     with pytest.raises(curvkit.UnsupportedModuleError, match="'0'.*refused by test handler"):
-        curvkit.kronecker_factors(affine, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=registry)
+        curvkit.kronecker_factors(
+            affine, nn.CrossEntropyLoss(), X, y, fisher="type-2", unsupported="error", registry=registry
+        )
     out = curvkit.kronecker_factors(
         affine, nn.CrossEntropyLoss(), X, y, fisher="type-2", unsupported="skip", registry=registry
     )

@@ -255,8 +255,8 @@ def _run_one(
             run["optimizer"] = f"{type(opt).__module__}.{type(opt).__qualname__}"
             loss_fn = nn.CrossEntropyLoss()
             curvature_backward = getattr(opt, "curvature_backward", None)
-            gen = torch.Generator().manual_seed(seed)
-            perm, pos = torch.randperm(n, generator=gen), 0
+            gen = torch.Generator(device="cpu").manual_seed(seed)  # batch order: the same on every device
+            perm, pos = torch.randperm(n, generator=gen, device="cpu"), 0
             curve = run["curve"]
 
             def record(step: int, seconds: float) -> float:
@@ -276,7 +276,7 @@ def _run_one(
             seconds = 0.0
             for step in range(1, steps + 1):
                 if pos + task.batch_size > n:
-                    perm, pos = torch.randperm(n, generator=gen), 0
+                    perm, pos = torch.randperm(n, generator=gen, device="cpu"), 0
                 idx = perm[pos : pos + task.batch_size].to(device)
                 pos += task.batch_size
                 xb, yb = X_tr[idx], y_tr[idx]

@@ -2,10 +2,12 @@
 
 * :class:`KroneckerCurvature`: K-FAC / EKFAC curvature of a model over a data loader as a
   linear operator (products, dense view, trace, log-determinant, damped inverse,
-  eigendecomposition, sampling), exportable to SciPy and curvlinops.
+  eigendecomposition, sampling), exportable to SciPy and curvlinops; normalisation layers
+  are exact unit-wise blocks (:class:`UnitwiseBlock`).
 * :class:`KroneckerLaplace`: a Laplace approximation built on it, without laplace-torch
   (posterior precision, log marginal likelihood, prior precision optimisation, linearised
-  predictive).
+  predictive). Its inputs are checked: see :mod:`curvkit.laplace.checks` and
+  :class:`NonFiniteInputError`.
 * :class:`CurvkitGGN`, :class:`CurvkitEF`: backends for laplace-torch
   (``Laplace(model, ..., backend=CurvkitGGN)``). They live in :mod:`curvkit.laplace.backend`,
   which imports laplace-torch; they are loaded on first access, so importing this package
@@ -17,9 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
+from curvkit.laplace.checks import NonFiniteInputError
 from curvkit.laplace.curvature import KroneckerCurvature, KroneckerPower
 from curvkit.laplace.prior import PriorMode
 from curvkit.laplace.quantities import KroneckerLaplace
+from curvkit.laplace.unitwise import UnitwiseBlock, UnitwiseEigen
 
 __all__ = [
     "BlockEigen",
@@ -29,7 +33,10 @@ __all__ = [
     "KroneckerCurvature",
     "KroneckerLaplace",
     "KroneckerPower",
+    "NonFiniteInputError",
     "PriorMode",
+    "UnitwiseBlock",
+    "UnitwiseEigen",
 ]
 
 _BACKEND_NAMES = ("CurvkitGGN", "CurvkitEF")

@@ -8,6 +8,8 @@ basis and replaces the spectrum by the second moments of the per-datum gradients
 which is the best diagonal in that basis (in Frobenius norm) for the curvature
 :math:`\frac1Z\sum_{n,m} \mathrm{vec}\nabla\,\mathrm{vec}\nabla^\top`. ``Z`` is the loss
 normaliser over the whole data set (``1`` for a sum-reduced loss).
+
+A normalisation layer's unit-wise block is exact already; it is kept as it is.
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, UnsupportedPolicy, as_enum
 from curvkit.laplace.blocks import KroneckerBlock
-from curvkit.laplace.gradients import fisher_gradients, layer_columns
+from curvkit.laplace.gradients import fisher_gradients
+from curvkit.laplace.unitwise import UnitwiseBlock
 from curvkit.stats.plan import make_plan
 
 if TYPE_CHECKING:
@@ -38,9 +41,10 @@ def eigenvalue_correction(
     fisher: FisherType | str,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
-    unsupported: UnsupportedPolicy | str = "error",
+    unsupported: UnsupportedPolicy | str = "warn",
     registry: Any = None,
     progress: bool = False,
+    output_fn: Any = None,
 ) -> KroneckerCurvature:
     """The EKFAC version of ``curvature`` (same factors and eigenbases, corrected spectrum)."""
     from tqdm.auto import tqdm
@@ -53,33 +57,41 @@ def eigenvalue_correction(
         registry = default_registry()
     fisher = as_enum(FisherType, fisher, "fisher")
     plan = make_plan(model, registry, unsupported)
-    columns = layer_columns(plan, model)
-    # the columns of V each block covers, within its layer
+    # the layer feeding each Kronecker block and the columns of its matrix [W b] the block covers
+    # (unit-wise blocks are exact already and stay as they are)
+    kron = [b for b in curvature.blocks if isinstance(b, KroneckerBlock)]
     spans: list[tuple[str, slice]] = []
-    for block in curvature.blocks:
-        layer, first, _ = columns[block.param_names[0]]
-        last = columns[block.param_names[-1]][1]
-        spans.append((layer, slice(first.start, last.stop)))
-    sums = [torch.zeros(b.d_out, b.k, dtype=curvature.dtype, device=curvature.device) for b in curvature.blocks]
+    for block in kron:
+        if block.layer is None or block.columns is None:
+            raise ValueError(
+                f"block {block.name!r} does not say which tracked layer it belongs to (layer/columns are None); "
+                "build the curvature with KroneckerCurvature.from_factors or from_data."
+            )
+        spans.append((block.layer, slice(*block.columns)))
+    sums = [torch.zeros(b.d_out, b.k, dtype=curvature.dtype, device=curvature.device) for b in kron]
     total_z = 0.0
     for inputs, targets in tqdm(data, desc="EKFAC eigenvalues", disable=not progress, unit="batch"):
         z_batch = 1.0
-        for _, grads, z in fisher_gradients(model, plan, loss_fn, inputs, targets, fisher, mc_samples, generator):
+        for _, grads, z in fisher_gradients(
+            model, plan, loss_fn, inputs, targets, fisher, mc_samples, generator, output_fn
+        ):
             z_batch = z
-            for i, (block, (layer, cols)) in enumerate(zip(curvature.blocks, spans)):
+            for i, (block, (layer, cols)) in enumerate(zip(kron, spans)):
                 g = grads.get(layer)
                 if g is None:
                     continue
-                eig = block.eigen()
-                rotated = eig.QG.t() @ g[:, :, cols] @ eig.QA
+                rotated = block.eigen().rotate(g[:, :, cols])
                 sums[i].add_((rotated**2).sum(0))
         total_z += z_batch
     if total_z == 0.0:
         raise ValueError("data yielded no batches; pass a non-empty iterable of (inputs, targets).")
     z_total = total_z if loss_fn.reduction == "mean" else 1.0
-    blocks = []
-    for block, s in zip(curvature.blocks, sums):
-        new = KroneckerBlock(block.name, block.param_names, block.param_shapes, block.G, block.A, s / z_total)
-        object.__setattr__(new, "_eigen", block.eigen())
-        blocks.append(new)
+    corrected = iter(sums)
+    blocks: list[KroneckerBlock | UnitwiseBlock] = []
+    for old in curvature.blocks:
+        if isinstance(old, UnitwiseBlock):
+            blocks.append(old)
+            continue
+        old.eigen()  # cached, and kept by replace()
+        blocks.append(old.replace(corrected_eigenvalues=next(corrected) / z_total))
     return KroneckerCurvature(blocks)

@@ -7,80 +7,91 @@ back from the model output, the gradient of :math:`v^\top f(x_n)` with respect t
 .. math:: \nabla_{\bar W}\,(v^\top f_n) = \sum_r g_{n,r}\,\bar a_{n,r}^\top \in \mathbb{R}^{d_{out}\times k},
 
 with :math:`g_{n,r}` the gradient at the layer output. One forward pass records the
-inputs (the same hooks as the statistics backend); each vector then costs one backward pass
-to the layer outputs and one batched GEMM per layer. Choosing the vectors gives
+inputs (with the capture engine, as every statistic); each vector then costs one backward
+pass to the layer outputs and one batched GEMM per layer. Choosing the vectors gives
 
 * the loss-Hessian square-root columns / MC / empirical vectors of a Fisher type
   (:func:`fisher_gradients`): the exact diagonal and full GGN / Fisher / empirical Fisher,
   and EKFAC's corrected eigenvalues;
 * unit vectors on the outputs (:func:`output_jacobians`): Jacobians ``(N, C, P)``.
+
+A unit-wise layer (a normalisation layer, :mod:`curvkit.stats.norms`) has the matrix form
+``(D, k)``: row ``i`` holds unit ``i``'s ``[γ_i, β_i]`` (its per-datum gradient is
+:meth:`~curvkit.stats.LayerStats.unit_gradients`), so its scale is column 0 and its shift
+column 1, each in ``weight.flatten()`` order.
+
+The per-block results are placed in the flat parameter vector by
+:class:`curvkit.laplace.layout.FlatLayout` (row ranges and transposed layouts included).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.config import FisherType
-from curvkit.stats.capture import capture
+from curvkit.config import FisherType, KFACApprox
+from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.losses import loss_adapter
+from curvkit.stats.model_io import call_model, model_logits
 from curvkit.stats.plan import TrackingPlan
 
-__all__ = ["fisher_gradients", "layer_columns", "output_jacobians", "per_sample_gradients", "stack_parameters"]
+__all__ = ["fisher_gradients", "output_jacobians", "per_sample_gradients"]
 
 
 def per_sample_gradients(
     model: nn.Module,
     plan: TrackingPlan,
-    inputs: Tensor,
+    inputs: Any,
     vectors: Callable[[Tensor], Iterable[Tensor]],
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
-    """Run the model once and yield, for each vector, per-datum gradients by layer.
+    """Run the model once and yield, for each vector, per-datum gradients by block.
+
+    The uses are recorded by the capture engine (:mod:`curvkit.stats.engine`), like
+    every other statistic; a block's per-datum gradient sums over all its uses.
 
     Args:
         model: The model.
-        plan: Its tracked layers (:func:`curvkit.stats.make_plan`).
-        inputs: A batch ``(N, ...)``.
-        vectors: Called with the model output; yields tensors shaped like the output
+        plan: Its blocks (:func:`curvkit.stats.make_plan`).
+        inputs: A batch (a tensor, a mapping or a tuple; see :mod:`curvkit.stats.model_io`).
+        vectors: Called with the model output (the logits); yields tensors shaped like it
             (one backward pass each).
+        output_fn: Picks the logits from the model's output.
 
     Yields:
-        ``(output, {layer name: (N, d_out, k)})`` with ``k = d_in (+1 with a bias)``;
-        layers the vector does not reach are missing.
+        ``(output, {block name: (N, d_out, k)})`` with ``k = d_in (+1 with a bias)``;
+        blocks the vector does not reach are missing.
     """
-    with capture(plan) as cap:
-        output = model(inputs)
-    intact = cap.outputs_intact
-    if not intact:  # an in-place op overwrote a layer output: record gradients with tensor hooks
-        with capture(plan, record_grads=True) as cap:
-            output = model(inputs)
-    layers = {layer.name: layer for layer in plan}
-    names = [n for n in plan.names if n in cap.outputs and cap.outputs[n].requires_grad]
-    features: dict[str, Tensor] = {}
-    for name in names:
-        layer = layers[name]
-        a = layer.handler.input_features(layer.module, cap.inputs[name])
-        if layer.has_bias:
-            a = torch.cat([a, a.new_ones(*a.shape[:-1], 1)], dim=-1)
-        features[name] = a
-    wrt = [cap.outputs[n] for n in names] if intact else [layers[n].weight for n in names]
-    pending = list(vectors(output))
-    for i, v in enumerate(pending):
-        grads = torch.autograd.grad(output, wrt, v, retain_graph=i < len(pending) - 1, allow_unused=True)
-        result: dict[str, Tensor] = {}
-        for name, direct in zip(names, grads):
-            g: Tensor | None = direct
-            if not intact:
-                recorded = cap.grads.get(name)
-                g = recorded.pop() if recorded else None
-            if g is None:
-                continue
-            layer = layers[name]
-            rows = layer.handler.output_features(layer.module, g)
-            result[name] = torch.einsum("nro,nri->noi", rows, features[name])
-        yield output, result
+    engine = CaptureEngine(plan, model)
+    with engine.attached_for():
+        output = model_logits(call_model(model, inputs), output_fn)
+    try:
+        features: dict[str, Tensor] = {}
+        for name in plan.names:
+            stats = engine.layer_stats_inputs(name)
+            if stats is not None and not stats.tied and not stats.unitwise and not stats.diagonal_input:
+                features[name] = stats.a_features
+        pending = list(vectors(output))
+        for i, v in enumerate(pending):
+            engine.backpropagate(output, [v], num_passes=1, retain_graph=i < len(pending) - 1)
+            result: dict[str, Tensor] = {}
+            for name in plan.names:
+                # a use broadcast over the batch yields one row: the callers check the rows
+                stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0, allow_broadcast=True)
+                if stats is None:
+                    continue
+                if stats.tied or stats.unitwise or stats.diagonal_input:  # an embedding's by scattering ids
+                    result[name] = stats.per_example_gradients()
+                else:
+                    result[name] = torch.einsum("nro,nri->noi", stats.output_features(0), features[name])
+            for record in engine.records:
+                record.fisher_grads.clear()
+            yield output, result
+    finally:
+        engine.clear()
 
 
 def fisher_gradients(
@@ -92,6 +103,7 @@ def fisher_gradients(
     fisher: FisherType,
     mc_samples: int = 1,
     generator: torch.Generator | None = None,
+    output_fn: Callable[[Any], Tensor] | None = None,
 ) -> Iterator[tuple[Tensor, dict[str, Tensor], float]]:
     r"""Per-datum gradients of the vectors of a Fisher type.
 
@@ -106,17 +118,15 @@ def fisher_gradients(
     state: dict[str, float] = {}
 
     def vectors(output: Tensor) -> Iterator[Tensor]:
-        rows, target_rows = adapter.to_rows(output, targets)
         state["z"] = adapter.normaliser(output, targets)
-        for v in adapter.vector_passes(rows, target_rows, fisher, mc_samples, generator):
-            yield adapter.from_rows(v.unsqueeze(0), output)[0]
+        yield from adapter.output_vectors(output, targets, fisher, mc_samples, generator)
 
-    for output, grads in per_sample_gradients(model, plan, inputs, vectors):
+    for output, grads in per_sample_gradients(model, plan, inputs, vectors, output_fn):
         yield output, grads, state["z"]
 
 
 def output_jacobians(
-    model: nn.Module, plan: TrackingPlan, inputs: Tensor
+    model: nn.Module, plan: TrackingPlan, inputs: Any, output_fn: Callable[[Any], Tensor] | None = None
 ) -> Iterator[tuple[Tensor, dict[str, Tensor]]]:
     """Per-datum gradients of each output coordinate ``f_c`` of an ``(N, C)`` output (one pass per ``c``)."""
 
@@ -130,37 +140,4 @@ def output_jacobians(
             unit[:, c] = 1.0
             yield unit
 
-    yield from per_sample_gradients(model, plan, inputs, vectors)
-
-
-def layer_columns(plan: TrackingPlan, model: nn.Module) -> dict[str, tuple[str, slice, torch.Size]]:
-    """For every tracked parameter's name: its layer, its columns in ``V = [W b]``, its shape."""
-    names = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, tuple[str, slice, torch.Size]] = {}
-    for layer in plan:
-        weight = layer.weight
-        width = weight[0].numel()
-        out[names[id(weight)]] = (layer.name, slice(0, width), weight.shape)
-        bias = layer.bias
-        if bias is not None:
-            out[names[id(bias)]] = (layer.name, slice(width, width + 1), bias.shape)
-    return out
-
-
-def stack_parameters(
-    grads: dict[str, Tensor], columns: dict[str, tuple[str, slice, torch.Size]], param_names: list[str], n: int
-) -> Tensor:
-    """Per-datum layer gradients to ``(N, P)`` in the order of ``param_names`` (zeros for
-    layers the vector did not reach)."""
-    parts = []
-    for name in param_names:
-        layer, cols, shape = columns[name]
-        g = grads.get(layer)
-        if g is None:
-            parts.append(torch.zeros(n, shape.numel()))
-            continue
-        parts.append(g[:, :, cols].reshape(n, -1))
-    ref = next(iter(grads.values()), None)
-    if ref is not None:
-        parts = [p.to(ref) for p in parts]
-    return torch.cat(parts, dim=1)
+    yield from per_sample_gradients(model, plan, inputs, vectors, output_fn)

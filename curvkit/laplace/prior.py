@@ -5,7 +5,9 @@ A Gaussian prior :math:`\mathcal N(\mu_0, P_0^{-1})` with a diagonal precision
 
 * a scalar (``float`` or 0-d tensor): :math:`p_0 = \delta\,\mathbf 1`;
 * one value per block ("per layer"): a 1-d tensor of length ``num_blocks``;
-* a full diagonal: a 1-d tensor of length ``P`` (the number of parameters).
+* a full diagonal: a 1-d tensor of length ``P`` (the number of parameters), in the order
+  of the flat parameter vector (:attr:`KroneckerCurvature.param_names`, each parameter
+  flattened).
 
 :class:`PriorMode` says how it is added to a Kronecker block :math:`G\otimes A`:
 
@@ -27,6 +29,8 @@ import torch
 from torch import Tensor
 
 from curvkit.laplace.blocks import KroneckerBlock
+from curvkit.laplace.checks import check_prior_precision
+from curvkit.laplace.unitwise import UnitwiseBlock
 
 __all__ = ["PriorMode", "block_priors"]
 
@@ -39,7 +43,11 @@ class PriorMode(str, Enum):
 
 
 def block_priors(
-    prior_precision: float | Tensor, blocks: list[KroneckerBlock], dtype: torch.dtype, device: torch.device
+    prior_precision: float | Tensor,
+    blocks: list[KroneckerBlock] | list[KroneckerBlock | UnitwiseBlock],
+    dtype: torch.dtype,
+    device: torch.device,
+    indices: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """Split a prior precision into one tensor per block.
 
@@ -49,22 +57,23 @@ def block_priors(
 
     Raises:
         TypeError: ``prior_precision`` is neither a number nor a tensor.
-        ValueError: Its shape fits none of scalar / per block / diagonal, or it is negative.
+        ValueError: Its shape fits none of scalar / per block / diagonal, or an entry is negative
+            or non-finite (see :func:`curvkit.laplace.checks.check_prior_precision`).
     """
     num_params = sum(b.numel for b in blocks)
-    if isinstance(prior_precision, bool) or not isinstance(prior_precision, (int, float, Tensor)):
-        raise TypeError(
-            f"prior_precision={prior_precision!r} must be a number or a tensor (scalar, one value per block, "
-            "or one per parameter)."
-        )
+    check_prior_precision(prior_precision)
     prior = torch.as_tensor(prior_precision, dtype=dtype, device=device)
-    if prior.ndim > 1 or (prior.ndim == 1 and prior.shape[0] not in (1, len(blocks), num_params)):
+    if prior.ndim == 1 and prior.shape[0] not in (1, len(blocks), num_params):
         raise ValueError(
             f"prior_precision of shape {tuple(prior.shape)} fits neither a scalar, nor one value per block "
-            f"({len(blocks)}), nor one per parameter ({num_params}); pass a tensor of one of these lengths."
+            f"({len(blocks)}: {[b.name for b in blocks]}), nor one per parameter ({num_params}); pass a tensor of "
+            "one of these lengths."
         )
-    if not bool(torch.isfinite(prior).all()) or bool((prior < 0).any()):
-        raise ValueError("prior_precision must be finite and non-negative; got a negative or non-finite entry.")
+    if not bool(torch.isfinite(prior).all()):
+        raise ValueError(
+            f"prior_precision overflows {dtype} (largest entry {float(prior.max()):.3g}); "
+            "pass a smaller value."
+        )
     if prior.ndim == 0 or prior.shape[0] == 1:
         return [prior.reshape(()) for _ in blocks]
     if prior.shape[0] == len(blocks):
@@ -72,7 +81,10 @@ def block_priors(
     out: list[Tensor] = []
     offset = 0
     for block in blocks:
-        part = block.to_matrix(prior[offset : offset + block.numel].unsqueeze(1))[0]
+        if indices is not None:  # the flat vector's entries of the block matrix (a curvature's layout)
+            part = prior[indices[len(out)].to(prior.device)]
+        else:
+            part = block.to_matrix(prior[offset : offset + block.numel].unsqueeze(1))[0]
         offset += block.numel
         first = part.reshape(-1)[0]
         out.append(first if bool((part == first).all()) else part)
@@ -85,6 +97,6 @@ def factored_shifts(block: KroneckerBlock, delta: Tensor, pi_correction: bool) -
     if not pi_correction:
         return root, root
     mean_g = float(torch.diagonal(block.G).sum()) / block.d_out
-    mean_a = float(torch.diagonal(block.A).sum()) / block.k
+    mean_a = float(block.A_diagonal().sum()) / block.k
     pi = math.sqrt(mean_g / mean_a) if mean_g > 0 and mean_a > 0 else 1.0
     return root * pi, root / pi

@@ -24,6 +24,14 @@ classification.
 
 The conventions are those of laplace-torch 0.3, so every quantity here equals its
 ``KronLaplace`` with the same prior.
+
+What is refused, and why (see :mod:`curvkit.laplace.checks`): :meth:`KroneckerLaplace.fit`
+refuses non-finite parameters or buffers (naming them), batches with non-finite inputs or
+targets, and batches whose loss or curvature is non-finite in the working dtype although
+their inputs are finite (naming the batch); the log marginal likelihood refuses a zero prior
+precision (``log det P_0 = -∞``: the evidence under an improper prior is not defined); a
+prior precision must be finite and non-negative and fit the curvature's layout; sample
+counts must be positive integers.
 """
 
 from __future__ import annotations
@@ -35,16 +43,32 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.config import FisherType, KFACApprox, as_enum
+from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
+from curvkit.laplace.checks import (
+    CheckedBatches,
+    NonFiniteInputError,
+    check_batch_loss,
+    check_count,
+    check_parameters,
+    check_positive,
+    check_prior_mean,
+    check_prior_precision,
+    curvature_is_finite,
+    locate_nonfinite_curvature,
+)
 from curvkit.laplace.curvature import KroneckerCurvature
-from curvkit.laplace.gradients import layer_columns, output_jacobians, stack_parameters
+from curvkit.laplace.gradients import output_jacobians
+from curvkit.laplace.layout import FlatLayout
+from curvkit.laplace.pickling import registry_from_state, registry_to_state
 from curvkit.laplace.prior import PriorMode, block_priors
+from curvkit.stats.model_io import call_model, model_logits
 from curvkit.stats.plan import make_plan
 
 __all__ = ["KroneckerLaplace"]
 
 _LIKELIHOODS = ("classification", "regression")
 _STRUCTURES = ("scalar", "layerwise", "diag")
+_LINK_APPROX = ("probit", "mc")
 
 
 class KroneckerLaplace:
@@ -65,6 +89,15 @@ class KroneckerLaplace:
             or one block per layer with the bias folded into ``A``.
         prior_mode: ``"exact"`` (eigenbasis) or ``"factored"`` addition of the prior.
         mc_samples, generator: For ``fisher="mc"``.
+        unsupported: Modules with trainable parameters and no layer handler: ``"warn"``
+            (default) or ``"skip"`` leave their parameters out of the posterior (fixed at
+            their MAP values, as in a subnetwork Laplace); ``"error"`` refuses. The same
+            policy and default as :func:`curvkit.kronecker_factors` and the optimizers.
+        output_fn: Picks the logits from the model's output (see
+            :mod:`curvkit.stats.model_io`).
+        backend: Statistics backend for the factors (``"hooks"``, ``"backpack"``,
+            ``"asdl"``, ...); a request it cannot serve raises the backend's error, naming
+            those that can. The EKFAC correction always uses the capture engine.
 
     Example:
         >>> import torch
@@ -96,14 +129,19 @@ class KroneckerLaplace:
         mc_samples: int = 1,
         generator: torch.Generator | None = None,
         registry: Any = None,
+        unsupported: UnsupportedPolicy | str = "warn",
+        output_fn: Any = None,
+        backend: str = "hooks",
     ) -> None:
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not valid; choose one of {_LIKELIHOODS}.")
         if likelihood != "regression" and sigma_noise != 1.0:
             raise ValueError(f"sigma_noise={sigma_noise} applies to regression only; leave it at 1 for classification.")
         for name, value in (("sigma_noise", sigma_noise), ("temperature", temperature)):
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
-                raise ValueError(f"{name}={value!r} must be a positive number.")
+            check_positive(name, value)
+        check_prior_precision(prior_precision)
+        check_prior_mean(prior_mean)
+        check_count("mc_samples", mc_samples, 1, "Pass the number of sampled targets per datum, e.g. 1.")
         if registry is None:
             from curvkit.plugins import default_registry
 
@@ -122,10 +160,29 @@ class KroneckerLaplace:
         self.mc_samples = mc_samples
         self.generator = generator
         self.registry = registry
+        self.unsupported = as_enum(UnsupportedPolicy, unsupported, "unsupported")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend={backend!r} must be a registered statistics backend name (e.g. 'hooks').")
+        self.backend = backend
+        self.output_fn = output_fn
         self.curvature: KroneckerCurvature | None = None
         self.loss = 0.0
         self.n_data = 0
         self.n_outputs = 0
+
+    # --- pickling (torch.save) ---------------------------------------------------------
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["registry"] = registry_to_state(state.get("registry"), type(self).__name__)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state["registry"] = registry_from_state(state.get("registry"))
+        state.setdefault("backend", "hooks")
+        state.setdefault("unsupported", UnsupportedPolicy.WARN)
+        state.setdefault("output_fn", None)
+        self.__dict__.update(state)
 
     # --- fitting ----------------------------------------------------------------------
 
@@ -145,36 +202,102 @@ class KroneckerLaplace:
         Args:
             data: Re-iterable ``(inputs, targets)`` batches (a ``DataLoader`` or a list).
             progress: Show progress bars.
+
+        Raises:
+            NonFiniteInputError: A parameter or buffer is non-finite (named); a batch has
+                non-finite inputs or targets, or a non-finite loss or curvature in the
+                working dtype although its inputs are finite (``.batch`` is its index in
+                iteration order). Nothing is stored then.
+            ValueError: A regression target's shape differs from the output's; the prior
+                does not fit the curvature's layout.
         """
         if iter(data) is data:  # type: ignore[comparison-overlap]
             raise TypeError("data is iterated more than once; pass a DataLoader or a list, not an iterator.")
+        check_parameters(self.model)
+        batches = CheckedBatches(data)
         loss_fn = self._loss_fn()
-        curvature = KroneckerCurvature.from_data(
-            self.model,
-            loss_fn,
-            data,
-            fisher=self.fisher,
-            kfac_approx=self.kfac_approx,
-            mc_samples=self.mc_samples,
-            generator=self.generator,
-            separate_bias=self.separate_bias,
-            correct_eigenvalues=self.correct_eigenvalues,
-            progress=progress,
-            registry=self.registry,
-        )
-        self.curvature = curvature * self._factor
+        # the loss pass first: a batch that overflows is named before any curvature is computed
         total, count, outputs = 0.0, 0, 0
         with torch.no_grad():
-            for inputs, targets in data:
-                out = self.model(inputs)
-                total += float(loss_fn(out, targets))
+            for index, (inputs, targets) in enumerate(batches):
+                out = model_logits(call_model(self.model, inputs), self.output_fn)
+                if self.likelihood == "regression" and out.shape != targets.shape:
+                    raise ValueError(
+                        f"batch {index}: the model's output has shape {tuple(out.shape)} but the targets "
+                        f"{tuple(targets.shape)}; MSELoss would broadcast them into a wrong loss. Give targets of "
+                        "the output's shape (e.g. y.unsqueeze(-1) for one output)."
+                    )
+                loss = loss_fn(out, targets)
+                check_batch_loss(index, loss, inputs, out)
+                total += float(loss)
                 count += len(targets)
                 outputs = out.shape[-1]
+        curvature = self._curvature(batches, loss_fn, progress)
+        params = dict(self.model.named_parameters())
+        mean = torch.cat([params[n].detach().reshape(-1) for n in curvature.param_names])
+        block_priors(  # fits the layout?
+            self.prior_precision, curvature.blocks, curvature.dtype, curvature.device, curvature.indices
+        )
+        check_prior_mean(self.prior_mean, mean.numel())
+        self.curvature = curvature * self._factor
         self.loss = self._factor * total
         self.n_data = count
         self.n_outputs = outputs
-        params = dict(self.model.named_parameters())
-        self.mean = torch.cat([params[n].detach().reshape(-1) for n in self.curvature.param_names])
+        self.mean = mean
+
+    def _curvature(self, batches: CheckedBatches, loss_fn: nn.Module, progress: bool) -> KroneckerCurvature:
+        """The curvature over ``batches``; a non-finite one is refused, naming the batch."""
+        factor_kwargs = dict(
+            fisher=self.fisher,
+            kfac_approx=self.kfac_approx,
+            mc_samples=self.mc_samples,
+            registry=self.registry,
+            unsupported=self.unsupported,
+            output_fn=self.output_fn,
+            backend=self.backend,
+        )
+        state = self.generator.get_state() if self.generator is not None else None
+        try:
+            curvature = KroneckerCurvature.from_data(
+                self.model,
+                loss_fn,
+                batches,
+                generator=self.generator,
+                separate_bias=self.separate_bias,
+                correct_eigenvalues=self.correct_eigenvalues,
+                progress=progress,
+                **factor_kwargs,  # type: ignore[arg-type]
+            )
+        except torch.linalg.LinAlgError as err:  # EKFAC's eigenbasis of non-finite factors?
+            from curvkit.stats.api import accumulate_kronecker_factors
+
+            error = self._locate(batches, loss_fn, state, factor_kwargs)
+            if error.batch is None:  # no batch on its own: is it their sum, or the eigensolver?
+                generator = self._replay(state)
+                factors = accumulate_kronecker_factors(
+                    self.model, loss_fn, batches, generator=generator, **factor_kwargs
+                )
+                if all(bool(torch.isfinite(t).all()) for pair in factors.values() for t in pair):
+                    raise
+            raise error from err
+        if not curvature_is_finite(curvature):
+            raise self._locate(batches, loss_fn, state, factor_kwargs)
+        return curvature
+
+    def _locate(
+        self, batches: CheckedBatches, loss_fn: nn.Module, state: Tensor | None, factor_kwargs: dict[str, Any]
+    ) -> NonFiniteInputError:
+        dtype = next(iter(self.model.parameters())).dtype
+        generator = self._replay(state)
+        return locate_nonfinite_curvature(self.model, loss_fn, batches, dtype, generator=generator, **factor_kwargs)
+
+    def _replay(self, state: Tensor | None) -> torch.Generator | None:
+        """A generator in the state the failed pass started from (the same MC targets)."""
+        if self.generator is None or state is None:
+            return None
+        generator = torch.Generator(device=self.generator.device)
+        generator.set_state(state)
+        return generator
 
     def _fitted(self) -> KroneckerCurvature:
         if self.curvature is None:
@@ -191,10 +314,11 @@ class KroneckerLaplace:
         """The prior precision as a ``(P,)`` diagonal."""
         curvature = self._fitted()
         prior = self.prior_precision if prior_precision is None else prior_precision
-        parts = block_priors(prior, curvature.blocks, curvature.dtype, curvature.device)
-        return torch.cat(
-            [b.from_matrix(p.expand(b.d_out, b.k).unsqueeze(0))[:, 0] for b, p in zip(curvature.blocks, parts)]
-        )
+        parts = block_priors(prior, curvature.blocks, curvature.dtype, curvature.device, curvature.indices)
+        out = torch.empty(curvature.num_params, 1, dtype=curvature.dtype, device=curvature.device)
+        for i, (b, p) in enumerate(zip(curvature.blocks, parts)):
+            curvature.scatter(out, i, p.expand(b.d_out, b.k).unsqueeze(0))
+        return out[:, 0]
 
     def posterior_precision(self, prior_precision: float | Tensor | None = None) -> Tensor:
         """The posterior precision ``P = C/(σ²T) + P_0`` as a dense ``(P, P)`` matrix (small models)."""
@@ -221,12 +345,41 @@ class KroneckerLaplace:
 
     def log_marginal_likelihood(self, prior_precision: float | Tensor | None = None) -> Tensor:
         """The Laplace approximation of ``log p(D)`` (see the module docstring); differentiable
-        in ``prior_precision``."""
+        in ``prior_precision``.
+
+        Raises:
+            ValueError: A prior precision entry is 0. Then ``log det P_0 = -∞``: the prior is
+                improper and its evidence is not defined (laplace-torch returns NaN or -inf).
+                Also raised when a term overflows the working dtype (the message names it).
+        """
         p0 = self.prior_precision_diag(prior_precision)
+        if not bool((p0 > 0).all()):
+            zeros = int((p0 == 0).sum())
+            raise ValueError(
+                f"the log marginal likelihood needs a positive prior precision, but {zeros} of {p0.numel()} entries "
+                "are 0: log det P_0 = -inf, the prior is improper and the Laplace evidence is not defined (it would "
+                "be NaN or -inf). Pass a positive prior_precision (e.g. 1e-4 for a nearly flat prior), or let "
+                "optimize_prior_precision() choose one."
+            )
         delta = self.mean - self.prior_mean
         scatter = (delta * p0) @ delta
-        log_det_ratio = self.log_det_posterior_precision(prior_precision) - p0.log().sum()
-        return self.log_likelihood() - 0.5 * (log_det_ratio + scatter)
+        log_det_posterior = self.log_det_posterior_precision(prior_precision)
+        log_det_prior = p0.log().sum()
+        log_likelihood = self.log_likelihood()
+        value = log_likelihood - 0.5 * (log_det_posterior - log_det_prior + scatter)
+        if not bool(torch.isfinite(value)):
+            terms = {
+                "log p(D|θ)": log_likelihood,
+                "log det P": log_det_posterior,
+                "log det P_0": log_det_prior,
+                "scatter": scatter,
+            }
+            shown = ", ".join(f"{k} = {float(v):.6g}" for k, v in terms.items())
+            raise ValueError(
+                f"the log marginal likelihood is {float(value)} in {value.dtype} ({shown}): a term overflows. "
+                "Use a smaller prior precision, or fit a float64 copy of the model."
+            )
+        return value
 
     def optimize_prior_precision(
         self, structure: str = "scalar", n_steps: int = 100, lr: float = 0.1, init_prior_prec: float = 1.0
@@ -247,6 +400,9 @@ class KroneckerLaplace:
         curvature = self._fitted()
         if structure not in _STRUCTURES:
             raise ValueError(f"structure={structure!r} is not valid; choose one of {_STRUCTURES}.")
+        check_count("n_steps", n_steps, 0, "Pass the number of Adam steps, e.g. 100.")
+        check_positive("lr", lr, "Pass Adam's learning rate on log p_0, e.g. 0.1.")
+        check_positive("init_prior_prec", init_prior_prec, "Pass the starting prior precision, e.g. 1.0.")
         size = {"scalar": 1, "layerwise": len(curvature.blocks), "diag": curvature.num_params}[structure]
         log_prior = torch.full(
             (size,), math.log(init_prior_prec), dtype=curvature.dtype, device=curvature.device, requires_grad=True
@@ -265,11 +421,12 @@ class KroneckerLaplace:
     def jacobians(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
         """Jacobians ``(M, C, P)`` of the model output w.r.t. the curvature's parameters, and ``f (M, C)``."""
         curvature = self._fitted()
-        plan = make_plan(self.model, self.registry, "error")
-        columns = layer_columns(plan, self.model)
+        plan = make_plan(self.model, self.registry, UnsupportedPolicy.SKIP)
+        params = dict(self.model.named_parameters())
+        layout = FlatLayout(plan, [params[n] for n in curvature.param_names])
         rows, out = [], None
-        for out, grads in output_jacobians(self.model, plan, inputs):
-            rows.append(stack_parameters(grads, columns, curvature.param_names, out.shape[0]))
+        for out, grads in output_jacobians(self.model, plan, inputs, self.output_fn):
+            rows.append(layout.stack(grads, out.shape[0]))
         assert out is not None
         return torch.stack(rows, dim=1).detach(), out.detach()
 
@@ -297,24 +454,37 @@ class KroneckerLaplace:
             and the functional covariance ``(M, C, C)`` (add ``σ²`` for the predictive
             of ``y``), as laplace-torch returns them.
         """
+        if link_approx not in _LINK_APPROX:
+            raise ValueError(f"link_approx={link_approx!r} is not valid; choose one of {_LINK_APPROX}.")
+        check_count(
+            "n_samples",
+            n_samples,
+            1,
+            "The 'mc' predictive averages that many softmax samples (0 would give NaN probabilities); pass e.g. 100.",
+        )
+        if isinstance(inputs, Tensor) and not bool(torch.isfinite(inputs).all()):
+            raise NonFiniteInputError(
+                f"predictive() got inputs {tuple(inputs.shape)} with non-finite entries; their predictions would be "
+                "NaN. Drop or repair those rows first."
+            )
         f, f_var = self.functional_variance(inputs)
         if self.likelihood == "regression":
             return f, f_var
         if link_approx == "probit":
             kappa = 1 / torch.sqrt(1.0 + math.pi / 8 * torch.diagonal(f_var, dim1=1, dim2=2))
             return torch.softmax(kappa * f, dim=-1)
-        if link_approx == "mc":
-            dist = torch.distributions.MultivariateNormal(f, f_var + 1e-12 * torch.eye(f.shape[-1], dtype=f.dtype))
-            if generator is not None:
-                chol = torch.linalg.cholesky(dist.covariance_matrix)
-                z = torch.randn(n_samples, *f.shape, dtype=f.dtype, device=f.device, generator=generator)
-                samples = f + torch.einsum("mij,smj->smi", chol, z)
-            else:
-                samples = dist.sample((n_samples,))
-            return torch.softmax(samples, dim=-1).mean(0)
-        raise ValueError(f"link_approx={link_approx!r} is not valid; choose 'probit' or 'mc'.")
+        jitter = 1e-12 * torch.eye(f.shape[-1], dtype=f.dtype, device=f.device)
+        dist = torch.distributions.MultivariateNormal(f, f_var + jitter)
+        if generator is not None:
+            chol = torch.linalg.cholesky(dist.covariance_matrix)
+            z = torch.randn(n_samples, *f.shape, dtype=f.dtype, device=f.device, generator=generator)
+            samples = f + torch.einsum("mij,smj->smi", chol, z)
+        else:
+            samples = dist.sample((n_samples,))
+        return torch.softmax(samples, dim=-1).mean(0)
 
     def sample(self, num_samples: int, generator: torch.Generator | None = None) -> Tensor:
         """Parameter samples ``(num_samples, P)`` from ``N(θ_*, P^{-1})``."""
+        check_count("num_samples", num_samples, 1, "Pass the number of parameter samples to draw, e.g. 10.")
         curvature = self._fitted() * self._h_factor
         return curvature.sample(num_samples, self.prior_precision, self.prior_mode, mean=self.mean, generator=generator)

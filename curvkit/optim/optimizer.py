@@ -318,7 +318,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def _check_layer_groups(self) -> None:
         groups = self._group_of()
         for layer in self.preconditioner.plan:
-            params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+            params = layer.params
             inside = [id(p) in groups for p in params]
             if any(inside) and not all(inside):
                 raise ValueError(
@@ -330,6 +330,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     def config(self) -> MethodConfig:
         """The method's validated configuration."""
         return self.preconditioner.config
+
+    def collect_statistics(self, inputs: Any, targets: Tensor) -> None:
+        """This step's statistics from an external backend (``backend="backpack"`` /
+        ``"asdl"``); see :meth:`Preconditioner.collect_statistics`."""
+        self.preconditioner.collect_statistics(inputs, targets)
 
     def curvature_backward(self, output: Tensor, targets: Tensor) -> None:
         """The one extra call of ``fisher="mc"`` / ``"type-2"``; see
@@ -347,6 +352,18 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             f"  {self.monitor.describe()}",
         ]
         return "\n".join(lines)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model: its forward passes are no longer recorded. The optimizer
+        keeps its state; later steps are first-order for layers that need statistics. A
+        deleted optimizer detaches itself (its hooks hold it only weakly)."""
+        self.preconditioner.remove_hooks()
+
+    def __enter__(self) -> CurvatureOptimizer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove_hooks()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state: curvature blocks plus momentum buffers."""
@@ -399,21 +416,23 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         grads: dict[str, tuple[Tensor, Tensor | None]] = {}
         raw: dict[str, Tensor] = {}
         for name, layer in pre.layers.items():
+            w_param = layer.weight_ref.param
+            if id(w_param) not in groups:
+                continue
+            tracked.update(id(p) for p in layer.params)
+            pre.blocks[name].set_step_size(groups[id(w_param)]["lr"])
             w, b = layer.weight, layer.bias
-            if id(w) not in groups:
+            gw = layer.weight_ref.grad()
+            gb = None if b is None or layer.bias_ref is None else layer.bias_ref.grad()
+            if gw is None and (b is None or gb is None):
                 continue
-            tracked.update({id(w)} | ({id(b)} if b is not None else set()))
-            pre.blocks[name].set_step_size(groups[id(w)]["lr"])
-            if w.grad is None and (b is None or b.grad is None):
-                continue
-            gw = w.grad if w.grad is not None else torch.zeros_like(w)
-            gb = None if b is None else (b.grad if b.grad is not None else torch.zeros_like(b))
+            gw = gw if gw is not None else torch.zeros_like(w)
+            gb = None if b is None else (gb if gb is not None else torch.zeros_like(b))
             if adapt_now:  # the LM quadratic model reads the raw gradient
                 raw[name] = layer_matrix(layer, gw, gb)
-            gw, gb = (
-                self._decay_before(w, gw, groups),
-                (None if b is None or gb is None else self._decay_before(b, gb, groups)),
-            )
+            gw = self._decay_before(w_param, w, gw, groups)
+            if b is not None and gb is not None and layer.bias_ref is not None:
+                gb = self._decay_before(layer.bias_ref.param, b, gb, groups)
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
         if not grads and not fallback:
@@ -427,21 +446,29 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.monitor.skipped(pre.steps, pre.counters)
             return loss
         scales = self._trust_region(dirs, fallback, groups)
+        nu = scales.get("", 1.0)
+        # per-parameter directions (a parameter split into parts gets its rows from each)
         direction: dict[int, Tensor] = {}
         params: dict[int, Tensor] = {}
+        pieces: dict[int, list[tuple[tuple[int, int], Tensor]]] = {}
         for name, mat in dirs.items():
             layer = pre.layers[name]
             scale = scales.get(name, 1.0)
             w_dir, b_dir = split_layer_matrix(layer, mat * scale if scale != 1.0 else mat)
-            direction[id(layer.weight)], params[id(layer.weight)] = w_dir, layer.weight
-            if b_dir is not None:
-                bias = layer.bias
-                assert bias is not None
-                direction[id(bias)], params[id(bias)] = b_dir, bias
-        nu = scales.get("", 1.0)
+            refs = [(layer.weight_ref, w_dir)]
+            if b_dir is not None and layer.bias_ref is not None:
+                refs.append((layer.bias_ref, b_dir))
+            for ref, d in refs:
+                params[id(ref.param)] = ref.param
+                if ref.rows is None:
+                    direction[id(ref.param)] = d
+                else:
+                    pieces.setdefault(id(ref.param), []).append((ref.rows, d))
+        for i, parts in pieces.items():
+            direction[i] = self._assemble(params[i], parts, groups, nu)
         for p in fallback:
             assert p.grad is not None
-            g = self._decay_before(p, p.grad, groups)
+            g = self._decay_before(p, p, p.grad, groups)
             direction[id(p)], params[id(p)] = (g * nu if nu != 1.0 else g), p
         old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
         if not self._apply(params, direction, groups):
@@ -472,10 +499,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 problems,
             )
 
-    def _decay_before(self, p: Tensor, g: Tensor, groups: dict[int, dict[str, Any]]) -> Tensor:
-        group = groups[id(p)]
+    def _decay_before(self, param: Tensor, value: Tensor, g: Tensor, groups: dict[int, dict[str, Any]]) -> Tensor:
+        """``g + γ θ`` for ``weight_decay_mode="before"`` (``value``: ``θ``, or the rows of
+        ``param`` a block covers)."""
+        group = groups[id(param)]
         if group["weight_decay_mode"] == "before" and group["weight_decay"] != 0:
-            return g.add(p, alpha=group["weight_decay"])
+            return g.add(value, alpha=group["weight_decay"])
         return g
 
     def _trust_region(
@@ -488,11 +517,31 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         return trust_region_scales(
             TrustRegion(self.kl_clip, self.rms_clip, self.grad_ratio_clip),
             dirs,
-            {name: groups[id(pre.layers[name].weight)]["lr"] for name in dirs},
+            {name: groups[id(pre.layers[name].weight_ref.param)]["lr"] for name in dirs},
             pre.grad_norms_sq,
             pre.inner_products,
             [(p, groups[id(p)]["lr"]) for p in fallback],
         )
+
+    def _assemble(
+        self,
+        param: Tensor,
+        parts: list[tuple[tuple[int, int], Tensor]],
+        groups: dict[int, dict[str, Any]],
+        nu: float,
+    ) -> Tensor:
+        """A parameter's direction from the rows its blocks cover; rows no block moved
+        (a part without a gradient this step) take the first-order direction."""
+        out = torch.empty_like(param)
+        covered = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
+        for (r0, r1), d in parts:
+            out[r0:r1] = d
+            covered[r0:r1] = True
+        if not bool(covered.all()):
+            g = param.grad if param.grad is not None else torch.zeros_like(param)
+            g = self._decay_before(param, param, g, groups)
+            out[~covered] = g[~covered] * nu
+        return out
 
     def _apply(
         self, params: dict[int, Tensor], directions: dict[int, Tensor], groups: dict[int, dict[str, Any]]
@@ -599,8 +648,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         change = 0.0
         for name, g in raw.items():
             layer = pre.layers[name]
-            delta_w = layer.weight.detach() - old[id(layer.weight)]
-            delta_b = None if layer.bias is None else layer.bias.detach() - old[id(layer.bias)]
+            delta_w = _rows(layer.weight_ref, layer.weight_ref.param.detach() - old[id(layer.weight_ref.param)])
+            delta_b = None
+            if layer.bias is not None and layer.bias_ref is not None:
+                delta_b = _rows(layer.bias_ref, layer.bias_ref.param.detach() - old[id(layer.bias_ref.param)])
             delta = layer_matrix(layer, delta_w, delta_b)
             quad = pre.blocks[name].quadratic(delta) + lam * float((delta * delta).sum())
             change += float((g * delta).sum()) + 0.5 * quad
@@ -666,6 +717,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             group.setdefault("momentum", 0.0)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("kahan_sum", True)
+
+
+def _rows(ref: Any, t: Tensor) -> Tensor:
+    return t if ref.rows is None else t[ref.rows[0] : ref.rows[1]]
 
 
 class KFAC(CurvatureOptimizer):

@@ -33,15 +33,15 @@ import math
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
+from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, SharedLayerStats
 from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
+from curvkit.errors import UnsupportedModuleError, UnsupportedRequestError
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.optim.guards import (
     COUNTERS,
@@ -51,9 +51,11 @@ from curvkit.optim.guards import (
     inner_products,
     squared_norms,
 )
+from curvkit.stats.backend import UnitwiseFactors
+from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
 from curvkit.stats.losses import loss_adapter
-from curvkit.stats.plan import LayerPlan, make_plan
+from curvkit.stats.plan import LayerPlan, TrackingPlan, make_plan
 
 __all__ = ["Preconditioner", "layer_matrix", "split_layer_matrix"]
 
@@ -76,21 +78,16 @@ def split_layer_matrix(layer: LayerPlan, mat: Tensor) -> tuple[Tensor, Tensor | 
     return weight_from_matrix(layer.handler, layer.module, mat, w.shape), None
 
 
-def _is_functorch_wrapped(t: Tensor) -> bool:
-    check = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
-    return bool(check(t)) if check is not None else False
-
-
-@dataclass
-class _Record:
-    """One forward pass of one layer on a statistics step."""
-
-    inputs: Tensor
-    output: Tensor | None
-    version: int
-    grads: list[Tensor] = field(default_factory=list)
-    sampled: list[Tensor] = field(default_factory=list)
-    sampled_scale: float = 1.0
+def _to_device(obj: Any, device: torch.device) -> Any:
+    """``obj`` (a block's state: nested dicts, lists and tuples) with every tensor on ``device``."""
+    if isinstance(obj, Tensor):
+        return obj.to(device)
+    if isinstance(obj, dict):
+        return {k: _to_device(v, device) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        items = [_to_device(v, device) for v in obj]
+        return type(obj)(*items) if hasattr(obj, "_fields") else type(obj)(items)
+    return obj
 
 
 def resolve_method(method: str | MethodSpec, registry: Any) -> MethodSpec:
@@ -171,9 +168,33 @@ class Preconditioner:
         self.loss_fn = loss_fn
         self.plan = make_plan(model, registry, self.config.unsupported)
         self.layers: dict[str, LayerPlan] = {layer.name: layer for layer in self.plan}
-        self.blocks: dict[str, CurvatureBlock] = {
-            layer.name: self.spec.make_block(BlockInfo.from_plan(layer), self.config, registry) for layer in self.plan
-        }
+        self.blocks: dict[str, CurvatureBlock] = {}
+        #: Layers this method cannot precondition (first-order), with the reason.
+        self.first_order_layers: dict[str, str] = {}
+        for layer in self.plan:
+            info = BlockInfo.from_plan(layer)
+            reason = self.spec.unsupported_reason(info)
+            if reason is None:
+                try:
+                    self.blocks[layer.name] = self.spec.make_block(info, self.config, registry)
+                    continue
+                except UnsupportedModuleError as err:  # the factory declines this layer
+                    reason = str(err)
+            self.first_order_layers[layer.name] = reason
+        if self.first_order_layers:
+            warnings.warn(
+                "; ".join(f"layer {n!r} takes first-order steps: {r}" for n, r in self.first_order_layers.items()),
+                stacklevel=3,
+            )
+        self.layers = {name: layer for name, layer in self.layers.items() if name in self.blocks}
+        #: Columns of a block's matrix that take the first-order step (a handler's
+        #: ``first_order_columns``: an untied embedding's padding row, which has no gradient).
+        self._first_order_columns: dict[str, list[int]] = {}
+        for name, layer in self.layers.items():
+            columns = getattr(layer.handler, "first_order_columns", None)
+            cols = columns(layer.module) if columns is not None and not layer.tied else []
+            if cols:
+                self._first_order_columns[name] = cols
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
         self.generator: torch.Generator | None = generator
@@ -184,7 +205,7 @@ class Preconditioner:
                 "data-parallel training; use a fixed damping (e.g. damping=1e-3) or distributor=False."
             )
         self.distributor.attach(model, self.blocks)
-        self._seed = int(torch.randint(0, 2**62, (1,)).item()) + self.distributor.rank
+        self._seed = int(torch.randint(0, 2**62, (1,), device="cpu").item()) + self.distributor.rank
         self.steps = 0
         self.damping_value = self.damping.initial_value() if self.damping is not None else 0.0
         self.counters: dict[str, Any] = dict(COUNTERS)
@@ -196,11 +217,87 @@ class Preconditioner:
         self.grad_norms_sq: dict[str, float] = {}
         #: Refreshes this process computed, per layer (not saved in checkpoints).
         self.refresh_counts: dict[str, int] = {name: 0 for name in self.blocks}
-        self._records: dict[str, list[_Record]] = {}
-        self._suspended = 0
         self._warned_missing: set[str] = set()
         self._refreshed: set[str] = set()
-        self._handles = [layer.module.register_forward_hook(self._make_hook(layer.name)) for layer in self.plan]
+        self._fisher_calls = 0
+        self._fisher_scale = 1.0
+        self.backend = self._resolve_backend(getattr(self.config, "backend", "hooks"))
+        #: Factors from an external statistics backend (``collect_statistics``) for this step:
+        #: ``{"A", "G"}``, or ``{"F"}`` for a unit-wise layer, and the number of data.
+        self._external: dict[str, tuple[dict[str, Tensor], int]] = {}
+        #: The capture engine (:mod:`curvkit.stats.engine`): records layer inputs and output
+        #: gradients on statistics steps; its hooks hold this preconditioner only weakly.
+        #: With an external backend it stays detached (the backend runs its own passes).
+        self.engine = CaptureEngine(
+            TrackingPlan(tuple(self.layers.values()), self.plan.skipped, self.plan.first_order),
+            model,
+            active=self._capturing,
+            keep_loss_grads=self.fisher is FisherType.EMPIRICAL,
+            persistent=True,
+        )
+        if self.backend is None:
+            self.engine.attach()
+
+    def _resolve_backend(self, name: str) -> Any:
+        """``None`` for the capture engine, else the registered backend ``name``, checked
+        against what can be known before any batch (its capabilities are checked again,
+        fully, on every batch)."""
+        if name == "hooks":
+            return None
+        backend = self.registry.backends.get(name)
+        if not self.spec.factor_statistics:
+            able = [repr(n) for n in self.registry.methods.names() if self.registry.methods.get(n).factor_statistics]
+            raise UnsupportedRequestError(
+                f"backend={name!r} computes only the factors A and G of a batch, but method {self.spec.name!r} needs "
+                "per-example statistics (features, rows or per-example gradients). Use backend='hooks' (the default), "
+                f"or a method whose blocks need only the factors: {', '.join(able)}."
+            )
+        if self.loss_fn is None:
+            raise ValueError(f"backend={name!r} runs the loss itself; pass loss_fn= (e.g. nn.CrossEntropyLoss()).")
+        if self.distributor.world_size > 1:
+            raise UnsupportedRequestError(
+                f"backend={name!r} is not supported in data-parallel training; use backend='hooks' (the default)."
+            )
+        return backend
+
+    def collect_statistics(self, inputs: Any, targets: Tensor) -> None:
+        """Compute this step's statistics with the external backend (``backend=`` other than
+        ``"hooks"``): it runs its own forward and backward on ``(inputs, targets)``.
+
+        Call it before ``step()`` on every step; it does nothing on steps without
+        statistics. With the default backend it is not needed (the hooks record your own
+        forward and backward) and raises.
+        """
+        if self.backend is None:
+            raise RuntimeError(
+                "collect_statistics() is for backend='backpack'/'asdl'; with backend='hooks' (the default) the "
+                "statistics come from your own forward and backward (and curvature_backward for fisher='mc'/'type-2')."
+            )
+        if not self.stats_due:
+            return
+        from curvkit.stats.api import _make_request, resolve_backend
+
+        if self.fisher is FisherType.MC and self.generator is None:
+            self.generator = torch.Generator(device=targets.device).manual_seed(self._seed)
+        request = _make_request(
+            self.model,
+            self.loss_fn,  # type: ignore[arg-type]
+            inputs,
+            targets,
+            self.fisher,
+            self.config.kfac_approx,  # type: ignore[arg-type]
+            self.config.mc_samples,
+            self.generator,
+            self.config.unsupported,
+            self.registry,
+            self.engine.plan,
+        )
+        factors = resolve_backend(self.registry, self.backend.name, request).compute(request)
+        n = int(targets.shape[0])
+        self._external = {
+            name: ({"F": entry.F} if isinstance(entry, UnitwiseFactors) else {"A": entry[0], "G": entry[1]}, n)
+            for name, entry in factors.items()
+        }
 
     # --- capture --------------------------------------------------------------------------
 
@@ -215,40 +312,18 @@ class Preconditioner:
         return self.steps % t_inv == 0
 
     def _capturing(self) -> bool:
-        return self._suspended == 0 and self.stats_due and torch.is_grad_enabled()
-
-    def _make_hook(self, name: str):  # type: ignore[no-untyped-def]
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-            if not self._capturing() or not isinstance(output, Tensor) or not output.requires_grad:
-                return
-            if len(args) != 1 or not isinstance(args[0], Tensor):
-                return
-            if _is_functorch_wrapped(args[0]):
-                return  # a forward inside torch.func transforms (vmap/grad) is not a training step
-            record = _Record(args[0].detach(), output, output._version)
-            self._records.setdefault(name, []).append(record)
-            empirical = self.fisher is FisherType.EMPIRICAL
-
-            def grad_hook(g: Tensor) -> None:
-                if self._sampling:
-                    record.sampled.append(g.detach())
-                elif empirical:
-                    record.grads.append(g.detach())
-
-            output.register_hook(grad_hook)
-
-        return hook
-
-    _sampling = False
+        return self.stats_due
 
     @contextmanager
     def suspended(self) -> Iterator[None]:
         """A block in which forward passes record nothing (evaluation, line searches)."""
-        self._suspended += 1
-        try:
+        with self.engine.suspended():
             yield
-        finally:
-            self._suspended -= 1
+
+    @property
+    def is_suspended(self) -> bool:
+        """Whether forward passes record nothing now (inside :meth:`suspended`)."""
+        return self.engine._suspended > 0
 
     def curvature_backward(self, output: Tensor, targets: Tensor) -> None:
         """Backpropagate the Fisher's vectors for ``fisher="mc"`` or ``"type-2"``.
@@ -258,67 +333,53 @@ class Preconditioner:
         collect no statistics, so a loop can call it unconditionally.
 
         Args:
-            output: The model output of this step's forward pass.
+            output: The logits of this step's forward pass: ``(N, C, ...)``, or
+                ``(N, ..., C)`` (language-model logits) for cross-entropy.
             targets: The targets (used for shapes; MC samples its own).
         """
-        if self.fisher is FisherType.EMPIRICAL or not self.stats_due or not self._records:
+        if self.fisher is FisherType.EMPIRICAL or not self.stats_due or not self.engine.records:
             return
+        live = [r for r in self.engine.records if r.output is not None]
+        if not live:
+            raise RuntimeError("curvature_backward() was already called for this forward pass.")
         assert self.loss_fn is not None
         adapter = loss_adapter(self.loss_fn)
-        rows, target_rows = adapter.to_rows(output, targets)
         if self.generator is None:
             self.generator = torch.Generator(device=output.device).manual_seed(self._seed)
-        passes = adapter.vector_passes(rows, target_rows, self.fisher, self.config.mc_samples, self.generator)
-        records = [r for recs in self._records.values() for r in recs]
-        outputs = [r.output for r in records if r.output is not None]
-        if len(outputs) != len(records):
-            raise RuntimeError("curvature_backward() was already called for this forward pass.")
-        intact = all(o._version == r.version for o, r in zip(outputs, records))
-        wrt = outputs if intact else [self.layers[n].weight for n in self._records]
-        scale = 1.0 / adapter.normaliser(output, targets)
-        self._sampling = True
-        try:
-            for v in passes:
-                torch.autograd.grad(
-                    output, wrt, adapter.from_rows(v.unsqueeze(0), output)[0], retain_graph=True, allow_unused=True
-                )
-        finally:
-            self._sampling = False
-        for r in records:
-            r.sampled_scale = scale
-            r.output = None  # drop the graph reference as soon as it is no longer needed
+        vectors = adapter.output_vectors(output, targets, self.fisher, self.config.mc_samples, self.generator)
+        self.engine.backpropagate(output, vectors, retain_graph=True)
+        self._fisher_scale = 1.0 / adapter.normaliser(output, targets)
+        self._fisher_calls += 1
+        self.engine.drop_outputs()  # the graph is the caller's again
 
     # --- the step ---------------------------------------------------------------------------
 
     def _layer_stats(self, name: str) -> LayerStats | None:
-        records = [r for r in self._records.get(name, []) if (r.sampled if self._sampled_fisher else r.grads)]
-        if not records:
-            return None
-        layer = self.layers[name]
-        if len(records) > 1 and len({r.inputs.shape[1:] for r in records}) > 1:
-            records = records[-1:]
-        inputs = torch.cat([r.inputs for r in records]) if len(records) > 1 else records[0].inputs
+        approx = self.config.kfac_approx
+        if self.backend is not None:
+            if name not in self._external:
+                return None
+            shared, n = self._external[name]
+            like = next(iter(shared.values()))
+            return SharedLayerStats(self.layers[name], shared, n, like, approx)  # type: ignore[arg-type]
         if self._sampled_fisher:
-            n_pass = min(len(r.sampled) for r in records)
-            grads = [torch.cat([r.sampled[p] for r in records]) for p in range(n_pass)]
-            scale = records[0].sampled_scale / len(records)
-        else:
-            grads = [torch.cat([r.grads[0] for r in records])] if len(records) > 1 else [records[0].grads[0]]
-            scale = self._empirical_scale(layer, inputs, grads[0])
-        return LayerStats(layer, inputs, grads, self.config.kfac_approx, scale)  # type: ignore[arg-type]
+            scale = self._fisher_scale / max(1, self._fisher_calls)
+            return self.engine.layer_stats(name, "fisher", approx, scale)  # type: ignore[arg-type]
+        return self.engine.layer_stats(name, "loss", approx, self._empirical_scale)  # type: ignore[arg-type]
 
     @property
     def _sampled_fisher(self) -> bool:
         return self.fisher is not FisherType.EMPIRICAL
 
-    def _empirical_scale(self, layer: LayerPlan, inputs: Tensor, grad: Tensor) -> float:
+    def _empirical_scale(self, stats: LayerStats) -> float:
         average = self.config.loss_average
         if average is None:
             return 1.0
-        n = inputs.shape[0]
+        n = stats.num_data
         if average == "batch":
             return float(n)
-        r = layer.handler.output_features(layer.module, grad).shape[1]
+        part = stats.parts[0]
+        r = part.output_features(part.grads[0]).shape[1]
         return float(n * r)
 
     @torch.no_grad()
@@ -389,6 +450,9 @@ class Preconditioner:
                 name: (first_order[name] if name in first_order else self.blocks[name].precondition(m))
                 for name, m in mats.items()
             }
+            for name, cols in self._first_order_columns.items():
+                if name in out and name not in first_order:  # e.g. an embedding's padding row
+                    out[name][:, cols] = mats[name][:, cols].to(out[name].dtype)
             dots = inner_products([(out[n], mats[n]) for n in names])
             ok = all(math.isfinite(d) for d in dots)
             if not self.distributor.all_ok(ok):
@@ -434,29 +498,34 @@ class Preconditioner:
         self.refresh_counts[name] += 1
 
     def clear_records(self) -> None:
-        """Forget what the hooks recorded since the last step.
-
-        Each record is emptied before it is dropped: the tensor hook on a layer output
-        holds its record, and the record held the output, a cycle through autograd's C++
-        graph that Python's garbage collector cannot see (it leaked the graph of every
-        step until this was done).
-        """
-        for records in self._records.values():
-            for r in records:
-                r.output = None
-                r.inputs = None  # type: ignore[assignment]
-                r.grads.clear()
-                r.sampled.clear()
-        self._records.clear()
+        """Forget what the hooks recorded since the last step."""
+        self.engine.clear()
+        self._fisher_calls = 0
+        self._external = {}
 
     def _missing_statistics(self, missing: list[str]) -> None:
-        if self._sampled_fisher and self.stats_due and not any(r.sampled for rs in self._records.values() for r in rs):
+        if self.backend is not None and self.stats_due and not self._external:
+            raise RuntimeError(
+                f"no statistics at step {self.steps}: with backend={self.backend.name!r}, call "
+                "collect_statistics(inputs, targets) before step() (it does nothing on steps without statistics)."
+            )
+        if self.engine.displaced:
+            if "<displaced>" not in self._warned_missing:
+                self._warned_missing.add("<displaced>")
+                warnings.warn(
+                    f"this {self.spec.name} optimizer's hooks were detached when another curvkit optimizer was built "
+                    "on the same model; it collects no statistics, and its layers without any take first-order steps.",
+                    stacklevel=4,
+                )
+            return
+        if self._sampled_fisher and self.stats_due and not any(r.fisher_grads for r in self.engine.records):
             raise RuntimeError(
                 f"no curvature statistics for layer(s) {', '.join(map(repr, missing))} at step {self.steps}: with "
                 f"fisher={self.fisher.value!r}, call curvature_backward(output, targets) after the forward pass and "
                 "before loss.backward() (it does nothing on steps without statistics)."
             )
-        new = [n for n in missing if n not in self._warned_missing]
+        # a block broadcast over the batch was explained by the engine's own warning
+        new = [n for n in missing if n not in self._warned_missing and n not in self.engine.broadcast]
         if new:
             self._warned_missing.update(new)
             warnings.warn(
@@ -508,7 +577,9 @@ class Preconditioner:
         for name, s in present.items():
             block = self.blocks[name]
             k = block.num_updates + 1
-            block.update(s, min(1.0 - 1.0 / k, ema))
+            # a block may carry its own ρ (the unit-wise block, under methods without ema_decay)
+            rho = getattr(block, "stat_decay", None)
+            block.update(s, min(1.0 - 1.0 / k, ema if rho is None else rho))
             self.gates.track_statistics(name, magnitudes[name])
 
     def _release(self, present: dict[str, LayerStats]) -> None:
@@ -543,9 +614,10 @@ class Preconditioner:
         for name, mat in dirs.items():
             layer = self.layers[name]
             w, b = split_layer_matrix(layer, mat)
-            layer.weight.grad.copy_(w)  # type: ignore[union-attr]
+            layer.weight_ref.grad().copy_(w)  # type: ignore[union-attr]
             if b is not None:
-                layer.bias.grad.copy_(b)  # type: ignore[union-attr]
+                assert layer.bias_ref is not None
+                layer.bias_ref.grad().copy_(b)  # type: ignore[union-attr]
         return True
 
     def _collect_grads(self, weight_decay: float = 0.0) -> dict[str, tuple[Tensor, Tensor | None]]:
@@ -553,9 +625,10 @@ class Preconditioner:
         for name, layer in self.layers.items():
             w = layer.weight
             b = layer.bias
-            if w.grad is None or (b is not None and b.grad is None):
+            gw = layer.weight_ref.grad()
+            gb = layer.bias_ref.grad() if b is not None and layer.bias_ref is not None else None
+            if gw is None or (b is not None and gb is None):
                 continue
-            gw, gb = w.grad, (b.grad if b is not None else None)
             if weight_decay:
                 gw = gw.add(w, alpha=weight_decay)
                 gb = gb.add(b, alpha=weight_decay) if gb is not None and b is not None else gb
@@ -564,19 +637,21 @@ class Preconditioner:
 
     # --- bookkeeping ------------------------------------------------------------------------
 
-    def remove(self) -> None:
-        """Remove the hooks from the model (the preconditioner stops capturing)."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+    def remove_hooks(self) -> None:
+        """Detach from the model: remove every hook (the preconditioner records nothing
+        afterwards, and another optimizer may be attached to the model)."""
+        self.engine.detach()
+        self.engine.clear()
+
+    remove = remove_hooks
 
     def tracked_parameters(self) -> list[nn.Parameter]:
-        out = []
-        for layer in self.plan:
-            out.append(layer.weight)
-            if layer.bias is not None:
-                out.append(layer.bias)
-        return out  # type: ignore[return-value]
+        """The parameters with a curvature block (each once)."""
+        out: dict[int, nn.Parameter] = {}
+        for layer in self.layers.values():
+            for p in layer.params:
+                out.setdefault(id(p), p)
+        return list(out.values())
 
     def state_dict(self) -> dict[str, Any]:
         """Tensors and plain Python values only, so ``torch.load(..., weights_only=True)``
@@ -633,15 +708,28 @@ class Preconditioner:
         self.counters = {**COUNTERS, **dict(state["counters"])}
         self._seed = int(state["seed"])
         if state["generator"] is not None:
-            if self.generator is None:
-                self.generator = torch.Generator(device=state["generator_device"])
-            self.generator.set_state(state["generator"])
+            here = next((p.device for p in self.tracked_parameters()), None)
+            saved = torch.device(state["generator_device"])
+            if here is not None and saved.type != here.type:
+                # CPU and CUDA generator states are not interchangeable: a new stream, seeded
+                warnings.warn(
+                    f"the MC generator was saved on {saved.type} and the model is on {here.type}: its state "
+                    "cannot be restored there, so MC targets continue from a new seeded stream.",
+                    stacklevel=2,
+                )
+                self.generator = torch.Generator(device=here).manual_seed(self._seed + self.steps)
+            else:
+                if self.generator is None:
+                    self.generator = torch.Generator(device=here if here is not None else saved)
+                self.generator.set_state(state["generator"].cpu())  # map_location may have moved it
         self._refreshed = set(state["refreshed"])
         self.gates = OutlierGates()
         self.gates.load_state_dict(state.get("outlier_gates", {}))
         self._last_step_state = None
         for name, block_state in state["blocks"].items():
-            self.blocks[name].load_state_dict(block_state)
+            # a checkpoint from another device (map_location, or CPU -> CUDA): the layer's device
+            device = self.layers[name].weight.device
+            self.blocks[name].load_state_dict(_to_device(block_state, device))
 
     @property
     def distribution_plan(self) -> dict[str, int | None]:
@@ -664,10 +752,20 @@ class Preconditioner:
             if dist.world_size > 1:
                 shared = name in dist.shared_refreshes
                 where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
+            if name in self.engine.broadcast:  # (the engine warned, with the fix)
+                lines.append(
+                    f"  {name or '<model>'}: first-order (its module was called on a batch of one and broadcast over "
+                    "the data, so it has no per-datum statistics; pass its ids expanded to the batch to precondition "
+                    "it)"
+                )
+                continue
             pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
-            lines.append(f"  {name or '<model>'}: {block.describe()}{where}{pending}")
-        for name in self.plan.skipped:
-            lines.append(f"  {name}: first-order (no layer handler)")
+            tie = self.layers[name].describe_sites()
+            lines.append(f"  {name or '<model>'}: {block.describe()}{tie}{where}{pending}")
+        for name, reason in self.first_order_layers.items():
+            lines.append(f"  {name}: first-order ({reason})")
+        for pname, reason in self.plan.first_order.items():
+            lines.append(f"  {pname}: first-order ({reason})")
         lines.append(f"  guards: {self.describe_counters()}")
         return "\n".join(lines)
 
@@ -677,6 +775,6 @@ class Preconditioner:
 
     def __del__(self) -> None:
         try:
-            self.remove()
+            self.engine.detach()
         except Exception:  # pragma: no cover - interpreter shutdown
             pass

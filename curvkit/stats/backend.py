@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from curvkit.config import FisherType, KFACApprox
 from curvkit.stats.plan import TrackingPlan
 
-__all__ = ["BackendCapabilities", "FactorRequest", "KroneckerFactors", "StatisticsBackend"]
+__all__ = [
+    "BackendCapabilities",
+    "FactorRequest",
+    "KroneckerFactors",
+    "StatisticsBackend",
+    "TiedKroneckerFactors",
+    "UnitwiseFactors",
+]
 
 
 class KroneckerFactors(NamedTuple):
@@ -27,7 +34,9 @@ class KroneckerFactors(NamedTuple):
 
     Attributes:
         A: Input factor, ``(d_in + 1, d_in + 1)`` with a bias (the last row/column belongs
-            to the appended constant input), else ``(d_in, d_in)``.
+            to the appended constant input), else ``(d_in, d_in)``. For a layer with
+            one-hot inputs (``nn.Embedding``, see :mod:`curvkit.stats.embedding`) ``A`` is
+            diagonal and given as its diagonal, a 1-D ``(d_in,)`` tensor: ``G ⊗ diag(A)``.
         G: Output-gradient factor, ``(d_out, d_out)``.
     """
 
@@ -35,19 +44,59 @@ class KroneckerFactors(NamedTuple):
     G: Tensor
 
 
+class TiedKroneckerFactors(KroneckerFactors):
+    """The pair of a block whose weight is used in transposed layouts (a tied embedding
+    and LM head), with the factors of each layout it was formed from.
+
+    ``A``, ``G`` are the batch's nearest Kronecker product; :attr:`layouts` is
+    :meth:`LayerStats.layout_factors` (each layout's ``(transposed, A_u, G_u)``, scaled like
+    an untied block's), which :func:`curvkit.accumulate_kronecker_factors` adds up over
+    batches before forming the data set's nearest Kronecker product.
+    """
+
+    layouts: list[tuple[bool, Tensor, Tensor]]
+
+
+class UnitwiseFactors(NamedTuple):
+    r"""The curvature of a unit-wise layer (a normalisation layer's scale and shift,
+    :mod:`curvkit.stats.norms`): ``D`` exact ``k × k`` blocks, no Kronecker pair.
+
+    ``F[i]`` is the block of unit ``i``'s parameters ``(γ_i, β_i)`` (``k = 2``, the shift
+    last, like a bias column) or ``(γ_i,)`` (``k = 1``); units in the order of
+    ``weight.flatten()``. It is scaled like ``G``: the Fisher of the loss as its
+    ``reduction`` defines it, so ``blockdiag(F)`` is exactly the layer's diagonal blocks of
+    the dense Fisher/GGN (per unit; the couplings between units are not part of it).
+    ``kfac_approx`` does not apply (the blocks are exact). Test for it with
+    ``isinstance(entry, UnitwiseFactors)`` before unpacking an ``(A, G)`` pair.
+
+    Attributes:
+        F: ``(D, k, k)``, symmetric positive semi-definite per unit.
+    """
+
+    F: Tensor
+
+
 @dataclass(frozen=True)
 class FactorRequest:
-    """Everything a backend needs to compute the factors of one batch."""
+    """Everything a backend needs to compute the factors of one batch.
+
+    Attributes:
+        inputs: A tensor (``model(inputs)``), a mapping (``model(**inputs)``) or a tuple
+            (``model(*inputs)``); see :mod:`curvkit.stats.model_io`.
+        output_fn: Picks the logits from the model's output (``None``: the output itself,
+            or its ``"logits"`` entry).
+    """
 
     model: nn.Module
     loss_fn: nn.Module
-    inputs: Tensor
+    inputs: Any
     targets: Tensor
     fisher: FisherType
     kfac_approx: KFACApprox
     mc_samples: int
     generator: torch.Generator | None
     plan: TrackingPlan
+    output_fn: Callable[[Any], Tensor] | None = None
 
 
 def _names(values: Any) -> str:
@@ -66,6 +115,9 @@ class BackendCapabilities:
         reductions: Supported loss reductions.
         extra_check: Optional callable ``request -> list[str]`` of further reasons a
             request is refused (e.g. "Linear on 3-D inputs").
+        model_io: Whether it accepts mapping/tuple inputs and an ``output_fn``.
+        sites: Whether it handles blocks whose weight is used by several modules (tied
+            weights), through functional calls, or split by rows (attention).
     """
 
     fisher_types: frozenset[FisherType]
@@ -74,6 +126,8 @@ class BackendCapabilities:
     losses: tuple[type[nn.Module], ...]
     reductions: frozenset[str] = frozenset({"mean", "sum"})
     extra_check: Callable[[FactorRequest], list[str]] | None = field(default=None, compare=False)
+    model_io: bool = False
+    sites: bool = False
 
     def reasons(self, request: FactorRequest, registry: Any = None) -> list[str]:
         """Why this backend cannot serve ``request`` (empty if it can)."""
@@ -91,6 +145,16 @@ class BackendCapabilities:
         bad = sorted({type(layer.module).__name__ for layer in request.plan if not isinstance(layer.module, self.module_types)})
         if bad:
             out.append(f"module type(s) {', '.join(bad)} (supports {_names(self.module_types)})")
+        if not self.model_io and (not isinstance(request.inputs, torch.Tensor) or request.output_fn is not None):
+            out.append("inputs given as a mapping or tuple, or an output_fn (supports a tensor in, a tensor out)")
+        if not self.sites:
+            special = sorted(
+                layer.name
+                for layer in request.plan
+                if len(layer.sites) > 1 or layer.is_part or any(s.functional for s in layer.sites)
+            )
+            if special:
+                out.append(f"tied, shared or functionally used weights ({', '.join(map(repr, special))})")
         if self.extra_check is not None and not out:
             out.extend(self.extra_check(request))
         return out
@@ -108,5 +172,6 @@ class StatisticsBackend(Protocol):
     name: str
     capabilities: BackendCapabilities
 
-    def compute(self, request: FactorRequest) -> dict[str, KroneckerFactors]:
-        """Factors of every tracked layer that ran in the forward pass, by name."""
+    def compute(self, request: FactorRequest) -> dict[str, KroneckerFactors | UnitwiseFactors]:
+        """Factors of every tracked layer that ran in the forward pass, by name
+        (:class:`UnitwiseFactors` for unit-wise layers, where the backend serves them)."""

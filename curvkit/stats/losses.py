@@ -55,35 +55,75 @@ class LossAdapter:
 
     # --- shapes -----------------------------------------------------------------------
 
-    def to_rows(self, output: Tensor, target: Tensor) -> tuple[Tensor, Tensor]:
-        """Flatten output and target to ``(N·R_loss, C)`` rows (and matching targets)."""
-        if self.is_cross_entropy:
-            if output.ndim < 2:
+    def class_dim(self, output: Tensor, target: Tensor) -> int:
+        """Where the classes are in ``output``: ``1`` for PyTorch's ``(N, C, ...)`` layout,
+        ``-1`` for class-last outputs (``MSELoss``/``BCEWithLogitsLoss``, and language-model
+        logits ``(N, T, C)`` with targets ``(N, T)``, as Hugging Face models return them).
+
+        When the shapes fit both layouts (``T`` equal to the number of classes), PyTorch's
+        is taken, as ``CrossEntropyLoss`` itself does.
+
+        Raises:
+            UnsupportedRequestError: The shapes fit neither layout.
+        """
+        if not self.is_cross_entropy:
+            if output.shape != target.shape:
                 raise UnsupportedRequestError(
-                    f"CrossEntropyLoss output of shape {tuple(output.shape)} has no batch "
-                    "dimension; pass outputs of shape (N, C, ...)."
+                    f"{type(self.loss_fn).__name__} needs targets shaped like the output; got "
+                    f"output {tuple(output.shape)} and target {tuple(target.shape)}."
                 )
-            if target.is_floating_point():
-                raise UnsupportedRequestError(
-                    "CrossEntropyLoss with class-probability targets is not supported; pass "
-                    "integer class indices of shape (N, ...)."
-                )
-            rows = output.movedim(1, -1).reshape(-1, output.shape[1])
-            return rows, target.reshape(-1)
-        if output.shape != target.shape:
+            return -1
+        if output.ndim < 2:
             raise UnsupportedRequestError(
-                f"{type(self.loss_fn).__name__} needs targets shaped like the output; got "
-                f"output {tuple(output.shape)} and target {tuple(target.shape)}."
+                f"CrossEntropyLoss output of shape {tuple(output.shape)} has no batch "
+                "dimension; pass outputs of shape (N, C, ...)."
             )
+        if target.is_floating_point():
+            raise UnsupportedRequestError(
+                "CrossEntropyLoss with class-probability targets is not supported; pass "
+                "integer class indices of shape (N, ...)."
+            )
+        first = output.ndim == target.ndim + 1 and output.shape[:1] == target.shape[:1]
+        first = first and output.shape[2:] == target.shape[1:]
+        last = output.ndim >= 3 and output.ndim == target.ndim + 1 and output.shape[:-1] == target.shape
+        if first:
+            return 1
+        if last:
+            return -1
+        raise UnsupportedRequestError(
+            f"CrossEntropyLoss output {tuple(output.shape)} does not fit targets {tuple(target.shape)}: with targets "
+            "(N, *) the output must be (N, C, *) (PyTorch's layout) or (N, *, C) (language-model logits)."
+        )
+
+    def to_rows(self, output: Tensor, target: Tensor, class_dim: int | None = None) -> tuple[Tensor, Tensor]:
+        """Flatten output and target to ``(N·R_loss, C)`` rows (and matching targets)."""
+        dim = self.class_dim(output, target) if class_dim is None else class_dim
+        if self.is_cross_entropy:
+            moved = output.movedim(1, -1) if dim == 1 else output
+            return moved.reshape(-1, output.shape[dim]), target.reshape(-1)
         return output.reshape(-1, output.shape[-1]), target.reshape(-1, target.shape[-1])
 
-    def from_rows(self, rows: Tensor, output: Tensor) -> Tensor:
+    def from_rows(self, rows: Tensor, output: Tensor, class_dim: int = 1) -> Tensor:
         """Inverse of :meth:`to_rows` for a stack ``(M, N·R_loss, C)`` of row vectors."""
         m = rows.shape[0]
-        if self.is_cross_entropy:
+        if self.is_cross_entropy and class_dim == 1:
             moved = output.movedim(1, -1).shape
             return rows.reshape(m, *moved).movedim(-1, 2)
         return rows.reshape(m, *output.shape)
+
+    def output_vectors(
+        self,
+        output: Tensor,
+        target: Tensor,
+        fisher: FisherType,
+        mc_samples: int,
+        generator: torch.Generator | None,
+    ) -> Iterator[Tensor]:
+        """The Fisher type's vectors (:meth:`vector_passes`), each shaped like ``output``."""
+        dim = self.class_dim(output, target)
+        rows, target_rows = self.to_rows(output, target, dim)
+        for v in self.vector_passes(rows, target_rows, fisher, mc_samples, generator):
+            yield self.from_rows(v.unsqueeze(0), output, dim)[0]
 
     def num_loss_terms(self, output: Tensor, target: Tensor) -> int:
         """``N · R_loss``: the number of terms a ``mean`` reduction divides by (per C)."""
@@ -135,6 +175,11 @@ class LossAdapter:
             grad = self._raw_gradient(f, target_rows)
             yield grad if root_kappa == 1.0 else grad.mul_(root_kappa)
             return
+        if generator is not None and generator.device.type != f.device.type:
+            raise ValueError(
+                f"generator is on {generator.device} but the model's outputs are on {f.device}: MC targets are "
+                f"drawn where the outputs are; create it with torch.Generator(device={str(f.device)!r})."
+            )
         probs = self._probabilities(f)
         scale = root_kappa / math.sqrt(mc_samples)
         for _ in range(mc_samples):

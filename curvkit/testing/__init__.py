@@ -28,6 +28,7 @@ from curvkit.testing.methods import (
     check_nonfinite_gradient_skips,
     check_sample_configs_train,
     check_state_dict_roundtrip,
+    check_unitwise_layers,
 )
 from curvkit.testing.plugin import check_plugin
 from curvkit.testing.robustness import FAULTS, FaultResult, check_robustness, failing_decompositions, robustness_report
@@ -44,6 +45,7 @@ __all__ = [
     "check_sample_configs_train",
     "check_state_dict_roundtrip",
     "check_structure",
+    "check_unitwise_layers",
     "failing_decompositions",
     "robustness_report",
 ]

@@ -117,9 +117,9 @@ def _model() -> nn.Module:
 
 
 def _data(n: int = 256, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
-    gen = torch.Generator().manual_seed(seed)
-    X = torch.randn(n, _D_IN, generator=gen)
-    W = torch.randn(_D_IN, _CLASSES, generator=gen)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    X = torch.randn(n, _D_IN, generator=gen, device="cpu")
+    W = torch.randn(_D_IN, _CLASSES, generator=gen, device="cpu")
     return X, (X @ W).argmax(1)
 
 
@@ -138,7 +138,7 @@ class _Run:
             method=spec,
             loss_fn=self.loss_fn,
             registry=registry,
-            generator=torch.Generator().manual_seed(seed),
+            generator=torch.Generator(device="cpu").manual_seed(seed),
             **options,
         )
         self.position = 0
@@ -592,12 +592,7 @@ def _fault_hooks_after_del(spec: MethodSpec, options: dict[str, Any], registry: 
 #: Faults that cannot pass yet, with the reason: :func:`check_robustness` reports them in
 #: its results (``expected_failure``) but does not raise for them. Remove an entry when the
 #: work it names lands.
-EXPECTED_FAILURES: dict[str, str] = {
-    "hooks_gone_after_del": (
-        "the capture engine with weak-reference hooks and remove_hooks() (issue 16, the lead's part) has not landed "
-        "yet: a deleted optimizer's forward hooks stay on the model"
-    ),
-}
+EXPECTED_FAILURES: dict[str, str] = {}
 
 #: The faults, by name (see the module docstring).
 FAULTS: dict[str, Callable[[MethodSpec, dict[str, Any], Any], FaultResult]] = {

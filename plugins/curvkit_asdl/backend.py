@@ -318,7 +318,7 @@ class AsdlBackend:
         def forked() -> Iterator[None]:
             gen = request.generator
             if gen is None:
-                seed = int(torch.randint(0, 2**62, (1,)).item())
+                seed = int(torch.randint(0, 2**62, (1,), device="cpu").item())
             else:
                 seed = int(torch.randint(0, 2**62, (1,), generator=gen, device=gen.device).item())
             device = request.inputs.device

@@ -158,7 +158,7 @@ class TKFACBlock(KroneckerBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         assert self.A is not None and self.G is not None and self.delta is not None
         phi, psi = self.take_batch_factors(stats)
         pending, self._delta_batch = getattr(self, "_delta_batch", None), None

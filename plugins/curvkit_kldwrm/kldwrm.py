@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from curvkit.blocks import BlockInfo, KroneckerBlock, LayerStats
+from curvkit.blocks import BlockInfo, KroneckerBlock, LayerStats, as_structure
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComponentError
 from curvkit.linalg.damping import Damping, ExactDamping
@@ -279,7 +279,7 @@ class QKLDWRMBlock(SOKLDWRMBlock):
         super().update(stats, decay)
         assert self.A is not None and self.G is not None
         a, g = self.batch_factors(stats)
-        self.A_loc = self.structure_A.from_dense(a.to(self.A.dtype)).to_dense().clone()
+        self.A_loc = as_structure(self.structure_A, a.to(self.A.dtype)).to_dense().clone()
         self.G_loc = self.structure_G.from_dense(g.to(self.G.dtype)).to_dense().clone()
         if self.num_updates == 1:
             self.A_prev, self.G_prev = self.A.to_dense().clone(), self.G.to_dense().clone()
@@ -439,6 +439,7 @@ SO_KLDWRM_SPEC = MethodSpec(
     name="so-kldwrm",
     config_cls=SOKLDWRMConfig,
     block_factory=SOKLDWRMBlock,
+    factor_statistics=True,
     summary="SO-KLD-WRM: K-FAC on the wake-modified gradient g_k − ω(η_{k−1}/η_k)g_{k−1}",
     reference="Puiu (2022), Rethinking Exponential Averaging of the Fisher, arXiv:2204.04718",
     sample_configs=(
@@ -453,6 +454,7 @@ Q_KLDWRM_SPEC = MethodSpec(
     name="q-kldwrm",
     config_cls=QKLDWRMConfig,
     block_factory=QKLDWRMBlock,
+    factor_statistics=True,
     summary="Q-KLD-WRM: quadratic wake recursion, factors augmented with the newest local estimate",
     reference="Puiu (2022), Rethinking Exponential Averaging of the Fisher, arXiv:2204.04718",
     sample_configs=(
@@ -467,6 +469,7 @@ QE_KLDWRM_SPEC = MethodSpec(
     name="qe-kldwrm",
     config_cls=QEKLDWRMConfig,
     block_factory=QEKLDWRMBlock,
+    factor_statistics=True,
     summary="QE-KLD-WRM: Q-KLD-WRM plus an inner loop on a symmetric KL to stored past networks",
     reference="Puiu (2022), Rethinking Exponential Averaging of the Fisher, arXiv:2204.04718",
     sample_configs=({"T_stats": 1, "T_inv": 3, "damping": 1e-2, "eta": 0.05},),

@@ -22,6 +22,7 @@ additions the generic optimizer lacks:
 from __future__ import annotations
 
 import math
+import weakref
 from typing import Any
 
 import torch
@@ -89,10 +90,23 @@ class QEKLDWRM(QKLDWRM):
         self.model = model
         self.past: list[dict[str, Tensor]] = []
         self._batch: tuple[tuple[Any, ...], dict[str, Any]] | None = None
-        self._input_hook = model.register_forward_pre_hook(self._capture, with_kwargs=True)
+        ref = weakref.ref(self)
+
+        def capture(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            opt = ref()  # weakly held: a deleted optimizer records nothing
+            if opt is not None:
+                opt._capture(module, args, kwargs)
+
+        self._input_hook = model.register_forward_pre_hook(capture, with_kwargs=True)
+        weakref.finalize(self, self._input_hook.remove)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (the curvature hooks and the batch capture of the inner loop)."""
+        super().remove_hooks()
+        self._input_hook.remove()
 
     def _capture(self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-        if torch.is_grad_enabled() and self.preconditioner._suspended == 0:
+        if torch.is_grad_enabled() and not self.preconditioner.is_suspended:
             detach = lambda x: x.detach() if isinstance(x, Tensor) else x  # noqa: E731
             self._batch = (tuple(detach(a) for a in args), {k: detach(v) for k, v in kwargs.items()})
 

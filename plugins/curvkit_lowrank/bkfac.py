@@ -85,7 +85,7 @@ def correct_eigenpairs(low: LowRankFactor, exact: Tensor, fraction: float, gener
     m = min(k, round(fraction * k + 1))
     if m == 0:
         return low
-    idx = torch.randperm(k, generator=generator)[:m].to(low.U.device)
+    idx = torch.randperm(k, generator=generator, device="cpu")[:m].to(low.U.device)
     Qs = low.U[:, idx]
     B = Qs.t() @ exact.to(Qs.dtype) @ Qs
     lam, W = torch.linalg.eigh((B + B.t()) / 2)
@@ -177,7 +177,7 @@ class BrandKroneckerBlock(CurvatureBlock):
         a non-finite result, declines the whole update (counted in ``skipped_updates``,
         state unchanged)."""
         if not hasattr(self, "_dtype"):
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         a_rows, g_rows = stats.rows()
         rows = {"A": a_rows, "G": g_rows.reshape(-1, g_rows.shape[-1])}
         brand: dict[str, bool] = {}
@@ -213,7 +213,7 @@ class BrandKroneckerBlock(CurvatureBlock):
                 self.exact[side].mul_(decay).add_(grams[side], alpha=1.0 - decay)
         self.num_updates += 1
         if self.correction_period and self.num_updates % self.correction_period == 0:
-            gen = torch.Generator().manual_seed(self.inverter.seed * 1_000_003 + 500_009 + self.corrections)
+            gen = torch.Generator(device="cpu").manual_seed(self.inverter.seed * 1_000_003 + 500_009 + self.corrections)
             for side in _SIDES:
                 if self.brand[side]:
                     corrected = _correct_with_retry(self.low[side], self.exact[side], self.correction_fraction, gen)
@@ -248,7 +248,7 @@ class BrandKroneckerBlock(CurvatureBlock):
 
     def refresh(self, damping: Damping, lam: float) -> None:
         assert self.brand, "refresh() before the first update()"
-        gen = torch.Generator().manual_seed(self.inverter.seed * 1_000_003 + self.refreshes)
+        gen = torch.Generator(device="cpu").manual_seed(self.inverter.seed * 1_000_003 + self.refreshes)
         a, g = self._factor("A", gen), self._factor("G", gen)
         self.refreshes += 1
         inverse: KroneckerInverse | None = None

@@ -192,7 +192,7 @@ class LowRankInverse(KroneckerInverse):
         return self.A.solve_right(self.G.solve_left(m, self.shift_G), self.shift_A).to(grad.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
-        shifts = torch.tensor([self.shift_A, self.shift_G], dtype=torch.float64)
+        shifts = torch.tensor([self.shift_A, self.shift_G], dtype=torch.float64, device="cpu")  # read with tolist()
         return {"U_A": self.A.U, "d_A": self.A.d, "U_G": self.G.U, "d_G": self.G.d, "shifts": shifts}
 
     @classmethod
@@ -221,7 +221,7 @@ class LowRankEigenInverse(KroneckerInverse):
         return (m / self.lam_eff + self.G.U @ inner @ self.A.U.t()).to(grad.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
-        lam = torch.tensor([self.lam_eff], dtype=torch.float64)
+        lam = torch.tensor([self.lam_eff], dtype=torch.float64, device="cpu")  # read with tolist()
         return {"U_A": self.A.U, "d_A": self.A.d, "U_G": self.G.U, "d_G": self.G.d, "lam_eff": lam}
 
     @classmethod
@@ -280,7 +280,7 @@ class RandomizedInverter(Inverter):
         :class:`~curvkit_lowrank.rskfac.LowRankKroneckerBlock` from its refresh counter)
         varies the sketches between refreshes; without it every call draws the same sketches
         (deterministic, so a registered instance shared by several optimizers stays reproducible)."""
-        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + (seed or 0))
+        gen = torch.Generator(device="cpu").manual_seed(self.seed * 1_000_003 + (seed or 0))
         a = self.factor(A, gen)
         g = self.factor(G, gen)
         if a is None or g is None:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerStats
 from curvkit.config import check_number
-from curvkit.errors import ConfigError, IncompatibleComponentsError
+from curvkit.errors import ConfigError, IncompatibleComponentsError, UnsupportedModuleError
 from curvkit.linalg.damping import ConstantDamping, Damping, ExactDamping, PiDamping, ScalarDamping
 from curvkit.linalg.inverters import KroneckerInverse, compute_dtype, inverse_from_state, inverse_state
 from curvkit.methods import MethodConfig, MethodSpec
@@ -136,7 +136,7 @@ class WoodburyInverse(KroneckerInverse):
         return self.A.solve_right(self.G.solve_left(m)).to(grad.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
-        shifts = torch.tensor([self.A.shift, self.G.shift], dtype=torch.float64)
+        shifts = torch.tensor([self.A.shift, self.G.shift], dtype=torch.float64, device="cpu")
         return {"R_A": self.A.R, "L_A": self.A.L, "R_G": self.G.R, "L_G": self.G.L, "shifts": shifts}
 
     @classmethod
@@ -157,9 +157,9 @@ def subsample_indices(n: int, t: int, s: int, mode: str, generator: torch.Genera
     subset (without replacement) per sample drawn from ``generator``."""
     s = min(s, t)
     if mode == "strided":
-        return (torch.arange(s) * t // s).expand(n, s)
+        return (torch.arange(s, device="cpu") * t // s).expand(n, s)
     if mode == "random":
-        return torch.rand(n, t, generator=generator, dtype=torch.float64).argsort(dim=1)[:, :s]
+        return torch.rand(n, t, generator=generator, dtype=torch.float64, device="cpu").argsort(dim=1)[:, :s]
     raise ValueError(f"subsample mode {mode!r} must be one of {SUBSAMPLE_MODES}")
 
 
@@ -239,7 +239,7 @@ class SKFACBlock(CurvatureBlock):
         indices = None
         if self.conv_strategy == "subsample":
             n, t = stats.a_features.shape[:2]
-            gen = torch.Generator().manual_seed(self.subsample_seed * 1_000_003 + self.num_updates)
+            gen = torch.Generator(device="cpu").manual_seed(self.subsample_seed * 1_000_003 + self.num_updates)
             indices = subsample_indices(n, t, self.subsample_locations, self.subsample_mode, gen)
         return conv_rows(stats, self.conv_strategy, indices)
 
@@ -377,8 +377,10 @@ class SKFACConfig(MethodConfig):
 
 
 def skfac_block(info: BlockInfo, config: SKFACConfig, registry: Any) -> SKFACBlock:
-    if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        raise ConfigError("SKFAC", [f"layer {info.name!r} ({info.module_type.__name__}) is not a Linear or Conv layer"])
+    if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
+        raise UnsupportedModuleError(
+            f"SKFAC serves Linear, Conv and Embedding layers; {info.name!r} is a {info.module_type.__name__}"
+        )
     return SKFACBlock(
         info,
         conv_strategy=config.conv_strategy,

@@ -177,22 +177,100 @@ def test_user_hooks_are_preserved(core_registry):
 # --- weight tying -----------------------------------------------------------------------
 
 
-def test_module_used_twice_raises(core_registry):
+class _TwiceModel(nn.Module):
+    """``head(tanh(lin(x₀)) + tanh(lin(x₁)))``: one Linear used twice in a forward."""
+
+    def __init__(self, lin, head):
+        super().__init__()
+        self.lin, self.head = lin, head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x[:, 0])) + torch.tanh(self.lin(x[:, 1])))
+
+
+class _SequenceModel(nn.Module):
+    """The same function with one use of ``lin`` on a length-2 sequence (R = 2)."""
+
+    def __init__(self, lin, head):
+        super().__init__()
+        self.lin, self.head = lin, head
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.lin(x)).sum(1))
+
+
+@pytest.mark.parametrize("approx", ["expand", "reduce"])
+@pytest.mark.parametrize("fisher", ["type-2", "empirical"])
+def test_module_used_twice_equals_its_sequence_form(fisher, approx, core_registry):
+    """The uses of a module in one forward are positions of the weight-sharing axis: the
+    factors equal those of the same weight applied once to the stacked inputs, which equal
+    curvlinops' (Eschenhagen et al.'s expand and reduce)."""
+    from _reference import curvlinops_factors
+
     torch.manual_seed(0)
-    shared = nn.Linear(3, 3)
-    model = nn.Sequential(shared, nn.Tanh(), shared, nn.Linear(3, 2)).double()
+    lin, head = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    X, y = torch.randn(5, 2, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    twice = curvkit.kronecker_factors(
+        _TwiceModel(lin, head), loss_fn, X, y, fisher=fisher, kfac_approx=approx, registry=core_registry
+    )
+    seq = _SequenceModel(lin, head)
+    once = curvkit.kronecker_factors(seq, loss_fn, X, y, fisher=fisher, kfac_approx=approx, registry=core_registry)
+    ref, _ = curvlinops_factors(seq, loss_fn, [(X, y)], fisher=fisher, approx=approx)
+    assert_factors_close({k: tuple(v) for k, v in twice.items()}, {k: tuple(v) for k, v in once.items()}, rtol=1e-12)
+    assert_factors_close({k: tuple(v) for k, v in twice.items()}, ref, rtol=1e-10)
+
+
+@pytest.mark.parametrize("fisher", ["empirical", "type-2"])
+def test_module_used_twice_in_the_optimizer(fisher):
+    """The optimizer's statistics of a module called twice equal kronecker_factors' (not
+    the uses concatenated as if they were 2N data)."""
+    torch.manual_seed(0)
+    lin, head = nn.Linear(3, 4).double(), nn.Linear(4, 2).double()
+    model = _TwiceModel(lin, head)
+    X, y = torch.randn(5, 2, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    loss_fn = nn.CrossEntropyLoss()
+    want = curvkit.kronecker_factors(model, loss_fn, X, y, fisher=fisher)
+    opt = curvkit.optim.KFAC(model, lr=0.0, loss_fn=loss_fn, fisher=fisher, ema_decay=0.0)
+    out = model(X)
+    opt.curvature_backward(out, y)
+    loss_fn(out, y).backward()
+    opt.step()
+    for name in ("lin", "head"):
+        block = opt.preconditioner.blocks[name]
+        torch.testing.assert_close(block.A.to_dense(), want[name].A, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(block.G.to_dense(), want[name].G, rtol=1e-12, atol=1e-14)
+
+
+def test_shared_weight_between_modules_is_one_block(core_registry):
+    """Two Linear modules sharing weight and bias (ALBERT-style shared layers) are one
+    block with two sites, equal to one module called twice."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
+    model[2].weight, model[2].bias = model[0].weight, model[0].bias
     X, y = _data()
-    with pytest.raises(curvkit.WeightTyingError, match="'0'"):
-        curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
+    tied = curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
+    assert set(tied) == {"0", "4"}
+
+    class Reused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.out = model[0], model[4]
+
+        def forward(self, x):
+            return self.out(torch.tanh(self.a(torch.tanh(self.a(x)))))
+
+    reused = curvkit.kronecker_factors(Reused(), nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
+    assert_factors_close({"0": tuple(tied["0"])}, {"0": tuple(reused["a"])}, rtol=1e-12)
     _assert_no_hooks(model)
 
 
-def test_shared_weight_parameter_raises(core_registry):
+def test_shared_weight_without_shared_bias_raises(core_registry):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 2)).double()
     model[2].weight = model[0].weight
     X, y = _data()
-    with pytest.raises(curvkit.WeightTyingError, match=r"'0'.*'2'"):
+    with pytest.raises(curvkit.WeightTyingError, match=r"'0'.*'2'.*bias"):
         curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
     _assert_no_hooks(model)
 
@@ -209,16 +287,16 @@ def test_shared_bias_parameter_raises(core_registry):
 # --- unsupported modules ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["batchnorm", "embedding"])
+@pytest.fixture(params=["prelu", "embedding_bag"])
 def model_with_unsupported(request):
     torch.manual_seed(0)
-    if request.param == "batchnorm":
-        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    if request.param == "prelu":
+        model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).double()
         X = torch.randn(5, 3, dtype=torch.float64)
-        return model, X, "BatchNorm1d"
-    model = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 2)).double()
-    X = torch.randint(0, 6, (5,))
-    return model, X, "Embedding"
+        return model, X, "PReLU"
+    model = nn.Sequential(nn.EmbeddingBag(6, 4, mode="mean"), nn.Linear(4, 2)).double()
+    X = torch.randint(0, 6, (5, 3))
+    return model, X, "EmbeddingBag"
 
 
 def _expected_tracked(model):
@@ -228,13 +306,32 @@ def _expected_tracked(model):
 def test_unsupported_error(model_with_unsupported, core_registry):
     model, X, type_name = model_with_unsupported
     y = torch.randint(0, 2, (5,))
-    with pytest.raises(curvkit.UnsupportedModuleError, match=rf"'\d'.*{type_name}"):
-        curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
-    # default policy is "error"
-    with pytest.raises(curvkit.UnsupportedModuleError):
+    with pytest.raises(curvkit.UnsupportedModuleError, match=rf"'\d'.*{type_name}.*unsupported='warn'"):
         curvkit.kronecker_factors(
             model, nn.CrossEntropyLoss(), X, y, fisher="type-2", unsupported="error", registry=core_registry
         )
+
+
+def test_unsupported_default_is_warn_everywhere(model_with_unsupported, core_registry):
+    """One policy with one default ("warn") in kronecker_factors, the optimizers and Laplace."""
+    import inspect
+
+    from curvkit.laplace import KroneckerCurvature
+    from curvkit.methods import MethodConfig
+
+    model, X, type_name = model_with_unsupported
+    y = torch.randint(0, 2, (5,))
+    with pytest.warns(UserWarning, match=type_name):
+        out = curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
+    assert set(out) == _expected_tracked(model)
+    defaults = {
+        "kronecker_factors": inspect.signature(curvkit.kronecker_factors).parameters["unsupported"].default,
+        "accumulate": inspect.signature(curvkit.accumulate_kronecker_factors).parameters["unsupported"].default,
+        "from_data": inspect.signature(KroneckerCurvature.from_data).parameters["unsupported"].default,
+        "from_factors": inspect.signature(KroneckerCurvature.from_factors).parameters["unsupported"].default,
+        "optimizers": MethodConfig.__dataclass_fields__["unsupported"].default,
+    }
+    assert {curvkit.UnsupportedPolicy(v) for v in defaults.values()} == {curvkit.UnsupportedPolicy.WARN}, defaults
 
 
 def test_unsupported_warn(model_with_unsupported, core_registry):
@@ -266,7 +363,7 @@ def test_unsupported_skip(model_with_unsupported, core_registry):
 
 def test_frozen_unsupported_module_is_ignored(core_registry):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).double()
     model[1].requires_grad_(False)
     X, y = _data()
     out = curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
@@ -503,18 +600,20 @@ class _CallScaled(nn.Module):
 
 
 @pytest.mark.parametrize("fisher", ["type-2", "empirical"])
-def test_inplace_rerun_uses_one_consistent_forward(fisher):
-    """When an in-place activation forces the second (hooked) forward, vectors, inputs and
-    gradients must all come from that second forward, as with a random forward (dropout)."""
+def test_inplace_activation_needs_one_forward(fisher):
+    """An in-place activation after a layer (its recorded output is overwritten) needs no
+    second forward: the tensor hooks put on each output when it is produced see its
+    gradient before the change. One forward (a random one, like dropout, stays
+    consistent), and the factors equal those of the out-of-place model."""
     torch.manual_seed(0)
     first, last = nn.Linear(4, 5).double(), nn.Linear(5, 3).double()
     inplace = nn.Sequential(first, nn.ReLU(inplace=True), _CallScaled(), last)
-    reference = nn.Sequential(first, nn.ReLU(), _CallScaled(calls=1), last)  # = the rerun
+    reference = nn.Sequential(first, nn.ReLU(), _CallScaled(), last)
     X, y = torch.randn(6, 4, dtype=torch.float64), torch.randint(0, 3, (6,))
     registry = curvkit.build_registry(autoload=False)
     got = curvkit.kronecker_factors(inplace, nn.CrossEntropyLoss(), X, y, fisher=fisher, registry=registry)
     want = curvkit.kronecker_factors(reference, nn.CrossEntropyLoss(), X, y, fisher=fisher, registry=registry)
-    assert inplace[2].calls == 2, "the in-place path should have rerun the forward once"
+    assert inplace[2].calls == 1
     for name in ("0", "3"):
         torch.testing.assert_close(got[name].A, want[name].A)
         torch.testing.assert_close(got[name].G, want[name].G)

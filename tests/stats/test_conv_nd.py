@@ -214,7 +214,7 @@ def test_grouped_conv_policy(conv_cls, core_registry):
     y = torch.randint(0, 3, (3,))
     loss_fn = nn.CrossEntropyLoss()
     with pytest.raises(curvkit.UnsupportedModuleError, match=r"'0'.*groups=2"):
-        curvkit.kronecker_factors(model, loss_fn, X, y, fisher="type-2", registry=core_registry)
+        curvkit.kronecker_factors(model, loss_fn, X, y, fisher="type-2", unsupported="error", registry=core_registry)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         skipped = curvkit.kronecker_factors(
