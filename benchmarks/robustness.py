@@ -161,7 +161,7 @@ def _hooks(model: nn.Module) -> int:
 def rss_one(method: str, sgd_steps: int = 2000, warmup: int = 200, remove: bool = False) -> dict[str, Any]:
     """One method, in this (fresh) process: 20 steps of the method on the digits MLP, ``del``
     the optimizer, ``gc.collect()``, then ``sgd_steps`` steps of plain SGD. ``remove``: take
-    the hooks off first (``preconditioner.remove()``), the control that shows what a flat
+    the hooks off first (``opt.remove_hooks()``), the control that shows what a flat
     line looks like."""
     from curvkit.bench.tasks import digits_mlp
     from curvkit.demo import digits_split
@@ -182,7 +182,7 @@ def rss_one(method: str, sgd_steps: int = 2000, warmup: int = 200, remove: bool 
             loss_fn(out, yb).backward()
             opt.step()
     if remove:
-        opt.preconditioner.remove()
+        opt.remove_hooks()
     del opt
     gc.collect()
     hooks = _hooks(model)

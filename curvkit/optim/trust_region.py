@@ -18,7 +18,7 @@ gradient unless the user asks:
 
 :math:`\langle\Delta_l, \nabla_l\rangle` and :math:`\lVert\nabla_l\rVert^2` are the guard's
 reductions (:mod:`curvkit.optim.guards`), so the KL clip costs no extra pass; the per-layer
-clips cost one norm of each direction.
+clips cost one fused norm of the directions.
 """
 
 from __future__ import annotations
@@ -73,7 +73,7 @@ def scales(
     """
     out: dict[str, float] = {}
     if region.rms_clip is not None or region.grad_ratio_clip is not None:
-        norms = torch.stack([torch.linalg.vector_norm(d).to(torch.float64) for d in directions.values()]).tolist()
+        norms = [float(n) for n in torch._foreach_norm(list(directions.values()))]
         for (name, d), norm in zip(directions.items(), norms):
             c = 1.0
             if region.rms_clip is not None:
