@@ -54,7 +54,13 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedModuleError
-from curvkit.laplace.gradients import fisher_gradients, layer_columns, per_sample_gradients, stack_parameters
+from curvkit.laplace.gradients import (
+    ParamColumns,
+    fisher_gradients,
+    layer_columns,
+    per_sample_gradients,
+    stack_parameters,
+)
 from curvkit.laplace.pickling import registry_from_state, registry_to_state
 from curvkit.stats.api import resolve_backend
 from curvkit.stats.backend import FactorRequest
@@ -107,7 +113,7 @@ class _CurvkitInterface(CurvatureInterface):
         state["registry"] = registry_from_state(state.get("registry"))
         self.__dict__.update(state)
 
-    def _tracking(self) -> tuple[TrackingPlan, dict[str, tuple[str, slice, torch.Size]], list[str]] | None:
+    def _tracking(self) -> tuple[TrackingPlan, dict[str, ParamColumns], list[str]] | None:
         """The plan of ``self._model`` and the parameter names of ``self.params``, or
         ``None`` when some trainable parameter is in a module curvkit cannot handle."""
         model = self._model
@@ -123,7 +129,7 @@ class _CurvkitInterface(CurvatureInterface):
         self._tracking_cache = (key, result)
         return result
 
-    def _require_tracking(self, what: str) -> tuple[TrackingPlan, dict[str, tuple[str, slice, torch.Size]], list[str]]:
+    def _require_tracking(self, what: str) -> tuple[TrackingPlan, dict[str, ParamColumns], list[str]]:
         tracking = self._tracking()
         if tracking is None:
             plan = make_plan(self._model, self.registry, UnsupportedPolicy.SKIP)
@@ -191,7 +197,7 @@ class _CurvkitInterface(CurvatureInterface):
         params = dict(zip(param_names, self.params))
         kfacs: list[list[Tensor]] = []
         for name in param_names:
-            layer, cols, _ = columns[name]
+            layer, cols, _, transposed = columns[name]
             if layer not in factors:
                 raise ValueError(f"layer {layer!r} did not run in the forward pass, so it has no curvature.")
             a, g = factors[layer]
@@ -199,6 +205,8 @@ class _CurvkitInterface(CurvatureInterface):
                 kfacs.append([g * a[cols, cols]])
             elif g.shape[0] == 1 and cols.stop - cols.start == 1:
                 kfacs.append([g * a[cols, cols] * ratio])  # a 1×1 weight: one scalar block, as curvlinops' backend
+            elif transposed:  # stored (d_in, d_out): its row-major flattening is vec of Wᵀ, on which G⊗A is A⊗G
+                kfacs.append([a[cols, cols] * ratio, g])
             else:
                 kfacs.append([g, a[cols, cols] * ratio])
         return self.factor * loss.detach(), Kron(kfacs) * self.factor  # type: ignore[arg-type]

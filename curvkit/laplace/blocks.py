@@ -6,7 +6,9 @@ matrix :math:`G \otimes A` acting on the row-major flattening of the block matri
 .. math:: V = [\,W_{(d_{out}, \cdot)}\;\; b_{(d_{out}, 1)}\,] \in \mathbb{R}^{d_{out} \times k},
 
 i.e. every parameter of the block reshaped to ``(d_out, -1)`` and concatenated along the
-columns. ``(G ⊗ A) vec_r(V) = vec_r(G V Aᵀ)``. A bias on its own is a block with the
+columns; a parameter stored transposed, ``(k_i, d_out)`` (Hugging Face's ``Conv1D``), is
+transposed into its ``(d_out, k_i)`` columns (:attr:`KroneckerBlock.transposed`).
+``(G ⊗ A) vec_r(V) = vec_r(G V Aᵀ)``. A bias on its own is a block with the
 ``1 × 1`` factor ``A = [a]``.
 
 With the eigendecompositions :math:`G = Q_G \Lambda_G Q_G^\top`, :math:`A = Q_A \Lambda_A
@@ -23,7 +25,28 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["BlockEigen", "KroneckerBlock"]
+__all__ = ["BlockEigen", "KroneckerBlock", "stored_transposed"]
+
+
+def stored_transposed(handler: object, module: object, weight: Tensor) -> bool:
+    """Whether a handler's matrix of ``weight`` is the transpose of the stored 2-D weight
+    (``Conv1D``) rather than the weight reshaped to ``(d_out, -1)`` (``Linear``, ``Conv``).
+
+    Raises:
+        NotImplementedError: Any other layout (the flat parameter order would not follow).
+    """
+    from curvkit.stats.handlers import weight_matrix
+
+    idx = torch.arange(weight.numel(), device="cpu").reshape(weight.shape)
+    mat = weight_matrix(handler, module, idx)  # type: ignore[arg-type]
+    if mat.shape == (weight.shape[0], weight[0].numel()) and torch.equal(mat, idx.reshape(weight.shape[0], -1)):
+        return False
+    if idx.ndim == 2 and torch.equal(mat, idx.t()):
+        return True
+    raise NotImplementedError(
+        f"{type(handler).__name__} lays out a weight of shape {tuple(weight.shape)} as a matrix that is neither its "
+        "reshape to (d_out, -1) nor its transpose; Laplace cannot map it to the parameter's flat order."
+    )
 
 
 @dataclass(frozen=True)
@@ -33,11 +56,14 @@ class KroneckerBlock:
     Attributes:
         name: A label (the layer's name, or ``"<layer>.bias"`` for a separate bias).
         param_names: Names of the parameters the block covers, in flat order.
-        param_shapes: Their shapes; each has ``d_out`` as its first dimension.
+        param_shapes: Their shapes; each has ``d_out`` as its first dimension, or as its
+            last for a parameter marked in ``transposed``.
         G: Output factor ``(d_out, d_out)``, symmetric positive semi-definite.
         A: Input factor ``(k, k)`` with ``k = Σ numel(p) / d_out``.
         corrected_eigenvalues: Optional EKFAC spectrum ``(d_out, k)`` in the eigenbasis of
             ``G`` and ``A``; when set, it replaces ``λ_G λ_Aᵀ``.
+        transposed: Per parameter, whether it is stored ``(k_i, d_out)`` (a 2-D weight
+            whose forward multiplies by its transpose); ``()`` means none is.
     """
 
     name: str
@@ -46,6 +72,7 @@ class KroneckerBlock:
     G: Tensor
     A: Tensor
     corrected_eigenvalues: Tensor | None = None
+    transposed: tuple[bool, ...] = ()
 
     def __post_init__(self) -> None:
         d_out, k = self.G.shape[0], self.A.shape[0]
@@ -53,8 +80,16 @@ class KroneckerBlock:
             raise ValueError(
                 f"block {self.name!r}: factors must be square, got G {tuple(self.G.shape)} and A {tuple(self.A.shape)}."
             )
-        widths = [math.prod(s[1:]) for s in self.param_shapes]
-        if any(s[0] != d_out for s in self.param_shapes) or sum(widths) != k:
+        if self.transposed and len(self.transposed) != len(self.param_shapes):
+            raise ValueError(
+                f"block {self.name!r}: transposed={self.transposed} needs one entry per parameter "
+                f"({len(self.param_shapes)})."
+            )
+        if any(t and len(s) != 2 for s, t in zip(self.param_shapes, self.flags)):
+            raise ValueError(f"block {self.name!r}: only 2-D parameters can be stored transposed.")
+        widths = self.widths
+        rows = [s[-1] if t else s[0] for s, t in zip(self.param_shapes, self.flags)]
+        if any(r != d_out for r in rows) or sum(widths) != k:
             raise ValueError(
                 f"block {self.name!r}: parameter shapes {[tuple(s) for s in self.param_shapes]} do not match "
                 f"G {tuple(self.G.shape)} ⊗ A {tuple(self.A.shape)}; each parameter needs d_out={d_out} rows "
@@ -79,20 +114,33 @@ class KroneckerBlock:
         return self.d_out * self.k
 
     @property
+    def flags(self) -> tuple[bool, ...]:
+        """:attr:`transposed`, one entry per parameter."""
+        return self.transposed or (False,) * len(self.param_shapes)
+
+    @property
     def widths(self) -> list[int]:
-        return [math.prod(s[1:]) for s in self.param_shapes]
+        return [s[0] if t else math.prod(s[1:]) for s, t in zip(self.param_shapes, self.flags)]
 
     def to_matrix(self, x: Tensor) -> Tensor:
         """Flat rows ``(numel, K)`` (parameters concatenated, each flattened) to ``(K, d_out, k)``."""
         cols = x.shape[1]
         parts = x.split([self.d_out * w for w in self.widths])
-        return torch.cat([p.reshape(self.d_out, w, cols) for p, w in zip(parts, self.widths)], 1).permute(2, 0, 1)
+        mats = [
+            p.reshape(w, self.d_out, cols).transpose(0, 1) if t else p.reshape(self.d_out, w, cols)
+            for p, w, t in zip(parts, self.widths, self.flags)
+        ]
+        return torch.cat(mats, 1).permute(2, 0, 1)
 
     def from_matrix(self, v: Tensor) -> Tensor:
         """Inverse of :meth:`to_matrix`: ``(K, d_out, k)`` to flat rows ``(numel, K)``."""
         cols = v.shape[0]
         parts = v.permute(1, 2, 0).split(self.widths, dim=1)
-        return torch.cat([p.reshape(self.d_out * w, cols) for p, w in zip(parts, self.widths)], 0)
+        flat = [
+            (p.transpose(0, 1) if t else p).reshape(self.d_out * w, cols)
+            for p, w, t in zip(parts, self.widths, self.flags)
+        ]
+        return torch.cat(flat, 0)
 
     def flat_to_matrix_index(self) -> Tensor:
         """For each flat position, its index in ``vec_r(V)``."""
@@ -141,7 +189,9 @@ class KroneckerBlock:
     def scaled(self, scale: float) -> KroneckerBlock:
         """The block times ``scale`` (applied to ``G`` and any corrected eigenvalues)."""
         corrected = None if self.corrected_eigenvalues is None else self.corrected_eigenvalues * scale
-        new = KroneckerBlock(self.name, self.param_names, self.param_shapes, self.G * scale, self.A, corrected)
+        new = KroneckerBlock(
+            self.name, self.param_names, self.param_shapes, self.G * scale, self.A, corrected, self.transposed
+        )
         cached = self.__dict__.get("_eigen")
         if cached is not None and scale >= 0:
             object.__setattr__(

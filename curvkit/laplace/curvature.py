@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
-from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
+from curvkit.laplace.blocks import BlockEigen, KroneckerBlock, stored_transposed
 from curvkit.laplace.operator import FlatOperator
 from curvkit.laplace.prior import PriorMode, block_priors, factored_shifts
 from curvkit.stats.backend import KroneckerFactors
@@ -121,17 +121,27 @@ class KroneckerCurvature(FlatOperator):
                 )
             a, g = factors[layer.name]
             weight, bias = layer.weight, layer.bias
+            t = stored_transposed(layer.handler, layer.module, weight)  # Conv1D: (d_in, d_out)
             if bias is None:
-                blocks.append(KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a))
+                blocks.append(KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a, None, (t,)))
             elif separate_bias:
                 d = a.shape[0] - 1
-                blocks.append(KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a[:d, :d]))
+                w_block = KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a[:d, :d], None, (t,))
+                blocks.append(w_block)
                 blocks.append(
                     KroneckerBlock(f"{layer.name}.bias", (names[id(bias)],), (bias.shape,), g, a[d:, d:].clone())
                 )
             else:
                 blocks.append(
-                    KroneckerBlock(layer.name, (names[id(weight)], names[id(bias)]), (weight.shape, bias.shape), g, a)
+                    KroneckerBlock(
+                        layer.name,
+                        (names[id(weight)], names[id(bias)]),
+                        (weight.shape, bias.shape),
+                        g,
+                        a,
+                        None,
+                        (t, False),
+                    )
                 )
         return cls(blocks)
 

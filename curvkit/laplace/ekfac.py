@@ -58,7 +58,7 @@ def eigenvalue_correction(
     # the columns of V each block covers, within its layer
     spans: list[tuple[str, slice]] = []
     for block in curvature.blocks:
-        layer, first, _ = columns[block.param_names[0]]
+        layer, first = columns[block.param_names[0]][:2]
         last = columns[block.param_names[-1]][1]
         spans.append((layer, slice(first.start, last.stop)))
     sums = [torch.zeros(b.d_out, b.k, dtype=curvature.dtype, device=curvature.device) for b in curvature.blocks]
@@ -82,7 +82,9 @@ def eigenvalue_correction(
     z_total = total_z if loss_fn.reduction == "mean" else 1.0
     blocks = []
     for block, s in zip(curvature.blocks, sums):
-        new = KroneckerBlock(block.name, block.param_names, block.param_shapes, block.G, block.A, s / z_total)
+        new = KroneckerBlock(
+            block.name, block.param_names, block.param_shapes, block.G, block.A, s / z_total, block.transposed
+        )
         object.__setattr__(new, "_eigen", block.eigen())
         blocks.append(new)
     return KroneckerCurvature(blocks)

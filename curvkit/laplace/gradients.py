@@ -19,7 +19,7 @@ pass to the layer outputs and one batched GEMM per layer. Choosing the vectors g
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -30,7 +30,14 @@ from curvkit.stats.losses import loss_adapter
 from curvkit.stats.model_io import call_model, model_logits
 from curvkit.stats.plan import TrackingPlan
 
-__all__ = ["fisher_gradients", "layer_columns", "output_jacobians", "per_sample_gradients", "stack_parameters"]
+__all__ = [
+    "ParamColumns",
+    "fisher_gradients",
+    "layer_columns",
+    "output_jacobians",
+    "per_sample_gradients",
+    "stack_parameters",
+]
 
 
 def per_sample_gradients(
@@ -134,35 +141,49 @@ def output_jacobians(
     yield from per_sample_gradients(model, plan, inputs, vectors, output_fn)
 
 
-def layer_columns(plan: TrackingPlan, model: nn.Module) -> dict[str, tuple[str, slice, torch.Size]]:
+class ParamColumns(NamedTuple):
+    """Where a parameter's gradient is in its layer's ``(d_out, k)`` matrix ``V = [W b]``."""
+
+    layer: str
+    cols: slice
+    shape: torch.Size
+    #: Stored ``(d_in, d_out)`` (``Conv1D``): its columns are the transposed parameter.
+    transposed: bool = False
+
+
+def layer_columns(plan: TrackingPlan, model: nn.Module) -> dict[str, ParamColumns]:
     """For every tracked parameter's name: its layer, its columns in ``V = [W b]``, its shape."""
+    from curvkit.laplace.blocks import stored_transposed
+
     names = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, tuple[str, slice, torch.Size]] = {}
+    out: dict[str, ParamColumns] = {}
     for layer in plan:
         weight = layer.weight
-        width = weight[0].numel()
-        out[names[id(weight)]] = (layer.name, slice(0, width), weight.shape)
+        transposed = stored_transposed(layer.handler, layer.module, weight)
+        width = weight.shape[0] if transposed else weight[0].numel()
+        out[names[id(weight)]] = ParamColumns(layer.name, slice(0, width), weight.shape, transposed)
         bias = layer.bias
         if bias is not None:
-            out[names[id(bias)]] = (layer.name, slice(width, width + 1), bias.shape)
+            out[names[id(bias)]] = ParamColumns(layer.name, slice(width, width + 1), bias.shape)
     return out
 
 
 def stack_parameters(
-    grads: dict[str, Tensor], columns: dict[str, tuple[str, slice, torch.Size]], param_names: list[str], n: int
+    grads: dict[str, Tensor], columns: dict[str, ParamColumns], param_names: list[str], n: int
 ) -> Tensor:
     """Per-datum layer gradients to ``(N, P)`` in the order of ``param_names`` (zeros for
     layers the vector did not reach)."""
     parts = []
     ref = next(iter(grads.values()), None)
     for name in param_names:
-        layer, cols, shape = columns[name]
+        layer, cols, shape, transposed = columns[name]
         g = grads.get(layer)
         if g is None:
             zeros = torch.zeros(n, shape.numel(), device="cpu") if ref is None else ref.new_zeros(n, shape.numel())
             parts.append(zeros)
             continue
-        parts.append(g[:, :, cols].reshape(n, -1))
+        block = g[:, :, cols]
+        parts.append((block.transpose(1, 2) if transposed else block).reshape(n, -1))
     if ref is not None:
         parts = [p.to(ref) for p in parts]
     return torch.cat(parts, dim=1)
