@@ -44,7 +44,8 @@ class BlockInfo:
 
     Attributes:
         name: Qualified module name.
-        module_type: The module's class.
+        module_type: The layer type the block behaves as: the module's class, or
+            ``nn.Linear`` for attention's projections.
         d_in: Input dimension **including** the bias column when there is one.
         d_out: Output dimension.
         has_bias: Whether the last column of the matrix form is the bias.
@@ -65,9 +66,8 @@ class BlockInfo:
     def from_plan(cls, layer: LayerPlan) -> BlockInfo:
         d_out, d_in = weight_matrix(layer.handler, layer.module, layer.weight.detach()).shape
         tied = any(site.transposed for site in layer.sites)
-        return cls(
-            layer.name, type(layer.module), int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias, tied
-        )
+        module_type = layer.module_type if layer.module_type is not None else type(layer.module)
+        return cls(layer.name, module_type, int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias, tied)
 
 
 class KroneckerOperator:
@@ -307,7 +307,7 @@ class KroneckerBlock(CurvatureBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         assert self.A is not None and self.G is not None
         a, g = self.take_batch_factors(stats)
         self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)

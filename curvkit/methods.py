@@ -65,6 +65,12 @@ class MethodConfig(ValidatedConfig):
         T_stats: Statistics every ``T_stats`` steps.
         unsupported: Modules with parameters but no layer handler: ``"warn"`` (default)
             or ``"skip"`` leave them to a first-order update; ``"error"`` refuses.
+        backend: Registered statistics backend: ``"hooks"`` (default: the capture engine,
+            fed by your own ``loss.backward()``), or ``"backpack"`` / ``"asdl"`` for methods
+            whose blocks need only the batch's factors (``MethodSpec.factor_statistics``).
+            Another backend runs its own forward and backward: call
+            ``optimizer.collect_statistics(inputs, targets)`` before ``step()`` (it does
+            nothing on steps without statistics).
     """
 
     fisher: FisherType | str = FisherType.EMPIRICAL
@@ -73,6 +79,7 @@ class MethodConfig(ValidatedConfig):
     mc_samples: int = 1
     T_stats: int = 1
     unsupported: UnsupportedPolicy | str = UnsupportedPolicy.WARN
+    backend: str = "hooks"
 
     def normalise(self) -> list[str]:
         out: list[str] = []
@@ -89,6 +96,8 @@ class MethodConfig(ValidatedConfig):
         if self.fisher is not FisherType.MC and self.mc_samples != 1 and "mc_samples" not in " ".join(out):
             out.append(f"mc_samples={self.mc_samples!r} only applies to fisher='mc'; leave it at 1")
         check_number(out, "T_stats", self.T_stats, low=1, integer=True)
+        if not isinstance(self.backend, str):
+            out.append(f"backend={self.backend!r} must be a registered statistics backend name (e.g. 'hooks')")
         return out
 
 
@@ -168,12 +177,17 @@ class MethodSpec:
     Attributes:
         name: Registered name (``"kfac"``).
         config_cls: Its frozen, keyword-only, self-validating configuration dataclass.
-        block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``.
+        block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``. It may raise
+            :class:`~curvkit.UnsupportedModuleError` for a layer the method cannot serve:
+            that layer then takes first-order steps, with the message in ``summary()``.
         summary: One line for ``curvkit plugins`` and the docs.
         reference: Citation.
         sample_configs: Keyword sets the conformance suite trains with.
         bad_configs: ``(kwargs, expected exception type)`` the conformance suite expects
             to raise.
+        factor_statistics: Whether the method's blocks need only the batch's factors
+            ``A()`` and ``G()``, so a statistics backend other than the capture engine
+            (``backend="backpack"``/``"asdl"``), which computes only those, can feed them.
         tied_blocks: Whether the method's blocks work from ``A()``, ``G()`` and
             ``per_example_gradients()`` alone, so they can serve a weight tied in transposed
             layouts (:attr:`~curvkit.blocks.BlockInfo.tied`). Otherwise such a weight takes
@@ -188,6 +202,7 @@ class MethodSpec:
     sample_configs: tuple[dict[str, Any], ...] = ({},)
     bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
     tied_blocks: bool = False
+    factor_statistics: bool = False
 
     def make_config(self, **kwargs: Any) -> MethodConfig:
         """Build the configuration; unknown keywords raise a :class:`ConfigError` that lists

@@ -37,6 +37,7 @@ from torch import Tensor, nn
 
 from curvkit.blocks import CurvatureBlock, LayerStats, SharedLayerStats
 from curvkit.distributed.base import Distributor
+from curvkit.stats.layer_stats import Part
 
 __all__ = ["TorchDistributor", "pack_symmetric", "unpack_symmetric"]
 
@@ -218,6 +219,8 @@ class TorchDistributor(Distributor):
     ) -> dict[str, LayerStats]:
         names = list(blocks)
         local: dict[str, dict[str, Tensor] | None] = {n: blocks[n].batch_statistics(s) for n, s in stats.items()}
+        # a block used several times in the forward pass travels as its combined features
+        stats = {n: s if local[n] is not None or len(s.parts) == 1 else s.featurized() for n, s in stats.items()}
         # what every rank has: present, N, g_scale, reduced (1) or gathered (0), per-example
         # numels of the input and of one output gradient, number of gradient passes
         meta = torch.zeros(len(names), 7, dtype=torch.float64, device=self.device)
@@ -296,7 +299,7 @@ class TorchDistributor(Distributor):
         for (n, key, t, triangle), v in zip(entries, summed):
             shared[n][key] = unpack_symmetric(v, t.shape[0]) if triangle else v.reshape(t.shape)
         return {
-            n: SharedLayerStats(stats[n].layer, shared[n], totals[n], stats[n].inputs, stats[n].approx)
+            n: SharedLayerStats(stats[n].layer, shared[n], totals[n], _like(stats[n]), stats[n].approx)
             for n in reduce_names
         }
 
@@ -345,7 +348,10 @@ class TorchDistributor(Distributor):
                         ]
                     )
                 )
-            out[n] = LayerStats(s.layer, inputs, grads, s.approx, 1.0)
+            part = s.parts[0]
+            out[n] = LayerStats(
+                s.layer, approx=s.approx, g_scale=1.0, parts=[Part(part.handler, part.module, inputs, grads)]
+            )
         return out
 
     def refresh(self, due: list[str], blocks: Mapping[str, CurvatureBlock], run: Callable[[str], None]) -> None:
@@ -433,3 +439,8 @@ def _fill(skeleton: Any, tensors: list[Tensor | None]) -> Any:
     if isinstance(skeleton, (list, tuple)):
         return type(skeleton)(_fill(v, tensors) for v in skeleton)
     return skeleton
+
+
+def _like(stats: LayerStats) -> Tensor:
+    """A tensor with the statistics' dtype and device (an Embedding's input is integer)."""
+    return torch.empty(0, dtype=stats.dtype, device=stats.device)

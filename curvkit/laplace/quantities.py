@@ -94,6 +94,9 @@ class KroneckerLaplace:
             policy and default as :func:`curvkit.kronecker_factors` and the optimizers.
         output_fn: Picks the logits from the model's output (see
             :mod:`curvkit.stats.model_io`).
+        backend: Statistics backend for the factors (``"hooks"``, ``"backpack"``,
+            ``"asdl"``, ...); a request it cannot serve raises the backend's error, naming
+            those that can. The EKFAC correction always uses the capture engine.
 
     Example:
         >>> import torch
@@ -127,6 +130,7 @@ class KroneckerLaplace:
         registry: Any = None,
         unsupported: UnsupportedPolicy | str = "warn",
         output_fn: Any = None,
+        backend: str = "hooks",
     ) -> None:
         if likelihood not in _LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not valid; choose one of {_LIKELIHOODS}.")
@@ -156,6 +160,9 @@ class KroneckerLaplace:
         self.generator = generator
         self.registry = registry
         self.unsupported = as_enum(UnsupportedPolicy, unsupported, "unsupported")
+        if not isinstance(backend, str):
+            raise TypeError(f"backend={backend!r} must be a registered statistics backend name (e.g. 'hooks').")
+        self.backend = backend
         self.output_fn = output_fn
         self.curvature: KroneckerCurvature | None = None
         self.loss = 0.0
@@ -171,6 +178,9 @@ class KroneckerLaplace:
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         state["registry"] = registry_from_state(state.get("registry"))
+        state.setdefault("backend", "hooks")
+        state.setdefault("unsupported", UnsupportedPolicy.WARN)
+        state.setdefault("output_fn", None)
         self.__dict__.update(state)
 
     # --- fitting ----------------------------------------------------------------------
@@ -241,6 +251,7 @@ class KroneckerLaplace:
             registry=self.registry,
             unsupported=self.unsupported,
             output_fn=self.output_fn,
+            backend=self.backend,
         )
         state = self.generator.get_state() if self.generator is not None else None
         try:

@@ -204,6 +204,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         """The method's validated configuration."""
         return self.preconditioner.config
 
+    def collect_statistics(self, inputs: Any, targets: Tensor) -> None:
+        """This step's statistics from an external backend (``backend="backpack"`` /
+        ``"asdl"``); see :meth:`Preconditioner.collect_statistics`."""
+        self.preconditioner.collect_statistics(inputs, targets)
+
     def curvature_backward(self, output: Tensor, targets: Tensor) -> None:
         """The one extra call of ``fisher="mc"`` / ``"type-2"``; see
         :meth:`Preconditioner.curvature_backward`."""

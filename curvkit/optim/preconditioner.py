@@ -34,9 +34,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
+from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, SharedLayerStats
 from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
+from curvkit.errors import UnsupportedModuleError, UnsupportedRequestError
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.stats.engine import CaptureEngine
@@ -157,10 +158,13 @@ class Preconditioner:
         for layer in self.plan:
             info = BlockInfo.from_plan(layer)
             reason = self.spec.unsupported_reason(info)
-            if reason is not None:
-                self.first_order_layers[layer.name] = reason
-                continue
-            self.blocks[layer.name] = self.spec.make_block(info, self.config, registry)
+            if reason is None:
+                try:
+                    self.blocks[layer.name] = self.spec.make_block(info, self.config, registry)
+                    continue
+                except UnsupportedModuleError as err:  # the factory declines this layer
+                    reason = str(err)
+            self.first_order_layers[layer.name] = reason
         if self.first_order_layers:
             warnings.warn(
                 "; ".join(f"layer {n!r} takes first-order steps: {r}" for n, r in self.first_order_layers.items()),
@@ -187,15 +191,79 @@ class Preconditioner:
         self._refreshed: set[str] = set()
         self._fisher_calls = 0
         self._fisher_scale = 1.0
+        self.backend = self._resolve_backend(getattr(self.config, "backend", "hooks"))
+        #: Factors from an external statistics backend (``collect_statistics``) for this step.
+        self._external: dict[str, tuple[Tensor, Tensor, int]] = {}
         #: The capture engine (:mod:`curvkit.stats.engine`): records layer inputs and output
         #: gradients on statistics steps; its hooks hold this preconditioner only weakly.
+        #: With an external backend it stays detached (the backend runs its own passes).
         self.engine = CaptureEngine(
             TrackingPlan(tuple(self.layers.values()), self.plan.skipped, self.plan.first_order),
             model,
             active=self._capturing,
             keep_loss_grads=self.fisher is FisherType.EMPIRICAL,
             persistent=True,
-        ).attach()
+        )
+        if self.backend is None:
+            self.engine.attach()
+
+    def _resolve_backend(self, name: str) -> Any:
+        """``None`` for the capture engine, else the registered backend ``name``, checked
+        against what can be known before any batch (its capabilities are checked again,
+        fully, on every batch)."""
+        if name == "hooks":
+            return None
+        backend = self.registry.backends.get(name)
+        if not self.spec.factor_statistics:
+            able = [repr(n) for n in self.registry.methods.names() if self.registry.methods.get(n).factor_statistics]
+            raise UnsupportedRequestError(
+                f"backend={name!r} computes only the factors A and G of a batch, but method {self.spec.name!r} needs "
+                "per-example statistics (features, rows or per-example gradients). Use backend='hooks' (the default), "
+                f"or a method whose blocks need only the factors: {', '.join(able)}."
+            )
+        if self.loss_fn is None:
+            raise ValueError(f"backend={name!r} runs the loss itself; pass loss_fn= (e.g. nn.CrossEntropyLoss()).")
+        if self.distributor.world_size > 1:
+            raise UnsupportedRequestError(
+                f"backend={name!r} is not supported in data-parallel training; use backend='hooks' (the default)."
+            )
+        return backend
+
+    def collect_statistics(self, inputs: Any, targets: Tensor) -> None:
+        """Compute this step's statistics with the external backend (``backend=`` other than
+        ``"hooks"``): it runs its own forward and backward on ``(inputs, targets)``.
+
+        Call it before ``step()`` on every step; it does nothing on steps without
+        statistics. With the default backend it is not needed (the hooks record your own
+        forward and backward) and raises.
+        """
+        if self.backend is None:
+            raise RuntimeError(
+                "collect_statistics() is for backend='backpack'/'asdl'; with backend='hooks' (the default) the "
+                "statistics come from your own forward and backward (and curvature_backward for fisher='mc'/'type-2')."
+            )
+        if not self.stats_due:
+            return
+        from curvkit.stats.api import _make_request, resolve_backend
+
+        if self.fisher is FisherType.MC and self.generator is None:
+            self.generator = torch.Generator(device=targets.device).manual_seed(self._seed)
+        request = _make_request(
+            self.model,
+            self.loss_fn,  # type: ignore[arg-type]
+            inputs,
+            targets,
+            self.fisher,
+            self.config.kfac_approx,  # type: ignore[arg-type]
+            self.config.mc_samples,
+            self.generator,
+            self.config.unsupported,
+            self.registry,
+            self.engine.plan,
+        )
+        factors = resolve_backend(self.registry, self.backend.name, request).compute(request)
+        n = int(targets.shape[0])
+        self._external = {name: (a, g, n) for name, (a, g) in factors.items()}
 
     # --- capture --------------------------------------------------------------------------
 
@@ -254,6 +322,11 @@ class Preconditioner:
 
     def _layer_stats(self, name: str) -> LayerStats | None:
         approx = self.config.kfac_approx
+        if self.backend is not None:
+            if name not in self._external:
+                return None
+            a, g, n = self._external[name]
+            return SharedLayerStats(self.layers[name], {"A": a, "G": g}, n, a, approx)  # type: ignore[arg-type]
         if self._sampled_fisher:
             scale = self._fisher_scale / max(1, self._fisher_calls)
             return self.engine.layer_stats(name, "fisher", approx, scale)  # type: ignore[arg-type]
@@ -328,8 +401,14 @@ class Preconditioner:
         """Forget what the hooks recorded since the last step."""
         self.engine.clear()
         self._fisher_calls = 0
+        self._external = {}
 
     def _missing_statistics(self, missing: list[str]) -> None:
+        if self.backend is not None and self.stats_due and not self._external:
+            raise RuntimeError(
+                f"no statistics at step {self.steps}: with backend={self.backend.name!r}, call "
+                "collect_statistics(inputs, targets) before step() (it does nothing on steps without statistics)."
+            )
         if self.engine.displaced:
             if "<displaced>" not in self._warned_missing:
                 self._warned_missing.add("<displaced>")

@@ -71,7 +71,7 @@ class MultiheadAttentionHandler(LinearHandler):
             if not w.param.requires_grad:
                 continue
             b = ParamRef(bias, (i * e, (i + 1) * e)) if bias is not None and bias.requires_grad else None  # type: ignore[arg-type]
-            specs.append(BlockSpec(part, w, b, linear, mha))
+            specs.append(BlockSpec(part, w, b, linear, mha, module_type=nn.Linear))
         out = mha.out_proj
         if out.weight.requires_grad:
             out_bias = ParamRef(out.bias) if out.bias is not None and out.bias.requires_grad else None  # type: ignore[arg-type]

@@ -69,6 +69,9 @@ class BlockSpec:
         module: The module handed to that handler (for a child module such as
             ``out_proj``, the child).
         name: Full block name; overrides ``module name + suffix`` when set.
+        module_type: The layer type the block behaves as, for methods that treat layer
+            types differently (``nn.Linear`` for attention's projections); default: the
+            module's type.
     """
 
     suffix: str
@@ -77,6 +80,7 @@ class BlockSpec:
     handler: Any
     module: nn.Module
     name: str | None = None
+    module_type: type[nn.Module] | None = None
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,7 @@ class LayerPlan:
         has_bias: Whether the bias is folded into ``A`` as an appended constant input.
         weight_ref, bias_ref: The parameters (or row ranges of them).
         sites: The modules whose forwards use the weight (several for a tied weight).
+        module_type: The layer type the block behaves as (``None``: ``type(module)``).
     """
 
     name: str
@@ -122,6 +127,7 @@ class LayerPlan:
     weight_ref: ParamRef
     bias_ref: ParamRef | None = None
     sites: tuple[Site, ...] = ()
+    module_type: type[nn.Module] | None = None
 
     @property
     def weight(self) -> Tensor:
@@ -384,6 +390,13 @@ def _add_tied_site(
             )
     site = Site(name, module, handler, transposed=transposed)
     layers[owner] = LayerPlan(
-        layer.name, layer.module, layer.handler, layer.has_bias, layer.weight_ref, layer.bias_ref, (*layer.sites, site)
+        layer.name,
+        layer.module,
+        layer.handler,
+        layer.has_bias,
+        layer.weight_ref,
+        layer.bias_ref,
+        (*layer.sites, site),
+        layer.module_type,
     )
     del owners

@@ -274,7 +274,7 @@ class EKFACBlock(CurvatureBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         assert self.A is not None and self.G is not None
         self._fold_pending()  # a batch nobody preconditioned with goes into the current basis
         a, g = self.take_batch_factors(stats)

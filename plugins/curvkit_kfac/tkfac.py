@@ -142,7 +142,7 @@ class TKFACBlock(KroneckerBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         assert self.A is not None and self.G is not None and self.delta is not None
         delta, phi, psi = trace_weighted_statistics(stats)
         self.A.ema_(self.structure_A.from_dense(phi.to(self.A.dtype)), decay)

@@ -152,7 +152,7 @@ class BrandKroneckerBlock(CurvatureBlock):
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if not hasattr(self, "_dtype"):
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         a_rows, g_rows = stats.rows()
         rows = {"A": a_rows, "G": g_rows.reshape(-1, g_rows.shape[-1])}
         for side in _SIDES:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerStats
 from curvkit.config import check_number
-from curvkit.errors import ConfigError, IncompatibleComponentsError
+from curvkit.errors import ConfigError, IncompatibleComponentsError, UnsupportedModuleError
 from curvkit.linalg.damping import ConstantDamping, Damping, ExactDamping, PiDamping, ScalarDamping
 from curvkit.linalg.inverters import KroneckerInverse, compute_dtype, inverse_from_state, inverse_state
 from curvkit.methods import MethodConfig, MethodSpec
@@ -362,7 +362,9 @@ class SKFACConfig(MethodConfig):
 
 def skfac_block(info: BlockInfo, config: SKFACConfig, registry: Any) -> SKFACBlock:
     if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        raise ConfigError("SKFAC", [f"layer {info.name!r} ({info.module_type.__name__}) is not a Linear or Conv layer"])
+        raise UnsupportedModuleError(
+            f"SKFAC serves Linear and Conv layers; {info.name!r} is a {info.module_type.__name__}"
+        )
     return SKFACBlock(
         info,
         conv_strategy=config.conv_strategy,

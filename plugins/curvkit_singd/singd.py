@@ -138,7 +138,7 @@ class SINGDBlock(CurvatureBlock):
     def _shared_grams(self, stats: LayerStats) -> tuple[FactorStructure, FactorStructure, float, float]:
         assert stats.shared is not None
         if self.K is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         parts: dict[str, dict[str, Tensor]] = {"K.": {}, "C.": {}}
         for key, t in stats.shared.items():
             parts[key[:2]][key[2:]] = t
@@ -166,7 +166,7 @@ class SINGDBlock(CurvatureBlock):
         folded into the scalar coefficients of the update instead; a diagonal ``K`` never
         forms the rows with the bias column (its gram is the column sums of squares)."""
         if self.K is None:
-            self.init(dtype=stats.inputs.dtype, device=stats.inputs.device)
+            self.init(dtype=stats.dtype, device=stats.device)
         assert self.K is not None and self.C is not None
         K, C = self.K, self.C
         # (N, R, d_in) without the bias column, cached on the stats (any other object with

@@ -61,6 +61,7 @@ def test_wake_off_is_kfac(cls, off, schedule):
 class _Stats:
     def __init__(self, A: torch.Tensor, G: torch.Tensor) -> None:
         self._a, self._g, self.inputs = A, G, A
+        self.dtype, self.device = A.dtype, A.device
 
     def A(self) -> torch.Tensor:
         return self._a

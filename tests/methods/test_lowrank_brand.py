@@ -22,6 +22,7 @@ class _Rows:
 
     def __init__(self, a_rows, g_rows):
         self.inputs = a_rows
+        self.dtype, self.device = a_rows.dtype, a_rows.device
         self._rows = (a_rows, g_rows.unsqueeze(0))
 
     def rows(self):

@@ -29,6 +29,7 @@ class _Stats:
     def __init__(self, a_rows: torch.Tensor, g_rows: torch.Tensor) -> None:
         self.a_rows, self.g_rows = a_rows, g_rows
         self.inputs = a_rows
+        self.dtype, self.device = a_rows.dtype, a_rows.device
 
     def rows(self) -> tuple[torch.Tensor, torch.Tensor]:
         return self.a_rows, self.g_rows
