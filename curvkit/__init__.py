@@ -18,6 +18,7 @@ from curvkit.errors import (  # noqa: E402
     PluginLoadError,
     PluginRegistrationError,
     TiedStatisticsError,
+    UnitwiseStatisticsError,
     UnknownComponentError,
     UnsupportedModuleError,
     UnsupportedRequestError,
@@ -26,7 +27,7 @@ from curvkit.errors import (  # noqa: E402
 from curvkit.hookspecs import hookimpl
 from curvkit.plugins import build_registry, default_registry
 from curvkit.registry import Registry
-from curvkit.stats import KroneckerFactors, accumulate_kronecker_factors, kronecker_factors
+from curvkit.stats import KroneckerFactors, UnitwiseFactors, accumulate_kronecker_factors, kronecker_factors
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,8 @@ __all__ = [
     "PluginRegistrationError",
     "Registry",
     "TiedStatisticsError",
+    "UnitwiseFactors",
+    "UnitwiseStatisticsError",
     "UnknownComponentError",
     "UnsupportedModuleError",
     "UnsupportedPolicy",

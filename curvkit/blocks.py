@@ -53,6 +53,11 @@ class BlockInfo:
             layer): the block's statistics have ``A()``, ``G()`` and
             ``per_example_gradients()`` but no per-row quantities (``rows()``, features).
             Only methods whose spec sets ``tied_blocks=True`` get such blocks.
+        unitwise: The layer is a normalisation layer's scale and shift (its handler's
+            ``kind`` is ``"unitwise"``, :mod:`curvkit.stats.norms`): ``d_out = D`` units,
+            ``d_in = k`` (scale, and shift when ``has_bias``); every method gets the core's
+            exact per-unit :class:`~curvkit.unitwise.UnitwiseBlock` for it (or its spec's
+            ``unitwise_block``).
     """
 
     name: str
@@ -61,13 +66,23 @@ class BlockInfo:
     d_out: int
     has_bias: bool
     tied: bool = False
+    unitwise: bool = False
 
     @classmethod
     def from_plan(cls, layer: LayerPlan) -> BlockInfo:
         d_out, d_in = weight_matrix(layer.handler, layer.module, layer.weight.detach()).shape
         tied = any(site.transposed for site in layer.sites)
+        unitwise = getattr(layer.handler, "kind", None) == "unitwise"
         module_type = layer.module_type if layer.module_type is not None else type(layer.module)
-        return cls(layer.name, module_type, int(d_in) + (1 if layer.has_bias else 0), int(d_out), layer.has_bias, tied)
+        return cls(
+            layer.name,
+            module_type,
+            int(d_in) + (1 if layer.has_bias else 0),
+            int(d_out),
+            layer.has_bias,
+            tied,
+            unitwise,
+        )
 
 
 class KroneckerOperator:

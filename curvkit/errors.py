@@ -14,6 +14,7 @@ __all__ = [
     "PluginLoadError",
     "PluginRegistrationError",
     "TiedStatisticsError",
+    "UnitwiseStatisticsError",
     "UnknownComponentError",
     "UnsupportedModuleError",
     "UnsupportedRequestError",
@@ -61,6 +62,12 @@ class TiedStatisticsError(CurvkitError, RuntimeError):
     """A per-row statistic asked of a block whose weight is used in transposed layouts
     (an embedding tied to an output layer), for which only the factors and the per-datum
     gradients exist."""
+
+
+class UnitwiseStatisticsError(CurvkitError, RuntimeError):
+    """A Kronecker statistic (``A``, ``G``, per-row features) asked of a unit-wise block
+    (a normalisation layer's scale and shift, :mod:`curvkit.stats.norms`), whose curvature
+    is an exact per-unit block instead."""
 
 
 class ConfigError(CurvkitError, ValueError):

@@ -192,6 +192,11 @@ class MethodSpec:
             ``per_example_gradients()`` alone, so they can serve a weight tied in transposed
             layouts (:attr:`~curvkit.blocks.BlockInfo.tied`). Otherwise such a weight takes
             the first-order step, and ``summary()`` says why.
+        unitwise_block: ``(BlockInfo, config, registry) -> CurvatureBlock`` for unit-wise
+            layers (normalisation layers' scale and shift,
+            :attr:`~curvkit.blocks.BlockInfo.unitwise`); ``None`` (default) gives them the
+            core's exact per-unit :class:`~curvkit.unitwise.UnitwiseBlock`
+            (:meth:`~curvkit.unitwise.UnitwiseBlock.from_config`), whatever the method.
     """
 
     name: str
@@ -203,6 +208,7 @@ class MethodSpec:
     bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
     tied_blocks: bool = False
     factor_statistics: bool = False
+    unitwise_block: Callable[..., Any] | None = None
 
     def make_config(self, **kwargs: Any) -> MethodConfig:
         """Build the configuration; unknown keywords raise a :class:`ConfigError` that lists
@@ -238,4 +244,13 @@ class MethodSpec:
         return None
 
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:
+        """The block for ``info``: the ``block_factory``'s, or for a unit-wise layer the
+        ``unitwise_block`` factory's (default: the core's
+        :class:`~curvkit.unitwise.UnitwiseBlock`)."""
+        if getattr(info, "unitwise", False):
+            if self.unitwise_block is not None:
+                return self.unitwise_block(info, config, registry)
+            from curvkit.unitwise import UnitwiseBlock
+
+            return UnitwiseBlock.from_config(info, config, registry)
         return self.block_factory(info, config, registry)

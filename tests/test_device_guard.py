@@ -177,10 +177,21 @@ def _models() -> dict[str, tuple[nn.Module, torch.Tensor, torch.Tensor]]:
     torch.manual_seed(0)
     mlp = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), nn.Linear(8, 4))
     cnn = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 36, 4))
+    norm = nn.Sequential(  # unit-wise blocks (BatchNorm in training mode, LayerNorm)
+        nn.Conv2d(1, 2, 3, padding=1),
+        nn.BatchNorm2d(2),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * 36, 8),
+        nn.LayerNorm(8),
+        nn.Tanh(),
+        nn.Linear(8, 4),
+    )
     y = torch.randint(0, 4, (16,), generator=gen, device="cpu")
     return {
         "mlp": (mlp, torch.randn(16, 6, generator=gen, device="cpu"), y),
         "cnn": (cnn, torch.randn(16, 1, 6, 6, generator=gen, device="cpu"), y),
+        "norm": (norm, torch.randn(16, 1, 6, 6, generator=gen, device="cpu"), y),
     }
 
 
@@ -252,7 +263,7 @@ def test_laplace_under_a_meta_default_device(fisher):
 
     torch.manual_seed(0)
     gen = torch.Generator(device="cpu").manual_seed(1)
-    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 3))
+    model = nn.Sequential(nn.Linear(3, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 3))  # a unit-wise block too
     X, y = torch.randn(24, 3, generator=gen, device="cpu"), torch.randint(0, 3, (24,), generator=gen, device="cpu")
     targets = torch.randn(24, 3, generator=gen, device="cpu")
     data = [(X[:12], y[:12]), (X[12:], y[12:])]

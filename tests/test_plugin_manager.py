@@ -166,7 +166,15 @@ def test_blocking_the_bundled_plugins_leaves_only_the_core(clean_plugin_env):
     """Uses the real entry points: blocked plugins are never imported."""
     registry = curvkit.build_registry(block=["backpack", "asdl", "transformers"])
     assert set(registry.backends) == {"hooks"}
-    assert set(registry.layer_handlers) == {"linear", "conv", "multihead_attention"}
+    assert set(registry.layer_handlers) == {
+        "linear",
+        "conv",
+        "multihead_attention",
+        "layer_norm",
+        "rms_norm",
+        "batch_norm",
+        "group_norm",
+    }
 
 
 # --- load and registration errors ------------------------------------------------------

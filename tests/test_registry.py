@@ -120,7 +120,15 @@ def handler_plugin(*handlers):
 def test_core_registry_contents(core_registry):
     assert core_registry.plugins == ["curvkit"]
     assert core_registry.backends.names() == ["hooks"]
-    assert set(core_registry.layer_handlers.names()) == {"linear", "conv", "multihead_attention"}
+    assert set(core_registry.layer_handlers.names()) == {
+        "linear",
+        "conv",
+        "multihead_attention",
+        "layer_norm",
+        "rms_norm",
+        "batch_norm",
+        "group_norm",
+    }
     assert core_registry.backends.plugin_of("hooks") == "curvkit"
     assert "hooks" in core_registry.backends and "nope" not in core_registry.backends
     assert len(core_registry.backends) == 1
@@ -271,11 +279,13 @@ def test_handler_for_picks_most_specific(order):
     assert registry.handler_for(ScaledLinear(2, 2)) is specific
     assert registry.handler_for(nn.Linear(2, 2)) is core_linear
     assert registry.handler_for(nn.Conv1d(1, 1, 1)) is registry.layer_handlers.get("conv")
-    assert registry.handler_for(nn.BatchNorm1d(2)) is generic
+    assert registry.handler_for(nn.PReLU(2)) is generic
+    assert registry.handler_for(nn.BatchNorm1d(2)) is registry.layer_handlers.get("batch_norm")
 
 
 def test_handler_for_unknown_is_none(core_registry):
-    assert core_registry.handler_for(nn.BatchNorm1d(2)) is None
+    assert core_registry.handler_for(nn.PReLU(2)) is None
+    assert core_registry.handler_for(nn.SyncBatchNorm(2)) is None  # its statistics span processes
     assert core_registry.handler_for(nn.Embedding(3, 2)) is None
     assert core_registry.handler_for(ScaledLinear(2, 2)) is core_registry.layer_handlers.get("linear")
 

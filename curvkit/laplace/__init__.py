@@ -2,7 +2,8 @@
 
 * :class:`KroneckerCurvature`: K-FAC / EKFAC curvature of a model over a data loader as a
   linear operator (products, dense view, trace, log-determinant, damped inverse,
-  eigendecomposition, sampling), exportable to SciPy and curvlinops.
+  eigendecomposition, sampling), exportable to SciPy and curvlinops; normalisation layers
+  are exact unit-wise blocks (:class:`UnitwiseBlock`).
 * :class:`KroneckerLaplace`: a Laplace approximation built on it, without laplace-torch
   (posterior precision, log marginal likelihood, prior precision optimisation, linearised
   predictive). Its inputs are checked: see :mod:`curvkit.laplace.checks` and
@@ -22,6 +23,7 @@ from curvkit.laplace.checks import NonFiniteInputError
 from curvkit.laplace.curvature import KroneckerCurvature, KroneckerPower
 from curvkit.laplace.prior import PriorMode
 from curvkit.laplace.quantities import KroneckerLaplace
+from curvkit.laplace.unitwise import UnitwiseBlock, UnitwiseEigen
 
 __all__ = [
     "BlockEigen",
@@ -33,6 +35,8 @@ __all__ = [
     "KroneckerPower",
     "NonFiniteInputError",
     "PriorMode",
+    "UnitwiseBlock",
+    "UnitwiseEigen",
 ]
 
 _BACKEND_NAMES = ("CurvkitGGN", "CurvkitEF")

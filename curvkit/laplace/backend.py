@@ -16,7 +16,12 @@ size, ``N`` the data-set size):
   ``self.params`` order, ``[G, A·M/N]`` for a weight and ``[G·a_bb]`` for a bias, times
   ``factor`` (``G`` summed over the batch, ``A`` averaged; K-FAC-expand or reduce,
   Eschenhagen et al., 2023). Summed over batches this is the K-FAC of the whole data set,
-  equal to the curvlinops backend's.
+  equal to the curvlinops backend's. A normalisation layer's scale and shift (unit-wise
+  layers, :mod:`curvkit.stats.norms`) get one single-factor block each,
+  ``[diag(F_{i,γγ})]`` and ``[diag(F_{i,ββ})]`` (times ``factor``): the exact diagonal of
+  their curvature, summed over batches exactly. Its ``γ_i``–``β_i`` cross terms are
+  dropped, as ``Kron`` holds one block per parameter (the same split as a linear layer's
+  weight and bias).
 * ``diag`` / ``full``: the exact diagonal / dense GGN (``stochastic=True``: its MC
   estimate; :class:`CurvkitEF`: the empirical Fisher) from per-datum gradients of the
   backpropagated vectors (see :mod:`curvkit.laplace.gradients`), summed over the batch.
@@ -24,7 +29,7 @@ size, ``N`` the data-set size):
   gradients, without ``torch.func``.
 
 Frozen parameters, last-layer and subnetwork Laplace are supported. Where a trainable
-parameter sits in a module curvkit has no layer handler for (e.g. ``LayerNorm``), the
+parameter sits in a module curvkit has no layer handler for, the
 dense methods fall back to laplace-torch's ``torch.func`` implementations and ``kron``
 raises an error naming the module. The per-datum gradients need row ``n`` of every tracked
 layer's input to belong to datum ``n``; a model that folds data into the layer's batch
@@ -63,7 +68,7 @@ from curvkit.laplace.gradients import (
 )
 from curvkit.laplace.pickling import registry_from_state, registry_to_state
 from curvkit.stats.api import resolve_backend
-from curvkit.stats.backend import FactorRequest
+from curvkit.stats.backend import FactorRequest, UnitwiseFactors
 from curvkit.stats.plan import TrackingPlan, make_plan
 
 __all__ = ["CurvkitEF", "CurvkitGGN"]
@@ -200,7 +205,12 @@ class _CurvkitInterface(CurvatureInterface):
             layer, cols, _, transposed = columns[name]
             if layer not in factors:
                 raise ValueError(f"layer {layer!r} did not run in the forward pass, so it has no curvature.")
-            a, g = factors[layer]
+            entry = factors[layer]
+            if isinstance(entry, UnitwiseFactors):  # one parameter of a normalisation layer
+                j = cols.start
+                kfacs.append([torch.diag(entry.F[:, j, j])])
+                continue
+            a, g = entry
             if params[name].ndim == 1:  # bias: one factor G·A_bb (A_bb = 1 for an appended constant)
                 kfacs.append([g * a[cols, cols]])
             elif g.shape[0] == 1 and cols.stop - cols.start == 1:

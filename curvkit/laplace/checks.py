@@ -146,7 +146,7 @@ def check_batch_loss(index: int, loss: Tensor, inputs: Any, outputs: Tensor) -> 
 def curvature_is_finite(curvature: Any) -> bool:
     """Whether every factor (and corrected spectrum) of a ``KroneckerCurvature`` is finite."""
     for block in curvature.blocks:
-        tensors = [block.G, block.A]
+        tensors = block.tensors() if hasattr(block, "tensors") else [block.G, block.A]  # unit-wise: its F
         if block.corrected_eigenvalues is not None:
             tensors.append(block.corrected_eigenvalues)
         if not all(bool(torch.isfinite(t).all()) for t in tensors):
@@ -167,8 +167,9 @@ def locate_nonfinite_curvature(
 
     for index, batch in enumerate(data):
         factors = accumulate_kronecker_factors(model, loss_fn, [batch], progress=False, **factor_kwargs)
-        for layer, (a, g) in factors.items():
-            for which, t in (("A (inputs)", a), ("G (output gradients)", g)):
+        for layer, entry in factors.items():
+            labels = ("F (per-unit blocks)",) if len(entry) == 1 else ("A (inputs)", "G (output gradients)")
+            for which, t in zip(labels, entry):
                 if not bool(torch.isfinite(t).all()):
                     inputs = _batch_tensors(batch)
                     largest = _largest(inputs[0]) if inputs is not None else "n/a"

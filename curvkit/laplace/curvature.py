@@ -19,6 +19,11 @@ block is diagonal in the basis :math:`Q_G \otimes Q_A`:
 
 The prior precision :math:`P_0` may be a scalar, one value per block, or a diagonal (see
 :mod:`curvkit.laplace.prior`).
+
+A normalisation layer (``LayerNorm``, ``RMSNorm``, ``BatchNorm*``, ``GroupNorm``) is an
+exact unit-wise block :math:`\mathrm{blockdiag}_i(F_i)` over its ``(γ_i, β_i)``
+(:class:`~curvkit.laplace.unitwise.UnitwiseBlock`), diagonal in the basis of its ``D``
+small eigendecompositions; every quantity above is exact for it too.
 """
 
 from __future__ import annotations
@@ -33,7 +38,8 @@ from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.laplace.blocks import BlockEigen, KroneckerBlock, stored_transposed
 from curvkit.laplace.operator import FlatOperator
 from curvkit.laplace.prior import PriorMode, block_priors, factored_shifts
-from curvkit.stats.backend import KroneckerFactors
+from curvkit.laplace.unitwise import UnitwiseBlock, UnitwiseEigen
+from curvkit.stats.backend import KroneckerFactors, UnitwiseFactors
 from curvkit.stats.plan import make_plan
 
 __all__ = ["KroneckerCurvature", "KroneckerPower"]
@@ -68,16 +74,16 @@ class KroneckerCurvature(FlatOperator):
         True
     """
 
-    def __init__(self, blocks: Sequence[KroneckerBlock]) -> None:
+    def __init__(self, blocks: Sequence[KroneckerBlock | UnitwiseBlock]) -> None:
         blocks = list(blocks)
         if not blocks:
             raise ValueError("a KroneckerCurvature needs at least one block; the model has no tracked layer.")
-        if not all(isinstance(b, KroneckerBlock) for b in blocks):
-            raise TypeError("blocks must be KroneckerBlock instances.")
-        dtypes = {b.G.dtype for b in blocks} | {b.A.dtype for b in blocks}
+        if not all(isinstance(b, (KroneckerBlock, UnitwiseBlock)) for b in blocks):
+            raise TypeError("blocks must be KroneckerBlock or UnitwiseBlock instances.")
+        dtypes = {t.dtype for b in blocks for t in _block_tensors(b)}
         if len(dtypes) != 1:
             raise ValueError(f"all factors must share one dtype; got {sorted(map(str, dtypes))}.")
-        self.blocks: list[KroneckerBlock] = blocks
+        self.blocks: list[KroneckerBlock | UnitwiseBlock] = blocks
         self.param_shapes = [s for b in blocks for s in b.param_shapes]
         self.param_names: list[str] = [n for b in blocks for n in b.param_names]
 
@@ -87,13 +93,15 @@ class KroneckerCurvature(FlatOperator):
     def from_factors(
         cls,
         model: nn.Module,
-        factors: dict[str, KroneckerFactors],
+        factors: dict[str, KroneckerFactors | UnitwiseFactors],
         *,
         separate_bias: bool = False,
         unsupported: UnsupportedPolicy | str = "warn",
         registry: Any = None,
     ) -> KroneckerCurvature:
-        """Assemble the operator from ``{layer name: KroneckerFactors(A, G)}``.
+        """Assemble the operator from ``{layer name: KroneckerFactors(A, G)}`` (and
+        ``UnitwiseFactors(F)`` for normalisation layers, which become exact
+        :class:`~curvkit.laplace.unitwise.UnitwiseBlock` blocks).
 
         Args:
             model: The model the factors belong to.
@@ -102,6 +110,8 @@ class KroneckerCurvature(FlatOperator):
             separate_bias: Split each layer into a weight block ``G ⊗ A_W`` and a bias block
                 ``G ⊗ [a_bb]``, dropping the weight–bias cross terms. This is the layout of
                 laplace-torch's ``Kron`` and of curvlinops' ``separate_weight_and_bias=True``.
+                A normalisation layer is split likewise into a scale and a shift block (the
+                ``γ_i``–``β_i`` cross terms dropped).
             unsupported, registry: As for :func:`curvkit.kronecker_factors`.
 
         Raises:
@@ -112,14 +122,25 @@ class KroneckerCurvature(FlatOperator):
 
             registry = default_registry()
         names = {id(p): n for n, p in model.named_parameters()}
-        blocks: list[KroneckerBlock] = []
+        blocks: list[KroneckerBlock | UnitwiseBlock] = []
         for layer in make_plan(model, registry, unsupported):
             if layer.name not in factors:
                 raise ValueError(
                     f"no factors for tracked layer {layer.name!r}; did it run in the forward pass? "
                     f"Factors were given for {sorted(factors)}."
                 )
-            a, g = factors[layer.name]
+            entry = factors[layer.name]
+            unitwise = getattr(layer.handler, "kind", None) == "unitwise"
+            if unitwise != isinstance(entry, UnitwiseFactors):
+                want = "UnitwiseFactors(F)" if unitwise else "KroneckerFactors(A, G)"
+                raise TypeError(
+                    f"layer {layer.name!r} ({type(layer.module).__name__}) needs {want}, got {type(entry).__name__}; "
+                    "pass the factors kronecker_factors / accumulate_kronecker_factors returned for this model."
+                )
+            if isinstance(entry, UnitwiseFactors):
+                blocks.extend(_unitwise_blocks(layer, entry.F, names, separate_bias))
+                continue
+            a, g = entry
             weight, bias = layer.weight, layer.bias
             t = stored_transposed(layer.handler, layer.module, weight)  # Conv1D: (d_in, d_out)
             if bias is None:
@@ -247,11 +268,11 @@ class KroneckerCurvature(FlatOperator):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.blocks[0].G.dtype
+        return _block_tensors(self.blocks[0])[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return self.blocks[0].G.device
+        return _block_tensors(self.blocks[0])[0].device
 
     def _matmat(self, x: Tensor) -> Tensor:
         return torch.cat([block.matmat(part) for block, part in zip(self.blocks, self._split(x))])
@@ -268,6 +289,9 @@ class KroneckerCurvature(FlatOperator):
         """``diag(C)`` ``(P,)``: ``diag(G) ⊗ diag(A)`` per block (or its EKFAC counterpart)."""
         parts = []
         for b in self.blocks:
+            if isinstance(b, UnitwiseBlock):
+                parts.append(b.diagonal())
+                continue
             if b.corrected_eigenvalues is None:
                 d = torch.outer(torch.diagonal(b.G), torch.diagonal(b.A))
             else:
@@ -280,7 +304,9 @@ class KroneckerCurvature(FlatOperator):
         """``tr C = Σ_ℓ tr G_ℓ · tr A_ℓ`` (or the sum of the corrected eigenvalues)."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks:
-            if b.corrected_eigenvalues is None:
+            if isinstance(b, UnitwiseBlock):
+                total = total + b.trace()
+            elif b.corrected_eigenvalues is None:
                 total = total + torch.diagonal(b.G).sum() * torch.diagonal(b.A).sum()
             else:
                 total = total + b.corrected_eigenvalues.sum()
@@ -297,8 +323,10 @@ class KroneckerCurvature(FlatOperator):
 
     # --- spectral quantities ----------------------------------------------------------
 
-    def eigendecomposition(self) -> list[BlockEigen]:
-        """Per block, ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ`` (cached)."""
+    def eigendecomposition(self) -> list[BlockEigen | UnitwiseEigen]:
+        """Per block, ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ`` (cached); for
+        a normalisation layer's block, ``F_i = Q_i diag(λ_i) Q_iᵀ`` per unit
+        (:class:`~curvkit.laplace.unitwise.UnitwiseEigen`)."""
         return [b.eigen() for b in self.blocks]
 
     def eigenvalues(self) -> Tensor:
@@ -325,8 +353,10 @@ class KroneckerCurvature(FlatOperator):
                 )
         return priors, mode
 
-    def _shifted_spectrum(self, block: KroneckerBlock, delta: Tensor, mode: PriorMode, pi: bool) -> Tensor:
-        if mode is PriorMode.EXACT:
+    def _shifted_spectrum(
+        self, block: KroneckerBlock | UnitwiseBlock, delta: Tensor, mode: PriorMode, pi: bool
+    ) -> Tensor:
+        if mode is PriorMode.EXACT or isinstance(block, UnitwiseBlock):  # nothing to factor: exact
             return block.spectrum() + delta
         if block.corrected_eigenvalues is not None:
             raise ValueError(
@@ -339,7 +369,7 @@ class KroneckerCurvature(FlatOperator):
 
     def _block_apply(
         self,
-        block: KroneckerBlock,
+        block: KroneckerBlock | UnitwiseBlock,
         delta: Tensor,
         mode: PriorMode,
         pi: bool,
@@ -354,8 +384,10 @@ class KroneckerCurvature(FlatOperator):
             flat = v.reshape(v.shape[0], -1).t()
             coeff = evecs.t() @ flat if rotate_in else flat
             return (evecs @ (fn(evals).unsqueeze(1) * coeff)).t().reshape(v.shape)
-        eig = block.eigen()
         spectrum = fn(self._shifted_spectrum(block, delta, mode, pi))
+        if isinstance(block, UnitwiseBlock):
+            return block.unrotate(spectrum * (block.rotate(v) if rotate_in else v))
+        eig = block.eigen()
         rotated = eig.QG.t() @ v @ eig.QA if rotate_in else v
         return eig.QG @ (spectrum * rotated) @ eig.QA.t()
 
@@ -428,6 +460,30 @@ class KroneckerCurvature(FlatOperator):
                 raise ValueError(f"mean must have shape ({self.num_params},), got {tuple(mean.shape)}.")
             samples = samples + mean
         return samples
+
+
+def _block_tensors(block: KroneckerBlock | UnitwiseBlock) -> list[Tensor]:
+    """The tensors that define a block (its factors, or a unit-wise block's ``F``)."""
+    if isinstance(block, UnitwiseBlock):
+        return block.tensors()
+    return [block.G, block.A]
+
+
+def _unitwise_blocks(layer: Any, F: Tensor, names: dict[int, str], separate: bool) -> list[UnitwiseBlock]:
+    """A normalisation layer's block (or its scale and shift blocks, ``separate``)."""
+    params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+    if F.shape[1] != len(params):
+        raise ValueError(
+            f"layer {layer.name!r}: UnitwiseFactors.F has shape {tuple(F.shape)} but the layer has {len(params)} "
+            "trainable parameter(s) per unit; pass the factors computed for this model."
+        )
+    pnames = tuple(names[id(p)] for p in params)
+    if not separate or len(params) == 1:
+        return [UnitwiseBlock(layer.name, pnames, tuple(p.shape for p in params), F)]
+    return [
+        UnitwiseBlock(label, (pnames[j],), (params[j].shape,), F[:, j : j + 1, j : j + 1].clone())
+        for j, label in enumerate((layer.name, f"{layer.name}.bias"))
+    ]
 
 
 def _inverse_sqrt(name: str) -> Callable[[Tensor], Tensor]:

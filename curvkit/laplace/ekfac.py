@@ -8,6 +8,8 @@ basis and replaces the spectrum by the second moments of the per-datum gradients
 which is the best diagonal in that basis (in Frobenius norm) for the curvature
 :math:`\frac1Z\sum_{n,m} \mathrm{vec}\nabla\,\mathrm{vec}\nabla^\top`. ``Z`` is the loss
 normaliser over the whole data set (``1`` for a sum-reduced loss).
+
+A normalisation layer's unit-wise block is exact already; it is kept as it is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor, nn
 from curvkit.config import FisherType, UnsupportedPolicy, as_enum
 from curvkit.laplace.blocks import KroneckerBlock
 from curvkit.laplace.gradients import fisher_gradients, layer_columns
+from curvkit.laplace.unitwise import UnitwiseBlock
 from curvkit.stats.plan import make_plan
 
 if TYPE_CHECKING:
@@ -56,12 +59,13 @@ def eigenvalue_correction(
     plan = make_plan(model, registry, unsupported)
     columns = layer_columns(plan, model)
     # the columns of V each block covers, within its layer
+    kron = [b for b in curvature.blocks if isinstance(b, KroneckerBlock)]
     spans: list[tuple[str, slice]] = []
-    for block in curvature.blocks:
+    for block in kron:
         layer, first = columns[block.param_names[0]][:2]
         last = columns[block.param_names[-1]][1]
         spans.append((layer, slice(first.start, last.stop)))
-    sums = [torch.zeros(b.d_out, b.k, dtype=curvature.dtype, device=curvature.device) for b in curvature.blocks]
+    sums = [torch.zeros(b.d_out, b.k, dtype=curvature.dtype, device=curvature.device) for b in kron]
     total_z = 0.0
     for inputs, targets in tqdm(data, desc="EKFAC eigenvalues", disable=not progress, unit="batch"):
         z_batch = 1.0
@@ -69,7 +73,7 @@ def eigenvalue_correction(
             model, plan, loss_fn, inputs, targets, fisher, mc_samples, generator, output_fn
         ):
             z_batch = z
-            for i, (block, (layer, cols)) in enumerate(zip(curvature.blocks, spans)):
+            for i, (block, (layer, cols)) in enumerate(zip(kron, spans)):
                 g = grads.get(layer)
                 if g is None:
                     continue
@@ -80,11 +84,15 @@ def eigenvalue_correction(
     if total_z == 0.0:
         raise ValueError("data yielded no batches; pass a non-empty iterable of (inputs, targets).")
     z_total = total_z if loss_fn.reduction == "mean" else 1.0
-    blocks = []
-    for block, s in zip(curvature.blocks, sums):
+    corrected = iter(sums)
+    blocks: list[KroneckerBlock | UnitwiseBlock] = []
+    for old in curvature.blocks:
+        if isinstance(old, UnitwiseBlock):
+            blocks.append(old)
+            continue
         new = KroneckerBlock(
-            block.name, block.param_names, block.param_shapes, block.G, block.A, s / z_total, block.transposed
+            old.name, old.param_names, old.param_shapes, old.G, old.A, next(corrected) / z_total, old.transposed
         )
-        object.__setattr__(new, "_eigen", block.eigen())
+        object.__setattr__(new, "_eigen", old.eigen())
         blocks.append(new)
     return KroneckerCurvature(blocks)

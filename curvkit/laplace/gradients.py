@@ -14,6 +14,11 @@ pass to the layer outputs and one batched GEMM per layer. Choosing the vectors g
   (:func:`fisher_gradients`): the exact diagonal and full GGN / Fisher / empirical Fisher,
   and EKFAC's corrected eigenvalues;
 * unit vectors on the outputs (:func:`output_jacobians`): Jacobians ``(N, C, P)``.
+
+A unit-wise layer (a normalisation layer, :mod:`curvkit.stats.norms`) has the matrix form
+``(D, k)``: row ``i`` holds unit ``i``'s ``[γ_i, β_i]`` (its per-datum gradient is
+:meth:`~curvkit.stats.LayerStats.unit_gradients`), so its scale is column 0 and its shift
+column 1, each in ``weight.flatten()`` order.
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ def per_sample_gradients(
         features: dict[str, Tensor] = {}
         for name in plan.names:
             stats = engine.layer_stats_inputs(name)
-            if stats is not None and not stats.tied:
+            if stats is not None and not stats.tied and not stats.unitwise:
                 features[name] = stats.a_features
         pending = list(vectors(output))
         for i, v in enumerate(pending):
@@ -81,7 +86,7 @@ def per_sample_gradients(
                 stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0)
                 if stats is None:
                     continue
-                if stats.tied:
+                if stats.tied or stats.unitwise:
                     result[name] = stats.per_example_gradients()
                 else:
                     result[name] = torch.einsum("nro,nri->noi", stats.output_features(0), features[name])
@@ -160,7 +165,11 @@ def layer_columns(plan: TrackingPlan, model: nn.Module) -> dict[str, ParamColumn
     for layer in plan:
         weight = layer.weight
         transposed = stored_transposed(layer.handler, layer.module, weight)
-        width = weight.shape[0] if transposed else weight[0].numel()
+        # a unit-wise layer's matrix is (D, k): its scale is one column, whatever γ's shape
+        if getattr(layer.handler, "kind", None) == "unitwise":
+            transposed, width = False, 1
+        else:
+            width = weight.shape[0] if transposed else weight[0].numel()
         out[names[id(weight)]] = ParamColumns(layer.name, slice(0, width), weight.shape, transposed)
         bias = layer.bias
         if bias is not None:

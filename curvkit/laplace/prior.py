@@ -28,6 +28,7 @@ from torch import Tensor
 
 from curvkit.laplace.blocks import KroneckerBlock
 from curvkit.laplace.checks import check_prior_precision
+from curvkit.laplace.unitwise import UnitwiseBlock
 
 __all__ = ["PriorMode", "block_priors"]
 
@@ -40,7 +41,10 @@ class PriorMode(str, Enum):
 
 
 def block_priors(
-    prior_precision: float | Tensor, blocks: list[KroneckerBlock], dtype: torch.dtype, device: torch.device
+    prior_precision: float | Tensor,
+    blocks: list[KroneckerBlock] | list[KroneckerBlock | UnitwiseBlock],
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> list[Tensor]:
     """Split a prior precision into one tensor per block.
 

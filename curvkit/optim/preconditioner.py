@@ -40,6 +40,7 @@ from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.errors import UnsupportedModuleError, UnsupportedRequestError
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite
+from curvkit.stats.backend import UnitwiseFactors
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
 from curvkit.stats.losses import loss_adapter
@@ -192,8 +193,9 @@ class Preconditioner:
         self._fisher_calls = 0
         self._fisher_scale = 1.0
         self.backend = self._resolve_backend(getattr(self.config, "backend", "hooks"))
-        #: Factors from an external statistics backend (``collect_statistics``) for this step.
-        self._external: dict[str, tuple[Tensor, Tensor, int]] = {}
+        #: Factors from an external statistics backend (``collect_statistics``) for this step:
+        #: ``{"A", "G"}``, or ``{"F"}`` for a unit-wise layer, and the number of data.
+        self._external: dict[str, tuple[dict[str, Tensor], int]] = {}
         #: The capture engine (:mod:`curvkit.stats.engine`): records layer inputs and output
         #: gradients on statistics steps; its hooks hold this preconditioner only weakly.
         #: With an external backend it stays detached (the backend runs its own passes).
@@ -263,7 +265,10 @@ class Preconditioner:
         )
         factors = resolve_backend(self.registry, self.backend.name, request).compute(request)
         n = int(targets.shape[0])
-        self._external = {name: (a, g, n) for name, (a, g) in factors.items()}
+        self._external = {
+            name: ({"F": entry.F} if isinstance(entry, UnitwiseFactors) else {"A": entry[0], "G": entry[1]}, n)
+            for name, entry in factors.items()
+        }
 
     # --- capture --------------------------------------------------------------------------
 
@@ -325,8 +330,9 @@ class Preconditioner:
         if self.backend is not None:
             if name not in self._external:
                 return None
-            a, g, n = self._external[name]
-            return SharedLayerStats(self.layers[name], {"A": a, "G": g}, n, a, approx)  # type: ignore[arg-type]
+            shared, n = self._external[name]
+            like = next(iter(shared.values()))
+            return SharedLayerStats(self.layers[name], shared, n, like, approx)  # type: ignore[arg-type]
         if self._sampled_fisher:
             scale = self._fisher_scale / max(1, self._fisher_calls)
             return self.engine.layer_stats(name, "fisher", approx, scale)  # type: ignore[arg-type]
@@ -445,7 +451,9 @@ class Preconditioner:
         for name, s in present.items():
             block = self.blocks[name]
             k = block.num_updates + 1
-            block.update(s, min(1.0 - 1.0 / k, ema))
+            # a block may carry its own ρ (the unit-wise block, under methods without ema_decay)
+            rho = getattr(block, "stat_decay", None)
+            block.update(s, min(1.0 - 1.0 / k, ema if rho is None else rho))
 
     def step(self, *, weight_decay: float = 0.0) -> bool:
         """Rewrite ``.grad`` of every tracked parameter with its preconditioned direction.

@@ -14,6 +14,12 @@ factors are scaled so that ``G ⊗ A`` equals the block of curvlinops'
 ``KFACLinearOperator(..., separate_weight_and_bias=False)`` for the same Fisher type and
 approximation: ``A`` is averaged over data (and, for expand, over the weight-sharing
 axis); ``G`` carries the loss scale (``1/(N·R_loss)`` for ``reduction="mean"``).
+
+Normalisation layers (``LayerNorm``, ``RMSNorm``, ``BatchNorm*``, ``GroupNorm``: unit-wise
+layers, :mod:`curvkit.stats.norms`) have no Kronecker pair: their entry is a
+:class:`~curvkit.stats.backend.UnitwiseFactors` ``(F)``, the exact ``k × k`` block of each
+unit's ``(γ_i, β_i)``, scaled like ``G``. Check ``isinstance(entry, UnitwiseFactors)``
+before unpacking an ``(A, G)`` pair.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedRequestError
-from curvkit.stats.backend import FactorRequest, KroneckerFactors
+from curvkit.stats.backend import FactorRequest, KroneckerFactors, UnitwiseFactors
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.model_io import batch_size
 from curvkit.stats.plan import make_plan
@@ -180,7 +186,7 @@ def kronecker_factors(
     unsupported: UnsupportedPolicy | str = "warn",
     registry: Any = None,
     output_fn: Callable[[Any], Tensor] | None = None,
-) -> dict[str, KroneckerFactors]:
+) -> dict[str, KroneckerFactors | UnitwiseFactors]:
     r"""Kronecker factors ``(A, G)`` of every tracked layer for one batch.
 
     The batch is treated as the whole data set: ``A`` is averaged over its ``N`` data,
@@ -218,7 +224,9 @@ def kronecker_factors(
             :func:`curvkit.plugins.default_registry`.
 
     Returns:
-        ``{module name: KroneckerFactors(A, G)}`` for every tracked layer that ran.
+        ``{module name: KroneckerFactors(A, G)}`` for every tracked layer that ran, and
+        ``{module name: UnitwiseFactors(F)}`` (``F`` of shape ``(D, k, k)``) for every
+        normalisation layer (see the module docstring).
 
     Raises:
         UnsupportedRequestError: The backend cannot serve the request (the message names
@@ -266,16 +274,16 @@ def accumulate_kronecker_factors(
     registry: Any = None,
     progress: bool = False,
     output_fn: Callable[[Any], Tensor] | None = None,
-) -> dict[str, KroneckerFactors]:
+) -> dict[str, KroneckerFactors | UnitwiseFactors]:
     r"""Kronecker factors over a whole data set, streamed batch by batch.
 
     The scaling is that of the data set, not of a batch: with ``N`` data in total,
     :math:`A = \frac{1}{N}\sum_b N_b A_b`, and ``G`` likewise for a ``mean`` loss (summed
-    for a ``sum`` loss) — the curvature of the loss over the whole data set, as a
-    ``mean``-reduced loss would average it. This equals curvlinops' ``KFACLinearOperator``
-    on the same data loader (and, for ``fisher="mc"`` with a generator seeded like
-    curvlinops' ``seed``, draws the same targets). Memory is that of one batch plus the
-    factors.
+    for a ``sum`` loss; a normalisation layer's ``F`` as ``G``) — the curvature of the loss
+    over the whole data set, as a ``mean``-reduced loss would average it. This equals
+    curvlinops' ``KFACLinearOperator`` on the same data loader (and, for ``fisher="mc"``
+    with a generator seeded like curvlinops' ``seed``, draws the same targets). Memory is
+    that of one batch plus the factors.
 
     Args:
         data: Iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``).
@@ -283,7 +291,8 @@ def accumulate_kronecker_factors(
         Others: As :func:`kronecker_factors`.
 
     Returns:
-        ``{module name: KroneckerFactors(A, G)}``.
+        ``{module name: KroneckerFactors(A, G)}``, and ``{module name: UnitwiseFactors(F)}``
+        for normalisation layers.
     """
     from tqdm.auto import tqdm
 
@@ -313,7 +322,14 @@ def accumulate_kronecker_factors(
         backend_obj = resolve_backend(registry, backend, request)
         n = int(targets.shape[0])
         g_weight = n if loss_fn.reduction == "mean" else 1
-        for name, (a, g) in backend_obj.compute(request).items():
+        for name, entry in backend_obj.compute(request).items():
+            if isinstance(entry, UnitwiseFactors):  # scaled like G
+                if name in sums:
+                    sums[name][0].add_(entry.F, alpha=g_weight)
+                else:
+                    sums[name] = [entry.F.mul(g_weight)]
+                continue
+            a, g = entry
             if name in sums:
                 sums[name][0].add_(a, alpha=n)
                 sums[name][1].add_(g, alpha=g_weight)
@@ -323,4 +339,10 @@ def accumulate_kronecker_factors(
     if total == 0:
         raise ValueError("data yielded no batches; pass a non-empty iterable of (inputs, targets).")
     g_div = total if loss_fn.reduction == "mean" else 1
-    return {name: KroneckerFactors(a.div_(total), g.div_(g_div)) for name, (a, g) in sums.items()}
+    out: dict[str, KroneckerFactors | UnitwiseFactors] = {}
+    for name, parts in sums.items():
+        if len(parts) == 1:
+            out[name] = UnitwiseFactors(parts[0].div_(g_div))
+        else:
+            out[name] = KroneckerFactors(parts[0].div_(total), parts[1].div_(g_div))
+    return out

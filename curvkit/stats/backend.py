@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from curvkit.config import FisherType, KFACApprox
 from curvkit.stats.plan import TrackingPlan
 
-__all__ = ["BackendCapabilities", "FactorRequest", "KroneckerFactors", "StatisticsBackend"]
+__all__ = ["BackendCapabilities", "FactorRequest", "KroneckerFactors", "StatisticsBackend", "UnitwiseFactors"]
 
 
 class KroneckerFactors(NamedTuple):
@@ -33,6 +33,25 @@ class KroneckerFactors(NamedTuple):
 
     A: Tensor
     G: Tensor
+
+
+class UnitwiseFactors(NamedTuple):
+    r"""The curvature of a unit-wise layer (a normalisation layer's scale and shift,
+    :mod:`curvkit.stats.norms`): ``D`` exact ``k × k`` blocks, no Kronecker pair.
+
+    ``F[i]`` is the block of unit ``i``'s parameters ``(γ_i, β_i)`` (``k = 2``, the shift
+    last, like a bias column) or ``(γ_i,)`` (``k = 1``); units in the order of
+    ``weight.flatten()``. It is scaled like ``G``: the Fisher of the loss as its
+    ``reduction`` defines it, so ``blockdiag(F)`` is exactly the layer's diagonal blocks of
+    the dense Fisher/GGN (per unit; the couplings between units are not part of it).
+    ``kfac_approx`` does not apply (the blocks are exact). Test for it with
+    ``isinstance(entry, UnitwiseFactors)`` before unpacking an ``(A, G)`` pair.
+
+    Attributes:
+        F: ``(D, k, k)``, symmetric positive semi-definite per unit.
+    """
+
+    F: Tensor
 
 
 @dataclass(frozen=True)
@@ -131,5 +150,6 @@ class StatisticsBackend(Protocol):
     name: str
     capabilities: BackendCapabilities
 
-    def compute(self, request: FactorRequest) -> dict[str, KroneckerFactors]:
-        """Factors of every tracked layer that ran in the forward pass, by name."""
+    def compute(self, request: FactorRequest) -> dict[str, KroneckerFactors | UnitwiseFactors]:
+        """Factors of every tracked layer that ran in the forward pass, by name
+        (:class:`UnitwiseFactors` for unit-wise layers, where the backend serves them)."""

@@ -22,7 +22,9 @@ every use.
 How uses are seen
 -----------------
 A module with a layer handler gets a forward hook: its input and output are the use
-(``Linear``, ``Conv``, ``Embedding``, the normalisation layers, HF ``Conv1D``). A module
+(``Linear``, ``Conv``, ``Embedding``, the normalisation layers, HF ``Conv1D``); a handler
+with ``capture_input(module, x)`` stores what that returns instead of the input (the
+normalisation layers store their normalised input ``x̂``, :mod:`curvkit.stats.norms`). A module
 whose handler declares ``functional = ("linear",)`` (``nn.MultiheadAttention``) computes
 with its parameters through ``torch.nn.functional`` calls inside its forward; while that
 forward runs, the engine wraps ``torch.nn.functional.linear`` and records every call whose
@@ -321,6 +323,9 @@ class CaptureEngine:
         x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, Tensor)), None)
         if not isinstance(x, Tensor) or _is_functorch_wrapped(x):
             return  # a forward inside torch.func transforms (vmap/grad) is not a training step
+        capture = getattr(site.handler, "capture_input", None)
+        if capture is not None:  # e.g. a normalisation layer's x̂, as this forward pass computed it
+            x = capture(site.module, x)
         record = self._new_record(x, output)
         for layer in blocks:
             self._add(record, site, layer, None)

@@ -10,17 +10,19 @@ held. (Measured on one CPU thread, this beats a single ``is_grads_batched`` (vma
 — equal for MLPs, 20% faster on a sequence model, twice as fast on a CNN, where several
 backward ops lack batching rules and large convolution batches run slower per row.) ``A``
 comes from the recorded inputs, through a handler's ``input_gram`` fast path where it has
-one.
+one. A unit-wise layer (a normalisation layer) gets its exact per-unit blocks
+(:class:`~curvkit.stats.backend.UnitwiseFactors`), folded in pass by pass the same way.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox
-from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors
+from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors, UnitwiseFactors
 from curvkit.stats.engine import CaptureEngine
-from curvkit.stats.layer_stats import Part, _input_sums, _output_sum
+from curvkit.stats.layer_stats import LayerStats, Part, _input_sums, _output_sum
 from curvkit.stats.losses import SUPPORTED_LOSSES, loss_adapter
 from curvkit.stats.model_io import call_model, model_logits
 from curvkit.stats.plan import LayerPlan
@@ -43,7 +45,7 @@ class HooksBackend:
             sites=True,
         )
 
-    def compute(self, request: FactorRequest) -> dict[str, KroneckerFactors]:
+    def compute(self, request: FactorRequest) -> dict[str, KroneckerFactors | UnitwiseFactors]:
         adapter = loss_adapter(request.loss_fn)
         engine = CaptureEngine(request.plan, request.model)
         with engine.attached_for():
@@ -55,8 +57,10 @@ class HooksBackend:
             num_passes = adapter.num_passes(output.shape[dim], request.fisher, request.mc_samples)
             names = [n for n in request.plan.names if n in engine.uses]
             tied = {n for n in names if any(u.site.transposed for u in engine.uses[n])}
+            unitwise = {n for n in names if getattr(engine.blocks[n].handler, "kind", None) == "unitwise"}
             kept = {id(u.record) for n in tied for u in engine.uses[n]}
             sums: dict[str, Tensor] = {}
+            dtypes: dict[str, torch.dtype] = {}
 
             def consume(_: int) -> None:
                 # fold this pass's gradients into G and drop them (tied blocks keep theirs:
@@ -67,7 +71,12 @@ class HooksBackend:
                     parts = [u.part("fisher") for u in engine.uses[name] if u.record.fisher_grads]
                     if not parts:
                         continue
-                    s = _output_sum(parts, 0, request.kfac_approx)
+                    if name in unitwise:  # this pass's exact per-unit blocks (summed in >= float32)
+                        stats = LayerStats(engine.blocks[name], approx=request.kfac_approx, parts=parts)
+                        dtypes[name] = stats.dtype
+                        s = stats.unit_fisher()
+                    else:
+                        s = _output_sum(parts, 0, request.kfac_approx)
                     if name in sums:
                         sums[name].add_(s)
                     else:
@@ -79,7 +88,7 @@ class HooksBackend:
             engine.backpropagate(output, vectors, num_passes=num_passes, on_pass=consume)
             engine.drop_outputs()
             normaliser = adapter.normaliser(output, targets)
-            result: dict[str, KroneckerFactors] = {}
+            result: dict[str, KroneckerFactors | UnitwiseFactors] = {}
             for layer in request.plan:
                 if layer.name in tied:
                     stats = engine.layer_stats(layer.name, "fisher", request.kfac_approx, 1.0 / normaliser)
@@ -88,6 +97,10 @@ class HooksBackend:
                     continue
                 if layer.name not in sums:
                     continue  # the layer did not run, or does not influence the output
+                if layer.name in unitwise:
+                    f = sums[layer.name].div_(normaliser)
+                    result[layer.name] = UnitwiseFactors(f.to(dtypes[layer.name]))  # the model's dtype, as A, G
+                    continue
                 parts = [u.part("fisher") for u in engine.uses[layer.name]]
                 result[layer.name] = KroneckerFactors(
                     _input_sums(parts, request.kfac_approx, layer.has_bias), sums[layer.name].div_(normaliser)

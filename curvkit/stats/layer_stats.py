@@ -24,6 +24,12 @@ rearranged sum (a ``2 × 2`` eigenproblem), normalised so that :math:`\sum_t\alp
 It reproduces either term exactly when the other vanishes. Per-datum gradients are exact
 (the sum over both layouts); the per-row quantities (:meth:`LayerStats.rows`, the
 features) do not exist for such a block and raise :class:`~curvkit.errors.TiedStatisticsError`.
+
+**Unit-wise blocks** (normalisation layers, :mod:`curvkit.stats.norms`) have no Kronecker
+factors: their statistics are the per-datum, per-unit gradients
+:meth:`LayerStats.unit_gradients` ``(P·N, D, k)`` (summed over the positions of every use)
+and the exact per-unit Fisher :meth:`LayerStats.unit_fisher` ``(D, k, k)``; ``A()``,
+``G()`` and the per-row features raise :class:`~curvkit.errors.UnitwiseStatisticsError`.
 """
 
 from __future__ import annotations
@@ -37,7 +43,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.config import KFACApprox
-from curvkit.errors import TiedStatisticsError
+from curvkit.errors import TiedStatisticsError, UnitwiseStatisticsError
 from curvkit.stats.factors import assemble_gram, gram, output_gram, sum_gram
 
 __all__ = ["LayerStats", "Part", "SharedLayerStats", "nearest_kronecker"]
@@ -259,7 +265,92 @@ class LayerStats:
         """Whether the uses come in transposed layouts (see the module docstring)."""
         return any(p.transposed for p in self.parts)
 
+    @cached_property
+    def unitwise(self) -> bool:
+        """Whether the block is unit-wise (a normalisation layer's scale and shift; see the
+        module docstring)."""
+        return getattr(self.layer.handler, "kind", None) == "unitwise"
+
+    def _not_unitwise(self, what: str) -> None:
+        if self.unitwise:
+            raise UnitwiseStatisticsError(
+                f"block {self.layer.name!r} is unit-wise ({type(self.layer.module).__name__}: an exact k×k block per "
+                f"unit); {what} does not exist for it. Use unit_gradients() or unit_fisher()."
+            )
+
+    # --- unit-wise statistics -------------------------------------------------------------
+
+    @cached_property
+    def _unit_x(self) -> Tensor:
+        """``(N, R, D, k_w)``: the handlers' unit features of every use (no shift column),
+        computed once per batch."""
+        self._require_unitwise("unit_features()")
+        return _cat_features([p.handler.unit_features(p.module, p.inputs) for p in self.parts])
+
+    def unit_features(self) -> Tensor:
+        """``(N, R, D, k)``: what multiplies the output gradient per unit (``x̂`` for the
+        scale, a column of ones for the shift when the block has one), every use's
+        positions along ``R``."""
+        x = self._unit_x
+        if self.layer.has_bias:
+            x = torch.cat([x, x.new_ones(*x.shape[:3], 1)], dim=3)
+        return x
+
+    def _unit_grads(self, p: int) -> Tensor:
+        return _cat_features([part.output_features(part.grads[p]) for part in self.parts])
+
+    def _unit_cols(self, p: int) -> list[Tensor]:
+        """Pass ``p``'s unscaled per-datum gradients, one ``(N, D)`` tensor per column of
+        the ``(D, k)`` matrix form: products and sums over the positions (the shift's column
+        of ones is never formed)."""
+        g = self._unit_grads(p)  # (N, R, D)
+        x = self._unit_x
+        if x.shape[-1] == 1:
+            cols = [(g * x[..., 0]).sum(1)]
+        else:
+            cols = list(torch.einsum("nrd,nrdk->ndk", g, x).unbind(-1))
+        if self.layer.has_bias:
+            cols.append(g.sum(1))
+        return cols
+
+    def unit_gradients(self) -> Tensor:
+        r"""``(P·N, D, k)``: :math:`J_{p,n,i} = \sqrt{s}\sum_r g_{p,n,r,i}\,\bar x_{n,r,i}`
+        per pass ``p``, datum ``n`` and unit ``i`` (``s = g_scale``; sum over the positions of
+        every use), so that :math:`\sum_{p,n} J_{p,n,i}J_{p,n,i}^\top` is unit ``i``'s block
+        of the batch's (empirical, MC or type-2) Fisher."""
+        j = torch.cat([torch.stack(self._unit_cols(p), dim=-1) for p in range(self.num_passes)])
+        return j * math.sqrt(self.g_scale)
+
+    def unit_fisher(self) -> Tensor:
+        """``(D, k, k)``: the batch's exact per-unit Fisher ``Σ_{p,n} J Jᵀ`` (see
+        :meth:`unit_gradients`), accumulated pass by pass in at least float32, entry by
+        entry (``k(k+1)/2`` products of ``(N, D)`` columns)."""
+        dtype = torch.promote_types(self._unit_x.dtype, torch.float32)
+        total: Tensor | None = None
+        for p in range(self.num_passes):
+            cols = [c.to(dtype) for c in self._unit_cols(p)]
+            k = len(cols)
+            if total is None:
+                total = cols[0].new_zeros(cols[0].shape[1], k, k)
+            for a in range(k):
+                for b in range(a, k):
+                    entry = (cols[a] * cols[b]).sum(0)
+                    total[:, a, b] += entry
+                    if b != a:
+                        total[:, b, a] += entry
+        if total is None:
+            raise ValueError(f"block {self.layer.name!r}: no output gradients were captured.")
+        return total.mul_(self.g_scale)
+
+    def _require_unitwise(self, what: str) -> None:
+        if not self.unitwise:
+            raise TypeError(
+                f"block {self.layer.name!r} ({type(self.layer.module).__name__}) is not unit-wise; {what} exists only "
+                "for normalisation layers (handlers with kind = 'unitwise')."
+            )
+
     def _same_layout(self, what: str) -> list[Part]:
+        self._not_unitwise(what)
         if self.tied:
             raise TiedStatisticsError(
                 f"block {self.layer.name!r} ties its weight in transposed layouts "
@@ -277,7 +368,10 @@ class LayerStats:
         return _cat_features([p.input_features() for p in self._same_layout("in_features")])
 
     def output_features(self, p: int) -> Tensor:
-        """``(N, R, d_out)`` output features of pass ``p`` (every use's positions along ``R``)."""
+        """``(N, R, d_out)`` output features of pass ``p`` (every use's positions along ``R``;
+        ``(N, R, D)`` for a unit-wise block)."""
+        if self.unitwise:
+            return self._unit_grads(p)
         return _cat_features([part.output_features(part.grads[p]) for part in self._same_layout("output_features")])
 
     @cached_property
@@ -299,10 +393,12 @@ class LayerStats:
 
     def A(self) -> Tensor:
         """The batch's input factor."""
+        self._not_unitwise("A()")
         return self._factors[0]
 
     def G(self) -> Tensor:
         """The batch's output-gradient factor."""
+        self._not_unitwise("G()")
         return self._factors[1]
 
     @cached_property
@@ -349,7 +445,10 @@ class LayerStats:
         return a_rows, g_rows
 
     def per_example_gradients(self) -> Tensor:
-        """``(P·N, d_out, d_in [+1])`` scaled per-example gradients (class docstring)."""
+        """``(P·N, d_out, d_in [+1])`` scaled per-example gradients (class docstring); for a
+        unit-wise block :meth:`unit_gradients`, ``(P·N, D, k)`` (its matrix form)."""
+        if self.unitwise:
+            return self.unit_gradients()
         if not self.tied:
             return self._layout_gradients(self.parts, self.layer.has_bias)
         same = [p for p in self.parts if not p.transposed]
@@ -376,6 +475,11 @@ class LayerStats:
         data-parallel training gathers for a block with several uses)."""
         if len(self.parts) == 1:
             return self
+        if self.unitwise:
+            x = _cat_features([p.handler.unit_features(p.module, p.inputs) for p in self.parts])
+            grads = [self._unit_grads(p) for p in range(self.num_passes)]
+            part = Part(_UNIT_FEATURES, self.layer.module, x, grads)
+            return LayerStats(self.layer, approx=self.approx, g_scale=self.g_scale, parts=[part])
         x = self.in_features
         grads = [self.output_features(p) for p in range(self.num_passes)]
         part = Part(_FEATURES, self.layer.module, x, grads)
@@ -396,6 +500,19 @@ class _Features:
 
 
 _FEATURES = _Features()
+
+
+class _UnitFeatures(_Features):
+    """A unit-wise handler for features extracted already (``(N, R, D, k_w)`` inputs and
+    ``(N, R, D)`` gradients)."""
+
+    kind = "unitwise"
+
+    def unit_features(self, module: nn.Module, x: Tensor) -> Tensor:
+        return x
+
+
+_UNIT_FEATURES = _UnitFeatures()
 
 
 class SharedLayerStats(LayerStats):
@@ -454,6 +571,17 @@ class SharedLayerStats(LayerStats):
 
     def per_example_gradients(self) -> Tensor:
         raise self._missing("per_example_gradients()")
+
+    def unit_features(self) -> Tensor:
+        raise self._missing("unit_features()")
+
+    def unit_gradients(self) -> Tensor:
+        raise self._missing("unit_gradients()")
+
+    def unit_fisher(self) -> Tensor:
+        if self.shared is not None and "F" in self.shared:
+            return self.shared["F"]
+        raise self._missing("unit_fisher()")
 
     def output_features(self, p: int) -> Tensor:
         raise self._missing("output_features()")

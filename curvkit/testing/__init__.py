@@ -25,6 +25,7 @@ from curvkit.testing.methods import (
     check_nonfinite_gradient_skips,
     check_sample_configs_train,
     check_state_dict_roundtrip,
+    check_unitwise_layers,
 )
 from curvkit.testing.plugin import check_plugin
 
@@ -37,4 +38,5 @@ __all__ = [
     "check_sample_configs_train",
     "check_state_dict_roundtrip",
     "check_structure",
+    "check_unitwise_layers",
 ]

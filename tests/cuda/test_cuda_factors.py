@@ -11,6 +11,8 @@ Conv2d), for the empirical, MC (the same seeded device generator) and type-2 Fis
 both approximations; and they equal our CPU factors (which tests/stats checks against
 curvlinops and independent references) for the deterministic Fisher types. In float32 and
 bf16 on the device they are within float32 / bf16 rounding of the float64 CPU factors.
+Normalisation layers give :class:`~curvkit.UnitwiseFactors` ``(F,)`` (one tensor, checked
+the same way); their dense float64 ground truth is in tests/stats/test_norms.py.
 """
 
 from __future__ import annotations
@@ -109,6 +111,10 @@ EXAMPLES: dict[str, Example] = {
         lambda: nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.BatchNorm2d(4), *_head(4 * 5 * 5)),
         lambda g, n: torch.randn(n, 2, 5, 5, generator=g, dtype=torch.float64, device="cpu"),
     ),
+    "torch.nn.modules.batchnorm.BatchNorm3d": Example(
+        lambda: nn.Sequential(nn.Conv3d(1, 2, 2), nn.BatchNorm3d(2), *_head(2 * 2 * 2 * 2)),
+        lambda g, n: torch.randn(n, 1, 3, 3, 3, generator=g, dtype=torch.float64, device="cpu"),
+    ),
     "torch.nn.modules.activation.MultiheadAttention": Example(
         lambda: nn.Sequential(nn.Linear(5, 6), _SelfAttention(), *_head(4 * 6)),
         lambda g, n: _seq(n, g),
@@ -196,14 +202,14 @@ def test_factors_on_the_device(handler, qualname, fisher, approx):
     model_dev = copy.deepcopy(model).to(DEVICE)
     ours = _ours(model_dev, X.to(DEVICE), y.to(DEVICE), fisher, approx, DEVICE)
     assert _covers(ours, names)
-    for name, (A, G) in ours.items():
-        assert on_device(A) and on_device(G), f"{name}: factors on {A.device}, {G.device}"
-        assert A.dtype == G.dtype == torch.float64
+    for name, entry in ours.items():  # (A, G), or (F,) for a normalisation layer
+        assert all(on_device(t) for t in entry), f"{name}: factors on {[t.device for t in entry]}"
+        assert all(t.dtype == torch.float64 for t in entry)
     if fisher != "mc":  # MC draws differ between the CPU's and the device's generators
         cpu = _ours(model, X, y, fisher, approx, torch.device("cpu"))
         assert set(cpu) == set(ours)
         for name in cpu:
-            for ours_t, cpu_t, which in zip(ours[name], cpu[name], "AG"):
+            for ours_t, cpu_t, which in zip(ours[name], cpu[name], ours[name]._fields):
                 assert rel_err(ours_t, cpu_t) < 1e-10, f"{which} of {name!r}: device vs CPU"
     if _curvlinops_applies(model):
         from _reference import assert_factors_close, curvlinops_factors
@@ -227,6 +233,6 @@ def test_low_precision_factors_on_the_device(handler, qualname, dtype, tol):
     Xd = X.to(device=DEVICE, dtype=dtype) if X.is_floating_point() else X.to(DEVICE)
     ours = _ours(low, Xd, y.to(DEVICE), "type-2", "expand", DEVICE)
     for name in ref:
-        for ours_t, ref_t, which in zip(ours[name], ref[name], "AG"):
+        for ours_t, ref_t, which in zip(ours[name], ref[name], ref[name]._fields):
             assert on_device(ours_t) and ours_t.dtype == dtype
             assert rel_err(ours_t, ref_t) < tol, f"{which} of {name!r} in {dtype}"

@@ -40,6 +40,9 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("skfac", "skfac", {"lr": 0.1, "damping": 1e-2}, "mlp"),
     ("b-kfac", "b-kfac", {"lr": 0.1, "rank": 4, "T_stats": 1, "T_inv": 2, "damping": 1e-2}, "mlp"),
     ("b-r-kfac", "b-r-kfac", {"lr": 0.1, "rank": 4, "T_stats": 1, "T_inv": 2, "damping": 1e-2}, "mlp"),
+    # normalisation layers (unit-wise blocks: LayerNorm, an eval-mode BatchNorm1d)
+    ("kfac-norm", "kfac", {"lr": 0.1, "damping": 1e-2, "T_inv": 3}, "norm"),
+    ("singd-norm", "singd", {"lr": 0.05, "T": 1, "structure": "dense"}, "norm"),
     # statistics sent in float32 (half the bytes); every refresh on every rank
     (
         "kfac-fp32-comm",
@@ -65,6 +68,12 @@ def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "mlp":
         model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+    elif kind == "norm":
+        # per-datum normalisation only (a train-mode BatchNorm normalises each rank's share by
+        # its own statistics, so no run on fewer rows reproduces it)
+        model = nn.Sequential(
+            nn.Linear(6, 7), nn.LayerNorm(7), nn.Tanh(), nn.Linear(7, 5), nn.BatchNorm1d(5).eval(), nn.Linear(5, 3)
+        )
     else:
         model = nn.Sequential(
             nn.Conv2d(2, 3, 3, padding=1),
@@ -79,7 +88,7 @@ def make_model(kind: str) -> nn.Module:
 
 def batch(kind: str, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    shape = (2 * B, 6) if kind == "mlp" else (2 * B, 2, 5, 5)
+    shape = (2 * B, 2, 5, 5) if kind == "cnn" else (2 * B, 6)
     X = torch.randn(*shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (2 * B,), generator=g)
     rows = slice(rank * 2 * B // world, (rank + 1) * 2 * B // world)

@@ -4,11 +4,13 @@ exactly like one process with batch 2B (float64).
 The two processes run every scenario of ``_dist_worker.py`` once (module fixture); the
 single-process reference runs here. Checked: parameters after 10 steps (rtol 1e-8) for
 K-FAC (MLP; CNN with reduce; type-2 Fisher), EKFAC (MLP, CNN, type-2 on the CNN), SINGD
-(dense, diagonal), RS-KFAC, TKFAC, SKFAC, a plain model whose gradients the distributor
-averages, float32 communication and unsharded refreshes; that the two ranks hold bit-identical parameters; that each
-decomposition is computed on exactly one rank (counted, also for B-KFAC and B-R-KFAC); that a non-finite gradient on one
-rank skips the same step on both; that a checkpoint saved on rank 0 resumes on two ranks;
-and that statistics travel as packed triangles (bytes counted).
+(dense, diagonal), RS-KFAC, TKFAC, SKFAC, K-FAC and SINGD on a model with LayerNorm and
+BatchNorm1d (unit-wise blocks: their batch Fisher averaged, their refresh on one rank), a
+plain model whose gradients the distributor averages, float32 communication and unsharded
+refreshes; that the two ranks hold bit-identical parameters; that each decomposition is
+computed on exactly one rank (counted, also for B-KFAC and B-R-KFAC); that a non-finite
+gradient on one rank skips the same step on both; that a checkpoint saved on rank 0
+resumes on two ranks; and that statistics travel as packed triangles (bytes counted).
 """
 
 from __future__ import annotations
@@ -67,7 +69,8 @@ def test_ranks_hold_bit_identical_parameters(runs, label):
 
 
 @pytest.mark.parametrize(
-    "label", ["kfac", "kfac-cnn-reduce", "ekfac", "ekfac-cnn", "rs-kfac", "tkfac", "skfac", "b-kfac", "b-r-kfac"]
+    "label",
+    ["kfac", "kfac-cnn-reduce", "ekfac", "ekfac-cnn", "rs-kfac", "tkfac", "skfac", "b-kfac", "b-r-kfac", "kfac-norm"],
 )
 def test_each_decomposition_is_computed_on_exactly_one_rank(runs, label):
     reference, ranks = runs
@@ -100,6 +103,15 @@ def test_statistics_travel_as_packed_triangles(runs):
     # SINGD sends its projected grams: triangles for dense K and C, the diagonals for diagonal
     assert ranks[0]["singd"]["bytes"]["statistics"] == w.STEPS * per_step * 8
     assert ranks[0]["singd-diag"]["bytes"]["statistics"] == w.STEPS * sum(a + g for a, g in dims) * 8
+    # unit-wise blocks send their (D, k, k) batch Fisher, averaged like A and G (not the batch)
+    norm = w.make_model("norm")
+    tri = sum(
+        (m.in_features + 1) * (m.in_features + 2) // 2 + m.out_features * (m.out_features + 1) // 2
+        for m in norm
+        if isinstance(m, torch.nn.Linear)
+    )
+    units = sum(m.weight.numel() * 4 for m in norm if isinstance(m, (torch.nn.LayerNorm, torch.nn.BatchNorm1d)))
+    assert ranks[0]["kfac-norm"]["bytes"]["statistics"] == w.STEPS * (tri + units) * 8
     assert ranks[0]["kfac"]["bytes"]["gradients"] == 0  # DDP averaged them
     n_params = sum(p.numel() for p in model.parameters())
     assert ranks[0]["kfac-plain"]["bytes"]["gradients"] == w.STEPS * n_params * 8

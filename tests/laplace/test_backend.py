@@ -205,7 +205,7 @@ def test_jacobians_gradients_match_torch_func():
 
 def test_unsupported_module_kron_error_and_dense_fallback():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 6), nn.LayerNorm(6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
+    model = nn.Sequential(nn.Linear(3, 6), nn.PReLU(6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
     loader = _data("mlp", "classification")
     X, y = loader.dataset.tensors[0][:8], loader.dataset.tensors[1][:8]
     be = CurvkitGGN(model, "classification")

@@ -45,6 +45,11 @@ def test_nonfinite_gradient_skips(name):
     testing.check_nonfinite_gradient_skips(name)
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_unitwise_layers(name):
+    testing.check_unitwise_layers(name)
+
+
 def test_the_kit_catches_a_broken_structure():
     """A structure whose matmul ignores its off-diagonal part fails with a named message."""
     import torch

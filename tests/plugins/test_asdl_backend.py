@@ -137,16 +137,25 @@ def test_accumulated_over_batches_matches_curvlinops():
 
 def test_inplace_activation_frozen_bias_and_skipped_module():
     torch.manual_seed(1)
+    # a frozen BatchNorm1d (a module type ASDL knows, left out of the plan) and a PReLU (no
+    # handler: skipped)
     model = nn.Sequential(
-        nn.Linear(5, 4), nn.ReLU(inplace=True), nn.BatchNorm1d(4), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, C)
+        nn.Linear(5, 4),
+        nn.ReLU(inplace=True),
+        nn.BatchNorm1d(4),
+        nn.PReLU(4),
+        nn.Linear(4, 4),
+        nn.ReLU(),
+        nn.Linear(4, C),
     ).to(DTYPE)
-    model[3].bias.requires_grad_(False)
+    model[2].requires_grad_(False)
+    model[4].bias.requires_grad_(False)
     X, y = torch.randn(N, 5, dtype=DTYPE), torch.randint(0, C, (N,))
     kwargs = dict(fisher="type-2", unsupported="skip")
     factors = curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, backend="asdl", **kwargs)
     hooks = curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, backend="hooks", **kwargs)
-    assert sorted(factors) == sorted(hooks) == ["0", "3", "5"]
-    assert factors["3"].A.shape == (4, 4)  # frozen bias: not folded in
+    assert sorted(factors) == sorted(hooks) == ["0", "4", "6"]
+    assert factors["4"].A.shape == (4, 4)  # frozen bias: not folded in
     for name, (a, g) in factors.items():
         _close(a, hooks[name].A)
         _close(g, hooks[name].G)

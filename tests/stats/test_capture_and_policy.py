@@ -287,13 +287,13 @@ def test_shared_bias_parameter_raises(core_registry):
 # --- unsupported modules ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["batchnorm", "embedding"])
+@pytest.fixture(params=["prelu", "embedding"])
 def model_with_unsupported(request):
     torch.manual_seed(0)
-    if request.param == "batchnorm":
-        model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    if request.param == "prelu":
+        model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).double()
         X = torch.randn(5, 3, dtype=torch.float64)
-        return model, X, "BatchNorm1d"
+        return model, X, "PReLU"
     model = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 2)).double()
     X = torch.randint(0, 6, (5,))
     return model, X, "Embedding"
@@ -363,7 +363,7 @@ def test_unsupported_skip(model_with_unsupported, core_registry):
 
 def test_frozen_unsupported_module_is_ignored(core_registry):
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)).double()
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).double()
     model[1].requires_grad_(False)
     X, y = _data()
     out = curvkit.kronecker_factors(model, nn.CrossEntropyLoss(), X, y, fisher="type-2", registry=core_registry)
