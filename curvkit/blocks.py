@@ -33,9 +33,18 @@ from curvkit.numerics import all_finite
 from curvkit.stats.handlers import weight_matrix
 from curvkit.stats.layer_stats import LayerStats, SharedLayerStats
 from curvkit.stats.plan import LayerPlan
-from curvkit.structures.base import FactorStructure
+from curvkit.structures.base import DiagonalStructure, FactorStructure
 
-__all__ = ["BlockInfo", "CurvatureBlock", "KroneckerBlock", "KroneckerOperator", "LayerStats", "SharedLayerStats"]
+__all__ = [
+    "BlockInfo",
+    "CurvatureBlock",
+    "KroneckerBlock",
+    "KroneckerOperator",
+    "LayerStats",
+    "SharedLayerStats",
+    "as_structure",
+    "input_structure",
+]
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,12 @@ class BlockInfo:
             ``d_in = k`` (scale, and shift when ``has_bias``); every method gets the core's
             exact per-unit :class:`~curvkit.unitwise.UnitwiseBlock` for it (or its spec's
             ``unitwise_block``).
+        diagonal_input: The layer's input features are one-hot (``nn.Embedding``), so
+            ``A`` is diagonal: ``stats.A()`` is its 1-D diagonal and a
+            :class:`KroneckerBlock` stores ``A`` in the ``diagonal`` structure, whatever
+            structure the method was configured with (exactly: nothing is projected away).
+            Methods whose spec sets ``diagonal_inputs=False`` need one-hot rows and serve
+            such a layer only up to :data:`curvkit.stats.embedding.ONE_HOT_LIMIT` rows.
     """
 
     name: str
@@ -67,11 +82,18 @@ class BlockInfo:
     has_bias: bool
     tied: bool = False
     unitwise: bool = False
+    diagonal_input: bool = False
 
     @classmethod
     def from_plan(cls, layer: LayerPlan) -> BlockInfo:
         d_out, d_in = weight_matrix(layer.handler, layer.module, layer.weight.detach()).shape
         tied = any(site.transposed for site in layer.sites)
+        diagonal = (
+            not tied
+            and not layer.has_bias
+            and getattr(layer.handler, "diagonal_input", False)
+            and all(type(site.handler) is type(layer.handler) for site in layer.sites)
+        )
         unitwise = getattr(layer.handler, "kind", None) == "unitwise"
         module_type = layer.module_type if layer.module_type is not None else type(layer.module)
         return cls(
@@ -82,7 +104,25 @@ class BlockInfo:
             layer.has_bias,
             tied,
             unitwise,
+            bool(diagonal),
         )
+
+
+def input_structure(info: BlockInfo, structure: type[FactorStructure]) -> type[FactorStructure]:
+    """The structure a Kronecker block stores ``A`` in: :class:`DiagonalStructure` for a
+    layer with one-hot inputs (:attr:`BlockInfo.diagonal_input`), else ``structure``."""
+    return DiagonalStructure if info.diagonal_input else structure
+
+
+def as_structure(structure: type[FactorStructure], factor: Tensor) -> FactorStructure:
+    """A batch factor in ``structure``: a 2-D factor is projected (``from_dense``); a 1-D
+    one is the diagonal of a matrix (an embedding's ``A``), taken as it is by a diagonal
+    structure and never made dense for it."""
+    if factor.ndim == 2:
+        return structure.from_dense(factor)
+    if issubclass(structure, DiagonalStructure):
+        return structure(factor)
+    return structure.from_dense(torch.diag(factor))
 
 
 class KroneckerOperator:
@@ -262,6 +302,9 @@ class KroneckerBlock(CurvatureBlock):
     Args:
         info: The layer.
         structure: Factor structure class for both factors, or a pair ``(A's, G's)``.
+            For a layer with one-hot inputs (:attr:`BlockInfo.diagonal_input`, an
+            ``nn.Embedding``) ``A`` is stored diagonal whatever is given here (it is
+            diagonal, so this loses nothing and never forms a ``V × V`` matrix).
         inverter: The inverter.
     """
 
@@ -275,6 +318,7 @@ class KroneckerBlock(CurvatureBlock):
     ) -> None:
         super().__init__(info)
         self.structure_A, self.structure_G = structure if isinstance(structure, tuple) else (structure, structure)
+        self.structure_A = input_structure(info, self.structure_A)
         self.inverter = inverter
         self.factor_dtype = factor_dtype
         self.A: FactorStructure | None = None
@@ -325,8 +369,8 @@ class KroneckerBlock(CurvatureBlock):
             self.init(dtype=stats.dtype, device=stats.device)
         assert self.A is not None and self.G is not None
         a, g = self.take_batch_factors(stats)
-        self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
-        self.G.ema_(self.structure_G.from_dense(g.to(self.G.dtype)), decay)
+        self.A.ema_(as_structure(self.structure_A, a.to(self.A.dtype)), decay)
+        self.G.ema_(as_structure(self.structure_G, g.to(self.G.dtype)), decay)
         self.num_updates += 1
 
     def refresh(self, damping: Damping, lam: float) -> None:

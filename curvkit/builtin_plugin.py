@@ -1,11 +1,11 @@
 """The core's own components, registered like any plugin under the name ``curvkit``.
 
 The core registers what every method can build on: the ``hooks`` statistics backend, the
-layer handlers for ``Linear``, ``Conv1d/2d/3d`` and ``MultiheadAttention`` (Kronecker
-blocks) and for ``LayerNorm``, ``RMSNorm``, ``BatchNorm1d/2d/3d`` and ``GroupNorm``
-(unit-wise blocks), the ``dense`` and ``diagonal`` factor structures, the ``cholesky``,
-``eigh`` and ``identity`` inverters, and the damping strategies. Methods come from plugins
-in the ``curvkit`` entry-point group.
+layer handlers for ``Linear``, ``Conv1d/2d/3d``, ``Embedding`` and ``MultiheadAttention``
+(Kronecker blocks) and for ``LayerNorm``, ``RMSNorm``, ``BatchNorm1d/2d/3d`` and
+``GroupNorm`` (unit-wise blocks), the ``dense`` and ``diagonal`` factor structures, the
+``cholesky``, ``eigh`` and ``identity`` inverters, and the damping strategies. Methods come
+from plugins in the ``curvkit`` entry-point group.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from curvkit.linalg.damping import ConstantDamping, ExactDamping, LevenbergMarqu
 from curvkit.linalg.inverters import CholeskyInverter, EigenInverter, IdentityInverter
 from curvkit.registry import BackendRegister, DampingRegister, InverterRegister, LayerHandlerRegister, StructureRegister
 from curvkit.stats.attention import MultiheadAttentionHandler
+from curvkit.stats.embedding import EmbeddingHandler
 from curvkit.stats.handlers import ConvHandler, LinearHandler
 from curvkit.stats.hooks_backend import HooksBackend
 from curvkit.stats.norms import BatchNormHandler, GroupNormHandler, LayerNormHandler, RMSNormHandler
@@ -25,6 +26,7 @@ from curvkit.structures.base import DenseStructure, DiagonalStructure
 def curvkit_register_layer_handlers(register: LayerHandlerRegister) -> None:
     register.add(LinearHandler())
     register.add(ConvHandler())
+    register.add(EmbeddingHandler())
     register.add(MultiheadAttentionHandler())
     for handler in (LayerNormHandler(), RMSNormHandler(), BatchNormHandler(), GroupNormHandler()):
         register.add(handler)

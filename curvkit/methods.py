@@ -192,6 +192,13 @@ class MethodSpec:
             ``per_example_gradients()`` alone, so they can serve a weight tied in transposed
             layouts (:attr:`~curvkit.blocks.BlockInfo.tied`). Otherwise such a weight takes
             the first-order step, and ``summary()`` says why.
+        diagonal_inputs: Whether the method's blocks take a layer with one-hot inputs
+            (:attr:`~curvkit.blocks.BlockInfo.diagonal_input`: an ``nn.Embedding``) from
+            its 1-D diagonal ``A()``, ``G()`` and sparse per-example gradients, at any
+            vocabulary size. Otherwise the method sees explicit one-hot rows, which curvkit
+            builds only for embeddings of at most
+            :data:`~curvkit.stats.embedding.ONE_HOT_LIMIT` rows; a larger one takes the
+            first-order step, and ``summary()`` says why.
         unitwise_block: ``(BlockInfo, config, registry) -> CurvatureBlock`` for unit-wise
             layers (normalisation layers' scale and shift,
             :attr:`~curvkit.blocks.BlockInfo.unitwise`); ``None`` (default) gives them the
@@ -207,6 +214,7 @@ class MethodSpec:
     sample_configs: tuple[dict[str, Any], ...] = ({},)
     bad_configs: tuple[tuple[dict[str, Any], type[Exception]], ...] = ()
     tied_blocks: bool = False
+    diagonal_inputs: bool = False
     factor_statistics: bool = False
     unitwise_block: Callable[..., Any] | None = None
 
@@ -241,6 +249,16 @@ class MethodSpec:
                 f"its weight is tied in transposed layouts and method {self.name!r} needs per-row statistics, which "
                 "such a block does not have (methods with tied_blocks=True: e.g. 'kfac', 'ekfac')"
             )
+        if getattr(info, "diagonal_input", False) and not self.diagonal_inputs:
+            from curvkit.stats.embedding import ONE_HOT_LIMIT
+
+            if info.d_in > ONE_HOT_LIMIT:
+                return (
+                    f"it is an embedding with {info.d_in} rows and method {self.name!r} needs per-row input features: "
+                    f"one-hot rows and a {info.d_in}×{info.d_in} input factor, which curvkit builds only up to "
+                    f"ONE_HOT_LIMIT={ONE_HOT_LIMIT} rows (methods that keep its diagonal A at any size: e.g. 'kfac', "
+                    "'ekfac')"
+                )
         return None
 
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:

@@ -53,6 +53,11 @@ napoleon_use_rtype = False
 
 html_theme = "alabaster"
 html_title = f"curvkit {release}"
+# The code is written to 120 columns (ruff's line length): give the body room for it, and
+# let a longer line scroll rather than the whole page.
+html_theme_options = {"page_width": "min(1320px, 96vw)", "body_max_width": "none", "sidebar_width": "220px"}
+html_static_path = ["_static"]
+html_css_files = ["curvkit.css"]
 
 _DOCS = os.path.dirname(os.path.abspath(__file__))
 #: laplace-torch is not in the docs env; the adapter classes subclass its interface.

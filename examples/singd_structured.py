@@ -9,13 +9,41 @@ how :math:`K` and :math:`C` are stored — dense, diagonal, block-diagonal, tria
 Toeplitz, hierarchical — and with it the memory of the optimizer state.
 """
 
+import os
+
 import matplotlib.pyplot as plt
-from _common import accuracy, batches, digits, mlp
+import torch
 from torch import nn
 
 import curvkit.optim
+from curvkit.demo import digits_split
 
-X_train, y_train, X_test, y_test = digits()
+# --- helpers (each example is self-contained: copy it and run it) -------------------------
+
+#: Epochs (1 when CURVKIT_EXAMPLES_QUICK is set, as the test suite does).
+EPOCHS = 1 if os.environ.get("CURVKIT_EXAMPLES_QUICK") else 3
+
+
+def mlp(seed: int = 0, hidden: int = 64) -> nn.Module:
+    """A 64-hidden-10 MLP for the 8×8 digits, initialised from ``seed``."""
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, 10))
+
+
+def batches(n: int, batch_size: int = 64, epochs: int = EPOCHS, seed: int = 0) -> list[torch.Tensor]:
+    """Index batches for ``epochs`` shuffled passes over ``n`` examples."""
+    gen = torch.Generator().manual_seed(seed)
+    return [idx for _ in range(epochs) for idx in torch.randperm(n, generator=gen).split(batch_size)]
+
+
+def accuracy(model: nn.Module, X: torch.Tensor, y: torch.Tensor) -> float:
+    with torch.no_grad():
+        return float((model(X).argmax(1) == y).float().mean())
+
+
+# --- the example ------------------------------------------------------------------------
+
+X_train, y_train, X_test, y_test = digits_split()
 order = batches(len(X_train))
 curves = {}
 print(f"{'structure':18s} {'test acc':>8s} {'state KiB':>9s}")

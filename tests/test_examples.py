@@ -40,6 +40,25 @@ def _run(script: Path, tmp_path: Path, monkeypatch) -> tuple[str, list[str]]:
     return stdout, figures
 
 
+def test_examples_are_self_contained():
+    """A reader who copies an example can run it: no example imports a module of the
+    examples folder (only curvkit's public API, torch and third-party packages)."""
+    import ast
+
+    examples = ROOT / "examples"
+    local = {p.stem for p in examples.glob("*.py")}
+    for script in examples.glob("*.py"):
+        tree = ast.parse(script.read_text())
+        for node in ast.walk(tree):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module.split(".")[0]]
+            bad = [n for n in names if n in local or n.startswith("_")]
+            assert not bad, f"{script.name} imports {bad}; inline what it needs so a copy of it runs alone"
+
+
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.stem)
 def test_example_runs(script, tmp_path, monkeypatch):
     stdout, figures = _run(script, tmp_path, monkeypatch)

@@ -169,6 +169,7 @@ def test_blocking_the_bundled_plugins_leaves_only_the_core(clean_plugin_env):
     assert set(registry.layer_handlers) == {
         "linear",
         "conv",
+        "embedding",
         "multihead_attention",
         "layer_norm",
         "rms_norm",

@@ -123,6 +123,7 @@ def test_core_registry_contents(core_registry):
     assert set(core_registry.layer_handlers.names()) == {
         "linear",
         "conv",
+        "embedding",
         "multihead_attention",
         "layer_norm",
         "rms_norm",
@@ -286,7 +287,7 @@ def test_handler_for_picks_most_specific(order):
 def test_handler_for_unknown_is_none(core_registry):
     assert core_registry.handler_for(nn.PReLU(2)) is None
     assert core_registry.handler_for(nn.SyncBatchNorm(2)) is None  # its statistics span processes
-    assert core_registry.handler_for(nn.Embedding(3, 2)) is None
+    assert core_registry.handler_for(nn.EmbeddingBag(3, 2)) is None
     assert core_registry.handler_for(ScaledLinear(2, 2)) is core_registry.layer_handlers.get("linear")
 
 

@@ -28,6 +28,21 @@ size, ``N`` the data-set size):
 * ``jacobians`` ``(M, C, P)`` and ``gradients`` ``(M, P)``: from the same per-datum
   gradients, without ``torch.func``.
 
+Block layouts: an ``nn.Embedding`` (and an embedding tied to its LM head, and any layer
+whose handler stores the weight transposed) is a block on the parameter's transpose; its
+``Kron`` entry is ``[A·M/N, G]``, which is ``G ⊗ A`` on the transpose. laplace-torch
+initialises every weight's ``Kron`` entry with dense factors and adds each batch's to them,
+so an embedding's diagonal ``A`` is handed over as a dense ``V × V`` matrix (as laplace-torch
+allocates it anyway; :class:`~curvkit.laplace.KroneckerLaplace` keeps it diagonal). For a
+weight tied in transposed layouts, each batch's pair is a nearest Kronecker product and
+laplace-torch adds the pairs factor by factor, which is exact for one batch and an
+approximation of :class:`~curvkit.laplace.KroneckerLaplace`'s data-set pair over several.
+``nn.MultiheadAttention``'s query, key and value blocks are row ranges of one parameter,
+which ``Kron`` (one Kronecker pair per parameter) cannot express: ``kron`` refuses such a
+model with an error naming the blocks, and ``diag``/``full``/Jacobians work (their
+per-datum gradients are placed in laplace-torch's flat layout by
+:class:`~curvkit.laplace.layout.FlatLayout`).
+
 Frozen parameters, last-layer and subnetwork Laplace are supported. Where a trainable
 parameter sits in a module curvkit has no layer handler for, the
 dense methods fall back to laplace-torch's ``torch.func`` implementations and ``kron``
@@ -59,13 +74,8 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedModuleError
-from curvkit.laplace.gradients import (
-    ParamColumns,
-    fisher_gradients,
-    layer_columns,
-    per_sample_gradients,
-    stack_parameters,
-)
+from curvkit.laplace.gradients import fisher_gradients, per_sample_gradients
+from curvkit.laplace.layout import FlatLayout, storage_kind
 from curvkit.laplace.pickling import registry_from_state, registry_to_state
 from curvkit.stats.api import resolve_backend
 from curvkit.stats.backend import FactorRequest, UnitwiseFactors
@@ -118,23 +128,25 @@ class _CurvkitInterface(CurvatureInterface):
         state["registry"] = registry_from_state(state.get("registry"))
         self.__dict__.update(state)
 
-    def _tracking(self) -> tuple[TrackingPlan, dict[str, ParamColumns], list[str]] | None:
-        """The plan of ``self._model`` and the parameter names of ``self.params``, or
-        ``None`` when some trainable parameter is in a module curvkit cannot handle."""
+    def _tracking(self) -> tuple[TrackingPlan, FlatLayout] | None:
+        """The plan of ``self._model`` and the layout of ``self.params`` (laplace-torch's
+        flat order), or ``None`` when some trainable parameter is in a module curvkit cannot
+        handle."""
         model = self._model
         key = (id(model), tuple(id(p) for p in self.params))
         cached = getattr(self, "_tracking_cache", None)
         if cached is not None and cached[0] == key:
             return cached[1]  # type: ignore[no-any-return]
         plan = make_plan(model, self.registry, UnsupportedPolicy.SKIP)
-        columns = layer_columns(plan, model)
-        names = {id(p): n for n, p in model.named_parameters()}
-        param_names = [names[id(p)] for p in self.params]
-        result = (plan, columns, param_names) if all(n in columns for n in param_names) else None
+        covered = {id(p) for layer in plan for p in layer.params}
+        mine = {id(p) for p in self.params}
+        result = None
+        if all(i in covered for i in mine) and covered <= mine:
+            result = (plan, FlatLayout(plan, list(self.params)))
         self._tracking_cache = (key, result)
         return result
 
-    def _require_tracking(self, what: str) -> tuple[TrackingPlan, dict[str, ParamColumns], list[str]]:
+    def _require_tracking(self, what: str) -> tuple[TrackingPlan, FlatLayout]:
         tracking = self._tracking()
         if tracking is None:
             plan = make_plan(self._model, self.registry, UnsupportedPolicy.SKIP)
@@ -181,7 +193,8 @@ class _CurvkitInterface(CurvatureInterface):
     def kron(self, x: Tensor | MutableMapping[str, Any], y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """K-FAC of the sum-reduced loss on this batch, scaled for a data set of ``N``."""
         self._check_kwargs(kwargs, "kron")
-        plan, columns, param_names = self._require_tracking("kron")
+        plan, layout = self._require_tracking("kron")
+        entries = self._kron_entries(plan, layout)
         mc_samples = int(kwargs.get("mc_samples", self._num_mc_samples()))
         fisher = self._fisher()
         if fisher is not FisherType.MC and mc_samples != 1:
@@ -199,10 +212,8 @@ class _CurvkitInterface(CurvatureInterface):
             handle.remove()
         loss = self.lossfunc(outputs[-1].detach(), y)
         ratio = len(y) / N
-        params = dict(zip(param_names, self.params))
         kfacs: list[list[Tensor]] = []
-        for name in param_names:
-            layer, cols, _, transposed = columns[name]
+        for layer, kind, cols in entries:
             if layer not in factors:
                 raise ValueError(f"layer {layer!r} did not run in the forward pass, so it has no curvature.")
             entry = factors[layer]
@@ -211,15 +222,57 @@ class _CurvkitInterface(CurvatureInterface):
                 kfacs.append([torch.diag(entry.F[:, j, j])])
                 continue
             a, g = entry
-            if params[name].ndim == 1:  # bias: one factor G·A_bb (A_bb = 1 for an appended constant)
-                kfacs.append([g * a[cols, cols]])
-            elif g.shape[0] == 1 and cols.stop - cols.start == 1:
-                kfacs.append([g * a[cols, cols] * ratio])  # a 1×1 weight: one scalar block, as curvlinops' backend
-            elif transposed:  # stored (d_in, d_out): its row-major flattening is vec of Wᵀ, on which G⊗A is A⊗G
-                kfacs.append([a[cols, cols] * ratio, g])
+            # a dense A: laplace-torch's Kron initialises every weight with dense factors (V×V for an
+            # embedding) and adds ours to them, so a 1-D diagonal would broadcast wrongly
+            a = torch.diag(a) if a.ndim == 1 else a
+            a_w = a[cols, cols]
+            if kind == "bias":  # one factor G·A_bb (A_bb = 1 for an appended constant)
+                kfacs.append([g * a_w])
+            elif g.shape[0] == 1 and a_w.shape[0] == 1:
+                kfacs.append([g * a_w * ratio])  # a 1×1 weight: one scalar block, as curvlinops' backend
+            elif kind == "transposed":  # the block matrix is the parameter's transpose: A ⊗ G on it
+                kfacs.append([a_w * ratio, g])
             else:
-                kfacs.append([g, a[cols, cols] * ratio])
+                kfacs.append([g, a_w * ratio])
         return self.factor * loss.detach(), Kron(kfacs) * self.factor  # type: ignore[arg-type]
+
+    def _kron_entries(self, plan: TrackingPlan, layout: FlatLayout) -> list[tuple[str, str, slice]]:
+        """For each of ``self.params``: ``(block, kind, columns of the block's A)`` with kind
+        ``"standard"`` (``[G, A]`` on the parameter), ``"transposed"`` (the block matrix is
+        the parameter's transpose: ``[A, G]``) or ``"bias"`` (``[G·a_bb]``). A parameter
+        that laplace-torch's ``Kron`` cannot express as one Kronecker pair (a row range of
+        a parameter, as attention's query/key/value blocks) raises."""
+        owners: dict[int, list[Any]] = {}
+        for layer in plan:
+            owners.setdefault(id(layer.weight_ref.param), []).append((layer, "weight"))
+            if layer.bias_ref is not None and layer.has_bias:
+                owners.setdefault(id(layer.bias_ref.param), []).append((layer, "bias"))
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        out: list[tuple[str, str, slice]] = []
+        for param in self.params:
+            (layer, role), *more = owners[id(param)]
+            index = layout.indices[layer.name]
+            d_in = index.shape[1] - (1 if layer.has_bias else 0)
+            if more or layer.is_part:
+                parts = ", ".join(repr(other.name) for other, _ in [(layer, role), *more])
+                raise UnsupportedModuleError(
+                    f"{type(self).__name__}.kron cannot express parameter {names[id(param)]!r}: curvkit splits it into "
+                    f"the blocks {parts} (row ranges, one Kronecker pair each, as for attention's query, key and value "
+                    "projections), and laplace-torch's Kron holds one Kronecker pair per parameter. Use "
+                    "hessian_structure='diag' or 'full' with this backend, or curvkit.laplace.KroneckerLaplace, which "
+                    "keeps the blocks."
+                )
+            if role == "bias":
+                out.append((layer.name, "bias", slice(d_in, d_in + 1)))
+                continue
+            kind = storage_kind(index[:, :d_in], layout.offsets[id(param)], param.shape)
+            if kind == "other":  # pragma: no cover - every handler's layout is a reshape or a transpose
+                raise UnsupportedModuleError(
+                    f"{type(self).__name__}.kron cannot express parameter {names[id(param)]!r}: its block matrix is "
+                    "neither a reshape of it nor its transpose. Use hessian_structure='diag' or 'full'."
+                )
+            out.append((layer.name, kind, slice(0, d_in)))
+        return out
 
     # --- per-datum gradients ----------------------------------------------------------
 
@@ -227,14 +280,14 @@ class _CurvkitInterface(CurvatureInterface):
         self, x: Tensor | MutableMapping[str, Any], y: Tensor, fisher: FisherType, mc_samples: int, kwargs: dict
     ) -> Iterator[tuple[Tensor, Tensor]]:
         """Per pass: the output and the ``(M, P)`` per-datum gradients (subnetwork columns)."""
-        plan, columns, param_names = self._require_tracking("full")
+        plan, layout = self._require_tracking("full")
         generator = self._mc_generator(kwargs) if fisher is FisherType.MC else None
         n = len(y)
         loss_fn: nn.Module = self.lossfunc  # type: ignore[assignment]
         inputs: Tensor = self._inputs(x)  # type: ignore[assignment]
         for output, grads, _ in fisher_gradients(self._model, plan, loss_fn, inputs, y, fisher, mc_samples, generator):
             self._check_rows(grads, n)
-            rows = stack_parameters(grads, columns, param_names, n)
+            rows = layout.stack(grads, n)
             if self.subnetwork_indices is not None:
                 rows = rows[:, self.subnetwork_indices]
             yield output, rows
@@ -316,7 +369,7 @@ class _CurvkitInterface(CurvatureInterface):
         return super().selected_output_jacobians(x, outputs, enable_backprop)
 
     def _selected(self, x: Tensor | MutableMapping[str, Any], outputs: Tensor | None) -> tuple[Tensor, Tensor]:
-        plan, columns, param_names = self._tracking()  # type: ignore[misc]
+        plan, layout = self._tracking()  # type: ignore[misc]
 
         def vectors(output: Tensor) -> Iterator[Tensor]:
             if output.ndim != 2:
@@ -338,7 +391,7 @@ class _CurvkitInterface(CurvatureInterface):
         for f, grads in per_sample_gradients(self.model, plan, x, vectors):  # type: ignore[arg-type]
             n = f.shape[0]
             self._check_rows(grads, n)
-            rows = stack_parameters(grads, columns, param_names, n)
+            rows = layout.stack(grads, n)
             if self.subnetwork_indices is not None:
                 rows = rows[:, self.subnetwork_indices]
             js.append(rows)

@@ -7,9 +7,13 @@ r"""Kronecker-factored curvature of a model over a whole data set, as a linear o
 (K-FAC, Martens & Grosse, 2015; KFC for convolutions, Grosse & Martens, 2016; expand and
 reduce for weight sharing, Eschenhagen et al., 2023), or its eigenvalue-corrected version
 (EKFAC, George et al., 2018), over the flat parameter vector
-``θ = [p.flatten() for p in tracked parameters]`` (``model.parameters()`` order when every
-trainable parameter is tracked). Every spectral quantity is exact and cheap because each
-block is diagonal in the basis :math:`Q_G \otimes Q_A`:
+``θ = [p.flatten() for p in tracked parameters]`` (each parameter once, whole, in the order
+of the blocks: ``model.parameters()`` order when every trainable parameter is tracked). A
+block's matrix may be a row range of a parameter (attention's query/key/value blocks) or its
+transpose (an embedding, a tied LM head); each block knows where its entries sit in ``θ``
+(:mod:`curvkit.laplace.layout`), so the operator is block-diagonal up to that permutation.
+An embedding's ``A`` stays diagonal (a 1-D tensor). Every spectral quantity is exact and
+cheap because each block is diagonal in the basis :math:`Q_G \otimes Q_A`:
 
 * :math:`\mathrm{tr}\,C = \sum_\ell \mathrm{tr}\,G_\ell\,\mathrm{tr}\,A_\ell`;
 * :math:`\log\det(C + P_0) = \sum_{\ell,i,j}\log(\lambda_{G,i}\lambda_{A,j} + \delta_\ell)`;
@@ -35,7 +39,8 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
-from curvkit.laplace.blocks import BlockEigen, KroneckerBlock, stored_transposed
+from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
+from curvkit.laplace.layout import FlatLayout, parameter_order
 from curvkit.laplace.operator import FlatOperator
 from curvkit.laplace.prior import PriorMode, block_priors, factored_shifts
 from curvkit.laplace.unitwise import UnitwiseBlock, UnitwiseEigen
@@ -83,9 +88,41 @@ class KroneckerCurvature(FlatOperator):
         dtypes = {t.dtype for b in blocks for t in _block_tensors(b)}
         if len(dtypes) != 1:
             raise ValueError(f"all factors must share one dtype; got {sorted(map(str, dtypes))}.")
+        # the flat vector: every parameter the blocks touch, once, in order of appearance
+        shapes: dict[str, torch.Size] = {}
+        for b in blocks:
+            for name, shape in zip(b.param_names, b.param_shapes):
+                if shapes.setdefault(name, torch.Size(shape)) != torch.Size(shape):
+                    raise ValueError(
+                        f"parameter {name!r} is given with shapes {tuple(shapes[name])} and {tuple(shape)} by "
+                        f"different blocks (block {b.name!r}); one parameter has one shape."
+                    )
+        self.param_names: list[str] = list(shapes)
+        self.param_shapes = list(shapes.values())
+        offsets, total = {}, 0
+        for name, shape in shapes.items():
+            offsets[name] = total
+            total += shape.numel()
+        device = _block_tensors(blocks[0])[0].device
+        #: Per block, the ``(d_out, k)`` positions of its matrix entries in the flat vector.
+        self.indices: list[Tensor] = []
+        for b in blocks:
+            # the block's own layout (positions within its parameters, concatenated) -> the flat vector
+            lookup = torch.cat(
+                [
+                    torch.arange(offsets[n], offsets[n] + torch.Size(shape).numel(), device="cpu")
+                    for n, shape in zip(b.param_names, b.param_shapes)
+                ]
+            )
+            self.indices.append(lookup[b.local_index().cpu()].to(device))
+        covered = torch.bincount(torch.cat([i.reshape(-1) for i in self.indices]).cpu(), minlength=total)
+        if covered.numel() != total or not bool((covered == 1).all()):
+            raise ValueError(
+                f"the blocks {[b.name for b in blocks]} must cover every entry of their parameters "
+                f"{self.param_names} exactly once ({int((covered == 0).sum())} entries uncovered, "
+                f"{int((covered > 1).sum())} covered more than once); pass one block per part of each parameter."
+            )
         self.blocks: list[KroneckerBlock | UnitwiseBlock] = blocks
-        self.param_shapes = [s for b in blocks for s in b.param_shapes]
-        self.param_names: list[str] = [n for b in blocks for n in b.param_names]
 
     # --- construction -----------------------------------------------------------------
 
@@ -122,12 +159,15 @@ class KroneckerCurvature(FlatOperator):
 
             registry = default_registry()
         names = {id(p): n for n, p in model.named_parameters()}
+        plan = make_plan(model, registry, unsupported)
+        layout = FlatLayout(plan, parameter_order(plan))
         blocks: list[KroneckerBlock | UnitwiseBlock] = []
-        for layer in make_plan(model, registry, unsupported):
+        for layer in plan:
             if layer.name not in factors:
                 raise ValueError(
-                    f"no factors for tracked layer {layer.name!r}; did it run in the forward pass? "
-                    f"Factors were given for {sorted(factors)}."
+                    f"no factors for tracked layer {layer.name!r}; did it run in the forward pass (or on a batch "
+                    f"of one, broadcast over the data, which curvkit warned about)? Factors were given for "
+                    f"{sorted(factors)}."
                 )
             entry = factors[layer.name]
             unitwise = getattr(layer.handler, "kind", None) == "unitwise"
@@ -137,33 +177,39 @@ class KroneckerCurvature(FlatOperator):
                     f"layer {layer.name!r} ({type(layer.module).__name__}) needs {want}, got {type(entry).__name__}; "
                     "pass the factors kronecker_factors / accumulate_kronecker_factors returned for this model."
                 )
+            index = _local_index(layout, layer)  # positions within the layer's own parameters
             if isinstance(entry, UnitwiseFactors):
-                blocks.extend(_unitwise_blocks(layer, entry.F, names, separate_bias))
+                blocks.extend(_unitwise_blocks(layer, entry.F, names, separate_bias, index))
                 continue
             a, g = entry
-            weight, bias = layer.weight, layer.bias
-            t = stored_transposed(layer.handler, layer.module, weight)  # Conv1D: (d_in, d_out)
-            if bias is None:
-                blocks.append(KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a, None, (t,)))
+            params = layer.params
+            pnames = tuple(names[id(p)] for p in params)
+            pshapes = tuple(p.shape for p in params)
+            k = index.shape[1]
+            if layer.bias is None:
+                blocks.append(KroneckerBlock(layer.name, pnames, pshapes, g, a, None, index, layer.name, (0, k)))
             elif separate_bias:
-                d = a.shape[0] - 1
-                w_block = KroneckerBlock(layer.name, (names[id(weight)],), (weight.shape,), g, a[:d, :d], None, (t,))
-                blocks.append(w_block)
-                blocks.append(
-                    KroneckerBlock(f"{layer.name}.bias", (names[id(bias)],), (bias.shape,), g, a[d:, d:].clone())
-                )
-            else:
+                d = k - 1
                 blocks.append(
                     KroneckerBlock(
-                        layer.name,
-                        (names[id(weight)], names[id(bias)]),
-                        (weight.shape, bias.shape),
-                        g,
-                        a,
-                        None,
-                        (t, False),
+                        layer.name, pnames[:1], pshapes[:1], g, a[:d, :d], None, index[:, :d], layer.name, (0, d)
                     )
                 )
+                blocks.append(
+                    KroneckerBlock(
+                        f"{layer.name}.bias",
+                        pnames[1:],
+                        pshapes[1:],
+                        g,
+                        a[d:, d:].clone(),
+                        None,
+                        index[:, d:] - pshapes[0].numel(),  # positions within the bias alone
+                        layer.name,
+                        (d, k),
+                    )
+                )
+            else:
+                blocks.append(KroneckerBlock(layer.name, pnames, pshapes, g, a, None, index, layer.name, (0, k)))
         return cls(blocks)
 
     @classmethod
@@ -274,42 +320,42 @@ class KroneckerCurvature(FlatOperator):
     def device(self) -> torch.device:
         return _block_tensors(self.blocks[0])[0].device
 
-    def _matmat(self, x: Tensor) -> Tensor:
-        return torch.cat([block.matmat(part) for block, part in zip(self.blocks, self._split(x))])
+    def gather(self, i: int, x: Tensor) -> Tensor:
+        """Flat rows ``x`` ``(P, K)`` to block ``i``'s matrices ``(K, d_out, k)``."""
+        block = self.blocks[i]
+        return x[self.indices[i].reshape(-1)].reshape(block.d_out, block.k, -1).permute(2, 0, 1)
 
-    def _split(self, x: Tensor) -> tuple[Tensor, ...]:
-        return x.split([b.numel for b in self.blocks])
+    def scatter(self, out: Tensor, i: int, v: Tensor) -> None:
+        """Write block ``i``'s matrices ``v`` ``(K, d_out, k)`` into their rows of ``out`` ``(P, K)``."""
+        out[self.indices[i].reshape(-1)] = v.permute(1, 2, 0).reshape(self.blocks[i].numel, -1)
+
+    def _matmat(self, x: Tensor) -> Tensor:
+        out = torch.empty_like(x)
+        for i, block in enumerate(self.blocks):
+            self.scatter(out, i, block.apply(self.gather(i, x)))
+        return out
 
     def to_dense(self) -> Tensor:
         """The operator as a dense ``(P, P)`` matrix: ``blockdiag(G ⊗ A)`` permuted to the
         flat parameter order (for small models and tests)."""
-        return torch.block_diag(*[b.dense() for b in self.blocks])
+        out = torch.zeros(self.num_params, self.num_params, dtype=self.dtype, device=self.device)
+        for b, index in zip(self.blocks, self.indices):
+            i = index.reshape(-1)
+            out[i.unsqueeze(1), i.unsqueeze(0)] = b.kron()
+        return out
 
     def diagonal(self) -> Tensor:
         """``diag(C)`` ``(P,)``: ``diag(G) ⊗ diag(A)`` per block (or its EKFAC counterpart)."""
-        parts = []
-        for b in self.blocks:
-            if isinstance(b, UnitwiseBlock):
-                parts.append(b.diagonal())
-                continue
-            if b.corrected_eigenvalues is None:
-                d = torch.outer(torch.diagonal(b.G), torch.diagonal(b.A))
-            else:
-                eig = b.eigen()
-                d = (eig.QG**2) @ b.corrected_eigenvalues @ (eig.QA**2).t()
-            parts.append(b.from_matrix(d.unsqueeze(0))[:, 0])
-        return torch.cat(parts)
+        out = torch.empty(self.num_params, dtype=self.dtype, device=self.device)
+        for i, b in enumerate(self.blocks):
+            self.scatter(out.unsqueeze(1), i, b.diagonal().unsqueeze(0))
+        return out
 
     def trace(self) -> Tensor:
         """``tr C = Σ_ℓ tr G_ℓ · tr A_ℓ`` (or the sum of the corrected eigenvalues)."""
         total = torch.zeros((), dtype=self.dtype, device=self.device)
         for b in self.blocks:
-            if isinstance(b, UnitwiseBlock):
-                total = total + b.trace()
-            elif b.corrected_eigenvalues is None:
-                total = total + torch.diagonal(b.G).sum() * torch.diagonal(b.A).sum()
-            else:
-                total = total + b.corrected_eigenvalues.sum()
+            total = total + b.trace()
         return total
 
     def __mul__(self, scale: float | Tensor) -> KroneckerCurvature:
@@ -336,7 +382,7 @@ class KroneckerCurvature(FlatOperator):
 
     def _priors(self, prior_precision: float | Tensor, mode: PriorMode | str) -> tuple[list[Tensor], PriorMode]:
         mode = as_enum(PriorMode, mode, "prior_mode")
-        priors = block_priors(prior_precision, self.blocks, self.dtype, self.device)
+        priors = block_priors(prior_precision, self.blocks, self.dtype, self.device, self.indices)
         for block, delta in zip(self.blocks, priors):
             if delta.ndim == 0:
                 continue
@@ -388,8 +434,8 @@ class KroneckerCurvature(FlatOperator):
         if isinstance(block, UnitwiseBlock):
             return block.unrotate(spectrum * (block.rotate(v) if rotate_in else v))
         eig = block.eigen()
-        rotated = eig.QG.t() @ v @ eig.QA if rotate_in else v
-        return eig.QG @ (spectrum * rotated) @ eig.QA.t()
+        rotated = eig.rotate(v) if rotate_in else v
+        return eig.unrotate(spectrum * rotated)
 
     def logdet(
         self, prior_precision: float | Tensor = 0.0, prior_mode: PriorMode | str = "exact", pi_correction: bool = True
@@ -447,14 +493,14 @@ class KroneckerCurvature(FlatOperator):
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
         priors, mode = self._priors(prior_precision, prior_mode)
-        parts = []
-        for block, delta in zip(self.blocks, priors):
+        flat = torch.empty(self.num_params, num_samples, dtype=self.dtype, device=self.device)
+        for i, (block, delta) in enumerate(zip(self.blocks, priors)):
             z = torch.randn(
                 num_samples, block.d_out, block.k, dtype=self.dtype, device=self.device, generator=generator
             )
             y = self._block_apply(block, delta, mode, pi_correction, _inverse_sqrt(block.name), z, rotate_in=False)
-            parts.append(block.from_matrix(y))
-        samples = torch.cat(parts).t()
+            self.scatter(flat, i, y)
+        samples = flat.t()
         if mean is not None:
             if mean.shape != (self.num_params,):
                 raise ValueError(f"mean must have shape ({self.num_params},), got {tuple(mean.shape)}.")
@@ -469,19 +515,43 @@ def _block_tensors(block: KroneckerBlock | UnitwiseBlock) -> list[Tensor]:
     return [block.G, block.A]
 
 
-def _unitwise_blocks(layer: Any, F: Tensor, names: dict[int, str], separate: bool) -> list[UnitwiseBlock]:
-    """A normalisation layer's block (or its scale and shift blocks, ``separate``)."""
-    params = [layer.weight] + ([layer.bias] if layer.bias is not None else [])
+def _local_index(layout: FlatLayout, layer: Any) -> Tensor:
+    """The layer's ``(d_out, k)`` matrix positions within its own parameters (concatenated,
+    each flattened, in ``layer.params`` order): the layout a block's ``index`` describes."""
+    flat_to_local = torch.full((layout.num_params,), -1, dtype=torch.long, device="cpu")
+    start = 0
+    for p in layer.params:
+        offset = layout.offsets[id(p)]
+        flat_to_local[offset : offset + p.numel()] = torch.arange(start, start + p.numel(), device="cpu")
+        start += p.numel()
+    return flat_to_local[layout.indices[layer.name]]
+
+
+def _unitwise_blocks(
+    layer: Any, F: Tensor, names: dict[int, str], separate: bool, index: Tensor | None = None
+) -> list[UnitwiseBlock]:
+    """A normalisation layer's block (or its scale and shift blocks, ``separate``); ``index``
+    is the layer's ``(D, k)`` matrix in the flat vector (:mod:`curvkit.laplace.layout`)."""
+    params = layer.params
     if F.shape[1] != len(params):
         raise ValueError(
             f"layer {layer.name!r}: UnitwiseFactors.F has shape {tuple(F.shape)} but the layer has {len(params)} "
             "trainable parameter(s) per unit; pass the factors computed for this model."
         )
     pnames = tuple(names[id(p)] for p in params)
+    k = len(params)
     if not separate or len(params) == 1:
-        return [UnitwiseBlock(layer.name, pnames, tuple(p.shape for p in params), F)]
+        return [UnitwiseBlock(layer.name, pnames, tuple(p.shape for p in params), F, index, layer.name, (0, k))]
     return [
-        UnitwiseBlock(label, (pnames[j],), (params[j].shape,), F[:, j : j + 1, j : j + 1].clone())
+        UnitwiseBlock(
+            label,
+            (pnames[j],),
+            (params[j].shape,),
+            F[:, j : j + 1, j : j + 1].clone(),
+            None if index is None else index[:, j : j + 1] - sum(p.numel() for p in params[:j]),
+            layer.name,
+            (j, j + 1),
+        )
         for j, label in enumerate((layer.name, f"{layer.name}.bias"))
     ]
 
@@ -534,11 +604,12 @@ class KroneckerPower(FlatOperator):
         def fn(s: Tensor) -> Tensor:
             return s.pow(exponent)
 
-        out = []
-        for block, delta, part in zip(self.curvature.blocks, self.priors, self.curvature._split(x)):
-            y = self.curvature._block_apply(block, delta, self.mode, self.pi, fn, block.to_matrix(part))
-            out.append(block.from_matrix(y))
-        return torch.cat(out)
+        curvature = self.curvature
+        out = torch.empty_like(x)
+        for i, (block, delta) in enumerate(zip(curvature.blocks, self.priors)):
+            y = curvature._block_apply(block, delta, self.mode, self.pi, fn, curvature.gather(i, x))
+            curvature.scatter(out, i, y)
+        return out
 
     def square_form(self, J: Tensor) -> Tensor:
         """``J (C + P_0)^p Jᵀ`` for ``J`` ``(..., M, P)``: e.g. the GLM functional covariance."""

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, UnsupportedPolicy, as_enum
 from curvkit.laplace.blocks import KroneckerBlock
-from curvkit.laplace.gradients import fisher_gradients, layer_columns
+from curvkit.laplace.gradients import fisher_gradients
 from curvkit.laplace.unitwise import UnitwiseBlock
 from curvkit.stats.plan import make_plan
 
@@ -57,14 +57,17 @@ def eigenvalue_correction(
         registry = default_registry()
     fisher = as_enum(FisherType, fisher, "fisher")
     plan = make_plan(model, registry, unsupported)
-    columns = layer_columns(plan, model)
-    # the columns of V each block covers, within its layer
+    # the layer feeding each Kronecker block and the columns of its matrix [W b] the block covers
+    # (unit-wise blocks are exact already and stay as they are)
     kron = [b for b in curvature.blocks if isinstance(b, KroneckerBlock)]
     spans: list[tuple[str, slice]] = []
     for block in kron:
-        layer, first = columns[block.param_names[0]][:2]
-        last = columns[block.param_names[-1]][1]
-        spans.append((layer, slice(first.start, last.stop)))
+        if block.layer is None or block.columns is None:
+            raise ValueError(
+                f"block {block.name!r} does not say which tracked layer it belongs to (layer/columns are None); "
+                "build the curvature with KroneckerCurvature.from_factors or from_data."
+            )
+        spans.append((block.layer, slice(*block.columns)))
     sums = [torch.zeros(b.d_out, b.k, dtype=curvature.dtype, device=curvature.device) for b in kron]
     total_z = 0.0
     for inputs, targets in tqdm(data, desc="EKFAC eigenvalues", disable=not progress, unit="batch"):
@@ -77,8 +80,7 @@ def eigenvalue_correction(
                 g = grads.get(layer)
                 if g is None:
                     continue
-                eig = block.eigen()
-                rotated = eig.QG.t() @ g[:, :, cols] @ eig.QA
+                rotated = block.eigen().rotate(g[:, :, cols])
                 sums[i].add_((rotated**2).sum(0))
         total_z += z_batch
     if total_z == 0.0:
@@ -90,9 +92,6 @@ def eigenvalue_correction(
         if isinstance(old, UnitwiseBlock):
             blocks.append(old)
             continue
-        new = KroneckerBlock(
-            old.name, old.param_names, old.param_shapes, old.G, old.A, next(corrected) / z_total, old.transposed
-        )
-        object.__setattr__(new, "_eigen", old.eigen())
-        blocks.append(new)
+        old.eigen()  # cached, and kept by replace()
+        blocks.append(old.replace(corrected_eigenvalues=next(corrected) / z_total))
     return KroneckerCurvature(blocks)

@@ -19,12 +19,15 @@ A unit-wise layer (a normalisation layer, :mod:`curvkit.stats.norms`) has the ma
 ``(D, k)``: row ``i`` holds unit ``i``'s ``[γ_i, β_i]`` (its per-datum gradient is
 :meth:`~curvkit.stats.LayerStats.unit_gradients`), so its scale is column 0 and its shift
 column 1, each in ``weight.flatten()`` order.
+
+The per-block results are placed in the flat parameter vector by
+:class:`curvkit.laplace.layout.FlatLayout` (row ranges and transposed layouts included).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -35,14 +38,7 @@ from curvkit.stats.losses import loss_adapter
 from curvkit.stats.model_io import call_model, model_logits
 from curvkit.stats.plan import TrackingPlan
 
-__all__ = [
-    "ParamColumns",
-    "fisher_gradients",
-    "layer_columns",
-    "output_jacobians",
-    "per_sample_gradients",
-    "stack_parameters",
-]
+__all__ = ["fisher_gradients", "output_jacobians", "per_sample_gradients"]
 
 
 def per_sample_gradients(
@@ -76,17 +72,18 @@ def per_sample_gradients(
         features: dict[str, Tensor] = {}
         for name in plan.names:
             stats = engine.layer_stats_inputs(name)
-            if stats is not None and not stats.tied and not stats.unitwise:
+            if stats is not None and not stats.tied and not stats.unitwise and not stats.diagonal_input:
                 features[name] = stats.a_features
         pending = list(vectors(output))
         for i, v in enumerate(pending):
             engine.backpropagate(output, [v], num_passes=1, retain_graph=i < len(pending) - 1)
             result: dict[str, Tensor] = {}
             for name in plan.names:
-                stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0)
+                # a use broadcast over the batch yields one row: the callers check the rows
+                stats = engine.layer_stats(name, "fisher", KFACApprox.EXPAND, 1.0, allow_broadcast=True)
                 if stats is None:
                     continue
-                if stats.tied or stats.unitwise:
+                if stats.tied or stats.unitwise or stats.diagonal_input:  # an embedding's by scattering ids
                     result[name] = stats.per_example_gradients()
                 else:
                     result[name] = torch.einsum("nro,nri->noi", stats.output_features(0), features[name])
@@ -144,55 +141,3 @@ def output_jacobians(
             yield unit
 
     yield from per_sample_gradients(model, plan, inputs, vectors, output_fn)
-
-
-class ParamColumns(NamedTuple):
-    """Where a parameter's gradient is in its layer's ``(d_out, k)`` matrix ``V = [W b]``."""
-
-    layer: str
-    cols: slice
-    shape: torch.Size
-    #: Stored ``(d_in, d_out)`` (``Conv1D``): its columns are the transposed parameter.
-    transposed: bool = False
-
-
-def layer_columns(plan: TrackingPlan, model: nn.Module) -> dict[str, ParamColumns]:
-    """For every tracked parameter's name: its layer, its columns in ``V = [W b]``, its shape."""
-    from curvkit.laplace.blocks import stored_transposed
-
-    names = {id(p): n for n, p in model.named_parameters()}
-    out: dict[str, ParamColumns] = {}
-    for layer in plan:
-        weight = layer.weight
-        transposed = stored_transposed(layer.handler, layer.module, weight)
-        # a unit-wise layer's matrix is (D, k): its scale is one column, whatever γ's shape
-        if getattr(layer.handler, "kind", None) == "unitwise":
-            transposed, width = False, 1
-        else:
-            width = weight.shape[0] if transposed else weight[0].numel()
-        out[names[id(weight)]] = ParamColumns(layer.name, slice(0, width), weight.shape, transposed)
-        bias = layer.bias
-        if bias is not None:
-            out[names[id(bias)]] = ParamColumns(layer.name, slice(width, width + 1), bias.shape)
-    return out
-
-
-def stack_parameters(
-    grads: dict[str, Tensor], columns: dict[str, ParamColumns], param_names: list[str], n: int
-) -> Tensor:
-    """Per-datum layer gradients to ``(N, P)`` in the order of ``param_names`` (zeros for
-    layers the vector did not reach)."""
-    parts = []
-    ref = next(iter(grads.values()), None)
-    for name in param_names:
-        layer, cols, shape, transposed = columns[name]
-        g = grads.get(layer)
-        if g is None:
-            zeros = torch.zeros(n, shape.numel(), device="cpu") if ref is None else ref.new_zeros(n, shape.numel())
-            parts.append(zeros)
-            continue
-        block = g[:, :, cols]
-        parts.append((block.transpose(1, 2) if transposed else block).reshape(n, -1))
-    if ref is not None:
-        parts = [p.to(ref) for p in parts]
-    return torch.cat(parts, dim=1)

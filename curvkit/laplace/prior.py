@@ -5,7 +5,9 @@ A Gaussian prior :math:`\mathcal N(\mu_0, P_0^{-1})` with a diagonal precision
 
 * a scalar (``float`` or 0-d tensor): :math:`p_0 = \delta\,\mathbf 1`;
 * one value per block ("per layer"): a 1-d tensor of length ``num_blocks``;
-* a full diagonal: a 1-d tensor of length ``P`` (the number of parameters).
+* a full diagonal: a 1-d tensor of length ``P`` (the number of parameters), in the order
+  of the flat parameter vector (:attr:`KroneckerCurvature.param_names`, each parameter
+  flattened).
 
 :class:`PriorMode` says how it is added to a Kronecker block :math:`G\otimes A`:
 
@@ -45,6 +47,7 @@ def block_priors(
     blocks: list[KroneckerBlock] | list[KroneckerBlock | UnitwiseBlock],
     dtype: torch.dtype,
     device: torch.device,
+    indices: list[Tensor] | None = None,
 ) -> list[Tensor]:
     """Split a prior precision into one tensor per block.
 
@@ -78,7 +81,10 @@ def block_priors(
     out: list[Tensor] = []
     offset = 0
     for block in blocks:
-        part = block.to_matrix(prior[offset : offset + block.numel].unsqueeze(1))[0]
+        if indices is not None:  # the flat vector's entries of the block matrix (a curvature's layout)
+            part = prior[indices[len(out)].to(prior.device)]
+        else:
+            part = block.to_matrix(prior[offset : offset + block.numel].unsqueeze(1))[0]
         offset += block.numel
         first = part.reshape(-1)[0]
         out.append(first if bool((part == first).all()) else part)
@@ -91,6 +97,6 @@ def factored_shifts(block: KroneckerBlock, delta: Tensor, pi_correction: bool) -
     if not pi_correction:
         return root, root
     mean_g = float(torch.diagonal(block.G).sum()) / block.d_out
-    mean_a = float(torch.diagonal(block.A).sum()) / block.k
+    mean_a = float(block.A_diagonal().sum()) / block.k
     pi = math.sqrt(mean_g / mean_a) if mean_g > 0 and mean_a > 0 else 1.0
     return root * pi, root / pi

@@ -57,7 +57,8 @@ from curvkit.laplace.checks import (
     locate_nonfinite_curvature,
 )
 from curvkit.laplace.curvature import KroneckerCurvature
-from curvkit.laplace.gradients import layer_columns, output_jacobians, stack_parameters
+from curvkit.laplace.gradients import output_jacobians
+from curvkit.laplace.layout import FlatLayout
 from curvkit.laplace.pickling import registry_from_state, registry_to_state
 from curvkit.laplace.prior import PriorMode, block_priors
 from curvkit.stats.model_io import call_model, model_logits
@@ -234,7 +235,9 @@ class KroneckerLaplace:
         curvature = self._curvature(batches, loss_fn, progress)
         params = dict(self.model.named_parameters())
         mean = torch.cat([params[n].detach().reshape(-1) for n in curvature.param_names])
-        block_priors(self.prior_precision, curvature.blocks, curvature.dtype, curvature.device)  # fits the layout?
+        block_priors(  # fits the layout?
+            self.prior_precision, curvature.blocks, curvature.dtype, curvature.device, curvature.indices
+        )
         check_prior_mean(self.prior_mean, mean.numel())
         self.curvature = curvature * self._factor
         self.loss = self._factor * total
@@ -311,10 +314,11 @@ class KroneckerLaplace:
         """The prior precision as a ``(P,)`` diagonal."""
         curvature = self._fitted()
         prior = self.prior_precision if prior_precision is None else prior_precision
-        parts = block_priors(prior, curvature.blocks, curvature.dtype, curvature.device)
-        return torch.cat(
-            [b.from_matrix(p.expand(b.d_out, b.k).unsqueeze(0))[:, 0] for b, p in zip(curvature.blocks, parts)]
-        )
+        parts = block_priors(prior, curvature.blocks, curvature.dtype, curvature.device, curvature.indices)
+        out = torch.empty(curvature.num_params, 1, dtype=curvature.dtype, device=curvature.device)
+        for i, (b, p) in enumerate(zip(curvature.blocks, parts)):
+            curvature.scatter(out, i, p.expand(b.d_out, b.k).unsqueeze(0))
+        return out[:, 0]
 
     def posterior_precision(self, prior_precision: float | Tensor | None = None) -> Tensor:
         """The posterior precision ``P = C/(σ²T) + P_0`` as a dense ``(P, P)`` matrix (small models)."""
@@ -418,10 +422,11 @@ class KroneckerLaplace:
         """Jacobians ``(M, C, P)`` of the model output w.r.t. the curvature's parameters, and ``f (M, C)``."""
         curvature = self._fitted()
         plan = make_plan(self.model, self.registry, UnsupportedPolicy.SKIP)
-        columns = layer_columns(plan, self.model)
+        params = dict(self.model.named_parameters())
+        layout = FlatLayout(plan, [params[n] for n in curvature.param_names])
         rows, out = [], None
         for out, grads in output_jacobians(self.model, plan, inputs, self.output_fn):
-            rows.append(stack_parameters(grads, columns, curvature.param_names, out.shape[0]))
+            rows.append(layout.stack(grads, out.shape[0]))
         assert out is not None
         return torch.stack(rows, dim=1).detach(), out.detach()
 

@@ -18,6 +18,7 @@ already).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -43,12 +44,20 @@ class UnitwiseBlock:
         param_names: Names of the parameters it covers (scale first), in flat order.
         param_shapes: Their shapes; each has ``D`` elements.
         F: ``(D, k, k)`` with ``k = len(param_names)``, symmetric positive semi-definite.
+        index: ``(D, k)`` positions of the block matrix's entries among the block's
+            parameters (``None``: each parameter a column), as
+            :attr:`curvkit.laplace.KroneckerBlock.index`.
+        layer, columns: The tracked layer and the columns of its ``(D, k)`` matrix this block
+            covers.
     """
 
     name: str
     param_names: tuple[str, ...]
     param_shapes: tuple[torch.Size, ...]
     F: Tensor
+    index: Tensor | None = None
+    layer: str | None = None
+    columns: tuple[int, int] | None = None
 
     #: Never set: the blocks are exact (see the module docstring).
     corrected_eigenvalues: None = None
@@ -57,6 +66,8 @@ class UnitwiseBlock:
         if self.F.ndim != 3 or self.F.shape[1] != self.F.shape[2]:
             raise ValueError(f"block {self.name!r}: F must have shape (D, k, k), got {tuple(self.F.shape)}.")
         d, k = self.F.shape[0], self.F.shape[1]
+        if self.index is not None and tuple(self.index.shape) != (d, k):
+            raise ValueError(f"block {self.name!r}: index must have shape {(d, k)}, got {tuple(self.index.shape)}.")
         if len(self.param_shapes) != k or any(s.numel() != d for s in self.param_shapes):
             raise ValueError(
                 f"block {self.name!r}: parameter shapes {[tuple(s) for s in self.param_shapes]} do not match F "
@@ -103,6 +114,21 @@ class UnitwiseBlock:
         idx = torch.arange(self.numel, device=self.F.device).view(1, self.d_out, self.k)
         return self.from_matrix(idx)[:, 0]
 
+    def local_index(self) -> Tensor:
+        """``(D, k)``: each entry of ``V``'s position among the block's own parameters,
+        concatenated and flattened (:attr:`index`, or the default layout)."""
+        if self.index is not None:
+            return self.index
+        return self.to_matrix(torch.arange(self.numel, device=self.F.device).unsqueeze(1))[0]
+
+    def replace(self, **changes: object) -> UnitwiseBlock:
+        """A copy with some fields changed (the eigendecomposition cache is kept with ``F``)."""
+        new = dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+        cached = self.__dict__.get("_eigen")
+        if cached is not None and "F" not in changes:
+            object.__setattr__(new, "_eigen", cached)
+        return new
+
     # --- the matrix ----------------------------------------------------------------------
 
     def kron(self) -> Tensor:
@@ -114,14 +140,17 @@ class UnitwiseBlock:
         idx = self.flat_to_matrix_index()
         return self.kron()[idx][:, idx]
 
+    def apply(self, v: Tensor) -> Tensor:
+        """The block applied to block matrices ``v`` ``(K, D, k)``: row ``i`` by ``F_i``."""
+        return torch.einsum("dij,bdj->bdi", self.F, v)
+
     def matmat(self, x: Tensor) -> Tensor:
-        """``block @ x`` for flat rows ``x`` ``(numel, K)``."""
-        v = self.to_matrix(x)
-        return self.from_matrix(torch.einsum("dij,bdj->bdi", self.F, v))
+        """``block @ x`` for flat rows ``x`` ``(numel, K)`` in the local layout."""
+        return self.from_matrix(self.apply(self.to_matrix(x)))
 
     def diagonal(self) -> Tensor:
-        """The diagonal ``(numel,)`` in flat parameter order."""
-        return self.from_matrix(torch.diagonal(self.F, dim1=1, dim2=2).unsqueeze(0))[:, 0]
+        """The diagonal as a ``(D, k)`` matrix (laid out like ``V``)."""
+        return torch.diagonal(self.F, dim1=1, dim2=2)
 
     def trace(self) -> Tensor:
         return torch.diagonal(self.F, dim1=1, dim2=2).sum()
@@ -157,7 +186,7 @@ class UnitwiseBlock:
 
     def scaled(self, scale: float) -> UnitwiseBlock:
         """The block times ``scale``."""
-        new = UnitwiseBlock(self.name, self.param_names, self.param_shapes, self.F * scale)
+        new = dataclasses.replace(self, F=self.F * scale)
         cached = self.__dict__.get("_eigen")
         if cached is not None and scale >= 0:
             object.__setattr__(new, "_eigen", UnitwiseEigen(cached.Q, cached.lam * scale))

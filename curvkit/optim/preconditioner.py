@@ -172,6 +172,14 @@ class Preconditioner:
                 stacklevel=3,
             )
         self.layers = {name: layer for name, layer in self.layers.items() if name in self.blocks}
+        #: Columns of a block's matrix that take the first-order step (a handler's
+        #: ``first_order_columns``: an untied embedding's padding row, which has no gradient).
+        self._first_order_columns: dict[str, list[int]] = {}
+        for name, layer in self.layers.items():
+            columns = getattr(layer.handler, "first_order_columns", None)
+            cols = columns(layer.module) if columns is not None and not layer.tied else []
+            if cols:
+                self._first_order_columns[name] = cols
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
         self.generator: torch.Generator | None = generator
@@ -393,6 +401,9 @@ class Preconditioner:
                 self.distributor.refresh(due, self.blocks, self._refresh_block)
                 self._refreshed.update(due)
             out = {name: self.blocks[name].precondition(m) for name, m in mats.items()}
+            for name, cols in self._first_order_columns.items():
+                if name in out:  # e.g. an embedding's padding row: never moved by the curvature
+                    out[name][:, cols] = mats[name][:, cols].to(out[name].dtype)
             out.update(first_order)
             self.steps += 1
             return out
@@ -430,7 +441,8 @@ class Preconditioner:
                 f"fisher={self.fisher.value!r}, call curvature_backward(output, targets) after the forward pass and "
                 "before loss.backward() (it does nothing on steps without statistics)."
             )
-        new = [n for n in missing if n not in self._warned_missing]
+        # a block broadcast over the batch was explained by the engine's own warning
+        new = [n for n in missing if n not in self._warned_missing and n not in self.engine.broadcast]
         if new:
             self._warned_missing.update(new)
             warnings.warn(
@@ -583,6 +595,13 @@ class Preconditioner:
             if dist.world_size > 1:
                 shared = name in dist.shared_refreshes
                 where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
+            if name in self.engine.broadcast:  # (the engine warned, with the fix)
+                lines.append(
+                    f"  {name or '<model>'}: first-order (its module was called on a batch of one and broadcast over "
+                    "the data, so it has no per-datum statistics; pass its ids expanded to the batch to precondition "
+                    "it)"
+                )
+                continue
             pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
             tie = self.layers[name].describe_sites()
             lines.append(f"  {name or '<model>'}: {block.describe()}{tie}{where}{pending}")

@@ -8,6 +8,7 @@ from curvkit.stats.backend import (
     StatisticsBackend,
     UnitwiseFactors,
 )
+from curvkit.stats.embedding import EmbeddingHandler
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import ConvHandler, LayerHandler, LinearHandler
 from curvkit.stats.layer_stats import LayerStats
@@ -31,6 +32,7 @@ __all__ = [
     "UnitwiseFactors",
     "CaptureEngine",
     "ConvHandler",
+    "EmbeddingHandler",
     "FactorRequest",
     "KroneckerFactors",
     "LayerHandler",

@@ -32,7 +32,8 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedRequestError
-from curvkit.stats.backend import FactorRequest, KroneckerFactors, UnitwiseFactors
+from curvkit.stats.backend import FactorRequest, KroneckerFactors, TiedKroneckerFactors, UnitwiseFactors
+from curvkit.stats.layer_stats import combine_layouts
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.model_io import batch_size
 from curvkit.stats.plan import make_plan
@@ -280,10 +281,13 @@ def accumulate_kronecker_factors(
     The scaling is that of the data set, not of a batch: with ``N`` data in total,
     :math:`A = \frac{1}{N}\sum_b N_b A_b`, and ``G`` likewise for a ``mean`` loss (summed
     for a ``sum`` loss; a normalisation layer's ``F`` as ``G``) — the curvature of the loss
-    over the whole data set, as a ``mean``-reduced loss would average it. This equals
-    curvlinops' ``KFACLinearOperator`` on the same data loader (and, for ``fisher="mc"``
-    with a generator seeded like curvlinops' ``seed``, draws the same targets). Memory is
-    that of one batch plus the factors.
+    over the whole data set, as a ``mean``-reduced loss would average it. A block whose
+    weight is tied in transposed layouts (an embedding and its LM head) adds up each
+    layout's factors over the batches and forms the nearest Kronecker product of the data
+    set's sum at the end (not the sum of the batches' products). This equals curvlinops'
+    ``KFACLinearOperator`` on the same data loader (and, for ``fisher="mc"`` with a
+    generator seeded like curvlinops' ``seed``, draws the same targets). Memory is that of
+    one batch plus the factors.
 
     Args:
         data: Iterable of ``(inputs, targets)`` batches (e.g. a ``DataLoader``).
@@ -300,6 +304,8 @@ def accumulate_kronecker_factors(
     plan = make_plan(model, registry, unsupported)
     fisher = as_enum(FisherType, fisher, "fisher")
     sums: dict[str, list[Tensor]] = {}
+    #: tied blocks: each layout's (A, G) sums; their nearest Kronecker product at the end
+    tied: dict[str, dict[bool, list[Tensor]]] = {}
     total = 0
     for inputs, targets in tqdm(data, desc="Kronecker factors", disable=not progress, unit="batch"):
         if fisher is FisherType.MC and generator is None:
@@ -329,6 +335,16 @@ def accumulate_kronecker_factors(
                 else:
                     sums[name] = [entry.F.mul(g_weight)]
                 continue
+            layouts = getattr(entry, "layouts", None)
+            if layouts is not None:  # a tie: each layout's factors summed, joined at the end
+                for transposed, a_u, g_u in layouts:
+                    acc = tied.setdefault(name, {}).get(transposed)
+                    if acc is None:
+                        tied[name][transposed] = [a_u.mul(n), g_u.mul(g_weight)]
+                    else:
+                        acc[0].add_(a_u, alpha=n)
+                        acc[1].add_(g_u, alpha=g_weight)
+                continue
             a, g = entry
             if name in sums:
                 sums[name][0].add_(a, alpha=n)
@@ -345,4 +361,9 @@ def accumulate_kronecker_factors(
             out[name] = UnitwiseFactors(parts[0].div_(g_div))
         else:
             out[name] = KroneckerFactors(parts[0].div_(total), parts[1].div_(g_div))
-    return out
+    for name, by_layout in tied.items():
+        layouts = [(t, a.div_(total), g.div_(g_div)) for t, (a, g) in by_layout.items()]
+        pair = TiedKroneckerFactors(*combine_layouts(layouts))
+        pair.layouts = layouts
+        out[name] = pair
+    return {layer.name: out[layer.name] for layer in plan if layer.name in out}

@@ -19,7 +19,14 @@ from torch import Tensor, nn
 from curvkit.config import FisherType, KFACApprox
 from curvkit.stats.plan import TrackingPlan
 
-__all__ = ["BackendCapabilities", "FactorRequest", "KroneckerFactors", "StatisticsBackend", "UnitwiseFactors"]
+__all__ = [
+    "BackendCapabilities",
+    "FactorRequest",
+    "KroneckerFactors",
+    "StatisticsBackend",
+    "TiedKroneckerFactors",
+    "UnitwiseFactors",
+]
 
 
 class KroneckerFactors(NamedTuple):
@@ -27,12 +34,27 @@ class KroneckerFactors(NamedTuple):
 
     Attributes:
         A: Input factor, ``(d_in + 1, d_in + 1)`` with a bias (the last row/column belongs
-            to the appended constant input), else ``(d_in, d_in)``.
+            to the appended constant input), else ``(d_in, d_in)``. For a layer with
+            one-hot inputs (``nn.Embedding``, see :mod:`curvkit.stats.embedding`) ``A`` is
+            diagonal and given as its diagonal, a 1-D ``(d_in,)`` tensor: ``G ⊗ diag(A)``.
         G: Output-gradient factor, ``(d_out, d_out)``.
     """
 
     A: Tensor
     G: Tensor
+
+
+class TiedKroneckerFactors(KroneckerFactors):
+    """The pair of a block whose weight is used in transposed layouts (a tied embedding
+    and LM head), with the factors of each layout it was formed from.
+
+    ``A``, ``G`` are the batch's nearest Kronecker product; :attr:`layouts` is
+    :meth:`LayerStats.layout_factors` (each layout's ``(transposed, A_u, G_u)``, scaled like
+    an untied block's), which :func:`curvkit.accumulate_kronecker_factors` adds up over
+    batches before forming the data set's nearest Kronecker product.
+    """
+
+    layouts: list[tuple[bool, Tensor, Tensor]]
 
 
 class UnitwiseFactors(NamedTuple):

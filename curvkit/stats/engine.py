@@ -199,6 +199,11 @@ class CaptureEngine:
         self._functional: dict[int, list[tuple[LayerPlan, Site, tuple[int, int]]]] = {}
         self._function_depth = 0
         self._batch: list[int] = []
+        #: Batch size of the current model call (``None``: unknown, or no model given).
+        self._forward_batch: int | None = None
+        #: Blocks a use of which ran on a batch of one inside a model call on ``N > 1`` data
+        #: (its output broadcast over the batch): they have no per-datum statistics.
+        self.broadcast: set[str] = set()
         #: Detached because another persistent engine was attached to the same model.
         self.displaced = False
 
@@ -233,13 +238,13 @@ class CaptureEngine:
         handles: list[RemovableHandle] = []
         try:
             if model is not None:
-                handles.append(model.register_forward_pre_hook(_count_forward(ref)))
+                handles.append(model.register_forward_pre_hook(_count_forward(ref), with_kwargs=True))
             for site, blocks in self.plan.sites().values():
                 if site.functional:
                     for layer in blocks:
                         self._register_functional(layer, site)
                     handles.append(site.module.register_forward_pre_hook(_enter_functional(ref, site)))
-                    handles.append(site.module.register_forward_hook(_exit_functional(ref), always_call=True))
+                    handles.append(site.module.register_forward_hook(_exit_functional(ref, site), always_call=True))
                 else:
                     handles.append(
                         site.module.register_forward_hook(_record_module(ref, site, blocks), with_kwargs=True)
@@ -327,6 +332,12 @@ class CaptureEngine:
         if capture is not None:  # e.g. a normalisation layer's x̂, as this forward pass computed it
             x = capture(site.module, x)
         record = self._new_record(x, output)
+        n = self._forward_batch
+        if n is not None and n > 1 and x.ndim >= 1 and x.shape[0] == 1:
+            # e.g. Hugging Face position ids (1, T): the output is broadcast over the batch, so
+            # the gradient it receives is already summed over the data
+            for layer in blocks:
+                self._flag_broadcast(layer.name, site.name, tuple(x.shape), n)
         for layer in blocks:
             self._add(record, site, layer, None)
 
@@ -350,6 +361,20 @@ class CaptureEngine:
                 if record is None:
                     record = self._new_record(x, output, _seq_first_to_batch_first(batch, x))
                 self._add(record, site, layer, (r0 - start, r1 - start))
+
+    def _flag_broadcast(self, block: str, site: str, shape: tuple[int, ...], n: int) -> None:
+        if block in self.broadcast:
+            return
+        self.broadcast.add(block)
+        warnings.warn(
+            f"curvkit: module {site!r} (block {block!r}) was called on a batch of one (input {shape}) inside a "
+            f"model call on {n} data, so its output is broadcast over the batch (as Hugging Face models do with "
+            "position ids of shape (1, T)) and the gradient it receives is already summed over the data: it has no "
+            "per-datum statistics. It gets no curvature (the optimizers move it by the first-order rule; "
+            "kronecker_factors leaves it out). Pass the ids expanded to the batch (e.g. "
+            "position_ids=torch.arange(T).expand(N, T)) to precondition it.",
+            stacklevel=4,
+        )
 
     # --- backward passes -----------------------------------------------------------------
 
@@ -407,15 +432,25 @@ class CaptureEngine:
     # --- statistics ----------------------------------------------------------------------
 
     def layer_stats(
-        self, name: str, which: str, approx: KFACApprox, g_scale: Callable[[LayerStats], float] | float
+        self,
+        name: str,
+        which: str,
+        approx: KFACApprox,
+        g_scale: Callable[[LayerStats], float] | float,
+        *,
+        allow_broadcast: bool = False,
     ) -> LayerStats | None:
         """The block's statistics from its recorded uses (``which``: ``"loss"`` or
-        ``"fisher"`` gradients); ``None`` if no use has gradients.
+        ``"fisher"`` gradients); ``None`` if no use has gradients, or if a use was
+        broadcast over the batch (:attr:`broadcast`; ``allow_broadcast=True`` returns its
+        batch-of-one statistics, for callers that check the rows themselves).
 
         Uses of one forward pass are positions of the weight-sharing axis; forward passes
         (micro-batches) are data, concatenated along the batch axis where their positions
         agree (else only the last forward pass is used).
         """
+        if name in self.broadcast and not allow_broadcast:
+            return None
         uses = [
             u for u in self.uses.get(name, []) if (u.record.loss_grads if which == "loss" else u.record.fisher_grads)
         ]
@@ -491,18 +526,28 @@ def _remove_all(handles: list[RemovableHandle]) -> None:
 
 
 def _count_forward(ref: weakref.ref[CaptureEngine]) -> Callable[..., None]:
-    def hook(module: nn.Module, args: Any) -> None:
+    def hook(module: nn.Module, args: Any, kwargs: dict) -> None:
         engine = ref()
-        if engine is not None:
+        if engine is not None and engine._model_ref is not None and module is engine._model_ref():
             engine._forward += 1
+            engine._forward_batch = _batch_of(args, kwargs)
 
     return hook
+
+
+def _batch_of(args: Any, kwargs: dict) -> int | None:
+    """The model call's batch size: the first dimension of its first tensor argument."""
+    for value in (*args, *kwargs.values()):
+        if isinstance(value, Tensor) and value.ndim >= 1:
+            return int(value.shape[0])
+    return None
 
 
 def _record_module(ref: weakref.ref[CaptureEngine], site: Site, blocks: list[LayerPlan]) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict, output: Any) -> None:
         engine = ref()
-        if engine is not None:
+        # a deep copy of the model carries the hook: its forwards are not this engine's
+        if engine is not None and module is site.module:
             engine._record_call(site, blocks, args, kwargs, output)
 
     return hook
@@ -514,7 +559,7 @@ _ORIGINAL_LINEAR = F.linear
 def _enter_functional(ref: weakref.ref[CaptureEngine], site: Site) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
         engine = ref()
-        if engine is None or not engine.recording():
+        if engine is None or module is not site.module or not engine.recording():
             return
         q = args[0] if args else None
         batch_first = bool(getattr(module, "batch_first", False))
@@ -529,10 +574,10 @@ def _enter_functional(ref: weakref.ref[CaptureEngine], site: Site) -> Callable[.
     return hook
 
 
-def _exit_functional(ref: weakref.ref[CaptureEngine]) -> Callable[..., None]:
+def _exit_functional(ref: weakref.ref[CaptureEngine], site: Site) -> Callable[..., None]:
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
         engine = ref()
-        if engine is None or engine._function_depth == 0:
+        if engine is None or module is not site.module or engine._function_depth == 0:
             return
         engine._function_depth -= 1
         engine._batch.pop()

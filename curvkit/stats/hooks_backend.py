@@ -20,7 +20,13 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox
-from curvkit.stats.backend import BackendCapabilities, FactorRequest, KroneckerFactors, UnitwiseFactors
+from curvkit.stats.backend import (
+    BackendCapabilities,
+    FactorRequest,
+    KroneckerFactors,
+    TiedKroneckerFactors,
+    UnitwiseFactors,
+)
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.layer_stats import LayerStats, Part, _input_sums, _output_sum
 from curvkit.stats.losses import SUPPORTED_LOSSES, loss_adapter
@@ -55,7 +61,8 @@ class HooksBackend:
             vectors = adapter.output_vectors(output, targets, request.fisher, request.mc_samples, request.generator)
             dim = adapter.class_dim(output, targets)
             num_passes = adapter.num_passes(output.shape[dim], request.fisher, request.mc_samples)
-            names = [n for n in request.plan.names if n in engine.uses]
+            # a block used on a batch of one and broadcast has no per-datum statistics (the engine warned)
+            names = [n for n in request.plan.names if n in engine.uses and n not in engine.broadcast]
             tied = {n for n in names if any(u.site.transposed for u in engine.uses[n])}
             unitwise = {n for n in names if getattr(engine.blocks[n].handler, "kind", None) == "unitwise"}
             kept = {id(u.record) for n in tied for u in engine.uses[n]}
@@ -93,7 +100,9 @@ class HooksBackend:
                 if layer.name in tied:
                     stats = engine.layer_stats(layer.name, "fisher", request.kfac_approx, 1.0 / normaliser)
                     if stats is not None:
-                        result[layer.name] = KroneckerFactors(stats.A(), stats.G())
+                        pair = TiedKroneckerFactors(stats.A(), stats.G())
+                        pair.layouts = stats.layout_factors()
+                        result[layer.name] = pair
                     continue
                 if layer.name not in sums:
                     continue  # the layer did not run, or does not influence the output

@@ -46,7 +46,7 @@ from curvkit.config import KFACApprox
 from curvkit.errors import TiedStatisticsError, UnitwiseStatisticsError
 from curvkit.stats.factors import assemble_gram, gram, output_gram, sum_gram
 
-__all__ = ["LayerStats", "Part", "SharedLayerStats", "nearest_kronecker"]
+__all__ = ["LayerStats", "Part", "SharedLayerStats", "combine_layouts", "nearest_kronecker"]
 
 
 @dataclass
@@ -76,9 +76,25 @@ class Part:
         return self.handler.output_features(self.module, g)
 
 
+def _diagonal_handler(parts: list[Part]) -> Any:
+    """The handler of ``parts`` when they all share one whose input features are one-hot
+    (``diagonal_input``, e.g. :class:`~curvkit.stats.embedding.EmbeddingHandler`), so that
+    ``A`` is diagonal and computed by its ``input_factor``; else ``None``."""
+    first = parts[0].handler
+    if not getattr(first, "diagonal_input", False) or not hasattr(first, "input_factor"):
+        return None
+    if any(type(p.handler) is not type(first) for p in parts):
+        return None
+    return first
+
+
 def _input_sums(parts: list[Part], approx: KFACApprox, has_bias: bool) -> Tensor:
     """``A`` of same-layout parts (see the module docstring), through a handler's
-    ``input_gram`` fast path where it has one (expand)."""
+    ``input_gram`` fast path where it has one (expand). For a handler with one-hot inputs
+    (``diagonal_input``) it is the 1-D diagonal its ``input_factor`` computes."""
+    diagonal = _diagonal_handler(parts)
+    if diagonal is not None and not has_bias:
+        return diagonal.input_factor(parts, approx)
     if approx is KFACApprox.EXPAND:
         xtx: Tensor | None = None
         col_sum: Tensor | None = None
@@ -165,6 +181,17 @@ def nearest_kronecker(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tenso
     left = sum(float(a) * t[0] for a, t in zip(alpha, terms))
     right = sum(float(b) * t[1] for b, t in zip(beta, terms))
     return left, right  # type: ignore[return-value]
+
+
+def combine_layouts(layouts: list[tuple[bool, Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    """A tied block's pair ``(A, G)`` from the factors of its layouts
+    (:meth:`LayerStats.layout_factors`): a transposed layout's ``A_u ⊗ ...`` is
+    ``G_u``'s side in the block's layout, and the terms are joined by
+    :func:`nearest_kronecker`. A 1-D (diagonal) factor is made a matrix first: the sum of a
+    diagonal and a dense term is dense."""
+    terms = [(_as_matrix(a), _as_matrix(g)) if t else (_as_matrix(g), _as_matrix(a)) for t, a, g in layouts]
+    g, a = nearest_kronecker(terms)
+    return a, g
 
 
 class LayerStats:
@@ -264,6 +291,12 @@ class LayerStats:
     def tied(self) -> bool:
         """Whether the uses come in transposed layouts (see the module docstring)."""
         return any(p.transposed for p in self.parts)
+
+    @cached_property
+    def diagonal_input(self) -> bool:
+        """Whether :meth:`A` is returned as its 1-D diagonal (one-hot inputs: an
+        ``nn.Embedding``, see :mod:`curvkit.stats.embedding`)."""
+        return not self.tied and not self.layer.has_bias and _diagonal_handler(self.parts) is not None
 
     @cached_property
     def unitwise(self) -> bool:
@@ -405,17 +438,23 @@ class LayerStats:
     def _factors(self) -> tuple[Tensor, Tensor]:
         if not self.tied:
             return self._layout_factors(self.parts, self.layer.has_bias)
+        return combine_layouts(self.layout_factors())
+
+    def layout_factors(self) -> list[tuple[bool, Tensor, Tensor]]:
+        """``[(transposed, A_u, G_u)]``: the factors of the uses in the block's own layout
+        (``transposed=False``) and of those in the transposed one, each in *its uses'*
+        layout and scaled as an untied block's (``A`` averaged, ``G`` summed), so that
+        statistics of several batches can be added up per layout before
+        :func:`combine_layouts` forms the block's pair (what
+        :func:`curvkit.accumulate_kronecker_factors` does for a tied block)."""
         same = [p for p in self.parts if not p.transposed]
         other = [p for p in self.parts if p.transposed]
-        terms = []
+        out: list[tuple[bool, Tensor, Tensor]] = []
         if same:
-            a, g = self._layout_factors(same, self.layer.has_bias)
-            terms.append((g, a))
+            out.append((False, *self._layout_factors(same, self.layer.has_bias)))
         if other:
-            a_t, g_t = self._layout_factors(other, False)
-            terms.append((a_t, g_t))  # in the block's layout its G side is the use's A side
-        g, a = nearest_kronecker(terms)
-        return a, g
+            out.append((True, *self._layout_factors(other, False)))
+        return out
 
     def _layout_factors(self, parts: list[Part], has_bias: bool) -> tuple[Tensor, Tensor]:
         a = _input_sums(parts, self.approx, has_bias)
@@ -460,15 +499,54 @@ class LayerStats:
         assert total is not None
         return total
 
+    def per_example_gradient_columns(self) -> tuple[Tensor, Tensor, int]:
+        r"""The per-example gradients of a block with one-hot inputs (:attr:`diagonal_input`,
+        an ``nn.Embedding``) in sparse form: ``(columns (K,), values (P, K, d_out), d_in)``
+        such that :math:`J_{p,n} = \sum_{k \in n} 	ext{values}[p, k]\, e_{	ext{columns}[k]}^	op`,
+        one entry ``k`` per (datum, token) pair that occurs (scaled by ``√g_scale`` like
+        :meth:`per_example_gradients`).
+
+        Raises:
+            TypeError: The block's inputs are not one-hot.
+        """
+        handler = _diagonal_handler(self.parts) if self.diagonal_input else None
+        if handler is None:
+            raise TypeError(
+                f"block {self.layer.name!r} has no one-hot inputs; use per_example_gradients() for its per-example "
+                "gradients."
+            )
+        ids = _cat_features([handler.token_ids(p.module, p.inputs).unsqueeze(-1) for p in self.parts]).squeeze(-1)
+        passes = self.num_passes
+        g = torch.stack(
+            [_cat_features([q.output_features(q.grads[p]) for q in self.parts]) for p in range(passes)]
+        )  # (P, N, R, d_out)
+        columns, values, d_in = handler.gradient_columns(self.parts[0].module, ids, g)
+        return columns, values * math.sqrt(self.g_scale), d_in
+
     def _layout_gradients(self, parts: list[Part], has_bias: bool) -> Tensor:
-        a = _cat_features([p.input_features() for p in parts])
-        if has_bias:
-            a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+        # the true per-example gradient for both expand and reduce (as curvlinops' EKFAC):
+        # J = Σ_uses Σ_r g āᵀ, one use at a time (a handler's per_example_gradients fast
+        # path, e.g. an embedding's scatter, instead of features where it has one)
         passes = len(parts[0].grads)
-        g = torch.stack([_cat_features([q.output_features(q.grads[p]) for q in parts]) for p in range(passes)])
-        # the true per-example gradient for both expand and reduce (as curvlinops' EKFAC)
-        j = torch.einsum("pnro,nri->pnoi", g, a)
-        return (j * math.sqrt(self.g_scale)).reshape(passes * a.shape[0], *j.shape[2:])
+        sizes = {int(p.inputs.shape[0]) for p in parts}
+        if len(sizes) > 1:
+            _cat_features([p.inputs.reshape(p.inputs.shape[0], 1, -1) for p in parts])  # raises the usual error
+        j: Tensor | None = None
+        for part in parts:
+            g = torch.stack([part.output_features(part.grads[p]) for p in range(passes)])  # (P, N, R, d_out)
+            fast = getattr(part.handler, "per_example_gradients", None)
+            if fast is not None:
+                term = fast(part.module, part.inputs, g)
+                if has_bias:
+                    term = torch.cat([term, g.sum(2).unsqueeze(-1)], dim=-1)
+            else:
+                a = part.input_features()
+                if has_bias:
+                    a = torch.cat([a, a.new_ones(*a.shape[:2], 1)], dim=2)
+                term = torch.einsum("pnro,nri->pnoi", g, a)
+            j = term if j is None else j + term
+        assert j is not None
+        return (j * math.sqrt(self.g_scale)).reshape(passes * j.shape[1], *j.shape[2:])
 
     def featurized(self) -> LayerStats:
         """The same statistics as a single use of already extracted features (what
@@ -480,10 +558,20 @@ class LayerStats:
             grads = [self._unit_grads(p) for p in range(self.num_passes)]
             part = Part(_UNIT_FEATURES, self.layer.module, x, grads)
             return LayerStats(self.layer, approx=self.approx, g_scale=self.g_scale, parts=[part])
-        x = self.in_features
         grads = [self.output_features(p) for p in range(self.num_passes)]
+        diagonal = _diagonal_handler(self.parts)
+        if diagonal is not None:  # token ids stay ids (no one-hot features)
+            ids = _cat_features([p.inputs.reshape(p.inputs.shape[0], -1, 1) for p in self.parts]).squeeze(-1)
+            part = Part(diagonal, self.parts[0].module, ids, grads)
+            return LayerStats(self.layer, approx=self.approx, g_scale=self.g_scale, parts=[part])
+        x = self.in_features
         part = Part(_FEATURES, self.layer.module, x, grads)
         return LayerStats(self.layer, approx=self.approx, g_scale=self.g_scale, parts=[part])
+
+
+def _as_matrix(factor: Tensor) -> Tensor:
+    """A factor as a matrix (a 1-D factor is the diagonal of one)."""
+    return torch.diag(factor) if factor.ndim == 1 else factor
 
 
 class _Features:

@@ -212,6 +212,25 @@ def _orientation(handler: Any, module: nn.Module, weight: Tensor) -> tuple[int, 
     return int(rows), int(cols)
 
 
+def _transposed_layouts(h1: Any, m1: nn.Module, h2: Any, m2: nn.Module, weight: Tensor) -> bool | None:
+    """Whether two handlers read one weight as transposed matrices (``True``), as the same
+    matrix (``False``), or neither (``None``). Decided on a probe tensor of the weight's
+    shape holding distinct values, so that a square weight (an embedding tied to an output
+    layer with ``V = D``) is not mistaken for a same-layout tie."""
+    import torch
+
+    from curvkit.stats.handlers import weight_matrix
+
+    probe = torch.arange(weight.numel(), dtype=torch.float64, device="cpu").reshape(weight.shape)
+    first = weight_matrix(h1, m1, probe)
+    second = weight_matrix(h2, m2, probe)
+    if first.shape == second.shape and torch.equal(first, second):
+        return False
+    if first.shape == second.shape[::-1] and torch.equal(first.t(), second):
+        return True
+    return None
+
+
 def make_plan(model: nn.Module, registry: Any, unsupported: UnsupportedPolicy | str = "warn") -> TrackingPlan:
     """Match every trainable parameter of ``model`` to a block, or to the first-order rule.
 
@@ -368,12 +387,13 @@ def _add_tied_site(
     layer = layers[owner]
     theirs = _orientation(layer.handler, layer.module, layer.weight)
     mine = _orientation(handler, module, handler.weight(module))
-    if mine == theirs:
-        transposed = False
-    elif mine == theirs[::-1]:
-        transposed = True
-    else:  # pragma: no cover - a shared tensor has one shape
-        raise WeightTyingError(f"modules {owner!r} and {name!r} share a weight in incompatible layouts.")
+    transposed = _transposed_layouts(layer.handler, layer.module, handler, module, layer.weight)
+    if transposed is None:
+        raise WeightTyingError(
+            f"modules {owner!r} and {name!r} share a weight, but their layer handlers read it as "
+            f"{theirs[0]}×{theirs[1]} and {mine[0]}×{mine[1]} matrices that are neither equal nor transposes of "
+            "each other; no single Kronecker block describes both uses. Untie the weights."
+        )
     if transposed and (bias is not None or layer.has_bias):
         raise WeightTyingError(
             f"modules {owner!r} and {name!r} share a weight in transposed layouts ({theirs[0]}×{theirs[1]} and "

@@ -75,8 +75,8 @@ def run_example(script: Path | str, figure_dir: Path | str) -> dict[str, Any]:
     """Execute an example cell by cell in this process; return its docstring and, per cell,
     the prose, code, printed output and saved figure files.
 
-    The script's directory is put first on ``sys.path`` (for its ``_common`` helpers) for
-    the run; ``plt.show()`` saves the open figures into ``figure_dir`` and closes them.
+    The script's directory is put first on ``sys.path`` for the run (as ``python script.py``
+    would); ``plt.show()`` saves the open figures into ``figure_dir`` and closes them.
     """
     import matplotlib
 
@@ -173,7 +173,6 @@ def setup(app: Any) -> dict[str, Any]:
             figure_dir = Path(self.env.app.outdir) / "_gallery"
             result = _run_in_subprocess(script, figure_dir)
             self.env.note_dependency(str(script))
-            self.env.note_dependency(str(EXAMPLES / "_common.py"))
             shown = getattr(self.env, "curvkit_examples", set())
             shown.add(script.name)
             self.env.curvkit_examples = shown  # type: ignore[attr-defined]

@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
+from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, as_structure, input_structure
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, UnknownComponentError
 from curvkit.linalg.damping import Damping, ExactDamping, PiDamping, RelativeDamping
@@ -153,8 +153,21 @@ def rotated_second_moments(stats: LayerStats, Q_A: Tensor, Q_G: Tensor, dtype: t
     ((Q_A^\top\bar a_n)^{\circ 2})^\top`; otherwise the rotated per-example gradients
     :math:`\sum_r (Q_G^\top g_{p,n,r})(Q_A^\top\bar a_{n,r})^\top` are formed in chunks of
     examples. A weight tied in transposed layouts has no features, only its (exact)
-    per-example gradients, which are rotated directly.
+    per-example gradients, which are rotated directly. An embedding (one-hot inputs, ``A``
+    diagonal so ``Q_A = I``) uses its sparse per-example gradients
+    (:meth:`LayerStats.per_example_gradient_columns`): no one-hot features, no dense
+    ``(d_out, V)`` matrix per example.
     """
+    if getattr(stats, "diagonal_input", False) and not Q_A.numel():
+        # one-hot inputs (an embedding) and Q_A = I: each per-example gradient is a few
+        # columns, J[:, v] = √s Σ_{r: id_r = v} g_r — scattered, never a dense (d_out, V) per datum
+        cols, values, d_in = stats.per_example_gradient_columns()  # (K,), (P, K, d_out), scaled by √s
+        values = values.to(dtype)
+        if Q_G.numel():
+            values = values @ Q_G.to(dtype)
+        out = values.new_zeros(d_in, values.shape[-1])
+        out.index_add_(0, cols, values.square().sum(0))
+        return out.t().contiguous()
     if stats.tied:
         j = stats.per_example_gradients().to(dtype)  # (P·N, d_out, d_in), scaled by √s
         if Q_G.numel():
@@ -235,6 +248,7 @@ class EKFACBlock(CurvatureBlock):
     ) -> None:
         super().__init__(info)
         self.structure_A, self.structure_G = structure if isinstance(structure, tuple) else (structure, structure)
+        self.structure_A = input_structure(info, self.structure_A)  # an embedding's A: diagonal
         self.correct_eigenvalues = bool(correct_eigenvalues)
         self.scale_decay = float(scale_decay)
         self.factor_dtype = factor_dtype
@@ -278,8 +292,8 @@ class EKFACBlock(CurvatureBlock):
         assert self.A is not None and self.G is not None
         self._fold_pending()  # a batch nobody preconditioned with goes into the current basis
         a, g = self.take_batch_factors(stats)
-        self.A.ema_(self.structure_A.from_dense(a.to(self.A.dtype)), decay)
-        self.G.ema_(self.structure_G.from_dense(g.to(self.G.dtype)), decay)
+        self.A.ema_(as_structure(self.structure_A, a.to(self.A.dtype)), decay)
+        self.G.ema_(as_structure(self.structure_G, g.to(self.G.dtype)), decay)
         self.num_updates += 1
         if self.correct_eigenvalues:
             self._pending = stats
@@ -520,6 +534,7 @@ EKFAC_SPEC = MethodSpec(
     config_cls=EKFACConfig,
     block_factory=ekfac_block,
     tied_blocks=True,
+    diagonal_inputs=True,
     summary="EKFAC: K-FAC's eigenbasis with eigenvalues re-estimated from per-example gradients (+ ε)",
     reference="George, Laurent, Bouthillier, Ballas & Vincent (2018), Fast Approximate Natural Gradient Descent "
     "in a Kronecker-factored Eigenbasis, NeurIPS, arXiv:1806.03884",

@@ -41,6 +41,7 @@ KFAC_SPEC = MethodSpec(
     block_factory=kfac_block,
     factor_statistics=True,
     tied_blocks=True,
+    diagonal_inputs=True,
     summary="K-FAC / KFC: EMA Kronecker factors, damped inverse every T_inv steps",
     reference="Martens & Grosse (2015), arXiv:1503.05671; Grosse & Martens (2016), arXiv:1602.01407",
     sample_configs=(

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor
 
-from curvkit.blocks import BlockInfo, KroneckerBlock, LayerStats
+from curvkit.blocks import BlockInfo, KroneckerBlock, LayerStats, as_structure
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComponentError
 from curvkit.linalg.damping import Damping, ExactDamping
@@ -255,7 +255,7 @@ class QKLDWRMBlock(SOKLDWRMBlock):
         super().update(stats, decay)
         assert self.A is not None and self.G is not None
         a, g = self.batch_factors(stats)
-        self.A_loc = self.structure_A.from_dense(a.to(self.A.dtype)).to_dense().clone()
+        self.A_loc = as_structure(self.structure_A, a.to(self.A.dtype)).to_dense().clone()
         self.G_loc = self.structure_G.from_dense(g.to(self.G.dtype)).to_dense().clone()
         if self.num_updates == 1:
             self.A_prev, self.G_prev = self.A.to_dense().clone(), self.G.to_dense().clone()

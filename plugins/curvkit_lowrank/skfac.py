@@ -361,9 +361,9 @@ class SKFACConfig(MethodConfig):
 
 
 def skfac_block(info: BlockInfo, config: SKFACConfig, registry: Any) -> SKFACBlock:
-    if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+    if not issubclass(info.module_type, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Embedding)):
         raise UnsupportedModuleError(
-            f"SKFAC serves Linear and Conv layers; {info.name!r} is a {info.module_type.__name__}"
+            f"SKFAC serves Linear, Conv and Embedding layers; {info.name!r} is a {info.module_type.__name__}"
         )
     return SKFACBlock(
         info,

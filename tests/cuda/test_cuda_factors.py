@@ -99,7 +99,7 @@ EXAMPLES: dict[str, Example] = {
         lambda g, n: torch.randn(n, 2, 3, 3, 3, generator=g, dtype=torch.float64, device="cpu"),
     ),
     "torch.nn.modules.sparse.Embedding": Example(
-        lambda: nn.Sequential(nn.Embedding(10, 5), nn.Linear(5, 4), *_head(4 * 4)),
+        lambda: nn.Sequential(nn.Embedding(10, 5, padding_idx=0), nn.Linear(5, 4), *_head(4 * 4)),
         lambda g, n: torch.randint(0, 10, (n, 4), generator=g, device="cpu"),
     ),
     "torch.nn.modules.normalization.LayerNorm": Example(

@@ -110,3 +110,38 @@ def test_laplace_torch_with_the_curvkit_backend_on_the_device():
     (lml_dev, p_dev), (lml_cpu, p_cpu) = results[DEVICE.type], results["cpu"]
     assert abs(lml_dev - lml_cpu) <= 1e-8 * abs(lml_cpu)
     assert rel_err(p_dev, p_cpu) < 1e-8
+
+
+class _Layouts(nn.Module):
+    """Every block layout Laplace places by index: an embedding with a padding row (a
+    transposed block with a diagonal A), self-attention (row ranges of in_proj_weight) and an
+    LM head tied to the embedding (a transposed tie)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(7, 4, padding_idx=0)
+        self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+        self.head = nn.Linear(4, 7, bias=False)
+        self.head.weight = self.emb.weight
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        h = self.emb(ids)
+        return self.head(torch.tanh(self.att(h, h, h, need_weights=False)[0].mean(1)))
+
+
+@pytest.mark.parametrize("correct", [False, True], ids=["kfac", "ekfac"])
+def test_block_layouts_on_the_device_equal_the_cpu(correct):
+    g = torch.Generator(device="cpu").manual_seed(2)
+    ids = torch.randint(0, 7, (24, 3), generator=g, device="cpu")
+    y = torch.randint(0, 7, (24,), generator=g, device="cpu")
+    results = []
+    for device in (DEVICE, CPU):
+        model = _Layouts().to(device=device, dtype=DT)
+        la = KroneckerLaplace(model, "classification", correct_eigenvalues=correct)
+        la.fit([(ids[:12].to(device), y[:12].to(device)), (ids[12:].to(device), y[12:].to(device))], progress=False)
+        results.append((la.log_marginal_likelihood(), la.predictive(ids[:5].to(device))))
+    (lml, probs), (lml_ref, probs_ref) = results
+    assert on_device(lml) and on_device(probs)
+    assert abs(float(lml) - float(lml_ref)) <= 1e-8 * abs(float(lml_ref))
+    assert rel_err(probs, probs_ref) < 1e-8

@@ -40,6 +40,10 @@ CASES: list[tuple[str, str, dict[str, Any], str]] = [
     ("skfac", "skfac", {"lr": 0.1, "damping": 1e-2}, "mlp"),
     ("b-kfac", "b-kfac", {"lr": 0.1, "rank": 4, "T_stats": 1, "T_inv": 2, "damping": 1e-2}, "mlp"),
     ("b-r-kfac", "b-r-kfac", {"lr": 0.1, "rank": 4, "T_stats": 1, "T_inv": 2, "damping": 1e-2}, "mlp"),
+    # an embedding: A all-reduced as its 1-D diagonal (K-FAC); ids gathered (EKFAC, SINGD)
+    ("kfac-emb", "kfac", {"lr": 0.1, "damping": 1e-2, "T_inv": 3}, "emb"),
+    ("ekfac-emb", "ekfac", {"lr": 0.1, "damping": 1e-2, "T_inv": 3}, "emb"),
+    ("singd-emb", "singd", {"lr": 0.05, "T": 1, "structure": "dense"}, "emb"),
     # normalisation layers (unit-wise blocks: LayerNorm, an eval-mode BatchNorm1d)
     ("kfac-norm", "kfac", {"lr": 0.1, "damping": 1e-2, "T_inv": 3}, "norm"),
     ("singd-norm", "singd", {"lr": 0.05, "T": 1, "structure": "dense"}, "norm"),
@@ -68,6 +72,8 @@ def make_model(kind: str) -> nn.Module:
     torch.manual_seed(0)
     if kind == "mlp":
         model = nn.Sequential(nn.Linear(6, 7), nn.Tanh(), nn.Linear(7, 5), nn.Tanh(), nn.Linear(5, 3))
+    elif kind == "emb":
+        model = nn.Sequential(nn.Embedding(10, 4, padding_idx=0), nn.Tanh(), nn.Flatten(), nn.Linear(4 * 3, 3))
     elif kind == "norm":
         # per-datum normalisation only (a train-mode BatchNorm normalises each rank's share by
         # its own statistics, so no run on fewer rows reproduces it)
@@ -88,8 +94,11 @@ def make_model(kind: str) -> nn.Module:
 
 def batch(kind: str, step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(1000 + step)
-    shape = (2 * B, 2, 5, 5) if kind == "cnn" else (2 * B, 6)
-    X = torch.randn(*shape, generator=g, dtype=torch.float64)
+    if kind == "emb":
+        X = torch.randint(0, 10, (2 * B, 3), generator=g)
+    else:
+        shape = (2 * B, 2, 5, 5) if kind == "cnn" else (2 * B, 6)
+        X = torch.randn(*shape, generator=g, dtype=torch.float64)
     y = torch.randint(0, 3, (2 * B,), generator=g)
     rows = slice(rank * 2 * B // world, (rank + 1) * 2 * B // world)
     return X[rows], y[rows]

@@ -5,7 +5,8 @@ The two processes run every scenario of ``_dist_worker.py`` once (module fixture
 single-process reference runs here. Checked: parameters after 10 steps (rtol 1e-8) for
 K-FAC (MLP; CNN with reduce; type-2 Fisher), EKFAC (MLP, CNN, type-2 on the CNN), SINGD
 (dense, diagonal), RS-KFAC, TKFAC, SKFAC, K-FAC and SINGD on a model with LayerNorm and
-BatchNorm1d (unit-wise blocks: their batch Fisher averaged, their refresh on one rank), a
+BatchNorm1d (unit-wise blocks: their batch Fisher averaged, their refresh on one rank),
+K-FAC/EKFAC/SINGD on an embedding (its diagonal A all-reduced, token ids gathered), a
 plain model whose gradients the distributor averages, float32 communication and unsharded
 refreshes; that the two ranks hold bit-identical parameters; that each decomposition is
 computed on exactly one rank (counted, also for B-KFAC and B-R-KFAC); that a non-finite

@@ -161,3 +161,20 @@ def test_functional_interception_is_scoped_and_restored():
     opt.remove_hooks()
     for module in ours.modules():
         assert not module._forward_hooks and not module._forward_pre_hooks
+
+
+def test_a_deep_copy_of_the_model_records_nothing_into_the_original():
+    """copy.deepcopy(model) copies the hooks; the copy's forward passes must not feed the
+    original optimizer's statistics."""
+    import copy
+
+    ours, _ = _pair(cross=True, batch_first=True)
+    original = F.linear
+    opt = curvkit.optim.KFAC(ours, lr=0.1, damping=0.1)
+    twin = copy.deepcopy(ours)
+    X, _ = _data()
+    twin(X)
+    assert not opt.preconditioner.engine.records
+    assert F.linear is original
+    ours(X)
+    assert opt.preconditioner.engine.records

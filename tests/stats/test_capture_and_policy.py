@@ -287,16 +287,16 @@ def test_shared_bias_parameter_raises(core_registry):
 # --- unsupported modules ----------------------------------------------------------------
 
 
-@pytest.fixture(params=["prelu", "embedding"])
+@pytest.fixture(params=["prelu", "embedding_bag"])
 def model_with_unsupported(request):
     torch.manual_seed(0)
     if request.param == "prelu":
         model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).double()
         X = torch.randn(5, 3, dtype=torch.float64)
         return model, X, "PReLU"
-    model = nn.Sequential(nn.Embedding(6, 4), nn.Linear(4, 2)).double()
-    X = torch.randint(0, 6, (5,))
-    return model, X, "Embedding"
+    model = nn.Sequential(nn.EmbeddingBag(6, 4, mode="mean"), nn.Linear(4, 2)).double()
+    X = torch.randint(0, 6, (5, 3))
+    return model, X, "EmbeddingBag"
 
 
 def _expected_tracked(model):
