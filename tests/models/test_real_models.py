@@ -65,7 +65,7 @@ OVERRIDES: dict[tuple[str, str], dict] = {
     ("resnet", "rs-kfac"): _NO_CLIP,
     ("lstm", "kfac"): {**_NO_CLIP, "damping": 0.01},
     ("lstm", "ekfac"): {**_NO_CLIP, "lr": 0.3},
-    ("lstm", "singd"): {**_NO_CLIP, "lr": 0.3},
+    ("lstm", "singd"): {**_NO_CLIP, "lr": 1.0},
     ("lstm", "rs-kfac"): {**_NO_CLIP, "lr": 0.3},
 }
 
