@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 import curvkit
-from curvkit.bench import TASKS, run_bench
+from curvkit.bench import run_bench
 from curvkit.testing import FAULTS, robustness_report
 
 LRS = (1e-3, 1e-2, 1e-1)
@@ -305,7 +305,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--parts", default="grid,faults,rss")
     parser.add_argument("--methods", default=None, help="comma-separated (default: every registered method)")
-    parser.add_argument("--tasks", default=",".join(TASKS))
+    parser.add_argument("--tasks", default="digits-mlp,digits-cnn,sequence")
     parser.add_argument("--lrs", default=",".join(f"{lr:g}" for lr in LRS))
     parser.add_argument("--steps", type=int, default=None, help="steps per grid run (default: the task's)")
     parser.add_argument("--faults", default=None, help=f"comma-separated, of: {', '.join(FAULTS)}")

@@ -96,7 +96,7 @@ def test_autoload_off_leaves_out_bundled_backends(capsys, clean_plugin_env, how)
 
 
 def test_block_list_is_honoured(capsys, clean_plugin_env):
-    bundled_methods = "kfac,singd,lowrank,kldwrm"
+    bundled_methods = "kfac,singd,lowrank,kldwrm,transformers"
     clean_plugin_env.setenv(BLOCK_ENV, f"backpack,{bundled_methods}")
     report = _report(capsys, "--block", "asdl")
     blocked = {"backpack", "asdl", *bundled_methods.split(",")}

@@ -26,6 +26,7 @@ def test_there_are_examples():
         "laplace_digits",
         "kronecker_vs_curvlinops",
         "plugin_conformance",
+        "char_lm",
     }
 
 

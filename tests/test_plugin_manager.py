@@ -164,7 +164,7 @@ def test_block_applies_to_named_explicit_plugins(fake_entry_points):
 
 def test_blocking_the_bundled_plugins_leaves_only_the_core(clean_plugin_env):
     """Uses the real entry points: blocked plugins are never imported."""
-    registry = curvkit.build_registry(block=["backpack", "asdl"])
+    registry = curvkit.build_registry(block=["backpack", "asdl", "transformers"])
     assert set(registry.backends) == {"hooks"}
     assert set(registry.layer_handlers) == {
         "linear",

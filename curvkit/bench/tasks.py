@@ -1,11 +1,14 @@
-"""``curvkit bench``'s bundled tasks: digits (MLP, CNN) and a synthetic sequence task (see
+"""``curvkit bench``'s bundled tasks: digits (MLP, CNN), a synthetic sequence task and a
+character-level transformer language model on Python standard-library sources (see
 :mod:`curvkit.bench`)."""
 
 from __future__ import annotations
 
 import functools
+import sysconfig
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -84,6 +87,74 @@ def _sequences() -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return X[:2048], y[:2048], X[2048:], y[2048:]
 
 
+#: Pure-Python standard-library modules (present in every CPython since 3.8), read in this order.
+STDLIB_FILES = (
+    "textwrap.py",
+    "heapq.py",
+    "bisect.py",
+    "fnmatch.py",
+    "colorsys.py",
+    "shlex.py",
+    "glob.py",
+    "keyword.py",
+)
+#: The character vocabulary: newline and printable ASCII; anything else reads as ``"?"``.
+CHARS = "\n" + "".join(chr(c) for c in range(32, 127))
+_CHAR_CONTEXT = 32
+
+
+def stdlib_text() -> str:
+    """:data:`STDLIB_FILES` from this Python's standard library, concatenated, with every
+    character outside :data:`CHARS` replaced by ``"?"``."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    text = "".join((root / name).read_text(encoding="utf-8") for name in STDLIB_FILES if (root / name).exists())
+    if not text:
+        raise FileNotFoundError(f"none of {STDLIB_FILES} found in {root}")
+    return "".join(c if c in CHARS else "?" for c in text)
+
+
+class CharTransformer(nn.Module):
+    """The ``charlm`` model: token and position embeddings (d = 32), one causal pre-norm
+    ``nn.TransformerEncoderLayer`` (2 heads, feed-forward 128), a LayerNorm and a linear
+    read-out to the 96 characters; ``(N, T)`` ids to ``(N, T, 96)`` logits."""
+
+    def __init__(self, d: int = 32, heads: int = 2, layers: int = 1) -> None:
+        super().__init__()
+        self.tokens = nn.Embedding(len(CHARS), d)
+        self.positions = nn.Embedding(_CHAR_CONTEXT, d)
+        layer = nn.TransformerEncoderLayer(d, heads, 4 * d, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(d)
+        self.head = nn.Linear(d, len(CHARS))
+        self.mask: Tensor
+        self.register_buffer(
+            "mask", nn.Transformer.generate_square_subsequent_mask(_CHAR_CONTEXT, device=torch.device("cpu"))
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        t = x.shape[1]
+        h = self.tokens(x) + self.positions(torch.arange(t, device=x.device))
+        h = self.blocks(h, mask=self.mask[:t, :t], is_causal=True)
+        return self.head(self.norm(h))
+
+
+@functools.lru_cache(maxsize=1)
+def _char_windows() -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """384 training and 128 test windows of 32 characters with their next characters; the
+    first 90 % of :func:`stdlib_text` for training, the rest for testing, windows evenly
+    spaced."""
+    index = {c: i for i, c in enumerate(CHARS)}
+    data = torch.tensor([index[c] for c in stdlib_text()], device="cpu")
+    split = int(0.9 * len(data))
+
+    def windows(source: Tensor, n: int) -> tuple[Tensor, Tensor]:
+        starts = torch.linspace(0, len(source) - _CHAR_CONTEXT - 2, n, device="cpu").long()
+        chunk = source[starts[:, None] + torch.arange(_CHAR_CONTEXT + 1, device="cpu")]
+        return chunk[:, :-1], chunk[:, 1:]
+
+    return (*windows(data[:split], 384), *windows(data[split:], 128))
+
+
 @dataclass(frozen=True)
 class Task:
     """A bundled benchmark task.
@@ -150,6 +221,18 @@ TASKS: dict[str, Task] = {
             quick_steps=128,
             target_accuracy=0.8,
             method_options={"loss_average": "batch+sequence"},
+            per_token=True,
+        ),
+        Task(
+            "charlm",
+            "next character of Python stdlib sources, causal transformer (1 layer, d=32), 96 chars",
+            CharTransformer,
+            _char_windows,
+            steps=150,
+            quick_steps=20,
+            target_accuracy=0.3,
+            evals=5,
+            method_options={"loss_average": "batch+sequence", "unsupported": "skip"},
             per_token=True,
         ),
     )

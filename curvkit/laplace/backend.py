@@ -44,10 +44,12 @@ per-datum gradients are placed in laplace-torch's flat layout by
 :class:`~curvkit.laplace.layout.FlatLayout`).
 
 Frozen parameters, last-layer and subnetwork Laplace are supported. Where a trainable
-parameter sits in a module curvkit has no layer handler for, the
-dense methods fall back to laplace-torch's ``torch.func`` implementations and ``kron``
-raises an error naming the module. The per-datum gradients need row ``n`` of every tracked
-layer's input to belong to datum ``n``; a model that folds data into the layer's batch
+parameter sits in a module curvkit has no layer handler for, the unsupported-module policy
+applies (``unsupported=``, default ``"warn"``, as everywhere in curvkit): the dense methods
+fall back to laplace-torch's ``torch.func`` implementations and ``kron`` gives that
+parameter its exact dense block; ``"error"`` refuses when the backend is built. The
+per-datum gradients need row ``n`` of every tracked layer's input to belong to datum ``n``;
+a model that folds data into the layer's batch
 dimension (a reward model that runs ``(B, 2, D)`` preference pairs as ``(2B, D)``) breaks
 that, which is detected on the first pass, and the dense methods then use laplace-torch's
 ``torch.func`` versions for this backend instance.
@@ -107,7 +109,7 @@ class _CurvkitInterface(CurvatureInterface):
 
     # --- set-up -----------------------------------------------------------------------
 
-    def _setup(self, statistics_backend: str, registry: Any) -> None:
+    def _setup(self, statistics_backend: str, registry: Any, unsupported: UnsupportedPolicy | str = "warn") -> None:
         if registry is None:
             from curvkit.plugins import default_registry
 
@@ -115,6 +117,24 @@ class _CurvkitInterface(CurvatureInterface):
         self.registry = registry
         self._statistics_backend = statistics_backend
         self._generator: torch.Generator | None = None
+        self.unsupported = as_enum(UnsupportedPolicy, unsupported, "unsupported")
+        # the policy applies when the backend is built: "error" refuses, "warn" names the modules
+        if self.unsupported is UnsupportedPolicy.ERROR:
+            make_plan(self._model, registry, self.unsupported)
+            return
+        plan = make_plan(self._model, registry, UnsupportedPolicy.SKIP)
+        modules = dict(self._model.named_modules())
+        skipped = [f"{n!r} ({type(modules[n]).__name__})" for n in plan.skipped]
+        if skipped and self.unsupported is UnsupportedPolicy.WARN:
+            import warnings
+
+            warnings.warn(
+                f"{type(self).__name__}: curvkit has no layer handler for module(s) {', '.join(skipped)}; their "
+                "parameters get an exact dense block in kron (from torch.func Jacobians) and laplace-torch's "
+                "torch.func path in diag/full. Pass backend_kwargs={'unsupported': 'skip'} to silence this, or "
+                "'error' to refuse.",
+                stacklevel=3,
+            )
 
     # --- pickling (torch.save of a fitted Laplace object) -----------------------------
 
@@ -193,7 +213,7 @@ class _CurvkitInterface(CurvatureInterface):
     def kron(self, x: Tensor | MutableMapping[str, Any], y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
         """K-FAC of the sum-reduced loss on this batch, scaled for a data set of ``N``."""
         self._check_kwargs(kwargs, "kron")
-        plan, layout = self._require_tracking("kron")
+        plan, layout, others = self._kron_tracking()
         entries = self._kron_entries(plan, layout)
         mc_samples = int(kwargs.get("mc_samples", self._num_mc_samples()))
         fisher = self._fisher()
@@ -213,7 +233,11 @@ class _CurvkitInterface(CurvatureInterface):
         loss = self.lossfunc(outputs[-1].detach(), y)
         ratio = len(y) / N
         kfacs: list[list[Tensor]] = []
+        exact = self._exact_blocks(inputs, y, others, fisher, mc_samples, generator) if others else {}
         for layer, kind, cols in entries:
+            if layer is None:  # a parameter no handler serves: its exact block
+                kfacs.append([exact[kind]])
+                continue
             if layer not in factors:
                 raise ValueError(f"layer {layer!r} did not run in the forward pass, so it has no curvature.")
             entry = factors[layer]
@@ -236,7 +260,91 @@ class _CurvkitInterface(CurvatureInterface):
                 kfacs.append([g, a_w * ratio])
         return self.factor * loss.detach(), Kron(kfacs) * self.factor  # type: ignore[arg-type]
 
-    def _kron_entries(self, plan: TrackingPlan, layout: FlatLayout) -> list[tuple[str, str, slice]]:
+    def _kron_tracking(self) -> tuple[TrackingPlan, FlatLayout, list[nn.Parameter]]:
+        """The plan, the layout of the parameters it covers, and the parameters of
+        ``self.params`` no handler serves (under ``unsupported="error"``: none, or raise)."""
+        tracking = self._tracking()
+        if tracking is not None:
+            return tracking[0], tracking[1], []
+        plan = make_plan(self._model, self.registry, UnsupportedPolicy.SKIP)
+        covered = {id(p) for layer in plan for p in layer.params}
+        mine = {id(p) for p in self.params}
+        if self.unsupported is UnsupportedPolicy.ERROR or not covered <= mine:
+            return (*self._require_tracking("kron"), [])
+        others = [p for p in self.params if id(p) not in covered]
+        return plan, FlatLayout(plan, [p for p in self.params if id(p) in covered]), others
+
+    def _exact_blocks(
+        self,
+        inputs: Any,
+        y: Tensor,
+        params: list[nn.Parameter],
+        fisher: FisherType,
+        mc_samples: int,
+        generator: torch.Generator | None,
+    ) -> dict[str, Tensor]:
+        """``{parameter name: its dense (numel × numel) curvature block}`` of this batch for
+        parameters no layer handler serves, from ``torch.func`` per-datum Jacobians of the
+        model output w.r.t. those parameters only and the Fisher type's vectors: the exact
+        block (``Σ_n Σ_m (J_nᵀ v_{n,m})(J_nᵀ v_{n,m})ᵀ / Z``, ``Z = 1`` for laplace-torch's
+        sum-reduced loss)."""
+        from torch.func import functional_call, jacrev, vmap
+
+        from curvkit.stats.losses import loss_adapter
+
+        model = self._model
+        names = {id(p): n for n, p in model.named_parameters()}
+        mine = {names[id(p)]: p.detach() for p in params}
+        rest = {n: t.detach() for n, t in [*model.named_parameters(), *model.named_buffers()] if n not in mine}
+
+        def f(theta: dict[str, Tensor], x1: Tensor) -> Tensor:
+            return functional_call(model, {**rest, **theta}, (x1.unsqueeze(0),)).squeeze(0)
+
+        if not isinstance(inputs, Tensor):
+            raise UnsupportedModuleError(
+                f"{type(self).__name__}.kron: parameters {sorted(mine)} have no layer handler, and their exact block "
+                "needs tensor inputs; use unsupported='error' to refuse, or register a handler."
+            )
+        adapter = loss_adapter(self.lossfunc)  # type: ignore[arg-type]
+        with torch.no_grad():
+            output = model(inputs)
+        vectors = [v.reshape(v.shape[0], -1) for v in adapter.output_vectors(output, y, fisher, mc_samples, generator)]
+        try:
+            jac = vmap(jacrev(f), in_dims=(None, 0))(mine, inputs)  # name -> (N, C, *shape)
+            rows = {}
+            for name, j in jac.items():
+                flat = j.reshape(j.shape[0], j.shape[1], -1)
+                rows[name] = [torch.einsum("nc,ncp->np", v.to(flat.dtype), flat) for v in vectors]
+        except Exception:  # noqa: BLE001 - a backward without a batching rule (PReLU): one datum at a time
+            rows = self._looped_rows(inputs, params, [names[id(p)] for p in params], vectors)
+        out: dict[str, Tensor] = {}
+        for name, per_vector in rows.items():
+            block = sum(g.t() @ g for g in per_vector)
+            out[name] = block  # type: ignore[assignment]
+        return out
+
+    def _looped_rows(
+        self, inputs: Tensor, params: list[nn.Parameter], names: list[str], vectors: list[Tensor]
+    ) -> dict[str, list[Tensor]]:
+        """Per-datum gradients of ``vᵀ f(x_n)`` w.r.t. ``params``, one backward per datum and
+        vector (the fallback of :meth:`_exact_blocks`)."""
+        rows: dict[str, list[Tensor]] = {n: [] for n in names}
+        with torch.enable_grad():
+            output = self._model(inputs)
+            for k, v in enumerate(vectors):
+                per = {n: [] for n in names}  # type: ignore[var-annotated]
+                for i in range(output.shape[0]):
+                    last = k == len(vectors) - 1 and i == output.shape[0] - 1
+                    grads = torch.autograd.grad(
+                        (output[i].reshape(-1) * v[i].to(output.dtype)).sum(), params, retain_graph=not last
+                    )
+                    for n, g in zip(names, grads):
+                        per[n].append(g.reshape(-1))
+                for n in names:
+                    rows[n].append(torch.stack(per[n]))
+        return rows
+
+    def _kron_entries(self, plan: TrackingPlan, layout: FlatLayout) -> list[tuple[Any, str, slice]]:
         """For each of ``self.params``: ``(block, kind, columns of the block's A)`` with kind
         ``"standard"`` (``[G, A]`` on the parameter), ``"transposed"`` (the block matrix is
         the parameter's transpose: ``[A, G]``) or ``"bias"`` (``[G·a_bb]``). A parameter
@@ -248,8 +356,11 @@ class _CurvkitInterface(CurvatureInterface):
             if layer.bias_ref is not None and layer.has_bias:
                 owners.setdefault(id(layer.bias_ref.param), []).append((layer, "bias"))
         names = {id(p): n for n, p in self._model.named_parameters()}
-        out: list[tuple[str, str, slice]] = []
+        out: list[tuple[Any, str, slice]] = []
         for param in self.params:
+            if id(param) not in owners:  # no handler serves it: an exact dense block (see kron)
+                out.append((None, names[id(param)], slice(0)))
+                continue
             (layer, role), *more = owners[id(param)]
             index = layout.indices[layer.name]
             d_in = index.shape[1] - (1 if layer.has_bias else 0)
@@ -414,6 +525,11 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
         statistics_backend: curvkit statistics backend for ``kron`` (``"hooks"``, or
             ``"asdl"``/``"backpack"`` when their plugins can serve the model).
         registry: A curvkit registry (``None``: the default one).
+        unsupported: Parameters in modules no layer handler serves: ``"warn"`` (default;
+            warned about when the backend is built) or ``"skip"`` give each an exact dense
+            block in ``kron`` (from ``torch.func`` Jacobians w.r.t. those parameters) and
+            let ``diag``/``full`` use laplace-torch's ``torch.func`` path; ``"error"``
+            refuses. Pass it with ``Laplace(..., backend_kwargs={"unsupported": ...})``.
 
     Example:
         >>> import torch
@@ -440,13 +556,14 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
         num_samples: int = 1,
         statistics_backend: str = "hooks",
         registry: Any = None,
+        unsupported: UnsupportedPolicy | str = "warn",
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
         super().__init__(
             model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, stochastic, num_samples
         )
-        self._setup(statistics_backend, registry)
+        self._setup(statistics_backend, registry, unsupported)
 
     def _fisher(self) -> FisherType:
         return FisherType.MC if self.stochastic else FisherType.TYPE2
@@ -465,7 +582,7 @@ class CurvkitEF(_CurvkitInterface, EFInterface):
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y:
             As laplace-torch's ``EFInterface``.
-        statistics_backend, registry: As :class:`CurvkitGGN`.
+        statistics_backend, registry, unsupported: As :class:`CurvkitGGN`.
 
     Example:
         >>> import torch
@@ -490,9 +607,10 @@ class CurvkitEF(_CurvkitInterface, EFInterface):
         dict_key_y: str = "labels",
         statistics_backend: str = "hooks",
         registry: Any = None,
+        unsupported: UnsupportedPolicy | str = "warn",
     ) -> None:
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        self._setup(statistics_backend, registry)
+        self._setup(statistics_backend, registry, unsupported)
 
     def _fisher(self) -> FisherType:
         return FisherType.EMPIRICAL

@@ -347,9 +347,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         lines = [
             self.preconditioner.summary(),
-            f"  step: lr {group['lr']:g}, momentum {group['momentum']:g}, weight decay {group['weight_decay']:g} "
+            f"step: lr {group['lr']:g}, momentum {group['momentum']:g}, weight decay {group['weight_decay']:g} "
             f"({group['weight_decay_mode']}); {self.trust_region_description()}",
-            f"  {self.monitor.describe()}",
+            self.monitor.describe(),
         ]
         return "\n".join(lines)
 

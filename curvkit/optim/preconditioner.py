@@ -766,7 +766,8 @@ class Preconditioner:
             lines.append(f"  {name}: first-order ({reason})")
         for pname, reason in self.plan.first_order.items():
             lines.append(f"  {pname}: first-order ({reason})")
-        lines.append(f"  guards: {self.describe_counters()}")
+        # not indented: the indented lines are one per block or parameter
+        lines.append(f"guards: {self.describe_counters()}")
         return "\n".join(lines)
 
     def describe_counters(self) -> str:

@@ -208,9 +208,10 @@ def test_unsupported_module_kron_error_and_dense_fallback():
     model = nn.Sequential(nn.Linear(3, 6), nn.PReLU(6), nn.Tanh(), nn.Linear(6, 3)).to(DT)
     loader = _data("mlp", "classification")
     X, y = loader.dataset.tensors[0][:8], loader.dataset.tensors[1][:8]
-    be = CurvkitGGN(model, "classification")
-    with pytest.raises(UnsupportedModuleError, match="modules without one: \\['1'\\]"):
-        be.kron(X, y, N=8)
+    with pytest.raises(UnsupportedModuleError, match="'1' \\(PReLU\\)"):
+        CurvkitGGN(model, "classification", unsupported="error")
+    with pytest.warns(UserWarning, match="PReLU"):
+        be = CurvkitGGN(model, "classification")  # the default policy: warn
     loss, diag = be.diag(X, y)
     ref_loss, ref_diag = CurvlinopsGGN(model, "classification").diag(X, y)
     torch.testing.assert_close(diag, ref_diag)
@@ -243,3 +244,42 @@ def test_names_and_lazy_import():
     code = "import sys, curvkit, curvkit.laplace; print(any(m.split('.')[0] == 'laplace' for m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_unsupported_policy_in_the_laplace_torch_backend():
+    """A module no handler serves (PReLU): under the default policy ("warn") kron gives its
+    parameter the exact dense block, equal to that block of laplace-torch's own torch.func
+    GGN (``full``, which our backend falls back to for such parameters); "error" refuses
+    when the backend is built, naming the module."""
+    import warnings
+
+    from laplace import Laplace
+
+    from curvkit.laplace import CurvkitGGN
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.PReLU(4), nn.Linear(4, 2)).double()
+    X, y = torch.randn(24, 3, dtype=torch.float64), torch.randint(0, 2, (24,))
+    with pytest.warns(UserWarning, match="PReLU"):
+        backend = CurvkitGGN(model, "classification")
+    _, kron = backend.kron(X, y, N=24)
+    _, full = backend.full(X, y)
+    names = [n for n, p in model.named_parameters()]
+    offsets = torch.cumsum(torch.tensor([0] + [p.numel() for p in model.parameters()]), 0)
+    i = names.index("1.weight")
+    dense_block = full[offsets[i] : offsets[i + 1], offsets[i] : offsets[i + 1]]
+    torch.testing.assert_close(kron.kfacs[i][0], dense_block, rtol=1e-10, atol=1e-12)
+    with pytest.raises(UnsupportedModuleError, match="PReLU"):
+        CurvkitGGN(model, "classification", unsupported="error")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        la = Laplace(
+            model,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure="kron",
+            backend=CurvkitGGN,
+            backend_kwargs={"unsupported": "skip"},
+        )
+        la.fit(torch.utils.data.DataLoader(torch.utils.data.TensorDataset(X, y), batch_size=8))
+    assert torch.isfinite(la.log_marginal_likelihood())
