@@ -52,7 +52,9 @@ __all__ = [
     "randomized_svd",
 ]
 
-#: Eigenvalues below this are set to zero (Puiu's codes: ``eps = 1e-10``).
+#: Eigenvalues below this fraction of the largest are set to zero (Puiu's codes use an
+#: absolute ``eps = 1e-10``; relative, so that a factor of tiny scale — a layer whose
+#: statistics are small, or float64 factors of a few samples — keeps its spectrum).
 EIGENVALUE_FLOOR = 1e-10
 
 
@@ -100,7 +102,8 @@ def _check_shift(shift: float) -> None:
 
 def _floor(d: Tensor) -> Tensor:
     d = d.clamp_min(0)
-    return torch.where(d > EIGENVALUE_FLOOR, d, torch.zeros_like(d))
+    top = d.max() if d.numel() else d.new_zeros(())
+    return torch.where(d > EIGENVALUE_FLOOR * top, d, torch.zeros_like(d))
 
 
 def _sizes(dim: int, rank: int, oversampling: int) -> tuple[int, int]:

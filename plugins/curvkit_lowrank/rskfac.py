@@ -84,10 +84,15 @@ class LowRankKroneckerBlock(KroneckerBlock):
         self.refreshes = int(state.get("refreshes", 0))
 
     def describe(self) -> str:
-        return (
+        out = (
             f"{type(self).__name__}(A: {self.info.d_in}², G: {self.info.d_out}², {self.inverter.describe()}, "
             f"kept ranks A {min(self.info.d_in, self.inverter.rank)}, G {min(self.info.d_out, self.inverter.rank)})"
         )
+        if isinstance(self.inverse, IdentityInverse) and self.inverse_failures:
+            out += f" — every refresh so far failed ({self.inverse_failures}): identity, a first-order step"
+        elif self.inverse_failures:
+            out += f" — {self.inverse_failures} failed refresh(es), the last good inverse kept"
+        return out
 
 
 _RELATIVE_FACTORS = functools.partial(RelativeDamping, on="factors")
