@@ -31,13 +31,14 @@ from torch import Tensor, nn
 from curvkit.linalg.damping import Damping
 from curvkit.linalg.inverters import Inverter, KroneckerInverse, damping_only_inverse, inverse_from_state, inverse_state
 from curvkit.stats.handlers import weight_matrix
-from curvkit.stats.layer_stats import LayerStats, SharedLayerStats
+from curvkit.stats.layer_stats import GradientStats, LayerStats, SharedLayerStats
 from curvkit.stats.plan import LayerPlan
 from curvkit.structures.base import DiagonalStructure, FactorStructure
 
 __all__ = [
     "BlockInfo",
     "CurvatureBlock",
+    "GradientStats",
     "KroneckerBlock",
     "KroneckerOperator",
     "LayerStats",
@@ -280,9 +281,13 @@ class CurvatureBlock(ABC):
         The default: the traces ``(tr A_b, tr G_b)`` of the batch factors (from
         :meth:`batch_factors`, or the reduced ``"A"``/``"G"`` of a distributed step), else
         the squared norms ``(‖ā‖², ‖g‖²)`` of the batch's features (a reduction over the
-        diagonals or the features, no more). Each factor on its own: an outlier input makes
+        diagonals or the features, no more); for a gradient-based method's
+        :class:`GradientStats`, ``(‖∇‖²,)``. Each factor on its own: an outlier input makes
         ``A_b`` huge while a saturated activation may make ``G_b`` vanish.
         """
+        if isinstance(stats, GradientStats):  # a gradient-based method: the gradient's size
+            assert stats.gradient is not None
+            return (torch.linalg.vector_norm(stats.gradient.float()) ** 2,)
         if stats.shared is not None:
             a, g = stats.shared.get("A"), stats.shared.get("G")
             if a is not None and g is not None:

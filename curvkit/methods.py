@@ -192,6 +192,11 @@ class MethodSpec:
         sample_configs: Keyword sets the conformance suite trains with.
         bad_configs: ``(kwargs, expected exception type)`` the conformance suite expects
             to raise.
+        statistics: What the blocks' ``update(stats, decay)`` gets: ``"layer"`` (default:
+            a :class:`~curvkit.blocks.LayerStats` of the layer's captured inputs and output
+            gradients, plus the step's gradient in ``stats.gradient``) or ``"gradient"``
+            (a :class:`~curvkit.blocks.GradientStats` with the step's gradient only; no
+            hooks are installed on the model, as for Shampoo-style methods).
         factor_statistics: Whether the method's blocks need only the batch's factors
             ``A()`` and ``G()``, so a statistics backend other than the capture engine
             (``backend="backpack"``/``"asdl"``), which computes only those, can feed them.
@@ -235,6 +240,7 @@ class MethodSpec:
     tied_blocks: bool = False
     diagonal_inputs: bool = False
     factor_statistics: bool = False
+    statistics: str = "layer"
     unitwise_block: Callable[..., Any] | None = None
     recommended: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
@@ -250,6 +256,13 @@ class MethodSpec:
     def recommended_options(self) -> dict[str, Any]:
         """The method options of :meth:`recommended_settings` (no optimizer options)."""
         return {k: v for k, v in self.recommended_settings().items() if k not in OPTIMIZER_OPTIONS}
+
+    def __post_init__(self) -> None:
+        if self.statistics not in ("layer", "gradient"):
+            raise ValueError(
+                f"MethodSpec {self.name!r}: statistics={self.statistics!r} must be 'layer' (captured inputs and output "
+                "gradients) or 'gradient' (the step's gradient only)."
+            )
 
     def make_config(self, *, use_recommended: bool = True, **kwargs: Any) -> MethodConfig:
         """Build the configuration from ``kwargs`` on top of the recommended method

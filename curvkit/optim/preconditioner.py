@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, SharedLayerStats
+from curvkit.blocks import BlockInfo, CurvatureBlock, GradientStats, LayerStats, SharedLayerStats
 from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.errors import UnsupportedModuleError, UnsupportedRequestError
@@ -235,7 +235,7 @@ class Preconditioner:
             keep_loss_grads=self.fisher is FisherType.EMPIRICAL,
             persistent=True,
         )
-        if self.backend is None:
+        if self.backend is None and self.spec.statistics != "gradient":
             self.engine.attach()
 
     def _resolve_backend(self, name: str) -> Any:
@@ -424,7 +424,7 @@ class Preconditioner:
                     self._count_skip("outlier_gradients")
                     return None
             if self.stats_due:
-                self._update_statistics()
+                self._update_statistics(mats)
             # a layer with no statistics yet (it did not run on a statistics step, or its
             # parameters are used outside its forward) takes the first-order step Δ = ∇
             missing = [n for n, b in self.blocks.items() if n in mats and b.num_updates == 0]
@@ -534,7 +534,7 @@ class Preconditioner:
                 stacklevel=4,
             )
 
-    def _update_statistics(self) -> None:
+    def _update_statistics(self, mats: dict[str, Tensor]) -> None:
         """Fold this step's statistics into the blocks, behind two gates.
 
         * **Finite**: every block's batch estimate is checked before any block changes
@@ -552,8 +552,15 @@ class Preconditioner:
         A block may still decline its own update when its new state would not be finite
         (counted by the block, :attr:`~curvkit.blocks.CurvatureBlock.skipped_updates`).
         """
-        stats = {name: self._layer_stats(name) for name in self.blocks}
-        present = self.distributor.share_statistics({n: s for n, s in stats.items() if s is not None}, self.blocks)
+        if self.spec.statistics == "gradient":  # the gradient is all such a method sees (already reduced)
+            present: dict[str, LayerStats] = {n: GradientStats(self.layers[n], m) for n, m in mats.items()}
+        else:
+            stats = {name: self._layer_stats(name) for name in self.blocks}
+            present = self.distributor.share_statistics(
+                {n: s for n, s in stats.items() if s is not None}, self.blocks
+            )
+            for name, s in present.items():
+                s.gradient = mats.get(name)
         ema = getattr(self.config, "ema_decay", 0.0)
         # check every batch estimate before changing any block: a non-finite one leaves
         # every block untouched

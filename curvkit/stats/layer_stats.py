@@ -46,7 +46,7 @@ from curvkit.config import KFACApprox
 from curvkit.errors import TiedStatisticsError, UnitwiseStatisticsError
 from curvkit.stats.factors import assemble_gram, gram, output_gram, sum_gram
 
-__all__ = ["LayerStats", "Part", "SharedLayerStats", "combine_layouts", "nearest_kronecker"]
+__all__ = ["GradientStats", "LayerStats", "Part", "SharedLayerStats", "combine_layouts", "nearest_kronecker"]
 
 
 @dataclass
@@ -227,6 +227,11 @@ class LayerStats:
     #: The reduced :meth:`CurvatureBlock.batch_statistics` of a distributed step
     #: (:class:`SharedLayerStats`); ``None`` for one process's own batch.
     shared: dict[str, Tensor] | None = None
+    #: The step's gradient of the block in matrix form ``(d_out, d_in [+1])``, set by the
+    #: optimizer before ``update()``: the gradient this step preconditions, reduced over the
+    #: processes in data-parallel training (identical on every rank). ``None`` outside an
+    #: optimizer step (``kronecker_factors``).
+    gradient: Tensor | None = None
 
     def __init__(
         self,
@@ -670,6 +675,65 @@ class SharedLayerStats(LayerStats):
         if self.shared is not None and "F" in self.shared:
             return self.shared["F"]
         raise self._missing("unit_fisher()")
+
+    def output_features(self, p: int) -> Tensor:
+        raise self._missing("output_features()")
+
+    @property
+    def in_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("in_features")
+
+    @property
+    def a_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("a_features")
+
+    @property
+    def g_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("g_features")
+
+
+class GradientStats(LayerStats):
+    """What a block of a *gradient-based* method (``MethodSpec.statistics == "gradient"``,
+    e.g. Shampoo) gets in ``update()``: the step's gradient in matrix form
+    (:attr:`gradient`), already reduced over the processes in data-parallel training, and
+    nothing captured from the forward pass (no hooks are installed for such a method).
+
+    Args:
+        layer: The block.
+        gradient: The gradient ``(d_out, d_in [+1])``.
+    """
+
+    def __init__(self, layer: Any, gradient: Tensor) -> None:
+        super().__init__(layer, gradient.new_empty((0,)), [], KFACApprox.EXPAND, 1.0)
+        self.gradient = gradient
+        self._dtype = gradient.dtype
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    @property
+    def num_data(self) -> int:
+        return 0
+
+    def _missing(self, what: str) -> RuntimeError:
+        return RuntimeError(
+            f"layer {self.layer.name!r}: {what} is not available to a gradient-based method (its spec has "
+            "statistics='gradient', so nothing is captured from the forward pass); use stats.gradient, or declare "
+            "statistics='layer' to get the layer's inputs and output gradients."
+        )
+
+    def A(self) -> Tensor:
+        raise self._missing("A()")
+
+    def G(self) -> Tensor:
+        raise self._missing("G()")
+
+    def rows(self) -> tuple[Tensor, Tensor]:
+        raise self._missing("rows()")
+
+    def per_example_gradients(self) -> Tensor:
+        raise self._missing("per_example_gradients()")
 
     def output_features(self, p: int) -> Tensor:
         raise self._missing("output_features()")
