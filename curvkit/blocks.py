@@ -177,8 +177,14 @@ class CurvatureBlock(ABC):
         """Allocate the state (called once, before the first update)."""
 
     @abstractmethod
-    def update(self, stats: LayerStats, decay: float) -> None:
-        """Fold in one batch: ``state ← decay · state + (1 − decay) · batch estimate``."""
+    def update(self, stats: LayerStats, decay: float) -> bool | None:
+        """Fold in one batch: ``state ← decay · state + (1 − decay) · batch estimate``.
+
+        Return ``False`` to decline the batch (its new state would not be finite; count it
+        in :attr:`skipped_updates`): the core then leaves :attr:`num_updates` alone. Any
+        other return (``None``) is an accepted update, which the core counts — a block need
+        not increment :attr:`num_updates` itself (one that does is not counted twice).
+        ``stats.gradient`` holds the step's gradient in matrix form."""
 
     @abstractmethod
     def refresh(self, damping: Damping, lam: float) -> None:

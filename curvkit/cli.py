@@ -65,7 +65,14 @@ def _details(attr: str, component: Any) -> str:
         where = f" (options: {config.__module__}.{config.__qualname__})" if config is not None else ""
         settings = component.recommended_settings() if hasattr(component, "recommended_settings") else {}
         defaults = "; defaults: " + recommended_text(settings) if settings else "; no recommended settings"
-        return f"{getattr(component, 'summary', '')}{where}{defaults}".strip()
+        schedule = getattr(component, "schedule", None)
+        plan = ""
+        if schedule is not None:
+            fields = schedule.fields()
+            names = ("statistics_period", "refresh_period", "ema_decay", "damping")
+            plan = "; schedule: " + ", ".join(f"{k}={fields.get(k, '-')}" for k in names)
+        stats = getattr(component, "statistics", "layer")
+        return f"{getattr(component, 'summary', '')}{where}{defaults}{plan}; statistics: {stats}".strip()
     kind = component if isinstance(component, type) else type(component)
     where = f"{kind.__module__}.{kind.__qualname__}"
     if attr == "inverters":

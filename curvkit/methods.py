@@ -42,7 +42,16 @@ from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComp
 from curvkit.linalg.damping import Damping, PiDamping
 from curvkit.linalg.inverters import Inverter, check_compatible
 
-__all__ = ["LOSS_AVERAGES", "OPTIMIZER_OPTIONS", "KroneckerConfig", "MethodConfig", "MethodSpec"]
+__all__ = [
+    "LOSS_AVERAGES",
+    "OPTIMIZER_OPTIONS",
+    "KroneckerConfig",
+    "MethodConfig",
+    "MethodSpec",
+    "Schedule",
+    "ScheduleValues",
+    "StatisticsConfig",
+]
 
 #: Legal values of ``loss_average`` (how the training loss is normalised).
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
@@ -56,7 +65,32 @@ OPTIMIZER_OPTIONS = frozenset(
 
 @dataclass(frozen=True, kw_only=True)
 class MethodConfig(ValidatedConfig):
-    """Base of every method configuration (statistics knobs).
+    """Base of every method configuration: what every method has.
+
+    A method that captures layer statistics subclasses :class:`StatisticsConfig` (the
+    Kronecker family: :class:`KroneckerConfig`); a gradient-based method
+    (``MethodSpec(statistics="gradient")``) subclasses this class directly and declares its
+    own period fields (see :class:`Schedule`).
+
+    Args:
+        unsupported: Modules with parameters but no layer handler: ``"warn"`` (default)
+            or ``"skip"`` leave them to a first-order update; ``"error"`` refuses.
+    """
+
+    unsupported: UnsupportedPolicy | str = UnsupportedPolicy.WARN
+
+    def normalise(self) -> list[str]:
+        out: list[str] = []
+        self._enum_field(out, "unsupported", UnsupportedPolicy)
+        return out
+
+    def problems(self) -> list[str]:
+        return []
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatisticsConfig(MethodConfig):
+    """Options of the statistics a method captures from the forward and backward passes.
 
     Args:
         fisher: ``"empirical"`` (default; needs only ``loss.backward()``), ``"mc"`` or
@@ -69,9 +103,6 @@ class MethodConfig(ValidatedConfig):
             mean over the batch, e.g. ``CrossEntropyLoss()``), ``"batch+sequence"`` (a
             mean over batch and sequence positions) or ``None`` (a sum).
         mc_samples: Samples per datum for ``fisher="mc"``.
-        T_stats: Statistics every ``T_stats`` steps.
-        unsupported: Modules with parameters but no layer handler: ``"warn"`` (default)
-            or ``"skip"`` leave them to a first-order update; ``"error"`` refuses.
         backend: Registered statistics backend: ``"hooks"`` (default: the capture engine,
             fed by your own ``loss.backward()``), or ``"backpack"`` / ``"asdl"`` for methods
             whose blocks need only the batch's factors (``MethodSpec.factor_statistics``).
@@ -84,35 +115,104 @@ class MethodConfig(ValidatedConfig):
     kfac_approx: KFACApprox | str = KFACApprox.EXPAND
     loss_average: str | None = "batch"
     mc_samples: int = 1
-    T_stats: int = 1
-    unsupported: UnsupportedPolicy | str = UnsupportedPolicy.WARN
     backend: str = "hooks"
 
     def normalise(self) -> list[str]:
-        out: list[str] = []
+        out = super().normalise()
         self._enum_field(out, "fisher", FisherType)
         self._enum_field(out, "kfac_approx", KFACApprox)
-        self._enum_field(out, "unsupported", UnsupportedPolicy)
         return out
 
     def problems(self) -> list[str]:
-        out: list[str] = []
+        out = super().problems()
         if self.loss_average not in LOSS_AVERAGES:
             out.append(f"loss_average={self.loss_average!r} must be one of {', '.join(map(repr, LOSS_AVERAGES))}")
         check_number(out, "mc_samples", self.mc_samples, low=1, integer=True)
         if self.fisher is not FisherType.MC and self.mc_samples != 1 and "mc_samples" not in " ".join(out):
             out.append(f"mc_samples={self.mc_samples!r} only applies to fisher='mc'; leave it at 1")
-        check_number(out, "T_stats", self.T_stats, low=1, integer=True)
         if not isinstance(self.backend, str):
             out.append(f"backend={self.backend!r} must be a registered statistics backend name (e.g. 'hooks')")
         return out
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """Which fields of a method's configuration the core reads for its schedule.
+
+    The core — not the blocks — counts steps and applies the schedule: statistics every
+    ``statistics_period`` steps (``update``), a refresh every ``refresh_period`` steps and
+    on a block's first statistics (``refresh``), the EMA weight ``min(1 − 1/k, ρ)`` of
+    the ``k``-th update, and the damping strategy handed to ``refresh``. Each entry names
+    a field of the configuration class, or is ``None`` when the method has no such knob
+    (statistics every step, a refresh every step, ``decay = 0``, no damping). Names are
+    checked against the configuration class when the :class:`MethodSpec` is created, so
+    a misnamed field (``beta2`` for the EMA) is an error, not a silent default.
+
+    Attributes:
+        statistics_period: Field of the statistics period (``"T_stats"``; SINGD's ``"T"``).
+        refresh_period: Field of the refresh period (``"T_inv"``).
+        ema_decay: Field of the EMA decay ρ (``"ema_decay"``).
+        damping: Field of the damping strategy (``"damping"``); its value must be a
+            :class:`~curvkit.linalg.damping.Damping` after the configuration's
+            ``normalise`` (which turns a float into the method's default strategy).
+    """
+
+    statistics_period: str | None = "T_stats"
+    refresh_period: str | None = "T_inv"
+    ema_decay: str | None = "ema_decay"
+    damping: str | None = "damping"
+
+    def fields(self) -> dict[str, str]:
+        """``{schedule entry: configuration field}`` of the declared entries."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def check(self, method: str, config_cls: type) -> None:
+        """Raise if a declared field is not a field of ``config_cls`` (naming both)."""
+        names = {f.name for f in dataclasses.fields(config_cls)}
+        for entry, name in self.fields().items():
+            if name not in names:
+                raise ValueError(
+                    f"MethodSpec {method!r}: its schedule reads {entry} from the configuration field {name!r}, which "
+                    f"{config_cls.__name__} does not have (fields: {', '.join(sorted(names))}). Declare "
+                    f"MethodSpec(schedule=Schedule({entry}='<your field>')), or {entry}=None if the method has none."
+                )
+
+    def read(self, config: Any) -> ScheduleValues:
+        """The schedule of ``config`` (validated)."""
+        values = {entry: getattr(config, name) for entry, name in self.fields().items()}
+        damping = values.get("damping")
+        if "damping" in values and not isinstance(damping, Damping):
+            raise ConfigError(
+                f"{type(config).__name__}",
+                [
+                    f"{self.damping}={damping!r} is not a damping strategy: the configuration's normalise() must turn "
+                    "a float into one (KroneckerConfig does: a float λ becomes its default_damping(value=λ))"
+                ],
+            )
+        return ScheduleValues(
+            statistics_period=int(values.get("statistics_period", 1)),
+            refresh_period=int(values.get("refresh_period", 1)),
+            ema_decay=float(values.get("ema_decay", 0.0)),
+            damping=damping,  # type: ignore[arg-type]
+        )
+
+
+@dataclass(frozen=True)
+class ScheduleValues:
+    """A configuration's schedule, read by :meth:`Schedule.read`."""
+
+    statistics_period: int
+    refresh_period: int
+    ema_decay: float
+    damping: Damping | None
+
+
 @dataclass(frozen=True, kw_only=True)
-class KroneckerConfig(MethodConfig):
+class KroneckerConfig(StatisticsConfig):
     r"""Knobs shared by the K-FAC family.
 
     Args:
+        T_stats: Statistics every ``T_stats`` steps.
         ema_decay: :math:`\rho` in ``A ← ρA + (1−ρ)A_batch``; the k-th update uses
             :math:`\min(1 - 1/k, \rho)` (Martens & Grosse 2015), so the first batch
             initialises the factors.
@@ -125,6 +225,7 @@ class KroneckerConfig(MethodConfig):
         factor_dtype: dtype the factors are stored in (default: the parameters').
     """
 
+    T_stats: int = 1
     ema_decay: float = 0.95
     T_inv: int = 10
     damping: Damping | float = field(default_factory=lambda: PiDamping(value=1e-3))
@@ -146,6 +247,7 @@ class KroneckerConfig(MethodConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
+        check_number(out, "T_stats", self.T_stats, low=1, integer=True)
         check_number(out, "ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         check_number(out, "T_inv", self.T_inv, low=1, integer=True)
         if not isinstance(self.damping, Damping):
@@ -192,6 +294,10 @@ class MethodSpec:
         sample_configs: Keyword sets the conformance suite trains with.
         bad_configs: ``(kwargs, expected exception type)`` the conformance suite expects
             to raise.
+        schedule: Which configuration fields hold the statistics and refresh periods, the
+            EMA decay and the damping (:class:`Schedule`; default ``T_stats``, ``T_inv``,
+            ``ema_decay``, ``damping``). The core applies them; checked against
+            ``config_cls`` when the spec is created.
         statistics: What the blocks' ``update(stats, decay)`` gets: ``"layer"`` (default:
             a :class:`~curvkit.blocks.LayerStats` of the layer's captured inputs and output
             gradients, plus the step's gradient in ``stats.gradient``) or ``"gradient"``
@@ -241,6 +347,7 @@ class MethodSpec:
     diagonal_inputs: bool = False
     factor_statistics: bool = False
     statistics: str = "layer"
+    schedule: Schedule = field(default_factory=Schedule)
     unitwise_block: Callable[..., Any] | None = None
     recommended: Mapping[str, Any] = field(default_factory=dict, hash=False)
 
@@ -263,6 +370,20 @@ class MethodSpec:
                 f"MethodSpec {self.name!r}: statistics={self.statistics!r} must be 'layer' (captured inputs and output "
                 "gradients) or 'gradient' (the step's gradient only)."
             )
+        if not (isinstance(self.config_cls, type) and issubclass(self.config_cls, MethodConfig)):
+            raise TypeError(
+                f"MethodSpec {self.name!r}: config_cls={self.config_cls!r} must be a MethodConfig subclass "
+                "(StatisticsConfig or KroneckerConfig for a method that captures layer statistics)."
+            )
+        if self.statistics == "layer" and not issubclass(self.config_cls, StatisticsConfig):
+            raise TypeError(
+                f"MethodSpec {self.name!r}: a method with statistics='layer' needs a StatisticsConfig subclass (the "
+                f"Fisher type and the capture options); {self.config_cls.__name__} is a plain MethodConfig. Subclass "
+                "StatisticsConfig, or declare statistics='gradient' for a gradient-based method."
+            )
+        if not isinstance(self.schedule, Schedule):
+            raise TypeError(f"MethodSpec {self.name!r}: schedule={self.schedule!r} must be a Schedule.")
+        self.schedule.check(self.name, self.config_cls)
 
     def make_config(self, *, use_recommended: bool = True, **kwargs: Any) -> MethodConfig:
         """Build the configuration from ``kwargs`` on top of the recommended method

@@ -42,7 +42,7 @@ from curvkit.blocks import BlockInfo, CurvatureBlock, GradientStats, LayerStats,
 from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.errors import UnsupportedModuleError, UnsupportedRequestError
-from curvkit.methods import MethodConfig, MethodSpec
+from curvkit.methods import MethodConfig, MethodSpec, StatisticsConfig
 from curvkit.optim.guards import (
     COUNTERS,
     OutlierGates,
@@ -156,8 +156,18 @@ class Preconditioner:
             raise TypeError("pass either config= or keyword options, not both.")
         self.config = config if config is not None else self.spec.make_config(use_recommended=recommended, **options)
         self.spec.check(self.config, registry)
-        self.damping = getattr(self.config, "damping", None)
-        self.fisher: FisherType = self.config.fisher  # type: ignore[assignment]
+        #: The schedule the core applies (periods, EMA, damping; :class:`~curvkit.methods.Schedule`).
+        self.schedule = self.spec.schedule.read(self.config)
+        self.damping = self.schedule.damping
+        #: The statistics options (``None`` for a gradient-based method).
+        self.statistics_config: StatisticsConfig | None = (
+            self.config if isinstance(self.config, StatisticsConfig) else None
+        )
+        self.fisher: FisherType = (
+            self.statistics_config.fisher  # type: ignore[assignment]
+            if self.statistics_config is not None
+            else FisherType.EMPIRICAL
+        )
         if self.fisher is not FisherType.EMPIRICAL:
             if loss_fn is None:
                 raise ValueError(
@@ -221,7 +231,9 @@ class Preconditioner:
         self._refreshed: set[str] = set()
         self._fisher_calls = 0
         self._fisher_scale = 1.0
-        self.backend = self._resolve_backend(getattr(self.config, "backend", "hooks"))
+        self.backend = self._resolve_backend(
+            self.statistics_config.backend if self.statistics_config is not None else "hooks"
+        )
         #: Factors from an external statistics backend (``collect_statistics``) for this step:
         #: ``{"A", "G"}``, or ``{"F"}`` for a unit-wise layer, and the number of data.
         self._external: dict[str, tuple[dict[str, Tensor], int]] = {}
@@ -285,8 +297,8 @@ class Preconditioner:
             inputs,
             targets,
             self.fisher,
-            self.config.kfac_approx,  # type: ignore[arg-type]
-            self.config.mc_samples,
+            self._stats_config.kfac_approx,  # type: ignore[arg-type]
+            self._stats_config.mc_samples,
             self.generator,
             self.config.unsupported,
             self.registry,
@@ -302,14 +314,20 @@ class Preconditioner:
     # --- capture --------------------------------------------------------------------------
 
     @property
+    def _stats_config(self) -> StatisticsConfig:
+        if self.statistics_config is None:  # pragma: no cover - only statistics paths ask
+            raise RuntimeError(f"method {self.spec.name!r} captures no layer statistics (statistics='gradient').")
+        return self.statistics_config
+
+    @property
     def stats_due(self) -> bool:
-        """Whether the current step collects statistics."""
-        return self.steps % self.config.T_stats == 0
+        """Whether the current step collects statistics (every ``statistics_period`` steps)."""
+        return self.steps % self.schedule.statistics_period == 0
 
     @property
     def refresh_due(self) -> bool:
-        t_inv = getattr(self.config, "T_inv", 1)
-        return self.steps % t_inv == 0
+        """Whether the current step refreshes every block (every ``refresh_period`` steps)."""
+        return self.steps % self.schedule.refresh_period == 0
 
     def _capturing(self) -> bool:
         return self.stats_due
@@ -346,7 +364,7 @@ class Preconditioner:
         adapter = loss_adapter(self.loss_fn)
         if self.generator is None:
             self.generator = torch.Generator(device=output.device).manual_seed(self._seed)
-        vectors = adapter.output_vectors(output, targets, self.fisher, self.config.mc_samples, self.generator)
+        vectors = adapter.output_vectors(output, targets, self.fisher, self._stats_config.mc_samples, self.generator)
         self.engine.backpropagate(output, vectors, retain_graph=True)
         self._fisher_scale = 1.0 / adapter.normaliser(output, targets)
         self._fisher_calls += 1
@@ -355,7 +373,7 @@ class Preconditioner:
     # --- the step ---------------------------------------------------------------------------
 
     def _layer_stats(self, name: str) -> LayerStats | None:
-        approx = self.config.kfac_approx
+        approx = self._stats_config.kfac_approx
         if self.backend is not None:
             if name not in self._external:
                 return None
@@ -372,7 +390,7 @@ class Preconditioner:
         return self.fisher is not FisherType.EMPIRICAL
 
     def _empirical_scale(self, stats: LayerStats) -> float:
-        average = self.config.loss_average
+        average = self._stats_config.loss_average
         if average is None:
             return 1.0
         n = stats.num_data
@@ -561,7 +579,7 @@ class Preconditioner:
             )
             for name, s in present.items():
                 s.gradient = mats.get(name)
-        ema = getattr(self.config, "ema_decay", 0.0)
+        ema = self.schedule.ema_decay
         # check every batch estimate before changing any block: a non-finite one leaves
         # every block untouched
         # blocks with their own check run it; the default check is the magnitudes' finiteness
@@ -586,7 +604,12 @@ class Preconditioner:
             k = block.num_updates + 1
             # a block may carry its own ρ (the unit-wise block, under methods without ema_decay)
             rho = getattr(block, "stat_decay", None)
-            block.update(s, min(1.0 - 1.0 / k, ema if rho is None else rho))
+            before = block.num_updates
+            taken = block.update(s, min(1.0 - 1.0 / k, ema if rho is None else rho))
+            # the core counts the updates a block accepted (False: it declined this batch);
+            # a block that counts itself is left alone
+            if taken is not False and block.num_updates == before:
+                block.num_updates += 1
             self.gates.track_statistics(name, magnitudes[name])
 
     def _release(self, present: dict[str, LayerStats]) -> None:

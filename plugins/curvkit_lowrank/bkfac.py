@@ -171,7 +171,7 @@ class BrandKroneckerBlock(CurvatureBlock):
     def _eligible(self, side: str, n: int) -> bool:
         return issubclass(self.info.module_type, nn.Linear) and self.rank + n < self.dims[side]
 
-    def update(self, stats: LayerStats, decay: float) -> None:
+    def update(self, stats: LayerStats, decay: float) -> bool | None:
         """Fold in one batch: every new value (Brand factors, the exact factors' batch
         Gram) is computed first and checked; a Brand update that fails even in float64, or
         a non-finite result, declines the whole update (counted in ``skipped_updates``,
@@ -195,13 +195,13 @@ class BrandKroneckerBlock(CurvatureBlock):
                 updated = brand_update_with_retry(low, R.t(), decay, self.rank)
                 if updated is None:
                     self.skipped_updates += 1
-                    return
+                    return False
                 new_low[side] = updated
             if not brand[side] or self.keeps_exact:
                 grams[side] = R.t() @ R
         if not all(all_finite(x) for x in grams.values()):
             self.skipped_updates += 1
-            return
+            return False
         for side in _SIDES:
             self.brand[side] = brand[side]
             if side in new_low:

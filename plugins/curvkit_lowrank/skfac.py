@@ -26,7 +26,7 @@ from curvkit.config import check_number
 from curvkit.errors import ConfigError, IncompatibleComponentsError, UnsupportedModuleError
 from curvkit.linalg.damping import ConstantDamping, Damping, ExactDamping, PiDamping, ScalarDamping
 from curvkit.linalg.inverters import KroneckerInverse, compute_dtype, inverse_from_state, inverse_state
-from curvkit.methods import MethodConfig, MethodSpec
+from curvkit.methods import MethodSpec, Schedule, StatisticsConfig
 from curvkit.numerics import all_finite
 from curvkit.structures.base import DenseStructure
 
@@ -315,10 +315,11 @@ class SKFACBlock(CurvatureBlock):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SKFACConfig(MethodConfig):
+class SKFACConfig(StatisticsConfig):
     r"""SKFAC's options.
 
     Args:
+        T_stats: Statistics every ``T_stats`` steps (only a refresh step's batch is used).
         T_inv: Inverses every ``T_inv`` steps from that step's batch (the official code's
             ``frequency``, 834 on ImageNet; default 1 here).
         damping: :math:`\lambda`; a float means :class:`EqualSplitDamping`, :math:`\sqrt\lambda`
@@ -336,6 +337,7 @@ class SKFACConfig(MethodConfig):
         subsample_seed: Seed of the random subsets.
     """
 
+    T_stats: int = 1
     T_inv: int = 1
     damping: Damping | float = field(default_factory=lambda: EqualSplitDamping(value=0.03))
     conv_strategy: str = "reduce_sum"
@@ -354,6 +356,7 @@ class SKFACConfig(MethodConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
+        check_number(out, "T_stats", self.T_stats, low=1, integer=True)
         check_number(out, "T_inv", self.T_inv, low=1, integer=True)
         check_number(out, "subsample_locations", self.subsample_locations, low=1, integer=True)
         check_number(out, "subsample_seed", self.subsample_seed, low=0, integer=True)
@@ -394,6 +397,7 @@ SKFAC_SPEC = MethodSpec(
     name="skfac",
     config_cls=SKFACConfig,
     block_factory=skfac_block,
+    schedule=Schedule(ema_decay=None),  # the current batch's factors: no EMA
     summary="SKFAC: current-batch Kronecker factors (no EMA) inverted by Woodbury with n×n Cholesky solves",
     reference="Tang, Jiang, Gong, Li, Wu, Yu, Wang, Wang (2021), SKFAC, CVPR 2021",
     sample_configs=(

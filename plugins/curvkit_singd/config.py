@@ -12,7 +12,7 @@ import torch
 from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import ScalarDamping
-from curvkit.methods import MethodConfig
+from curvkit.methods import StatisticsConfig
 from curvkit.structures.base import FactorStructure
 from curvkit_singd.structures import resolve_structure
 
@@ -30,7 +30,7 @@ class SINGDDamping(ScalarDamping):
 
 
 @dataclass(frozen=True, kw_only=True)
-class SINGDConfig(MethodConfig):
+class SINGDConfig(StatisticsConfig):
     r"""SINGD's options, by the paper's symbols (Lin et al. 2024, Fig. 4).
 
     The optimizer's own options carry the rest: ``lr`` (β₂), ``momentum`` (α₂) and
@@ -72,12 +72,9 @@ class SINGDConfig(MethodConfig):
     normalize_lr_cov: bool = False
     factor_dtype: DTypeSpec = None
     max_factor_step: float | None = None
-    T_stats: int = field(default=10, init=False)
 
     def normalise(self) -> list[str]:
         out = super().normalise()
-        if isinstance(self.T, int) and not isinstance(self.T, bool):
-            self._set("T_stats", self.T)
         if isinstance(self.damping, (int, float)) and not isinstance(self.damping, bool):
             try:
                 self._set("damping", SINGDDamping(value=float(self.damping)))
@@ -89,7 +86,6 @@ class SINGDConfig(MethodConfig):
 
     def problems(self) -> list[str]:
         out = super().problems()
-        out = [p for p in out if not p.startswith("T_stats")]
         check_number(out, "T", self.T, low=1, integer=True)
         if not isinstance(self.damping, (SINGDDamping, float, int)):
             out.append(f"damping={self.damping!r} must be a float > 0 (λ) or a SINGDDamping")

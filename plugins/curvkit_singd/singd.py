@@ -31,7 +31,7 @@ from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
 from curvkit.config import KFACApprox
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import Damping
-from curvkit.methods import MethodSpec
+from curvkit.methods import MethodSpec, Schedule
 from curvkit.numerics import all_finite, compensated_add
 from curvkit.structures.base import DenseStructure, DiagonalStructure, FactorStructure
 from curvkit_singd.config import IKFACConfig, INGDConfig, SINGDConfig, SINGDDamping
@@ -210,7 +210,7 @@ class SINGDBlock(CurvatureBlock):
         # H_K = Π̂(Kᵀ X Xᵀ K) = Π̂(S Sᵀ), S = Kᵀ X = (Xᵀ K)ᵀ (rows are Xᵀ)
         return H_K, self._gram(self.structure_C, C, g), sK, sC
 
-    def update(self, stats: LayerStats, decay: float) -> None:
+    def update(self, stats: LayerStats, decay: float) -> bool | None:
         pending, self._pending = self._pending, None
         if stats.shared is not None:
             H_K, H_C, sK, sC = self._shared_grams(stats)
@@ -228,8 +228,7 @@ class SINGDBlock(CurvatureBlock):
             and isinstance(H_C, DiagonalStructure)
             and not {K.dtype, C.dtype} & _HALF
         ):
-            self._update_diagonal(K.diag, C.diag, H_K.diag, H_C.diag, sK, sC)
-            return
+            return self._update_diagonal(K.diag, C.diag, H_K.diag, H_C.diag, sK, sC)
         KtK, CtC = s_inner(K), s_inner(C)
         lam = cfg.lam
         assert cfg.alpha1 is not None
@@ -247,7 +246,7 @@ class SINGDBlock(CurvatureBlock):
             s_add_(new_m_C, self.m_C, cfg.alpha1)
         if not s_all_finite(new_m_K, new_m_C):
             self.skipped_updates += 1
-            return
+            return False
         step = self.num_updates * cfg.T
         beta_K = beta_C = cfg.beta1(step)
         if cfg.normalize_lr_cov:
@@ -260,7 +259,7 @@ class SINGDBlock(CurvatureBlock):
         new_C, err_C = self._step_factor(C, s_product(C, new_m_C), -beta_C, self.err_C)
         if not s_all_finite(new_K, new_C):
             self.skipped_updates += 1
-            return
+            return False
         self.K, self.C = new_K, new_C
         self.err_K, self.err_C = err_K, err_C
         self._P_K = self._P_C = None
@@ -268,7 +267,7 @@ class SINGDBlock(CurvatureBlock):
             self.m_K, self.m_C = new_m_K, new_m_C
         self.num_updates += 1
 
-    def _update_diagonal(self, k: Tensor, c: Tensor, hk: Tensor, hc: Tensor, sK: float, sC: float) -> None:
+    def _update_diagonal(self, k: Tensor, c: Tensor, hk: Tensor, hc: Tensor, sK: float, sC: float) -> bool | None:
         """:meth:`update` for diagonal ``K`` and ``C`` (float32/64): the same arithmetic on the
         diagonals in a third of the tensor operations (in place on the fresh ``H``'s), which
         is most of its cost at these sizes."""
@@ -289,7 +288,7 @@ class SINGDBlock(CurvatureBlock):
             mc.add_(self.m_C.diag, alpha=cfg.alpha1)
         if not (all_finite(mk) and all_finite(mc)):
             self.skipped_updates += 1
-            return
+            return False
         beta_K = beta_C = cfg.beta1(self.num_updates * cfg.T)
         if cfg.normalize_lr_cov:
             beta_K /= max(1.0, float(mk.abs().max()))
@@ -301,7 +300,7 @@ class SINGDBlock(CurvatureBlock):
         new_c = torch.addcmul(c, c, mc, value=-beta_C)
         if not (all_finite(new_k) and all_finite(new_c)):
             self.skipped_updates += 1
-            return
+            return False
         self.K, self.C = DiagonalStructure(new_k), DiagonalStructure(new_c)
         self._P_K = self._P_C = None
         if self.m_K is not None:
@@ -524,10 +523,15 @@ _BAD: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
     ({"kfac_approx": "sideways"}, ConfigError),
 )
 
+#: SINGD updates K and C every T steps; nothing is refreshed (K, C are the preconditioner)
+#: and there is no EMA (the Riemannian momentum α₁ lives in the block).
+SINGD_SCHEDULE = Schedule(statistics_period="T", refresh_period=None, ema_decay=None, damping="damping")
+
 SINGD_SPEC = MethodSpec(
     name="singd",
     config_cls=SINGDConfig,
     block_factory=singd_block,
+    schedule=SINGD_SCHEDULE,
     summary="SINGD: inverse-free natural gradient with structured Kronecker factors K, C (bf16-friendly)",
     reference="Lin, Dangel, Eschenhagen, Neklyudov, Kristiadi, Turner & Makhzani (2024), Structured Inverse-Free "
     "Natural Gradient Descent: Memory-Efficient & Numerically-Stable KFAC, ICML, arXiv:2312.05705",
@@ -544,6 +548,7 @@ IKFAC_SPEC = MethodSpec(
     name="ikfac",
     config_cls=IKFACConfig,
     block_factory=singd_block,
+    schedule=SINGD_SCHEDULE,
     summary="IKFAC: inverse-free K-FAC (SINGD with kfac_like=True): K Kᵀ tracks (S_K + λI)⁻¹ without inverses",
     reference="Lin et al. (2024), arXiv:2312.05705, Theorem 1 / Fig. 3",
     sample_configs=({"T": 1, "lr_cov": 0.1, "damping": 1e-2},),
@@ -555,6 +560,7 @@ INGD_SPEC = MethodSpec(
     name="ingd",
     config_cls=INGDConfig,
     block_factory=singd_block,
+    schedule=SINGD_SCHEDULE,
     summary="INGD: inverse-free natural gradient with dense K, C and Riemannian momentum (SINGD, dense)",
     reference="Lin, Duruisseaux, Leok, Nielsen, Khan & Schmidt (2023), Simplifying Momentum-based "
     "Positive-definite Submanifold Optimization with Applications to Deep Learning, ICML, arXiv:2302.09738",

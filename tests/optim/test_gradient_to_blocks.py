@@ -4,13 +4,25 @@ it alone, with no hooks on the model."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pytest
 import torch
 from torch import nn
 
 import curvkit
 from curvkit.blocks import BlockInfo, CurvatureBlock, GradientStats
-from curvkit.methods import MethodConfig, MethodSpec
+from curvkit.methods import MethodConfig, MethodSpec, Schedule, StatisticsConfig
+
+
+@dataclass(frozen=True, kw_only=True)
+class _LayerConfig(StatisticsConfig):
+    T_stats: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class _GradientConfig(MethodConfig):
+    T_stats: int = 1
 from curvkit.optim import Preconditioner
 
 
@@ -49,9 +61,10 @@ class _Recorder(CurvatureBlock):
 def _spec(statistics: str) -> MethodSpec:
     return MethodSpec(
         name=f"recorder-{statistics}",
-        config_cls=MethodConfig,
+        config_cls=_LayerConfig if statistics == "layer" else _GradientConfig,
         block_factory=lambda info, config, registry: _Recorder(info),
         statistics=statistics,
+        schedule=Schedule(refresh_period=None, ema_decay=None, damping=None),
     )
 
 
@@ -84,4 +97,60 @@ def test_blocks_see_the_gradient_they_precondition(statistics):
 
 def test_bad_statistics_kind_is_refused():
     with pytest.raises(ValueError, match="statistics='rows'"):
-        MethodSpec(name="x", config_cls=MethodConfig, block_factory=lambda *a: None, statistics="rows")
+        MethodSpec(name="x", config_cls=_LayerConfig, block_factory=lambda *a: None, statistics="rows")
+    with pytest.raises(TypeError, match="StatisticsConfig"):
+        MethodSpec(name="x", config_cls=_GradientConfig, block_factory=lambda *a: None)
+
+
+def test_the_schedule_names_fields_the_config_has():
+    """A config whose EMA field is called ``beta2`` cannot silently mean 'no averaging'."""
+
+    @dataclass(frozen=True, kw_only=True)
+    class Beta2(_LayerConfig):
+        beta2: float = 0.9
+        T_inv: int = 1
+
+    with pytest.raises(ValueError, match=r"ema_decay.*'ema_decay'.*Beta2.*Schedule\(ema_decay="):
+        MethodSpec(name="x", config_cls=Beta2, block_factory=lambda *a: None, schedule=Schedule(damping=None))
+    spec = MethodSpec(
+        name="x", config_cls=Beta2, block_factory=lambda *a: None, schedule=Schedule(ema_decay="beta2", damping=None)
+    )
+    assert spec.schedule.read(Beta2()).ema_decay == 0.9
+
+
+def test_a_float_damping_field_is_named_not_an_attribute_error():
+    @dataclass(frozen=True, kw_only=True)
+    class FloatDamping(_LayerConfig):
+        damping: float = 0.1
+        T_inv: int = 1
+
+    spec = MethodSpec(
+        name="x", config_cls=FloatDamping, block_factory=lambda *a: None, schedule=Schedule(ema_decay=None)
+    )
+    with pytest.raises(curvkit.ConfigError, match=r"damping=0.1.*not a damping strategy"):
+        spec.schedule.read(FloatDamping())
+
+
+def test_the_core_counts_accepted_updates():
+    """A block need not increment num_updates; returning False declines a batch."""
+
+    class Declining(_Recorder):
+        def update(self, stats, decay):
+            self.seen.append(stats.gradient)
+            return len(self.seen) % 2 == 0 or False  # declines every other batch
+
+    spec = MethodSpec(
+        name="declining",
+        config_cls=_LayerConfig,
+        block_factory=lambda info, config, registry: Declining(info),
+        schedule=Schedule(refresh_period=None, ema_decay=None, damping=None),
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2))
+    pre = Preconditioner(model, spec)
+    X, y = torch.randn(8, 3), torch.randint(0, 2, (8,))
+    for _ in range(4):
+        model.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        pre.step()
+    assert len(pre.blocks["0"].seen) == 4 and pre.blocks["0"].num_updates == 2
