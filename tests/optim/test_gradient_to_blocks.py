@@ -13,6 +13,7 @@ from torch import nn
 import curvkit
 from curvkit.blocks import BlockInfo, CurvatureBlock, GradientStats
 from curvkit.methods import MethodConfig, MethodSpec, Schedule, StatisticsConfig
+from curvkit.optim import Preconditioner
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -23,7 +24,6 @@ class _LayerConfig(StatisticsConfig):
 @dataclass(frozen=True, kw_only=True)
 class _GradientConfig(MethodConfig):
     T_stats: int = 1
-from curvkit.optim import Preconditioner
 
 
 class _Recorder(CurvatureBlock):
