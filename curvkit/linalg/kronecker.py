@@ -265,7 +265,8 @@ class EigenbasisOperator(BlockOperator):
         return eig.unrotate(eig.rotate(v) * self.S)
 
     def tensors(self) -> list[Tensor]:
-        return [t for t in (self.Q_A, self.Q_G, self.S) if t.numel()]
+        own = [t for t in (self.Q_A, self.Q_G, self.S) if t.numel()]
+        return own + (self.kronecker.tensors() if self.kronecker is not None else [])
 
     def to_dense(self) -> Tensor:
         _, q = self.eigen().to_dense()
