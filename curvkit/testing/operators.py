@@ -58,7 +58,7 @@ def _formats(op: Any, n: int, generator: torch.Generator) -> list[tuple[str, Any
     dtype, device = op.dtype, op.device
 
     def rand(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=generator, dtype=torch.float64).to(dtype=dtype, device=device)
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
 
     out: list[tuple[str, Any, Tensor, Any]] = []
     flat1, flat2 = rand(n), rand(n, 3)
@@ -126,19 +126,19 @@ def check_operator(op: Any, *, name: str | None = None, shift: float | None = No
     evals = torch.linalg.eigvalsh(ref) if n else ref.new_zeros(0)
     if n and float(evals.min()) < -rtol * max(scale, 1e-300) * n:
         raise AssertionError(f"{name}: to_dense() is not positive semi-definite (eigenvalue {float(evals.min()):.3g}).")
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device="cpu").manual_seed(seed)
     for label, x, cols, flatten in _formats(op, n, generator):
         y = op @ x
         _close(f"op @ x for {label}", name, flatten(y), ref @ cols.to(torch.float64).cpu(), rtol, scale * n)
     _close("trace()", name, op.trace().reshape(()), ref.trace(), rtol, scale * n)
     mean_diag = float(ref.diagonal().mean()) if n else 0.0
     s = float(shift) if shift is not None else (0.1 * mean_diag if mean_diag > 0 else 1.0)
-    shifted = ref + s * torch.eye(n, dtype=torch.float64)
+    shifted = ref + s * torch.eye(n, dtype=torch.float64, device="cpu")
     try:
         _close(f"logdet({s:.3g})", name, op.logdet(s).reshape(()), torch.linalg.slogdet(shifted)[1], rtol * max(n, 1), 1.0)
     except NotImplementedError as err:
         skipped.append(_unsupported(err, op, "logdet", name))
-    x = torch.randn(n, 2, generator=generator, dtype=torch.float64)
+    x = torch.randn(n, 2, generator=generator, dtype=torch.float64, device="cpu")
     try:
         inv = op.power(-1.0, s)
         if not isinstance(inv, CurvatureOperator):
@@ -150,7 +150,7 @@ def check_operator(op: Any, *, name: str | None = None, shift: float | None = No
         _close(f"power(0.5, {s:.3g}) squared", name, root @ (root @ x.to(dtype=op.dtype, device=op.device)),
                shifted @ x, rtol * cond, (scale + s) * n)
         _close(f"power(-1, {s:.3g}).to_dense() @ (op + shift)", name, inv.to_dense().to(torch.float64).cpu() @ shifted,
-               torch.eye(n, dtype=torch.float64), rtol * cond, 1.0)
+               torch.eye(n, dtype=torch.float64, device="cpu"), rtol * cond, 1.0)
     except NotImplementedError as err:
         skipped.append(_unsupported(err, op, "power", name))
     try:
@@ -160,7 +160,7 @@ def check_operator(op: Any, *, name: str | None = None, shift: float | None = No
         if lam.shape != (n,) or q.shape != (n, n):
             raise AssertionError(f"{name}: eigen().to_dense() gave {tuple(lam.shape)}, {tuple(q.shape)}.")
         _close("eigen(): Q diag(λ) Qᵀ", name, (q * lam) @ q.t(), ref, rtol * max(n, 1), scale)
-        _close("eigen(): QᵀQ = I", name, q.t() @ q, torch.eye(n, dtype=torch.float64), rtol * max(n, 1), 1.0)
+        _close("eigen(): QᵀQ = I", name, q.t() @ q, torch.eye(n, dtype=torch.float64, device="cpu"), rtol * max(n, 1), 1.0)
         if eig.values.numel() != n:
             raise AssertionError(f"{name}: eigen().values has {eig.values.numel()} entries, the operator {n} rows.")
         _close("eigen().values", name, eig.values.reshape(-1), lam, rtol, scale)
