@@ -192,7 +192,7 @@ def check_block_operators(method: str | MethodSpec, *, registry: Any = None, ste
         ("cnn", lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
                                       nn.Linear(3 * 3 * 3, 4))),
     ):
-        generator = torch.Generator().manual_seed(0)
+        generator = torch.Generator(device="cpu").manual_seed(0)
         torch.manual_seed(0)
         model = build().double()
         X, y = _task(kind, generator, n=64)
