@@ -185,7 +185,8 @@ class KroneckerCurvature(FlatOperator):
                 if entry.F.shape[1] != len(layer.params):
                     raise ValueError(
                         f"layer {layer.name!r}: UnitwiseFactors.F has shape {tuple(entry.F.shape)} but the layer has "
-                        f"{len(layer.params)} trainable parameter(s) per unit; pass the factors computed for this model."
+                        f"{len(layer.params)} trainable parameter(s) per unit; "
+                        "pass the factors computed for this model."
                     )
                 op: BlockOperator = UnitwiseOperator(entry.F, label=layer.name)
             else:
@@ -410,6 +411,7 @@ class KroneckerCurvature(FlatOperator):
                 f"{type(op).__name__}, not a Kronecker product; use prior_mode='exact'."
             )
         eig = op.eigen()
+        assert eig.lambda_G is not None and eig.lambda_A is not None
         shift_g, shift_a = factored_shifts(op, delta, pi)
         return torch.outer(eig.lambda_G + shift_g, eig.lambda_A + shift_a)
 

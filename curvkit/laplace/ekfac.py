@@ -23,14 +23,14 @@ A normalisation layer's unit-wise block is exact already; it is kept as it is.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.laplace.blocks import OperatorBlock
-from curvkit.linalg.kronecker import EigenbasisOperator, KroneckerOperator
+from curvkit.linalg.kronecker import EigenbasisOperator, KroneckerEigen, KroneckerOperator
 from curvkit.stats.eigenbasis import rotated_second_moments
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.losses import loss_adapter
@@ -47,7 +47,8 @@ def _layer_bases(blocks: list[tuple[int, OperatorBlock]]) -> tuple[Tensor, Tenso
     """``(Q_A, Q_G)`` over a layer's whole matrix from the Kronecker blocks covering its
     columns (in column order, one shared ``G``): ``Q_A`` block-diagonal over the blocks
     (empty where ``A`` is diagonal and covers all columns)."""
-    eigs = [b.operator.eigen() for _, b in blocks]  # type: ignore[union-attr]
+    eigs = cast(list[KroneckerEigen], [b.operator.eigen() for _, b in blocks])  # type: ignore[union-attr]
+    assert all(isinstance(e, KroneckerEigen) for e in eigs), "EKFAC correction needs Kronecker bases"
     if len(eigs) == 1:
         return eigs[0].QA, eigs[0].QG
     return torch.block_diag(*[e.QA_dense() for e in eigs]), eigs[0].QG

@@ -186,7 +186,9 @@ class KroneckerOperator(BlockOperator):
         return new
 
     def to(self, dtype: torch.dtype | None = None, device: torch.device | str | None = None) -> KroneckerOperator:
-        return KroneckerOperator(self.A.to(dtype=dtype, device=device), self.G.to(dtype=dtype, device=device), label=self.label)
+        return KroneckerOperator(
+            self.A.to(dtype=dtype, device=device), self.G.to(dtype=dtype, device=device), label=self.label
+        )
 
     def split_columns(self, stop: int) -> tuple[KroneckerOperator, KroneckerOperator]:
         """The blocks ``G ⊗ A[:stop, :stop]`` and ``G ⊗ A[stop:, stop:]`` of the columns

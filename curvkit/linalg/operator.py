@@ -140,7 +140,9 @@ def check_shift(op: Any, shift: float | Tensor, matrix_shape: tuple[int, ...]) -
             f"input {tuple(matrix_shape)}; pass a float or a tensor of that shape."
         )
     if not bool(torch.isfinite(value).all()) or bool((value < 0).any()):
-        raise ValueError(f"{_name(op)}: shift must be finite and non-negative, got {value if value.ndim == 0 else '…'}.")
+        raise ValueError(
+            f"{_name(op)}: shift must be finite and non-negative, got {value if value.ndim == 0 else '…'}."
+        )
     return value
 
 
@@ -356,7 +358,9 @@ class SpectralOperator(BlockOperator):
 
     def __init__(self, eigen: OperatorEigen, values: Tensor, *, label: str | None = None) -> None:
         if tuple(values.shape) != tuple(eigen.values.shape):
-            raise ValueError(f"values of shape {tuple(values.shape)} do not match the basis {tuple(eigen.values.shape)}.")
+            raise ValueError(
+                f"values of shape {tuple(values.shape)} do not match the basis {tuple(eigen.values.shape)}."
+            )
         self.basis = eigen
         self.values = values
         self.label = label
@@ -433,7 +437,9 @@ class DenseOperator(BlockOperator):
     def __init__(self, matrix: Tensor, matrix_shape: tuple[int, int], *, label: str | None = None) -> None:
         d_out, k = matrix_shape
         if tuple(matrix.shape) != (d_out * k, d_out * k):
-            raise ValueError(f"a dense block for {matrix_shape} matrices must be {(d_out * k,) * 2}, got {tuple(matrix.shape)}.")
+            raise ValueError(
+                f"a dense block for {matrix_shape} matrices must be {(d_out * k,) * 2}, got {tuple(matrix.shape)}."
+            )
         self.matrix = matrix
         self._matrix_shape = (int(d_out), int(k))
         self.label = label

@@ -58,7 +58,9 @@ def _formats(op: Any, n: int, generator: torch.Generator) -> list[tuple[str, Any
     dtype, device = op.dtype, op.device
 
     def rand(*shape: int) -> Tensor:
-        return torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu").to(dtype=dtype, device=device)
+        return torch.randn(*shape, generator=generator, dtype=torch.float64, device="cpu").to(
+            dtype=dtype, device=device
+        )
 
     out: list[tuple[str, Any, Tensor, Any]] = []
     flat1, flat2 = rand(n), rand(n, 3)
@@ -76,12 +78,20 @@ def _formats(op: Any, n: int, generator: torch.Generator) -> list[tuple[str, Any
         vec = [rand(*s) for s in shapes]
         mat = [rand(*s, 2) for s in shapes]
         out.append(
-            ("a list of parameter-shaped tensors", vec, torch.cat([t.reshape(-1, 1) for t in vec]),
-             lambda y: torch.cat([t.reshape(-1, 1) for t in y]))
+            (
+                "a list of parameter-shaped tensors",
+                vec,
+                torch.cat([t.reshape(-1, 1) for t in vec]),
+                lambda y: torch.cat([t.reshape(-1, 1) for t in y]),
+            )
         )
         out.append(
-            ("a list of tensors with a trailing column dimension", mat, torch.cat([t.reshape(-1, 2) for t in mat]),
-             lambda y: torch.cat([t.reshape(-1, 2) for t in y]))
+            (
+                "a list of tensors with a trailing column dimension",
+                mat,
+                torch.cat([t.reshape(-1, 2) for t in mat]),
+                lambda y: torch.cat([t.reshape(-1, 2) for t in y]),
+            )
         )
     return out
 
@@ -106,8 +116,11 @@ def check_operator(op: Any, *, name: str | None = None, shift: float | None = No
     """
     name = name or type(op).__name__
     if not isinstance(op, CurvatureOperator):
-        missing = [m for m in ("shape", "dtype", "device", "__matmul__", "to_dense", "trace", "logdet", "power", "eigen")
-                   if not hasattr(op, m)]
+        missing = [
+            m
+            for m in ("shape", "dtype", "device", "__matmul__", "to_dense", "trace", "logdet", "power", "eigen")
+            if not hasattr(op, m)
+        ]
         raise AssertionError(f"{name}: {type(op).__name__} does not satisfy CurvatureOperator (missing {missing}).")
     rtol = _tolerance(op.dtype)
     skipped: list[str] = []
@@ -135,7 +148,9 @@ def check_operator(op: Any, *, name: str | None = None, shift: float | None = No
     s = float(shift) if shift is not None else (0.1 * mean_diag if mean_diag > 0 else 1.0)
     shifted = ref + s * torch.eye(n, dtype=torch.float64, device="cpu")
     try:
-        _close(f"logdet({s:.3g})", name, op.logdet(s).reshape(()), torch.linalg.slogdet(shifted)[1], rtol * max(n, 1), 1.0)
+        _close(
+            f"logdet({s:.3g})", name, op.logdet(s).reshape(()), torch.linalg.slogdet(shifted)[1], rtol * max(n, 1), 1.0
+        )
     except NotImplementedError as err:
         skipped.append(_unsupported(err, op, "logdet", name))
     x = torch.randn(n, 2, generator=generator, dtype=torch.float64, device="cpu")
@@ -147,10 +162,22 @@ def check_operator(op: Any, *, name: str | None = None, shift: float | None = No
         cond = float(evals.max() + s) / s if n else 1.0
         _close(f"power(-1, {s:.3g}) @ x (the damped inverse)", name, got, torch.linalg.solve(shifted, x), rtol * cond)
         root = op.power(0.5, s)
-        _close(f"power(0.5, {s:.3g}) squared", name, root @ (root @ x.to(dtype=op.dtype, device=op.device)),
-               shifted @ x, rtol * cond, (scale + s) * n)
-        _close(f"power(-1, {s:.3g}).to_dense() @ (op + shift)", name, inv.to_dense().to(torch.float64).cpu() @ shifted,
-               torch.eye(n, dtype=torch.float64, device="cpu"), rtol * cond, 1.0)
+        _close(
+            f"power(0.5, {s:.3g}) squared",
+            name,
+            root @ (root @ x.to(dtype=op.dtype, device=op.device)),
+            shifted @ x,
+            rtol * cond,
+            (scale + s) * n,
+        )
+        _close(
+            f"power(-1, {s:.3g}).to_dense() @ (op + shift)",
+            name,
+            inv.to_dense().to(torch.float64).cpu() @ shifted,
+            torch.eye(n, dtype=torch.float64, device="cpu"),
+            rtol * cond,
+            1.0,
+        )
     except NotImplementedError as err:
         skipped.append(_unsupported(err, op, "power", name))
     try:
@@ -160,7 +187,9 @@ def check_operator(op: Any, *, name: str | None = None, shift: float | None = No
         if lam.shape != (n,) or q.shape != (n, n):
             raise AssertionError(f"{name}: eigen().to_dense() gave {tuple(lam.shape)}, {tuple(q.shape)}.")
         _close("eigen(): Q diag(λ) Qᵀ", name, (q * lam) @ q.t(), ref, rtol * max(n, 1), scale)
-        _close("eigen(): QᵀQ = I", name, q.t() @ q, torch.eye(n, dtype=torch.float64, device="cpu"), rtol * max(n, 1), 1.0)
+        _close(
+            "eigen(): QᵀQ = I", name, q.t() @ q, torch.eye(n, dtype=torch.float64, device="cpu"), rtol * max(n, 1), 1.0
+        )
         if eig.values.numel() != n:
             raise AssertionError(f"{name}: eigen().values has {eig.values.numel()} entries, the operator {n} rows.")
         _close("eigen().values", name, eig.values.reshape(-1), lam, rtol, scale)
@@ -189,8 +218,12 @@ def check_block_operators(method: str | MethodSpec, *, registry: Any = None, ste
     options = dict(spec.sample_configs[0]) if spec.sample_configs else {}
     for kind, build in (
         ("mlp", lambda: nn.Sequential(nn.Linear(6, 8), nn.LayerNorm(8), nn.Tanh(), nn.Linear(8, 4))),
-        ("cnn", lambda: nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(),
-                                      nn.Linear(3 * 3 * 3, 4))),
+        (
+            "cnn",
+            lambda: nn.Sequential(
+                nn.Conv2d(1, 3, 3, padding=1), nn.ReLU(), nn.AvgPool2d(2), nn.Flatten(), nn.Linear(3 * 3 * 3, 4)
+            ),
+        ),
     ):
         generator = torch.Generator(device="cpu").manual_seed(0)
         torch.manual_seed(0)
@@ -212,8 +245,12 @@ def check_block_operators(method: str | MethodSpec, *, registry: Any = None, ste
                     "curvkit.linalg.operator.CurvatureOperator; return a BlockOperator (e.g. KroneckerOperator)."
                 )
             if tuple(op.shape) != (n, n):
-                raise AssertionError(f"{label}: as_operator().shape is {op.shape}, the block's matrix form needs {(n, n)}.")
+                raise AssertionError(
+                    f"{label}: as_operator().shape is {op.shape}, the block's matrix form needs {(n, n)}."
+                )
             shape = getattr(op, "matrix_shape", None)
             if shape is not None and tuple(shape) != (info.d_out, info.d_in):
-                raise AssertionError(f"{label}: as_operator().matrix_shape is {shape}, expected {(info.d_out, info.d_in)}.")
+                raise AssertionError(
+                    f"{label}: as_operator().matrix_shape is {shape}, expected {(info.d_out, info.d_in)}."
+                )
             check_operator(op, name=label)

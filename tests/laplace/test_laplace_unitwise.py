@@ -69,7 +69,10 @@ def test_unitwise_blocks_of_the_operator_are_the_dense_ggn_blocks():
     C = _curvature(model, data)
     kinds = {b.name: type(b.operator).__name__ for b in C.blocks}
     assert kinds == dict(
-        zip("01345", ["KroneckerOperator", "UnitwiseOperator", "KroneckerOperator", "UnitwiseOperator", "KroneckerOperator"])
+        zip(
+            "01345",
+            ["KroneckerOperator", "UnitwiseOperator", "KroneckerOperator", "UnitwiseOperator", "KroneckerOperator"],
+        )
     )
     dense = C.to_dense()
     for name, k in (("1", 2), ("4", 1)):  # BatchNorm1d's bias is frozen: a scale-only block
