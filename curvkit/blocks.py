@@ -30,6 +30,8 @@ from torch import Tensor, nn
 
 from curvkit.linalg.damping import Damping
 from curvkit.linalg.inverters import Inverter, KroneckerInverse, damping_only_inverse, inverse_from_state, inverse_state
+from curvkit.linalg.kronecker import KroneckerOperator
+from curvkit.linalg.operator import CurvatureOperator
 from curvkit.stats.handlers import weight_matrix
 from curvkit.stats.layer_stats import GradientStats, LayerStats, SharedLayerStats
 from curvkit.stats.plan import LayerPlan
@@ -131,28 +133,6 @@ def _trace(factor: Tensor) -> Tensor:
     return factor.sum() if factor.ndim == 1 else factor.diagonal().sum()
 
 
-class KroneckerOperator:
-    r"""The linear operator :math:`G\otimes A` on row-major ``vec`` of ``(d_out, d_in)``
-    matrices: ``op @ M = G M A`` for a matrix, ``op @ v`` for a flat vector."""
-
-    def __init__(self, A: Tensor, G: Tensor) -> None:
-        self.A, self.G = A, G
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        n = self.A.shape[0] * self.G.shape[0]
-        return n, n
-
-    def __matmul__(self, x: Tensor) -> Tensor:
-        d_o, d_i = self.G.shape[0], self.A.shape[0]
-        if x.ndim == 1:
-            return (self.G @ x.reshape(d_o, d_i) @ self.A).reshape(-1)
-        return self.G @ x @ self.A
-
-    def to_dense(self) -> Tensor:
-        return torch.kron(self.G, self.A)
-
-
 class CurvatureBlock(ABC):
     """Per-layer state of a method (see the module docstring for the five verbs).
 
@@ -195,8 +175,15 @@ class CurvatureBlock(ABC):
         """The preconditioned direction for a gradient in matrix form."""
 
     @abstractmethod
-    def as_operator(self) -> Any:
-        """The undamped curvature estimate as a linear operator (``@`` on matrices)."""
+    def as_operator(self) -> CurvatureOperator:
+        """The (undamped) curvature estimate of the layer as a block operator on its matrix
+        form ``(d_out, d_in [+1])``: an object satisfying
+        :class:`~curvkit.linalg.operator.CurvatureOperator` (``shape``, ``dtype``,
+        ``device``, ``@`` on matrices, stacks and flat vectors, ``to_dense``, ``trace``,
+        ``logdet``, ``power``, ``eigen``), most easily a
+        :class:`~curvkit.linalg.operator.BlockOperator` subclass such as
+        :class:`~curvkit.linalg.kronecker.KroneckerOperator`. Checked by
+        :func:`curvkit.testing.check_block_operators`."""
 
     def step_state(self) -> Any:
         """What :meth:`precondition` is about to change, for a step that may be refused
@@ -325,9 +312,10 @@ class CurvatureBlock(ABC):
         return factors
 
     def quadratic(self, direction: Tensor) -> float:
-        """:math:`\\delta^\\top \\hat F \\delta` for ``direction`` in matrix form."""
+        """:math:`\\delta^\\top \\hat F \\delta` for ``direction`` in matrix form (cast to
+        the operator's dtype)."""
         op = self.as_operator()
-        d = direction.to(op.A.dtype) if hasattr(op, "A") else direction
+        d = direction.to(op.dtype)
         return float((d * (op @ d)).sum())
 
     @abstractmethod
@@ -457,8 +445,9 @@ class KroneckerBlock(CurvatureBlock):
         return self.inverse.apply(grad)
 
     def as_operator(self) -> KroneckerOperator:
+        """The EMA factors' ``G ⊗ A``."""
         assert self.A is not None and self.G is not None
-        return KroneckerOperator(self.A.to_dense(), self.G.to_dense())
+        return KroneckerOperator(self.A.to_dense(), self.G.to_dense(), label=self.info.name)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"num_updates": self.num_updates, "inverse_failures": self.inverse_failures}

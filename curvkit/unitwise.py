@@ -43,6 +43,7 @@ from torch import Tensor
 
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
 from curvkit.linalg.damping import ConstantDamping, Damping, RelativeDamping
+from curvkit.linalg.kronecker import UnitwiseOperator
 from curvkit.numerics import all_finite
 
 __all__ = ["DEFAULT_EMA_DECAY", "UnitwiseBlock", "UnitwiseOperator", "unitwise_shift"]
@@ -73,29 +74,6 @@ def unitwise_shift(damping: Any, lam: float, eigenvalues: Tensor) -> float:
         shift = float(lam)
     floor = float(torch.finfo(torch.float32).eps) * (largest if largest > 0 else 1.0)
     return shift if shift > floor else floor
-
-
-class UnitwiseOperator:
-    """The block-diagonal matrix ``blockdiag(F_1, …, F_D)`` on the row-major ``vec`` of
-    ``(D, k)`` matrices: ``op @ M`` for a matrix ``M`` ``(D, k)``, ``op @ v`` for a flat
-    ``(D·k,)`` vector."""
-
-    def __init__(self, F: Tensor) -> None:
-        self.F = F
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        n = self.F.shape[0] * self.F.shape[1]
-        return n, n
-
-    def __matmul__(self, x: Tensor) -> Tensor:
-        d, k = self.F.shape[:2]
-        if x.ndim == 1:
-            return torch.einsum("dij,dj->di", self.F, x.reshape(d, k)).reshape(-1)
-        return torch.einsum("dij,dj->di", self.F, x)
-
-    def to_dense(self) -> Tensor:
-        return torch.block_diag(*self.F.unbind(0))
 
 
 class UnitwiseBlock(CurvatureBlock):
@@ -229,8 +207,9 @@ class UnitwiseBlock(CurvatureBlock):
         return out.to(grad.dtype)
 
     def as_operator(self) -> UnitwiseOperator:
+        """The EMA of the per-unit Fisher, ``blockdiag(F_1, …, F_D)``."""
         assert self.F is not None
-        return UnitwiseOperator(self.F)
+        return UnitwiseOperator(self.F, label=self.info.name)
 
     def quadratic(self, direction: Tensor) -> float:
         """:math:`\\sum_i \\delta_i^\\top F_i \\delta_i` for ``direction`` ``(D, k)``."""

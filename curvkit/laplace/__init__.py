@@ -2,8 +2,13 @@
 
 * :class:`KroneckerCurvature`: K-FAC / EKFAC curvature of a model over a data loader as a
   linear operator (products, dense view, trace, log-determinant, damped inverse,
-  eigendecomposition, sampling), exportable to SciPy and curvlinops; normalisation layers
-  are exact unit-wise blocks (:class:`UnitwiseBlock`).
+  eigendecomposition, sampling), exportable to SciPy and curvlinops. It is block-diagonal
+  over :class:`OperatorBlock` s, each a block operator of the core
+  (:class:`~curvkit.linalg.kronecker.KroneckerOperator`, EKFAC's
+  :class:`~curvkit.linalg.kronecker.EigenbasisOperator`, a normalisation layer's exact
+  :class:`~curvkit.linalg.kronecker.UnitwiseOperator`) — the same classes the optimizers'
+  blocks return from ``as_operator()``, so :meth:`KroneckerCurvature.from_optimizer` turns
+  a trained optimizer's curvature into one.
 * :class:`KroneckerLaplace`: a Laplace approximation built on it, without laplace-torch
   (posterior precision, log marginal likelihood, prior precision optimisation, linearised
   predictive). Its inputs are checked: see :mod:`curvkit.laplace.checks` and
@@ -18,25 +23,21 @@ from __future__ import annotations
 
 from typing import Any
 
-from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
+from curvkit.laplace.blocks import OperatorBlock
 from curvkit.laplace.checks import NonFiniteInputError
 from curvkit.laplace.curvature import KroneckerCurvature, KroneckerPower
 from curvkit.laplace.prior import PriorMode
 from curvkit.laplace.quantities import KroneckerLaplace
-from curvkit.laplace.unitwise import UnitwiseBlock, UnitwiseEigen
 
 __all__ = [
-    "BlockEigen",
     "CurvkitEF",
     "CurvkitGGN",
-    "KroneckerBlock",
     "KroneckerCurvature",
     "KroneckerLaplace",
     "KroneckerPower",
     "NonFiniteInputError",
+    "OperatorBlock",
     "PriorMode",
-    "UnitwiseBlock",
-    "UnitwiseEigen",
 ]
 
 _BACKEND_NAMES = ("CurvkitGGN", "CurvkitEF")

@@ -1,26 +1,24 @@
-r"""One Kronecker block of a curvature operator: layout, dense view, spectrum.
+r"""One block of a whole-model curvature: a block operator and where its entries sit.
 
-A block stands for the matrix :math:`G \otimes A` acting on the row-major flattening of its
-**block matrix** :math:`V \in \mathbb{R}^{d_{out} \times k}`:
-``(G ⊗ A) vec_r(V) = vec_r(G V Aᵀ)``. Where the entries of ``V`` sit among the block's
-parameters is its :attr:`KroneckerBlock.index` (see :mod:`curvkit.laplace.layout`): the
-layer's ``[weight_matrix(W) | b]``, which may be a row range of a parameter (attention's
-query/key/value blocks) or its transpose (an embedding, a tied LM head). A block without an
-``index`` covers whole parameters, each reshaped to ``(d_out, -1)`` and concatenated along
-the columns (``V = [W_{(d_out, ·)}  b_{(d_out, 1)}]``); a bias on its own is a block with
-the ``1 × 1`` factor ``A = [a]``. A :class:`~curvkit.laplace.KroneckerCurvature` maps these
-positions into its flat vector (:attr:`~curvkit.laplace.KroneckerCurvature.indices`), so any
-set of blocks that covers its parameters exactly once forms a curvature.
+A :class:`~curvkit.laplace.KroneckerCurvature` is block-diagonal (up to a permutation of
+the flat parameter vector). Each block is an :class:`OperatorBlock`: a block operator
+(:class:`~curvkit.linalg.operator.BlockOperator`, the same classes the optimizers' blocks
+return from ``as_operator()``: :class:`~curvkit.linalg.kronecker.KroneckerOperator`
+``G ⊗ A``, :class:`~curvkit.linalg.kronecker.EigenbasisOperator` for EKFAC,
+:class:`~curvkit.linalg.kronecker.UnitwiseOperator` for a normalisation layer, or any
+other) acting on the row-major flattening of the block's **matrix**
+:math:`V \in \mathbb{R}^{d_{out} \times k}`, plus the positions of ``V``'s entries among
+the block's parameters.
 
-``A`` may be given as its diagonal, a 1-D tensor (an embedding's token frequencies): the
-block is then :math:`G \otimes \operatorname{diag}(A)` and nothing ``k × k`` is formed
-except in :meth:`KroneckerBlock.kron` (the dense view, for small blocks).
-
-With the eigendecompositions :math:`G = Q_G \Lambda_G Q_G^\top`, :math:`A = Q_A \Lambda_A
-Q_A^\top` (:math:`Q_A = I` for a diagonal ``A``, stored as an empty tensor), the block is
-:math:`(Q_G \otimes Q_A)\,\mathrm{diag}(S)\,(Q_G \otimes Q_A)^\top` with the spectrum
-:math:`S_{ij} = \lambda_{G,i}\lambda_{A,j}` — or, for EKFAC (George et al., 2018), corrected
-eigenvalues :math:`S_{ij} = E_{ij}` stored on the block.
+Where the entries of ``V`` sit is :attr:`OperatorBlock.index` (see
+:mod:`curvkit.laplace.layout`): the layer's ``[weight_matrix(W) | b]``, which may be a row
+range of a parameter (attention's query/key/value blocks) or its transpose (an embedding, a
+tied LM head). A block without an ``index`` covers whole parameters, each reshaped to
+``(d_out, -1)`` and concatenated along the columns (``V = [W_{(d_out, ·)}  b_{(d_out, 1)}]``;
+a normalisation layer's ``γ`` and ``β`` are then its two columns); a bias on its own is a
+block ``G ⊗ [a]``. A :class:`~curvkit.laplace.KroneckerCurvature` maps these positions into
+its flat vector (:attr:`~curvkit.laplace.KroneckerCurvature.indices`), so any set of blocks
+that covers its parameters exactly once forms a curvature.
 """
 
 from __future__ import annotations
@@ -28,32 +26,35 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["BlockEigen", "KroneckerBlock"]
+from curvkit.linalg.kronecker import EigenbasisOperator, KroneckerOperator, UnitwiseOperator
+from curvkit.linalg.operator import BlockOperator, CurvatureOperator, OperatorEigen
+
+__all__ = ["OperatorBlock"]
 
 
 @dataclass(frozen=True)
-class KroneckerBlock:
-    """One block ``G ⊗ A`` of a block-diagonal Kronecker-factored curvature.
+class OperatorBlock:
+    """One block of a block-diagonal curvature: an operator on ``(d_out, k)`` matrices and
+    its layout.
 
     Attributes:
-        name: A label (the layer's name, or ``"<layer>.bias"`` for a separate bias).
+        name: A label (the layer's name, ``"<layer>.bias"`` for a separate bias).
         param_names: Names of the parameters the block touches (whole parameters; a block
             covering rows of a parameter names the parameter).
         param_shapes: Their shapes.
-        G: Output factor ``(d_out, d_out)``, symmetric positive semi-definite.
-        A: Input factor ``(k, k)``, or its diagonal ``(k,)`` (an embedding's).
-        corrected_eigenvalues: Optional EKFAC spectrum ``(d_out, k)`` in the eigenbasis of
-            ``G`` and ``A``; when set, it replaces ``λ_G λ_Aᵀ``.
+        operator: The curvature of the block, a block operator on ``(d_out, k)`` matrices
+            (symmetric positive semi-definite).
         index: ``(d_out, k)`` positions of the block matrix's entries among the block's
             parameters (``param_names``, each flattened row-major, concatenated); several
             blocks may cover parts of one parameter. ``None``: whole parameters, each
             reshaped to ``(d_out, -1)``, concatenated along the columns.
-        layer: The tracked layer (block of the plan) whose per-datum gradients feed this
-            block (EKFAC's correction), ``None`` for blocks built by hand.
+        layer: The tracked layer (block of the plan) this block belongs to (EKFAC's
+            correction needs it), ``None`` for blocks built by hand.
         columns: The columns ``[start, stop)`` of that layer's matrix ``[W b]`` this block
             covers (all of them, the weight's, or the bias column).
     """
@@ -61,71 +62,91 @@ class KroneckerBlock:
     name: str
     param_names: tuple[str, ...]
     param_shapes: tuple[torch.Size, ...]
-    G: Tensor
-    A: Tensor
-    corrected_eigenvalues: Tensor | None = None
+    operator: BlockOperator
     index: Tensor | None = None
     layer: str | None = None
     columns: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
-        d_out, k = self.G.shape[0], self.A.shape[0]
-        a_ok = self.A.shape == (k,) or self.A.shape == (k, k)
-        if self.G.shape != (d_out, d_out) or not a_ok:
-            raise ValueError(
-                f"block {self.name!r}: G must be square and A square or a diagonal (1-D), got G "
-                f"{tuple(self.G.shape)} and A {tuple(self.A.shape)}."
+        op = self.operator
+        shape = getattr(op, "matrix_shape", None)
+        if not isinstance(op, CurvatureOperator) or shape is None:
+            raise TypeError(
+                f"block {self.name!r}: the operator must be a block operator on (d_out, k) matrices (a "
+                f"curvkit.linalg.operator.BlockOperator, e.g. KroneckerOperator), got {type(op).__name__}."
             )
+        d_out, k = shape
         if self.index is not None:
             if tuple(self.index.shape) != (d_out, k):
                 raise ValueError(
-                    f"block {self.name!r}: index of shape {tuple(self.index.shape)} does not match G "
-                    f"{tuple(self.G.shape)} ⊗ A of size {k}; it must be (d_out, k) = {(d_out, k)}."
+                    f"block {self.name!r}: index of shape {tuple(self.index.shape)} does not match the operator's "
+                    f"({d_out}, {k}) matrices; it must be (d_out, k) = {(d_out, k)}."
                 )
         else:
             widths = [math.prod(s[1:]) for s in self.param_shapes]
             if any(s[0] != d_out for s in self.param_shapes) or sum(widths) != k:
                 raise ValueError(
-                    f"block {self.name!r}: parameter shapes {[tuple(s) for s in self.param_shapes]} do not match "
-                    f"G {tuple(self.G.shape)} ⊗ A of size {k}; each parameter needs d_out={d_out} rows and together "
-                    f"k={k} columns (or give the block an index for another layout)."
+                    f"block {self.name!r}: parameter shapes {[tuple(s) for s in self.param_shapes]} do not match the "
+                    f"operator's ({d_out}, {k}) matrices; each parameter needs d_out={d_out} rows and together k={k} "
+                    "columns (or give the block an index for another layout)."
                 )
-        if self.corrected_eigenvalues is not None and self.corrected_eigenvalues.shape != (d_out, k):
-            raise ValueError(
-                f"block {self.name!r}: corrected eigenvalues must have shape {(d_out, k)}, "
-                f"got {tuple(self.corrected_eigenvalues.shape)}."
-            )
+
+    @classmethod
+    def kronecker(
+        cls,
+        name: str,
+        param_names: tuple[str, ...],
+        param_shapes: tuple[torch.Size, ...],
+        G: Tensor,
+        A: Tensor,
+        *,
+        index: Tensor | None = None,
+        layer: str | None = None,
+        columns: tuple[int, int] | None = None,
+    ) -> OperatorBlock:
+        """A ``G ⊗ A`` block (``A`` may be its diagonal, a 1-D tensor)."""
+        return cls(name, param_names, param_shapes, KroneckerOperator(A, G, label=name), index, layer, columns)
+
+    @classmethod
+    def unitwise(
+        cls,
+        name: str,
+        param_names: tuple[str, ...],
+        param_shapes: tuple[torch.Size, ...],
+        F: Tensor,
+        *,
+        index: Tensor | None = None,
+        layer: str | None = None,
+        columns: tuple[int, int] | None = None,
+    ) -> OperatorBlock:
+        """A normalisation layer's ``blockdiag(F_i)`` block (``F`` of shape ``(D, k, k)``)."""
+        return cls(name, param_names, param_shapes, UnitwiseOperator(F, label=name), index, layer, columns)
+
+    # --- layout -------------------------------------------------------------------------
 
     @property
     def d_out(self) -> int:
-        return self.G.shape[0]
+        return int(self.operator.matrix_shape[0])
 
     @property
     def k(self) -> int:
-        return self.A.shape[0]
+        return int(self.operator.matrix_shape[1])
 
     @property
     def numel(self) -> int:
         return self.d_out * self.k
 
     @property
-    def diagonal_A(self) -> bool:
-        """Whether ``A`` is given as its diagonal."""
-        return self.A.ndim == 1
+    def dtype(self) -> torch.dtype:
+        return self.operator.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.operator.device
 
     @property
     def widths(self) -> list[int]:
         return [math.prod(s[1:]) for s in self.param_shapes]
-
-    def A_dense(self) -> Tensor:
-        """``A`` as a ``(k, k)`` matrix."""
-        return torch.diag(self.A) if self.diagonal_A else self.A
-
-    def A_diagonal(self) -> Tensor:
-        """The diagonal of ``A``."""
-        return self.A if self.diagonal_A else torch.diagonal(self.A)
-
-    # --- the legacy local layout (whole parameters, concatenated) ---------------------------
 
     def to_matrix(self, x: Tensor) -> Tensor:
         """Flat rows ``(numel, K)`` of the block's own parameters (concatenated, each
@@ -143,7 +164,7 @@ class KroneckerBlock:
     def flat_to_matrix_index(self) -> Tensor:
         """For each flat position of the block's own parameters, its index in ``vec_r(V)``
         (blocks without an :attr:`index`)."""
-        idx = torch.arange(self.numel, device=self.G.device).view(1, self.d_out, self.k)
+        idx = torch.arange(self.numel, device=self.device).view(1, self.d_out, self.k)
         return self.from_matrix(idx)[:, 0]
 
     def local_index(self) -> Tensor:
@@ -151,17 +172,13 @@ class KroneckerBlock:
         parameters, concatenated and flattened (:attr:`index`, or the default layout)."""
         if self.index is not None:
             return self.index
-        return self.to_matrix(torch.arange(self.numel, device=self.G.device).unsqueeze(1))[0]
+        return self.to_matrix(torch.arange(self.numel, device=self.device).unsqueeze(1))[0]
 
-    # --- the block as a matrix ----------------------------------------------------------------
+    # --- the block as a matrix (delegated to the operator) ------------------------------------
 
     def kron(self) -> Tensor:
-        """``G ⊗ A`` (or the EKFAC matrix) in ``vec_r(V)`` order, dense."""
-        if self.corrected_eigenvalues is None:
-            return torch.kron(self.G, self.A_dense())
-        eig = self.eigen()
-        q = torch.kron(eig.QG.contiguous(), eig.QA_dense().contiguous())
-        return (q * self.corrected_eigenvalues.reshape(1, -1)) @ q.t()
+        """The block's matrix in ``vec_r(V)`` order, dense."""
+        return self.operator.to_dense()
 
     def dense(self) -> Tensor:
         """The block as a dense ``(numel, numel)`` matrix in the block's local flat order
@@ -170,105 +187,89 @@ class KroneckerBlock:
         return self.kron()[idx][:, idx]
 
     def apply(self, v: Tensor) -> Tensor:
-        """``(G ⊗ A)`` (or the EKFAC matrix) applied to block matrices ``v`` ``(K, d_out, k)``."""
-        if self.corrected_eigenvalues is None:
-            gv = self.G @ v
-            return gv * self.A if self.diagonal_A else gv @ self.A  # A symmetric: V Aᵀ = V A
-        eig = self.eigen()
-        return eig.unrotate(eig.rotate(v) * self.corrected_eigenvalues)
+        """The block applied to block matrices ``v`` ``(K, d_out, k)``."""
+        return self.operator @ v  # type: ignore[no-any-return]
 
     def matmat(self, x: Tensor) -> Tensor:
         """``block @ x`` for flat rows ``x`` ``(numel, K)`` in the local layout."""
         return self.from_matrix(self.apply(self.to_matrix(x)))
 
-    def eigen(self) -> BlockEigen:
-        """Eigendecompositions of ``G`` and ``A`` (cached), eigenvalues clamped at 0; a
-        diagonal ``A`` is its own spectrum with ``Q_A = I`` (an empty tensor)."""
-        cached = self.__dict__.get("_eigen")
-        if cached is None:
-            lg, qg = _eigh(self.G)
-            if self.diagonal_A:
-                la, qa = self.A.clamp_min(0.0), self.A.new_empty(0)
-            else:
-                la, qa = _eigh(self.A)
-            cached = BlockEigen(qg, lg, qa, la)
-            object.__setattr__(self, "_eigen", cached)
-        return cached
+    def eigen(self) -> OperatorEigen:
+        """The operator's eigendecomposition (cached by the bundled operators): a
+        :class:`~curvkit.linalg.kronecker.KroneckerEigen` for Kronecker and eigenbasis
+        blocks, a :class:`~curvkit.linalg.kronecker.UnitwiseEigen` for unit-wise ones."""
+        return self.operator.eigen()
 
     def spectrum(self) -> Tensor:
-        """Eigenvalues ``(d_out, k)`` of the block in the Kronecker eigenbasis."""
-        if self.corrected_eigenvalues is not None:
-            return self.corrected_eigenvalues
-        eig = self.eigen()
-        return torch.outer(eig.lambda_G, eig.lambda_A)
+        """Eigenvalues ``(d_out, k)`` laid out like ``V``."""
+        return self.eigen().values
 
     def diagonal(self) -> Tensor:
         """``diag`` of the block as a ``(d_out, k)`` matrix (laid out like ``V``)."""
-        if self.corrected_eigenvalues is None:
-            return torch.outer(torch.diagonal(self.G), self.A_diagonal())
-        eig = self.eigen()
-        right = self.corrected_eigenvalues if not eig.QA.numel() else self.corrected_eigenvalues @ (eig.QA**2).t()
-        return (eig.QG**2) @ right
+        diagonal = getattr(self.operator, "diagonal", None)
+        if diagonal is not None:
+            return diagonal()  # type: ignore[no-any-return]
+        return self.kron().diagonal().reshape(self.d_out, self.k)
 
     def trace(self) -> Tensor:
-        if self.corrected_eigenvalues is None:
-            return torch.diagonal(self.G).sum() * self.A_diagonal().sum()
-        return self.corrected_eigenvalues.sum()
+        return self.operator.trace()
 
-    def replace(self, **changes: object) -> KroneckerBlock:
-        """A copy with some fields changed (the eigendecomposition cache is kept when the
-        factors are)."""
-        new = dataclasses.replace(self, **changes)  # type: ignore[arg-type]
-        cached = self.__dict__.get("_eigen")
-        if cached is not None and "G" not in changes and "A" not in changes:
-            object.__setattr__(new, "_eigen", cached)
-        return new
+    def tensors(self) -> list[Tensor]:
+        """The tensors that define the block (for finiteness checks)."""
+        tensors = getattr(self.operator, "tensors", None)
+        return list(tensors()) if tensors is not None else [self.kron()]
 
-    def scaled(self, scale: float) -> KroneckerBlock:
-        """The block times ``scale`` (applied to ``G`` and any corrected eigenvalues)."""
-        corrected = None if self.corrected_eigenvalues is None else self.corrected_eigenvalues * scale
-        new = dataclasses.replace(self, G=self.G * scale, corrected_eigenvalues=corrected)
-        cached = self.__dict__.get("_eigen")
-        if cached is not None and scale >= 0:
-            object.__setattr__(
-                new, "_eigen", BlockEigen(cached.QG, cached.lambda_G * scale, cached.QA, cached.lambda_A)
-            )
-        return new
+    # --- what the operator is made of (for the bundled operators) ----------------------------------
 
+    def _kronecker(self, what: str) -> KroneckerOperator:
+        op = self.operator
+        if isinstance(op, EigenbasisOperator) and op.kronecker is not None:
+            return op.kronecker
+        if isinstance(op, KroneckerOperator):
+            return op
+        raise AttributeError(f"block {self.name!r} has no {what}: its operator is a {type(op).__name__}.")
 
-@dataclass(frozen=True)
-class BlockEigen:
-    """Eigendecompositions ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ`` of one
-    block; an empty ``Q_A`` is the identity (a diagonal ``A``)."""
+    @property
+    def G(self) -> Tensor:
+        """``G`` of a Kronecker block (or of the factors an EKFAC block was corrected from)."""
+        return self._kronecker("G").G
 
-    QG: Tensor
-    lambda_G: Tensor
-    QA: Tensor
-    lambda_A: Tensor
+    @property
+    def A(self) -> Tensor:
+        """``A`` of a Kronecker block, or its diagonal (1-D)."""
+        return self._kronecker("A").A
 
-    def rotate(self, v: Tensor) -> Tensor:
-        """``Q_Gᵀ v Q_A`` for block matrices ``v`` ``(..., d_out, k)``."""
-        out = self.QG.t() @ v
-        return out @ self.QA if self.QA.numel() else out
+    @property
+    def diagonal_A(self) -> bool:
+        """Whether ``A`` is given as its diagonal."""
+        return self._kronecker("A").diagonal_A
 
-    def unrotate(self, v: Tensor) -> Tensor:
-        """``Q_G v Q_Aᵀ`` (the inverse of :meth:`rotate`)."""
-        out = self.QG @ v
-        return out @ self.QA.t() if self.QA.numel() else out
+    def A_dense(self) -> Tensor:
+        """``A`` as a ``(k, k)`` matrix."""
+        return self._kronecker("A").A_dense()
 
-    def QA_dense(self) -> Tensor:
-        """``Q_A`` as a matrix (the identity of the diagonal case made dense)."""
-        if self.QA.numel():
-            return self.QA
-        return torch.eye(self.lambda_A.shape[0], dtype=self.lambda_A.dtype, device=self.lambda_A.device)
+    def A_diagonal(self) -> Tensor:
+        """The diagonal of ``A``."""
+        return self._kronecker("A").A_diagonal()
 
+    @property
+    def F(self) -> Tensor:
+        """``F`` ``(D, k, k)`` of a unit-wise block."""
+        if not isinstance(self.operator, UnitwiseOperator):
+            raise AttributeError(f"block {self.name!r} has no F: its operator is a {type(self.operator).__name__}.")
+        return self.operator.F
 
-def _eigh(matrix: Tensor) -> tuple[Tensor, Tensor]:
-    """Symmetric eigendecomposition, in float64 if it fails in the factor's precision."""
-    sym = 0.5 * (matrix + matrix.t())
-    try:
-        evals, evecs = torch.linalg.eigh(sym)
-    except RuntimeError:  # torch.linalg.LinAlgError subclasses RuntimeError
-        evals, evecs = torch.linalg.eigh(sym.double())
-        evals, evecs = evals.to(matrix.dtype), evecs.to(matrix.dtype)
-    return evals.clamp_min(0.0), evecs
+    @property
+    def corrected_eigenvalues(self) -> Tensor | None:
+        """EKFAC's spectrum ``(d_out, k)`` of an eigenvalue-corrected block, else ``None``."""
+        return self.operator.S if isinstance(self.operator, EigenbasisOperator) else None
+
+    # --- copies -------------------------------------------------------------------------------
+
+    def replace(self, **changes: Any) -> OperatorBlock:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+    def scaled(self, scale: float) -> OperatorBlock:
+        """The block times ``scale`` (a non-negative number; eigendecompositions are kept)."""
+        return dataclasses.replace(self, operator=self.operator.scaled(scale))

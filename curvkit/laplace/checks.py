@@ -144,12 +144,10 @@ def check_batch_loss(index: int, loss: Tensor, inputs: Any, outputs: Tensor) -> 
 
 
 def curvature_is_finite(curvature: Any) -> bool:
-    """Whether every factor (and corrected spectrum) of a ``KroneckerCurvature`` is finite."""
+    """Whether every tensor of every block operator of a ``KroneckerCurvature`` (factors,
+    a corrected spectrum, a unit-wise ``F``) is finite."""
     for block in curvature.blocks:
-        tensors = block.tensors() if hasattr(block, "tensors") else [block.G, block.A]  # unit-wise: its F
-        if block.corrected_eigenvalues is not None:
-            tensors.append(block.corrected_eigenvalues)
-        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+        if not all(bool(torch.isfinite(t).all()) for t in block.tensors()):
             return False
     return True
 

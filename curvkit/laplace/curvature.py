@@ -39,11 +39,12 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
-from curvkit.laplace.blocks import BlockEigen, KroneckerBlock
+from curvkit.laplace.blocks import OperatorBlock
 from curvkit.laplace.layout import FlatLayout, parameter_order
-from curvkit.laplace.operator import FlatOperator
+from curvkit.laplace.operator import BlockDiagonalEigen, FlatOperator
 from curvkit.laplace.prior import PriorMode, block_priors, factored_shifts
-from curvkit.laplace.unitwise import UnitwiseBlock, UnitwiseEigen
+from curvkit.linalg.kronecker import EigenbasisOperator, KroneckerOperator, UnitwiseOperator
+from curvkit.linalg.operator import BlockOperator, DenseEigen, OperatorEigen, SpectralOperator
 from curvkit.stats.backend import KroneckerFactors, UnitwiseFactors
 from curvkit.stats.plan import make_plan
 
@@ -79,13 +80,16 @@ class KroneckerCurvature(FlatOperator):
         True
     """
 
-    def __init__(self, blocks: Sequence[KroneckerBlock | UnitwiseBlock]) -> None:
+    def __init__(self, blocks: Sequence[OperatorBlock]) -> None:
         blocks = list(blocks)
         if not blocks:
             raise ValueError("a KroneckerCurvature needs at least one block; the model has no tracked layer.")
-        if not all(isinstance(b, (KroneckerBlock, UnitwiseBlock)) for b in blocks):
-            raise TypeError("blocks must be KroneckerBlock or UnitwiseBlock instances.")
-        dtypes = {t.dtype for b in blocks for t in _block_tensors(b)}
+        if not all(isinstance(b, OperatorBlock) for b in blocks):
+            raise TypeError(
+                f"blocks must be OperatorBlock instances, got {sorted({type(b).__name__ for b in blocks})}; build "
+                "them with OperatorBlock(name, param_names, param_shapes, operator, ...) or OperatorBlock.kronecker."
+            )
+        dtypes = {b.dtype for b in blocks}
         if len(dtypes) != 1:
             raise ValueError(f"all factors must share one dtype; got {sorted(map(str, dtypes))}.")
         # the flat vector: every parameter the blocks touch, once, in order of appearance
@@ -103,7 +107,7 @@ class KroneckerCurvature(FlatOperator):
         for name, shape in shapes.items():
             offsets[name] = total
             total += shape.numel()
-        device = _block_tensors(blocks[0])[0].device
+        device = blocks[0].device
         #: Per block, the ``(d_out, k)`` positions of its matrix entries in the flat vector.
         self.indices: list[Tensor] = []
         for b in blocks:
@@ -122,7 +126,7 @@ class KroneckerCurvature(FlatOperator):
                 f"{self.param_names} exactly once ({int((covered == 0).sum())} entries uncovered, "
                 f"{int((covered > 1).sum())} covered more than once); pass one block per part of each parameter."
             )
-        self.blocks: list[KroneckerBlock | UnitwiseBlock] = blocks
+        self.blocks: list[OperatorBlock] = blocks
 
     # --- construction -----------------------------------------------------------------
 
@@ -161,7 +165,7 @@ class KroneckerCurvature(FlatOperator):
         names = {id(p): n for n, p in model.named_parameters()}
         plan = make_plan(model, registry, unsupported)
         layout = FlatLayout(plan, parameter_order(plan))
-        blocks: list[KroneckerBlock | UnitwiseBlock] = []
+        blocks: list[OperatorBlock] = []
         for layer in plan:
             if layer.name not in factors:
                 raise ValueError(
@@ -177,39 +181,18 @@ class KroneckerCurvature(FlatOperator):
                     f"layer {layer.name!r} ({type(layer.module).__name__}) needs {want}, got {type(entry).__name__}; "
                     "pass the factors kronecker_factors / accumulate_kronecker_factors returned for this model."
                 )
-            index = _local_index(layout, layer)  # positions within the layer's own parameters
             if isinstance(entry, UnitwiseFactors):
-                blocks.extend(_unitwise_blocks(layer, entry.F, names, separate_bias, index))
-                continue
-            a, g = entry
-            params = layer.params
-            pnames = tuple(names[id(p)] for p in params)
-            pshapes = tuple(p.shape for p in params)
-            k = index.shape[1]
-            if layer.bias is None:
-                blocks.append(KroneckerBlock(layer.name, pnames, pshapes, g, a, None, index, layer.name, (0, k)))
-            elif separate_bias:
-                d = k - 1
-                blocks.append(
-                    KroneckerBlock(
-                        layer.name, pnames[:1], pshapes[:1], g, a[:d, :d], None, index[:, :d], layer.name, (0, d)
+                if entry.F.shape[1] != len(layer.params):
+                    raise ValueError(
+                        f"layer {layer.name!r}: UnitwiseFactors.F has shape {tuple(entry.F.shape)} but the layer has "
+                        f"{len(layer.params)} trainable parameter(s) per unit; "
+                        "pass the factors computed for this model."
                     )
-                )
-                blocks.append(
-                    KroneckerBlock(
-                        f"{layer.name}.bias",
-                        pnames[1:],
-                        pshapes[1:],
-                        g,
-                        a[d:, d:].clone(),
-                        None,
-                        index[:, d:] - pshapes[0].numel(),  # positions within the bias alone
-                        layer.name,
-                        (d, k),
-                    )
-                )
+                op: BlockOperator = UnitwiseOperator(entry.F, label=layer.name)
             else:
-                blocks.append(KroneckerBlock(layer.name, pnames, pshapes, g, a, None, index, layer.name, (0, k)))
+                a, g = entry
+                op = KroneckerOperator(a, g, label=layer.name)
+            blocks.extend(layer_blocks(layer, op, names, layout, separate_bias))
         return cls(blocks)
 
     @classmethod
@@ -314,11 +297,11 @@ class KroneckerCurvature(FlatOperator):
 
     @property
     def dtype(self) -> torch.dtype:
-        return _block_tensors(self.blocks[0])[0].dtype
+        return self.blocks[0].dtype
 
     @property
     def device(self) -> torch.device:
-        return _block_tensors(self.blocks[0])[0].device
+        return self.blocks[0].device
 
     def gather(self, i: int, x: Tensor) -> Tensor:
         """Flat rows ``x`` ``(P, K)`` to block ``i``'s matrices ``(K, d_out, k)``."""
@@ -358,6 +341,13 @@ class KroneckerCurvature(FlatOperator):
             total = total + b.trace()
         return total
 
+    def _with_blocks(self, blocks: list[OperatorBlock], cls: type[KroneckerCurvature] | None = None) -> Any:
+        """A curvature of the same layout with other blocks (the same parameters, one for one)."""
+        new = object.__new__(cls or type(self))
+        new.param_names, new.param_shapes, new.indices = self.param_names, self.param_shapes, self.indices
+        new.blocks = blocks
+        return new
+
     def __mul__(self, scale: float | Tensor) -> KroneckerCurvature:
         """``scale · C`` (a non-negative number)."""
         value = float(scale)
@@ -369,16 +359,23 @@ class KroneckerCurvature(FlatOperator):
 
     # --- spectral quantities ----------------------------------------------------------
 
-    def eigendecomposition(self) -> list[BlockEigen | UnitwiseEigen]:
-        """Per block, ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ`` (cached); for
-        a normalisation layer's block, ``F_i = Q_i diag(λ_i) Q_iᵀ`` per unit
-        (:class:`~curvkit.laplace.unitwise.UnitwiseEigen`)."""
+    def eigendecomposition(self) -> list[OperatorEigen]:
+        """Per block, its operator's eigendecomposition (cached): for a Kronecker block
+        ``G = Q_G diag(λ_G) Q_Gᵀ`` and ``A = Q_A diag(λ_A) Q_Aᵀ``
+        (:class:`~curvkit.linalg.kronecker.KroneckerEigen`); for a normalisation layer's
+        block, ``F_i = Q_i diag(λ_i) Q_iᵀ`` per unit
+        (:class:`~curvkit.linalg.kronecker.UnitwiseEigen`)."""
         return [b.eigen() for b in self.blocks]
 
     def eigenvalues(self) -> Tensor:
         """All ``P`` eigenvalues of ``C``, block by block (``λ_G ⊗ λ_A`` row-major, or the
         EKFAC spectrum)."""
         return torch.cat([b.spectrum().reshape(-1) for b in self.blocks])
+
+    def eigen(self) -> BlockDiagonalEigen:
+        """``C = Q diag(λ) Qᵀ`` over the flat vector (the protocol's ``eigen()``): the
+        blocks' eigendecompositions placed at their parameters' positions."""
+        return BlockDiagonalEigen(self, self.eigendecomposition())
 
     def _priors(self, prior_precision: float | Tensor, mode: PriorMode | str) -> tuple[list[Tensor], PriorMode]:
         mode = as_enum(PriorMode, mode, "prior_mode")
@@ -399,43 +396,32 @@ class KroneckerCurvature(FlatOperator):
                 )
         return priors, mode
 
-    def _shifted_spectrum(
-        self, block: KroneckerBlock | UnitwiseBlock, delta: Tensor, mode: PriorMode, pi: bool
-    ) -> Tensor:
-        if mode is PriorMode.EXACT or isinstance(block, UnitwiseBlock):  # nothing to factor: exact
+    def _shifted_spectrum(self, block: OperatorBlock, delta: Tensor, mode: PriorMode, pi: bool) -> Tensor:
+        op = block.operator
+        if mode is PriorMode.EXACT or isinstance(op, UnitwiseOperator):  # nothing to factor: exact
             return block.spectrum() + delta
-        if block.corrected_eigenvalues is not None:
+        if isinstance(op, EigenbasisOperator):
             raise ValueError(
                 f"prior_mode='factored' is undefined for the eigenvalue-corrected block {block.name!r}; "
                 "use prior_mode='exact'."
             )
-        eig = block.eigen()
-        shift_g, shift_a = factored_shifts(block, delta, pi)
+        if not isinstance(op, KroneckerOperator):
+            raise ValueError(
+                f"prior_mode='factored' adds the prior to the Kronecker factors, but block {block.name!r} is a "
+                f"{type(op).__name__}, not a Kronecker product; use prior_mode='exact'."
+            )
+        eig = op.eigen()
+        assert eig.lambda_G is not None and eig.lambda_A is not None
+        shift_g, shift_a = factored_shifts(op, delta, pi)
         return torch.outer(eig.lambda_G + shift_g, eig.lambda_A + shift_a)
 
-    def _block_apply(
-        self,
-        block: KroneckerBlock | UnitwiseBlock,
-        delta: Tensor,
-        mode: PriorMode,
-        pi: bool,
-        fn: Callable[[Tensor], Tensor],
-        v: Tensor,
-        rotate_in: bool = True,
-    ) -> Tensor:
-        """``f(block + prior)`` applied to block matrices ``v`` ``(K, d_out, k)``; with
-        ``rotate_in=False``, ``v`` is taken to be in the eigenbasis already."""
+    def _shifted_basis(self, block: OperatorBlock, delta: Tensor, mode: PriorMode, pi: bool) -> tuple[Any, Tensor]:
+        """The eigenbasis of ``block + prior`` and its eigenvalues ``(d_out, k)``: the block's
+        own basis for a constant prior, the dense ``block + diag(δ)``'s for a varying one."""
         if delta.ndim == 2:  # non-constant diagonal prior: dense block
             evals, evecs = torch.linalg.eigh(block.kron() + torch.diag(delta.reshape(-1)))
-            flat = v.reshape(v.shape[0], -1).t()
-            coeff = evecs.t() @ flat if rotate_in else flat
-            return (evecs @ (fn(evals).unsqueeze(1) * coeff)).t().reshape(v.shape)
-        spectrum = fn(self._shifted_spectrum(block, delta, mode, pi))
-        if isinstance(block, UnitwiseBlock):
-            return block.unrotate(spectrum * (block.rotate(v) if rotate_in else v))
-        eig = block.eigen()
-        rotated = eig.rotate(v) if rotate_in else v
-        return eig.unrotate(spectrum * rotated)
+            return DenseEigen(evecs, evals, (block.d_out, block.k)), evals.reshape(block.d_out, block.k)
+        return block.eigen(), self._shifted_spectrum(block, delta, mode, pi)
 
     def logdet(
         self, prior_precision: float | Tensor = 0.0, prior_mode: PriorMode | str = "exact", pi_correction: bool = True
@@ -445,7 +431,8 @@ class KroneckerCurvature(FlatOperator):
         Differentiable in ``prior_precision``.
 
         Args:
-            prior_precision: Scalar, per block, or diagonal (see :mod:`curvkit.laplace.prior`).
+            prior_precision: Scalar, per block, or diagonal (see :mod:`curvkit.laplace.prior`);
+                the protocol's ``shift``.
             prior_mode: ``"exact"`` or ``"factored"``.
             pi_correction: Use the π heuristic in factored mode.
         """
@@ -465,9 +452,26 @@ class KroneckerCurvature(FlatOperator):
         prior_mode: PriorMode | str = "exact",
         pi_correction: bool = True,
     ) -> KroneckerPower:
-        """``(C + P_0)^exponent`` as an operator (e.g. ``-1`` inverse, ``-0.5`` inverse root)."""
+        """``(C + P_0)^exponent`` as an operator (e.g. ``-1`` inverse, ``-0.5`` inverse root);
+        itself a block-diagonal curvature operator in the same layout.
+
+        Raises:
+            ValueError: A negative exponent of a singular block + prior (the message names it).
+        """
         priors, mode = self._priors(prior_precision, prior_mode)
-        return KroneckerPower(self, float(exponent), priors, mode, pi_correction)
+        exponent = float(exponent)
+        blocks = []
+        for block, delta in zip(self.blocks, priors):
+            basis, shifted = self._shifted_basis(block, delta, mode, pi_correction)
+            if exponent < 0 and not bool(shifted.min() > 0):
+                raise ValueError(
+                    f"block {block.name!r} + prior is singular (smallest eigenvalue {float(shifted.min()):.3g}); "
+                    "a negative power needs a positive prior precision."
+                )
+            blocks.append(block.replace(operator=SpectralOperator(basis, shifted.pow(exponent), label=block.name)))
+        power = self._with_blocks(blocks, KroneckerPower)
+        power.exponent = exponent
+        return power  # type: ignore[no-any-return]
 
     def inverse(
         self, prior_precision: float | Tensor = 0.0, prior_mode: PriorMode | str = "exact", pi_correction: bool = True
@@ -498,21 +502,14 @@ class KroneckerCurvature(FlatOperator):
             z = torch.randn(
                 num_samples, block.d_out, block.k, dtype=self.dtype, device=self.device, generator=generator
             )
-            y = self._block_apply(block, delta, mode, pi_correction, _inverse_sqrt(block.name), z, rotate_in=False)
-            self.scatter(flat, i, y)
+            basis, shifted = self._shifted_basis(block, delta, mode, pi_correction)
+            self.scatter(flat, i, basis.unrotate(_inverse_sqrt(block.name)(shifted) * z))
         samples = flat.t()
         if mean is not None:
             if mean.shape != (self.num_params,):
                 raise ValueError(f"mean must have shape ({self.num_params},), got {tuple(mean.shape)}.")
             samples = samples + mean
         return samples
-
-
-def _block_tensors(block: KroneckerBlock | UnitwiseBlock) -> list[Tensor]:
-    """The tensors that define a block (its factors, or a unit-wise block's ``F``)."""
-    if isinstance(block, UnitwiseBlock):
-        return block.tensors()
-    return [block.G, block.A]
 
 
 def _local_index(layout: FlatLayout, layer: Any) -> Tensor:
@@ -527,32 +524,49 @@ def _local_index(layout: FlatLayout, layer: Any) -> Tensor:
     return flat_to_local[layout.indices[layer.name]]
 
 
-def _unitwise_blocks(
-    layer: Any, F: Tensor, names: dict[int, str], separate: bool, index: Tensor | None = None
-) -> list[UnitwiseBlock]:
-    """A normalisation layer's block (or its scale and shift blocks, ``separate``); ``index``
-    is the layer's ``(D, k)`` matrix in the flat vector (:mod:`curvkit.laplace.layout`)."""
-    params = layer.params
-    if F.shape[1] != len(params):
+def layer_blocks(
+    layer: Any, op: BlockOperator, names: dict[int, str], layout: FlatLayout, separate_bias: bool
+) -> list[OperatorBlock]:
+    """The blocks of one tracked layer whose curvature is ``op`` on its ``(d_out, k)``
+    matrix: one block, or (``separate_bias`` and a layer with a bias or shift) a weight
+    block and a ``"<layer>.bias"`` block, the cross terms dropped (``op.split_columns``:
+    :class:`~curvkit.linalg.kronecker.KroneckerOperator` and
+    :class:`~curvkit.linalg.kronecker.UnitwiseOperator` have it).
+
+    Raises:
+        ValueError: ``op`` does not fit the layer's matrix, or cannot be split.
+    """
+    index = _local_index(layout, layer)  # positions within the layer's own parameters
+    if tuple(op.matrix_shape) != tuple(index.shape):
         raise ValueError(
-            f"layer {layer.name!r}: UnitwiseFactors.F has shape {tuple(F.shape)} but the layer has {len(params)} "
-            "trainable parameter(s) per unit; pass the factors computed for this model."
+            f"layer {layer.name!r}: its curvature acts on {tuple(op.matrix_shape)} matrices but the layer's matrix "
+            f"[W b] is {tuple(index.shape)}."
         )
+    params = layer.params
     pnames = tuple(names[id(p)] for p in params)
-    k = len(params)
-    if not separate or len(params) == 1:
-        return [UnitwiseBlock(layer.name, pnames, tuple(p.shape for p in params), F, index, layer.name, (0, k))]
-    return [
-        UnitwiseBlock(
-            label,
-            (pnames[j],),
-            (params[j].shape,),
-            F[:, j : j + 1, j : j + 1].clone(),
-            None if index is None else index[:, j : j + 1] - sum(p.numel() for p in params[:j]),
-            layer.name,
-            (j, j + 1),
+    pshapes = tuple(p.shape for p in params)
+    k = index.shape[1]
+    if layer.bias is None or not separate_bias:
+        return [OperatorBlock(layer.name, pnames, pshapes, op, index, layer.name, (0, k))]
+    split = getattr(op, "split_columns", None)
+    if split is None:
+        raise ValueError(
+            f"layer {layer.name!r}: separate_bias=True drops the weight-bias cross terms of a block, which needs a "
+            f"Kronecker or unit-wise block; this layer's curvature is a {type(op).__name__}. Use separate_bias=False."
         )
-        for j, label in enumerate((layer.name, f"{layer.name}.bias"))
+    d = k - 1
+    weight_op, bias_op = split(d)
+    return [
+        OperatorBlock(layer.name, pnames[:1], pshapes[:1], weight_op, index[:, :d], layer.name, (0, d)),
+        OperatorBlock(
+            f"{layer.name}.bias",
+            pnames[1:],
+            pshapes[1:],
+            bias_op,
+            index[:, d:] - pshapes[0].numel(),  # positions within the bias alone
+            layer.name,
+            (d, k),
+        ),
     ]
 
 
@@ -565,51 +579,19 @@ def _inverse_sqrt(name: str) -> Callable[[Tensor], Tensor]:
     return fn
 
 
-class KroneckerPower(FlatOperator):
-    """``(C + P_0)^p`` of a :class:`KroneckerCurvature`, applied block by block in the eigenbasis.
+class KroneckerPower(KroneckerCurvature):
+    """``(C + P_0)^p`` of a :class:`KroneckerCurvature`: the same layout, each block the
+    spectral function of its block of ``C + P_0`` in that block's eigenbasis
+    (:class:`~curvkit.linalg.operator.SpectralOperator`), so it is a curvature operator
+    itself (``trace``, ``logdet``, ``power``, ``eigen`` in closed form).
 
     Built by :meth:`KroneckerCurvature.power` / :meth:`KroneckerCurvature.inverse`.
+
+    Attributes:
+        exponent: ``p``.
     """
 
-    def __init__(
-        self, curvature: KroneckerCurvature, exponent: float, priors: list[Tensor], mode: PriorMode, pi: bool
-    ) -> None:
-        self.curvature = curvature
-        self.exponent = exponent
-        self.priors = priors
-        self.mode = mode
-        self.pi = pi
-        self.param_shapes = curvature.param_shapes
-        if exponent < 0:
-            for block, delta in zip(curvature.blocks, priors):
-                if delta.ndim == 0:
-                    smallest = curvature._shifted_spectrum(block, delta, mode, pi).min()
-                    if not bool(smallest > 0):
-                        raise ValueError(
-                            f"block {block.name!r} + prior is singular (smallest eigenvalue {float(smallest):.3g}); "
-                            "a negative power needs a positive prior precision."
-                        )
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.curvature.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.curvature.device
-
-    def _matmat(self, x: Tensor) -> Tensor:
-        exponent = self.exponent
-
-        def fn(s: Tensor) -> Tensor:
-            return s.pow(exponent)
-
-        curvature = self.curvature
-        out = torch.empty_like(x)
-        for i, (block, delta) in enumerate(zip(curvature.blocks, self.priors)):
-            y = curvature._block_apply(block, delta, self.mode, self.pi, fn, curvature.gather(i, x))
-            curvature.scatter(out, i, y)
-        return out
+    exponent: float
 
     def square_form(self, J: Tensor) -> Tensor:
         """``J (C + P_0)^p Jᵀ`` for ``J`` ``(..., M, P)``: e.g. the GLM functional covariance."""

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FlatOperator"]
+__all__ = ["BlockDiagonalEigen", "FlatOperator"]
 
 
 class FlatOperator:
@@ -130,3 +130,55 @@ class FlatOperator:
         from curvkit.laplace.interop import as_curvlinops
 
         return as_curvlinops(self)
+
+
+class BlockDiagonalEigen:
+    """``C = Q diag(λ) Qᵀ`` of a block-diagonal flat operator
+    (:class:`~curvkit.laplace.KroneckerCurvature`): each block's eigendecomposition placed
+    at its entries' positions in the flat vector (the protocol's ``eigen()``).
+
+    Attributes:
+        blocks: Per block, its operator's eigendecomposition.
+    """
+
+    def __init__(self, curvature: Any, blocks: list[Any]) -> None:
+        self.curvature = curvature
+        self.blocks = blocks
+
+    @property
+    def values(self) -> Tensor:
+        """The ``P`` eigenvalues, each at its block's entry of the flat vector."""
+        c = self.curvature
+        out = torch.empty(c.num_params, 1, dtype=c.dtype, device=c.device)
+        for i, eig in enumerate(self.blocks):
+            c.scatter(out, i, eig.values.unsqueeze(0))
+        return out[:, 0]
+
+    def _map(self, x: Tensor | Sequence[Tensor], forward: bool) -> Any:
+        c = self.curvature
+        flat, restore = c._prepare(x)
+        out = torch.empty_like(flat)
+        for i, eig in enumerate(self.blocks):
+            v = c.gather(i, flat)
+            c.scatter(out, i, eig.rotate(v) if forward else eig.unrotate(v))
+        return restore(out)
+
+    def rotate(self, x: Tensor | Sequence[Tensor]) -> Any:
+        """``Qᵀ x`` (flat ``(P,)``/``(P, K)`` or a list of parameter-shaped tensors)."""
+        return self._map(x, True)
+
+    def unrotate(self, x: Tensor | Sequence[Tensor]) -> Any:
+        """``Q x``."""
+        return self._map(x, False)
+
+    def to_dense(self) -> tuple[Tensor, Tensor]:
+        """``(λ (P,), Q (P, P))`` in the flat order (small models)."""
+        c = self.curvature
+        q = torch.zeros(c.num_params, c.num_params, dtype=c.dtype, device=c.device)
+        lam = torch.zeros(c.num_params, dtype=c.dtype, device=c.device)
+        for index, eig in zip(c.indices, self.blocks):
+            i = index.reshape(-1)
+            values, vectors = eig.to_dense()
+            q[i.unsqueeze(1), i.unsqueeze(0)] = vectors.to(c.dtype)
+            lam[i] = values.to(c.dtype)
+        return lam, q

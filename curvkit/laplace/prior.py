@@ -28,9 +28,9 @@ from enum import Enum
 import torch
 from torch import Tensor
 
-from curvkit.laplace.blocks import KroneckerBlock
+from curvkit.laplace.blocks import OperatorBlock
 from curvkit.laplace.checks import check_prior_precision
-from curvkit.laplace.unitwise import UnitwiseBlock
+from curvkit.linalg.kronecker import KroneckerOperator
 
 __all__ = ["PriorMode", "block_priors"]
 
@@ -44,7 +44,7 @@ class PriorMode(str, Enum):
 
 def block_priors(
     prior_precision: float | Tensor,
-    blocks: list[KroneckerBlock] | list[KroneckerBlock | UnitwiseBlock],
+    blocks: list[OperatorBlock],
     dtype: torch.dtype,
     device: torch.device,
     indices: list[Tensor] | None = None,
@@ -91,12 +91,13 @@ def block_priors(
     return out
 
 
-def factored_shifts(block: KroneckerBlock, delta: Tensor, pi_correction: bool) -> tuple[Tensor, Tensor]:
+def factored_shifts(op: KroneckerOperator, delta: Tensor, pi_correction: bool) -> tuple[Tensor, Tensor]:
     """Shifts ``(π√δ, √δ/π)`` for the eigenvalues of ``G`` and ``A`` under ``FACTORED``."""
     root = delta.sqrt()
     if not pi_correction:
         return root, root
-    mean_g = float(torch.diagonal(block.G).sum()) / block.d_out
-    mean_a = float(block.A_diagonal().sum()) / block.k
+    d_out, k = op.matrix_shape
+    mean_g = float(torch.diagonal(op.G).sum()) / d_out
+    mean_a = float(op.A_diagonal().sum()) / k
     pi = math.sqrt(mean_g / mean_a) if mean_g > 0 and mean_a > 0 else 1.0
     return root * pi, root / pi

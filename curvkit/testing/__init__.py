@@ -12,6 +12,9 @@ component and what went wrong; call them from your test suite (pytest or anythin
     def test_my_method_survives_faults():
         check_robustness("my-method")      # NaN gradients, outliers, failing decompositions, ...
 
+    def test_my_method_curvature_is_an_operator():
+        check_block_operators("my-method")  # every block's as_operator(), every operation
+
     def test_my_structure():
         check_structure(MyStructure)
 
@@ -30,6 +33,7 @@ from curvkit.testing.methods import (
     check_state_dict_roundtrip,
     check_unitwise_layers,
 )
+from curvkit.testing.operators import check_block_operators, check_operator
 from curvkit.testing.plugin import check_plugin
 from curvkit.testing.robustness import FAULTS, FaultResult, check_robustness, failing_decompositions, robustness_report
 
@@ -37,9 +41,11 @@ __all__ = [
     "FAULTS",
     "FaultResult",
     "check_bad_configs",
+    "check_block_operators",
     "check_inverter",
     "check_method",
     "check_nonfinite_gradient_skips",
+    "check_operator",
     "check_plugin",
     "check_robustness",
     "check_sample_configs_train",

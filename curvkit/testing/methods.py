@@ -10,7 +10,10 @@
   untouched;
 * :func:`check_unitwise_layers`: on an MLP with ``LayerNorm`` and a CNN with
   ``BatchNorm2d`` the normalisation layers are preconditioned by unit-wise blocks (not
-  first-order), the sample config trains, and ``state_dict`` round-trips their state.
+  first-order), the sample config trains, and ``state_dict`` round-trips their state;
+* :func:`~curvkit.testing.operators.check_block_operators`: every block's
+  ``as_operator()`` satisfies the curvature-operator protocol, each operation checked
+  against a dense float64 reference.
 """
 
 from __future__ import annotations
@@ -339,6 +342,8 @@ CHECKS: tuple[Callable[..., None], ...] = (
 
 
 def check_method(method: str | MethodSpec, *, registry: Any = None) -> None:
-    """Run every method check."""
-    for check in CHECKS:
+    """Run every method check (:data:`CHECKS` and the operator check)."""
+    from curvkit.testing.operators import check_block_operators
+
+    for check in (*CHECKS, check_block_operators):
         check(method, registry=registry)

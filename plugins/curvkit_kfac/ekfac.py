@@ -45,8 +45,10 @@ from curvkit.config import check_number
 from curvkit.errors import ConfigError, UnknownComponentError
 from curvkit.linalg.damping import Damping, ExactDamping, PiDamping, RelativeDamping
 from curvkit.linalg.inverters import EigenInverse, compute_dtype, symmetric_eigh
+from curvkit.linalg.kronecker import EigenbasisOperator
 from curvkit.methods import KroneckerConfig, MethodSpec
 from curvkit.numerics import all_finite
+from curvkit.stats.eigenbasis import rotated_second_moments
 from curvkit.structures.base import FactorStructure
 from curvkit_kfac.kfac import GRAD_RATIO_CLIP, KL_CLIP
 from curvkit_kfac.tkfac import trace_weighted_statistics
@@ -63,10 +65,6 @@ __all__ = [
     "rotated_second_moments",
     "tekfac_block",
 ]
-
-#: Elements of one chunk of rotated per-example gradients (bounds the memory of weight-sharing layers).
-_CHUNK_ELEMENTS = 1 << 24
-
 
 @dataclass(frozen=True, kw_only=True)
 class EKFACConfig(KroneckerConfig):
@@ -143,84 +141,6 @@ class TEKFACConfig(EKFACConfig):
             out.append(f"conv_damping={self.conv_damping!r} must be one of {', '.join(map(repr, CONV_DAMPINGS))}")
         check_number(out, "trace_floor", self.trace_floor, low=0.0, low_open=True)
         return out
-
-
-def rotated_second_moments(stats: LayerStats, Q_A: Tensor, Q_G: Tensor, dtype: torch.dtype) -> Tensor:
-    r""":math:`\sum_{p,n}(Q_G^\top J_{p,n}Q_A)^{\circ 2}` for the batch's scaled per-example
-    gradients :math:`J_{p,n}` (:meth:`LayerStats.per_example_gradients`), shape
-    ``(d_out, d_in)``. Empty ``Q`` tensors mean the identity.
-
-    Without weight sharing :math:`J_{p,n} = \sqrt{s}\,g_{p,n}\bar a_n^\top` is rank one and
-    the sum is one product of squares, :math:`s\sum_n (\sum_p (Q_G^\top g_{p,n})^{\circ2})
-    ((Q_A^\top\bar a_n)^{\circ 2})^\top`; otherwise the rotated per-example gradients
-    :math:`\sum_r (Q_G^\top g_{p,n,r})(Q_A^\top\bar a_{n,r})^\top` are formed in chunks of
-    examples. A weight tied in transposed layouts has no features, only its (exact)
-    per-example gradients, which are rotated directly. An embedding (one-hot inputs, ``A``
-    diagonal so ``Q_A = I``) uses its sparse per-example gradients
-    (:meth:`LayerStats.per_example_gradient_columns`): no one-hot features, no dense
-    ``(d_out, V)`` matrix per example.
-    """
-    if getattr(stats, "diagonal_input", False) and not Q_A.numel():
-        # one-hot inputs (an embedding) and Q_A = I: each per-example gradient is a few
-        # columns, J[:, v] = √s Σ_{r: id_r = v} g_r — scattered, never a dense (d_out, V) per datum
-        cols, values, d_in = stats.per_example_gradient_columns()  # (K,), (P, K, d_out), scaled by √s
-        values = values.to(dtype)
-        if Q_G.numel():
-            values = values @ Q_G.to(dtype)
-        out = values.new_zeros(d_in, values.shape[-1])
-        out.index_add_(0, cols, values.square().sum(0))
-        return out.t().contiguous()
-    if stats.tied:
-        j = stats.per_example_gradients().to(dtype)  # (P·N, d_out, d_in), scaled by √s
-        if Q_G.numel():
-            j = Q_G.to(dtype).t() @ j
-        if Q_A.numel():
-            j = j @ Q_A.to(dtype)
-        return j.square().sum(0)
-    a = stats.a_features.to(dtype)  # (N, R, d_in)
-    g = stats.g_features.to(dtype)  # (P, N, R, d_out)
-    if Q_A.numel():
-        a = a @ Q_A.to(dtype)
-    if Q_G.numel():
-        g = g @ Q_G.to(dtype)
-    n, r = a.shape[0], a.shape[1]
-    if r == 1:
-        out = g[:, :, 0].square().sum(0).t() @ a[:, 0].square()
-    else:
-        p, d_out, d_in = g.shape[0], g.shape[3], a.shape[2]
-        step = max(1, _CHUNK_ELEMENTS // max(1, p * d_out * d_in))
-        out = a.new_zeros(d_out, d_in)
-        for start in range(0, n, step):
-            j = torch.einsum("pnro,nri->pnoi", g[:, start : start + step], a[start : start + step])
-            out += j.square().sum((0, 1))
-    return out.mul_(stats.g_scale)
-
-
-class EigenbasisOperator:
-    r"""The operator :math:`(Q_G\otimes Q_A)\operatorname{diag}(\operatorname{vec}S)
-    (Q_G\otimes Q_A)^\top` on row-major ``vec`` of ``(d_out, d_in)`` matrices:
-    ``op @ M = Q_G[(Q_G^\top M Q_A)\circ S]Q_A^\top`` (empty ``Q`` = identity)."""
-
-    def __init__(self, Q_A: Tensor, Q_G: Tensor, S: Tensor) -> None:
-        self.Q_A, self.Q_G, self.S = Q_A, Q_G, S
-        self._basis = EigenInverse(Q_A, Q_G, S)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        n = self.S.numel()
-        return n, n
-
-    def __matmul__(self, x: Tensor) -> Tensor:
-        if x.ndim == 1:
-            return (self @ x.reshape(self.S.shape)).reshape(-1)
-        return self._basis.unrotate(self._basis.rotate(x) * self.S)
-
-    def to_dense(self) -> Tensor:
-        d_o, d_i = self.S.shape
-        q_g = self.Q_G if self.Q_G.numel() else torch.eye(d_o, dtype=self.S.dtype, device=self.S.device)
-        q_a = self.Q_A if self.Q_A.numel() else torch.eye(d_i, dtype=self.S.dtype, device=self.S.device)
-        q = torch.kron(q_g, q_a)
-        return (q * self.S.reshape(-1)) @ q.t()
 
 
 class EKFACBlock(CurvatureBlock):
@@ -341,17 +261,13 @@ class EKFACBlock(CurvatureBlock):
         return self._inverse.apply(grad)
 
     def as_operator(self) -> EigenbasisOperator:
-        """The undamped estimate :math:`(Q_G\\otimes Q_A)\\,\\mathrm{diag}(S)\\,(Q_G\\otimes Q_A)^\\top`."""
+        """The undamped estimate :math:`(Q_G\\otimes Q_A)\\,\\mathrm{diag}(S)\\,(Q_G\\otimes Q_A)^\\top`
+        (the core's :class:`~curvkit.linalg.kronecker.EigenbasisOperator`)."""
         if self.Q_A is None:
             raise RuntimeError(f"block {self.info.name!r}: as_operator() before the first refresh()")
         self._fold_pending()
         assert self.Q_G is not None and self.S is not None
-        return EigenbasisOperator(self.Q_A, self.Q_G, self.S)
-
-    def quadratic(self, direction: Tensor) -> float:
-        op = self.as_operator()
-        d = direction.to(op.S.dtype)
-        return float((d * (op @ d)).sum())
+        return EigenbasisOperator(self.Q_A, self.Q_G, self.S, label=self.info.name)
 
     # --- internals -------------------------------------------------------------------------
 

@@ -199,7 +199,7 @@ class TKFACBlock(KroneckerBlock):
         r""":math:`\delta\,\Psi\otimes\Phi` (row-major) as ``KroneckerOperator(A=δΦ, G=Ψ)``."""
         assert self.A is not None and self.G is not None
         c = self._inverse_root_delta() ** 2
-        return KroneckerOperator(self.A.to_dense(), self.G.to_dense() * c)
+        return KroneckerOperator(self.A.to_dense(), self.G.to_dense() * c, label=self.info.name)
 
     def state_dict(self) -> dict[str, Any]:
         out = super().state_dict()

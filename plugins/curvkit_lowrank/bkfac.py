@@ -281,7 +281,7 @@ class BrandKroneckerBlock(CurvatureBlock):
         the exact EMA factor elsewhere."""
         assert self.brand, "as_operator() before the first update()"
         pick = {s: self.low[s].to_dense() if self.brand[s] else self.exact[s] for s in _SIDES}
-        return KroneckerOperator(pick["A"], pick["G"])
+        return KroneckerOperator(pick["A"], pick["G"], label=self.info.name)
 
     # --- state --------------------------------------------------------------------------
 

@@ -275,7 +275,7 @@ class SKFACBlock(CurvatureBlock):
 
     def as_operator(self) -> KroneckerOperator:
         assert self.R_A is not None and self.R_G is not None
-        return KroneckerOperator(self.R_A.t() @ self.R_A, self.R_G.t() @ self.R_G)
+        return KroneckerOperator(self.R_A.t() @ self.R_A, self.R_G.t() @ self.R_G, label=self.info.name)
 
     # --- data-parallel training: one rank builds the Woodbury inverse, the others install it --
 

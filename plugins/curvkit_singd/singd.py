@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
+from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerStats
 from curvkit.config import KFACApprox
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import Damping
@@ -69,6 +69,19 @@ __all__ = [
 
 _HALF = {torch.bfloat16, torch.float16}
 _ROWS_BUFFER_BYTES = 16 * 2**20
+
+
+def _spd_inverse(matrix: Tensor, what: str) -> Tensor:
+    """The inverse of a symmetric positive-definite matrix through a float64
+    eigendecomposition (symmetric by construction), in the matrix's dtype."""
+    sym = matrix.double()
+    evals, evecs = torch.linalg.eigh(0.5 * (sym + sym.T))
+    if not bool((evals > 0).all()):
+        raise ValueError(
+            f"layer {what} is singular (smallest eigenvalue {float(evals.min()):.3g}), so the curvature it stands "
+            "for, its inverse, does not exist."
+        )
+    return ((evecs / evals) @ evecs.T).to(matrix.dtype)
 
 
 class SINGDBlock(CurvatureBlock):
@@ -446,12 +459,18 @@ class SINGDBlock(CurvatureBlock):
         k, c = self.K.to_dense(), self.C.to_dense()
         return k @ k.T, c @ c.T
 
-    def as_operator(self) -> Any:
-        """The curvature the preconditioner inverts, ``(C Cᵀ)⁻¹ ⊗ (K Kᵀ)⁻¹`` (dense)."""
-        from curvkit.blocks import KroneckerOperator
+    def as_operator(self) -> KroneckerOperator:
+        """The curvature the preconditioner inverts, ``G ⊗ A = (C Cᵀ)⁻¹ ⊗ (K Kᵀ)⁻¹`` (dense
+        factors, inverted through a float64 eigendecomposition). SINGD tracks
+        ``K Kᵀ ≈ (S_K + λI)⁻¹`` and ``C Cᵀ ≈ (S_C + λI)⁻¹``, so this estimate includes the
+        method's damping λ in each factor.
 
+        Raises:
+            ValueError: ``K Kᵀ`` or ``C Cᵀ`` is singular (its inverse does not exist).
+        """
         kk, cc = self.preconditioner_dense()
-        return KroneckerOperator(torch.linalg.inv(kk.double()).to(kk.dtype), torch.linalg.inv(cc.double()).to(cc.dtype))
+        name = self.info.name
+        return KroneckerOperator(_spd_inverse(kk, f"{name}: K Kᵀ"), _spd_inverse(cc, f"{name}: C Cᵀ"), label=name)
 
     def state_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -89,3 +89,10 @@ def test_the_kit_catches_a_state_dict_that_forgets_state():
     )
     with pytest.raises(AssertionError, match="'forgetful'.*state_dict"):
         testing.check_state_dict_roundtrip(broken, options={"damping": 1e-2, "T_inv": 1})
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_block_operators(name):
+    """Every block's as_operator() satisfies the curvature-operator protocol, each operation
+    against a dense float64 reference (curvkit.testing.check_block_operators)."""
+    testing.check_block_operators(name)
