@@ -58,6 +58,14 @@ The backends pickle (``torch.save`` of a fitted Laplace object): the default cur
 registry is stored as a marker and looked up again on load; a custom ``registry=`` is
 stored as it is and must itself be picklable.
 
+``kron`` builds its entries from the same :class:`~curvkit.laplace.OperatorBlock` s as
+:meth:`KroneckerCurvature.from_factors <curvkit.laplace.KroneckerCurvature.from_factors>`
+(:func:`~curvkit.laplace.curvature.layer_blocks`, weight and bias split;
+:func:`kron_entry`), and with ``curvature=`` (a :class:`~curvkit.laplace.KroneckerCurvature`
+or a trained curvkit optimizer, see :class:`CurvkitGGN`) it uses that curvature instead of
+computing one: the laplace-torch side of
+:meth:`KroneckerCurvature.from_optimizer <curvkit.laplace.KroneckerCurvature.from_optimizer>`.
+
 Keyword arguments of ``kron``/``diag`` (laplace-torch forwards ``asdl_fisher_kwargs`` to
 them): ``kfac_approx`` (``"expand"``/``"reduce"``), ``mc_samples``, ``seed`` or
 ``generator`` (for ``stochastic=True``; ``seed`` draws the same targets as curvlinops with
@@ -80,8 +88,8 @@ from curvkit.laplace.blocks import OperatorBlock
 from curvkit.laplace.curvature import KroneckerCurvature, layer_blocks
 from curvkit.laplace.gradients import fisher_gradients, per_sample_gradients
 from curvkit.laplace.layout import FlatLayout, storage_kind
-from curvkit.linalg.kronecker import KroneckerOperator, UnitwiseOperator
 from curvkit.laplace.pickling import registry_from_state, registry_to_state
+from curvkit.linalg.kronecker import KroneckerOperator, UnitwiseOperator
 from curvkit.stats.api import resolve_backend
 from curvkit.stats.backend import FactorRequest, UnitwiseFactors
 from curvkit.stats.plan import TrackingPlan, make_plan
@@ -355,8 +363,9 @@ class _CurvkitInterface(CurvatureInterface):
         mine = [names[id(p)] for p in self.params]
         if sorted(mine) != sorted(by_param):
             raise ValueError(
-                f"{type(self).__name__}(curvature=...): the curvature covers parameters {sorted(by_param)}, laplace-torch "
-                f"fits {sorted(mine)}; they must be the same (freeze the parameters the curvature leaves out)."
+                f"{type(self).__name__}(curvature=...): the curvature covers parameters {sorted(by_param)}, "
+                f"laplace-torch fits {sorted(mine)}; they must be the same (freeze the parameters the curvature "
+                "leaves out)."
             )
         kfacs = []
         for name, param in zip(mine, self.params):
@@ -648,6 +657,14 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
             block in ``kron`` (from ``torch.func`` Jacobians w.r.t. those parameters) and
             let ``diag``/``full`` use laplace-torch's ``torch.func`` path; ``"error"``
             refuses. Pass it with ``Laplace(..., backend_kwargs={"unsupported": ...})``.
+        curvature: A curvature to use instead of computing one (``backend_kwargs={"curvature":
+            ...}``): a :class:`~curvkit.laplace.KroneckerCurvature` in laplace-torch's layout
+            (one block per parameter, e.g. ``KroneckerCurvature.from_optimizer(opt,
+            num_data=N, separate_bias=True)``) or a trained curvkit optimizer (converted with
+            ``num_data=N`` on the first batch). ``kron`` then returns each batch's loss and the
+            curvature's factors times ``M/N``, which laplace-torch's factor-wise sum over the
+            batches turns into the curvature itself. Only Kronecker and unit-wise blocks fit
+            in ``Kron`` (EKFAC's are refused); all weights only.
 
     Example:
         >>> import torch
@@ -701,7 +718,7 @@ class CurvkitEF(_CurvkitInterface, EFInterface):
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y:
             As laplace-torch's ``EFInterface``.
-        statistics_backend, registry, unsupported: As :class:`CurvkitGGN`.
+        statistics_backend, registry, unsupported, curvature: As :class:`CurvkitGGN`.
 
     Example:
         >>> import torch
