@@ -88,7 +88,9 @@ def statistics_normalisation(optimizer: Any) -> tuple[str, int, str]:
     """How the optimizer's statistics are normalised: ``(reduction, feature_power, what)``.
 
     ``reduction`` is ``"mean"`` (per-term means: each batch's curvature is divided by its
-    number of loss terms) or ``"sum"`` (per-batch sums); ``feature_power`` is the power of
+    number of loss terms), ``"sum"`` (per-batch sums) or ``"unknown"`` (a gradient-based
+    method, ``MethodSpec(statistics="gradient")``: its blocks normalise what they keep
+    themselves); ``feature_power`` is the power of
     ``1/C`` the statistics carry from a loss that also averages over its ``C`` output
     features (0: none; 1: MC/type-2 with ``MSELoss``/``BCEWithLogitsLoss`` ``"mean"``; 2:
     the empirical Fisher of such a loss); ``what`` describes the source for messages.
@@ -96,9 +98,11 @@ def statistics_normalisation(optimizer: Any) -> tuple[str, int, str]:
     pre = optimizer_preconditioner(optimizer)
     loss_fn = pre.loss_fn
     features = isinstance(loss_fn, _FEATURE_AVERAGING) and getattr(loss_fn, "reduction", None) == "mean"
+    config = pre.statistics_config
+    if config is None:  # a gradient-based method: its blocks' normalisation is its own
+        return "unknown", 0, f"method {pre.spec.name!r} builds its blocks from the step's gradient"
     if pre.fisher is FisherType.EMPIRICAL:
-        config = pre.statistics_config
-        average = config.loss_average if config is not None else "batch"
+        average = config.loss_average
         what = f"the empirical Fisher with loss_average={average!r}"
         return ("sum" if average is None else "mean"), (2 if features and average is not None else 0), what
     reduction = getattr(loss_fn, "reduction", "mean")
@@ -130,6 +134,11 @@ def curvature_scale(
     if isinstance(num_data, bool) or not isinstance(num_data, int) or num_data < 1:
         raise ValueError(f"num_data={num_data!r} must be an integer >= 1 (the number of training data).")
     reduction, power, what = statistics_normalisation(optimizer)
+    if reduction == "unknown":
+        raise ValueError(
+            f"{what}, so how its curvature is normalised is the method's own; pass scale= (the factor to the "
+            "curvature of the sum-reduced loss over the data set) instead of num_data=."
+        )
     if reduction == "sum":
         raise ValueError(
             f"the optimizer's statistics ({what}) are sums over each batch, so their scale depends on the batch size; "

@@ -16,6 +16,7 @@ shown to be detected, and the curvature is also compared with curvlinops' dense
 from __future__ import annotations
 
 import warnings
+from dataclasses import dataclass
 
 import pytest
 import torch
@@ -23,10 +24,12 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import curvkit.optim
+from curvkit.blocks import BlockInfo, CurvatureBlock
 from curvkit.demo import digits_split
 from curvkit.errors import UnsupportedModuleError
 from curvkit.laplace import KroneckerCurvature, KroneckerLaplace
 from curvkit.linalg.kronecker import EigenbasisOperator, KroneckerOperator, UnitwiseOperator
+from curvkit.methods import MethodConfig, MethodSpec, Schedule
 
 DT = torch.float64
 
@@ -240,8 +243,7 @@ def test_row_range_and_tied_layouts(kind, method):
     _close(ours.to_dense(), ref.to_dense())
     la = KroneckerLaplace.from_optimizer(opt, "classification", [(X[:20], y[:20]), (X[20:], y[20:])])
     fresh = KroneckerLaplace(model, "classification", separate_bias=False, correct_eigenvalues=method == "ekfac")
-    fresh.curvature = None
-    fresh._install(ref, *fresh._loss_pass([(X, y)], fresh._loss_fn()))
+    fresh.fit([(X, y)], progress=False)
     _close(la.log_marginal_likelihood(), fresh.log_marginal_likelihood())
     _close(la.predictive(X[:5]), fresh.predictive(X[:5]))
 
@@ -510,3 +512,73 @@ def test_laplace_torch_kron_goes_through_operator_blocks(digits, monkeypatch):
     got = la.posterior_precision.to_matrix() - torch.eye(dense.shape[0], dtype=DT)  # prior precision 1
     _close(got[off].reshape(-1), dense[off].reshape(-1))
     _close(got.diagonal(), dense.diagonal())
+
+
+# --- a plugin's gradient-based method ------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class _GradientConfig(MethodConfig):
+    T_stats: int = 1
+
+
+class _GradientOuter(CurvatureBlock):
+    """Keeps ``G = ∇ ∇ᵀ`` of the last step's gradient (``A = I``), or (``operator=False``) no
+    curvature at all."""
+
+    def __init__(self, info: BlockInfo, operator: bool) -> None:
+        super().__init__(info)
+        self.operator, self.G = operator, None
+
+    def init(self, *, dtype, device):
+        pass
+
+    def update(self, stats, decay):
+        self.G = stats.gradient @ stats.gradient.t()
+
+    def refresh(self, damping, lam):
+        pass
+
+    def precondition(self, grad):
+        return grad
+
+    def as_operator(self):
+        if not self.operator:
+            raise NotImplementedError("no curvature estimate")
+        return KroneckerOperator(torch.eye(self.info.d_in, dtype=self.G.dtype), self.G)
+
+    def state_dict(self):
+        return {"num_updates": self.num_updates}
+
+    def load_state_dict(self, state):
+        self.num_updates = state["num_updates"]
+
+
+@pytest.mark.parametrize("operator", [True, False])
+def test_gradient_based_plugin_method(operator):
+    spec = MethodSpec(
+        name=f"outer-{operator}",
+        config_cls=_GradientConfig,
+        block_factory=lambda info, config, registry: _GradientOuter(info, operator),
+        statistics="gradient",
+        schedule=Schedule(refresh_period=None, ema_decay=None, damping=None),
+    )
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).to(DT)
+    pre = curvkit.optim.Preconditioner(model, spec)
+    X, y = torch.randn(8, 3, dtype=DT), torch.randint(0, 2, (8,))
+    nn.functional.cross_entropy(model(X), y).backward()
+    assert pre.step()
+    if not operator:
+        with pytest.raises(UnsupportedModuleError, match="method 'outer-False', layer '0'.*NotImplementedError"):
+            KroneckerCurvature.from_optimizer(pre, scale=1.0)
+        return
+    with pytest.raises(ValueError, match="builds its blocks from the step's gradient.*pass scale="):
+        KroneckerCurvature.from_optimizer(pre, num_data=8)
+    C = KroneckerCurvature.from_optimizer(pre, scale=3.0)
+    # the dense reference from the gradients themselves: 3 · vec(∇)vec(∇)ᵀ ⊗-structured per layer
+    for (layer, _), index in zip(pre.curvature_blocks(), C.indices):
+        grad = torch.cat([layer.weight.grad, layer.bias.grad[:, None]], 1)
+        expected = 3.0 * torch.kron(grad @ grad.t(), torch.eye(grad.shape[1], dtype=DT))
+        i = index.reshape(-1)
+        _close(C.to_dense()[i.unsqueeze(1), i.unsqueeze(0)], expected, rtol=1e-12)
