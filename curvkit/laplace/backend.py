@@ -383,7 +383,16 @@ class _CurvkitInterface(CurvatureInterface):
         cached = getattr(self, "_curvature_cache", None)
         if cached is not None and cached[0] == N:
             return cached[1]
-        curvature = KroneckerCurvature.from_optimizer(given, num_data=int(N), separate_bias=True)
+        try:
+            curvature = KroneckerCurvature.from_optimizer(given, num_data=int(N), separate_bias=True)
+        except ValueError as err:
+            if "separate_bias" not in str(err):
+                raise
+            raise UnsupportedModuleError(
+                f"{type(self).__name__}(curvature=optimizer): laplace-torch's Kron holds one Kronecker pair per "
+                f"parameter, weight and bias apart, and this optimizer's blocks cannot be split so ({err}). Use "
+                "curvkit.laplace.KroneckerLaplace.from_optimizer, which keeps any block operator."
+            ) from err
         self._curvature_cache = (N, curvature)
         return curvature
 

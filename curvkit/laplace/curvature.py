@@ -232,13 +232,14 @@ class KroneckerCurvature(FlatOperator):
                 :meth:`from_factors`); only for operators that can drop the cross terms
                 (Kronecker and unit-wise ones, not EKFAC's). Default ``False``: the
                 optimizer's own layout, one block per layer with the bias folded in.
-            unsupported: Parameters the optimizer takes first-order steps for: ``"warn"``
-                (default) or ``"skip"`` leave them out (fixed at their trained values);
-                ``"error"`` refuses.
+            unsupported: Parameters the optimizer takes first-order steps for (no handler,
+                a layer the method cannot serve, a block that never received statistics):
+                ``"warn"`` (default) or ``"skip"`` leave them out (fixed at their trained
+                values); ``"error"`` refuses.
             dtype: The operator's dtype (default: the blocks' common one).
 
         Raises:
-            ValueError: A block has no statistics yet; the scale is missing or ambiguous.
+            ValueError: No block has statistics yet; the scale is missing or ambiguous.
             UnsupportedModuleError: A block cannot give an operator (names the method and
                 the layer); ``unsupported="error"`` and a first-order parameter.
         """

@@ -37,11 +37,12 @@ the EMA over the last statistics steps, at the parameters of those steps, which 
 approximation a user takes by reusing the optimizer's curvature.
 
 Layers and parameters the optimizer does not precondition (modules without a layer
-handler, layers the method cannot serve) are left out of the curvature — fixed at their
+handler, layers the method cannot serve, blocks that never received statistics) are left out of the curvature — fixed at their
 MAP values, as :meth:`~curvkit.laplace.KroneckerCurvature.from_data` leaves out modules
 without a handler — under ``unsupported="warn"`` (named in a warning) or ``"skip"``;
-``"error"`` refuses them. A block whose method cannot give an operator, or that has no
-statistics yet, is refused with an error naming the method and the layer.
+``"error"`` refuses them. A block whose method cannot give an operator is refused with
+an error naming the method and the layer, and so is an optimizer none of whose blocks has
+statistics yet.
 """
 
 from __future__ import annotations
@@ -157,11 +158,6 @@ def curvature_scale(
 def _operator(pre: Any, layer: Any, block: Any) -> BlockOperator:
     """A snapshot of the block's operator (later optimizer steps do not change it)."""
     method = pre.spec.name
-    if block.num_updates == 0:
-        raise ValueError(
-            f"method {method!r}, layer {layer.name!r}: the block has no statistics yet (no statistics step reached "
-            "it), so it has no curvature; train at least one statistics step on data that runs this layer."
-        )
     try:
         op = block.as_operator()
     except (NotImplementedError, AttributeError, AssertionError, RuntimeError) as err:
@@ -179,9 +175,17 @@ def _operator(pre: Any, layer: Any, block: Any) -> BlockOperator:
     return copy.deepcopy(op)
 
 
-def _left_out(pre: Any, policy: UnsupportedPolicy) -> None:
-    """Apply the unsupported-module policy to what the optimizer does not precondition."""
+def _left_out(pre: Any, policy: UnsupportedPolicy, idle: list[str]) -> None:
+    """Apply the unsupported-module policy to what the optimizer does not precondition
+    (``idle``: layers whose block never received statistics, which take first-order steps)."""
     reasons = {f"layer {name!r}": reason for name, reason in pre.first_order_layers.items()}
+    reasons.update(
+        {
+            f"layer {name!r}": "its block has no statistics (it never ran on a statistics step, or its module was "
+            "called on a batch of one and broadcast), so it took first-order steps"
+            for name in idle
+        }
+    )
     reasons.update({f"parameter {name!r}": reason for name, reason in pre.plan.first_order.items()})
     if not reasons or policy is UnsupportedPolicy.SKIP:
         return
@@ -220,7 +224,14 @@ def optimizer_curvature(
     pairs = pre.curvature_blocks()
     if not pairs:
         raise ValueError(f"the {pre.spec.name} optimizer preconditions no layer, so it has no curvature to use.")
-    _left_out(pre, policy)
+    idle = [layer.name for layer, block in pairs if block.num_updates == 0]
+    if len(idle) == len(pairs):
+        raise ValueError(
+            f"method {pre.spec.name!r}, layer {idle[0]!r}: the block has no statistics yet (no statistics step reached "
+            "it; nor any other layer's), so there is no curvature; train at least one statistics step first."
+        )
+    _left_out(pre, policy, idle)
+    pairs = [(layer, block) for layer, block in pairs if block.num_updates > 0]
     ops = [(layer, _operator(pre, layer, block)) for layer, block in pairs]
     if dtype is None:
         dtype = ops[0][1].dtype

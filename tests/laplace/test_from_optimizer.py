@@ -114,6 +114,22 @@ def test_laplace_from_optimizer_equals_a_fresh_fit_on_digits(digits, method):
     assert abs(float(wrong.log_marginal_likelihood() - ref.log_marginal_likelihood(1.0))) > 1.0
 
 
+def test_empirical_fisher_the_optimizers_default(digits):
+    """K-FAC's default statistics, the empirical Fisher from the user's own backward of a
+    batch-mean loss (loss_average="batch"), against a fresh empirical-Fisher fit."""
+    X, y, X_test = digits
+    X, y = X[:500], y[:500]
+    model = _mlp()
+    opt = _train(model, X, y, steps=2, fisher="empirical")
+    loader = _loader(X, y, 200)
+    la = KroneckerLaplace.from_optimizer(opt, "classification", loader)
+    assert la.fisher.value == "empirical"
+    ref = KroneckerLaplace(model, "classification", fisher="empirical", separate_bias=False)
+    ref.fit(loader, progress=False)
+    _close(la.log_marginal_likelihood(), ref.log_marginal_likelihood())
+    _close(la.predictive(X_test), ref.predictive(X_test))
+
+
 @pytest.mark.parametrize("method", ["kfac", "ekfac"])
 def test_curvature_from_optimizer_equals_curvlinops(digits, method):
     """The optimizer's curvature, scaled by N, against curvlinops' dense (E)KFAC of the
@@ -358,6 +374,21 @@ def test_blocks_without_statistics_or_operator_are_named(digits):
         fresh = curvkit.optim.KFAC(model)
     with pytest.raises(ValueError, match="method 'kfac', layer '0': the block has no statistics yet"):
         KroneckerCurvature.from_optimizer(fresh, num_data=10)
+    # a layer that never ran on a statistics step took first-order steps: left out (warned) or refused
+    torch.manual_seed(0)
+    partial = nn.ModuleDict({"used": nn.Linear(64, 10), "unused": nn.Linear(64, 10)}).to(DT)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        opt = curvkit.optim.KFAC(partial, fisher="type-2", loss_fn=nn.CrossEntropyLoss())
+        out = partial["used"](X[:50])
+        opt.curvature_backward(out, y[:50])
+        nn.functional.cross_entropy(out, y[:50]).backward()
+        opt.step()
+    with pytest.warns(UserWarning, match="layer 'unused': its block has no statistics"):
+        C = KroneckerCurvature.from_optimizer(opt, num_data=50)
+    assert C.param_names == ["used.weight", "used.bias"]
+    with pytest.raises(UnsupportedModuleError, match="layer 'unused'"):
+        KroneckerCurvature.from_optimizer(opt, num_data=50, unsupported="error")
     opt = _train(_mlp(), X[:100], y[:100], steps=1, last_full=False)
     block = opt.preconditioner.blocks["2"]
 
@@ -468,6 +499,16 @@ def test_laplace_torch_backend_from_an_optimizer(digits):
             backend_kwargs={"curvature": KroneckerCurvature.from_optimizer(ekfac, num_data=len(y))},
         )
         with pytest.raises(UnsupportedModuleError, match="one Kronecker pair per parameter"):
+            la.fit(loader)
+        la = Laplace(
+            ekfac.preconditioner.model,
+            "classification",
+            subset_of_weights="all",
+            hessian_structure="kron",
+            backend=CurvkitGGN,
+            backend_kwargs={"curvature": ekfac},
+        )
+        with pytest.raises(UnsupportedModuleError, match="KroneckerLaplace.from_optimizer"):
             la.fit(loader)
 
 
