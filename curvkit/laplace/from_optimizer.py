@@ -37,9 +37,10 @@ the EMA over the last statistics steps, at the parameters of those steps, which 
 approximation a user takes by reusing the optimizer's curvature.
 
 Layers and parameters the optimizer does not precondition (modules without a layer
-handler, layers the method cannot serve, blocks that never received statistics) are left out of the curvature — fixed at their
-MAP values, as :meth:`~curvkit.laplace.KroneckerCurvature.from_data` leaves out modules
-without a handler — under ``unsupported="warn"`` (named in a warning) or ``"skip"``;
+handler, layers the method cannot serve, blocks that never received statistics) are left
+out of the curvature — fixed at their MAP values, as
+:meth:`~curvkit.laplace.KroneckerCurvature.from_data` leaves out modules without a
+handler — under ``unsupported="warn"`` (named in a warning) or ``"skip"``;
 ``"error"`` refuses them. A block whose method cannot give an operator is refused with
 an error naming the method and the layer, and so is an optimizer none of whose blocks has
 statistics yet.
