@@ -45,8 +45,10 @@ class SharedLayerStats(LayerStats):
         super().__init__(layer, like.new_empty((0,)), [], approx, 1.0)
         self.shared = shared
         self._num_data = int(num_data)
-        self._dtype = like.dtype if like.is_floating_point() else next(
-            (t.dtype for t in shared.values() if t.is_floating_point()), torch.get_default_dtype()
+        self._dtype = (
+            like.dtype
+            if like.is_floating_point()
+            else next((t.dtype for t in shared.values() if t.is_floating_point()), torch.get_default_dtype())
         )
 
     @property
