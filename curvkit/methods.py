@@ -285,6 +285,11 @@ class MethodSpec:
 
     Attributes:
         name: Registered name (``"kfac"``).
+        class_name: Name of the method's optimizer class in :mod:`curvkit.optim`
+            (``"KFAC"``: ``curvkit.optim.KFAC(model, ...)``), built from the registry on
+            first use (:func:`curvkit.optim.named.named_class`); ``None`` (default): no
+            named class, the method works with :func:`curvkit.optim.create`. A Python
+            identifier that starts with an upper-case letter, unique among the methods.
         config_cls: Its frozen, keyword-only, self-validating configuration dataclass.
         block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``. It may raise
             :class:`~curvkit.UnsupportedModuleError` for a layer the method cannot serve:
@@ -339,6 +344,7 @@ class MethodSpec:
     name: str
     config_cls: type[MethodConfig]
     block_factory: Callable[..., Any]
+    class_name: str | None = None
     summary: str = ""
     reference: str = ""
     sample_configs: tuple[dict[str, Any], ...] = ({},)
@@ -365,6 +371,13 @@ class MethodSpec:
         return {k: v for k, v in self.recommended_settings().items() if k not in OPTIMIZER_OPTIONS}
 
     def __post_init__(self) -> None:
+        if self.class_name is not None and not (
+            isinstance(self.class_name, str) and self.class_name.isidentifier() and self.class_name[:1].isupper()
+        ):
+            raise ValueError(
+                f"MethodSpec {self.name!r}: class_name={self.class_name!r} must be a Python identifier starting with an "
+                "upper-case letter (the optimizer class curvkit.optim gives the method, e.g. 'KFAC'), or None."
+            )
         if self.statistics not in ("layer", "gradient"):
             raise ValueError(
                 f"MethodSpec {self.name!r}: statistics={self.statistics!r} must be 'layer' (captured inputs and output "

@@ -64,19 +64,6 @@ from curvkit.optim.trust_region import TrustRegion
 from curvkit.optim.trust_region import scales as trust_region_scales
 
 __all__ = [
-    "BKFAC",
-    "BKFACC",
-    "BRKFAC",
-    "EKFAC",
-    "IKFAC",
-    "INGD",
-    "KFAC",
-    "RSKFAC",
-    "SINGD",
-    "SKFAC",
-    "SREKFAC",
-    "TEKFAC",
-    "TKFAC",
     "CurvatureOptimizer",
     "available_methods",
     "create",
@@ -721,88 +708,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
 
 def _rows(ref: Any, t: Tensor) -> Tensor:
     return t if ref.rows is None else t[ref.rows[0] : ref.rows[1]]
-
-
-class KFAC(CurvatureOptimizer):
-    """K-FAC / KFC (Martens & Grosse 2015; Grosse & Martens 2016); options:
-    :class:`curvkit_kfac.KFACConfig`."""
-
-    method = "kfac"
-
-
-class EKFAC(CurvatureOptimizer):
-    """EKFAC (George et al. 2018); options: :class:`curvkit_kfac.EKFACConfig`."""
-
-    method = "ekfac"
-
-
-class TKFAC(CurvatureOptimizer):
-    """TKFAC (Gao et al. 2021); options: :class:`curvkit_kfac.TKFACConfig`."""
-
-    method = "tkfac"
-
-
-class TEKFAC(CurvatureOptimizer):
-    """TEKFAC (Gao et al. 2020); options: :class:`curvkit_kfac.TEKFACConfig`."""
-
-    method = "tekfac"
-
-
-class SINGD(CurvatureOptimizer):
-    """SINGD (Lin et al. 2024), from the bundled ``singd`` plugin; options:
-    :class:`curvkit_singd.SINGDConfig`."""
-
-    method = "singd"
-
-
-class IKFAC(CurvatureOptimizer):
-    """IKFAC (SINGD with ``kfac_like=True``); options: :class:`curvkit_singd.IKFACConfig`."""
-
-    method = "ikfac"
-
-
-class INGD(CurvatureOptimizer):
-    """INGD (dense SINGD, Lin et al. 2023); options: :class:`curvkit_singd.INGDConfig`."""
-
-    method = "ingd"
-
-
-class RSKFAC(CurvatureOptimizer):
-    """RS-KFAC (Puiu 2022a), from the bundled ``lowrank`` plugin; options:
-    :class:`curvkit_lowrank.RSKFACConfig`."""
-
-    method = "rs-kfac"
-
-
-class BKFAC(CurvatureOptimizer):
-    """B-KFAC (Puiu 2022b), from the bundled ``lowrank`` plugin; options:
-    :class:`curvkit_lowrank.BKFACConfig`."""
-
-    method = "b-kfac"
-
-
-class BRKFAC(CurvatureOptimizer):
-    """B-R-KFAC (Puiu 2022b); options: :class:`curvkit_lowrank.BRKFACConfig`."""
-
-    method = "b-r-kfac"
-
-
-class BKFACC(CurvatureOptimizer):
-    """B-KFAC-c (Puiu 2022b); options: :class:`curvkit_lowrank.BKFACCConfig`."""
-
-    method = "b-kfac-c"
-
-
-class SREKFAC(CurvatureOptimizer):
-    """SRE-KFAC (Puiu 2022a); options: :class:`curvkit_lowrank.SREKFACConfig`."""
-
-    method = "sre-kfac"
-
-
-class SKFAC(CurvatureOptimizer):
-    """SKFAC (Tang et al. 2021); options: :class:`curvkit_lowrank.SKFACConfig`."""
-
-    method = "skfac"
 
 
 def available_methods(registry: Any = None) -> list[str]:

@@ -395,6 +395,7 @@ def skfac_block(info: BlockInfo, config: SKFACConfig, registry: Any) -> SKFACBlo
 
 SKFAC_SPEC = MethodSpec(
     name="skfac",
+    class_name="SKFAC",
     config_cls=SKFACConfig,
     block_factory=skfac_block,
     schedule=Schedule(ema_decay=None),  # the current batch's factors: no EMA
