@@ -375,8 +375,8 @@ class MethodSpec:
             isinstance(self.class_name, str) and self.class_name.isidentifier() and self.class_name[:1].isupper()
         ):
             raise ValueError(
-                f"MethodSpec {self.name!r}: class_name={self.class_name!r} must be a Python identifier starting with an "
-                "upper-case letter (the optimizer class curvkit.optim gives the method, e.g. 'KFAC'), or None."
+                f"MethodSpec {self.name!r}: class_name={self.class_name!r} must be a Python identifier starting with "
+                "an upper-case letter (the optimizer class curvkit.optim gives the method, e.g. 'KFAC'), or None."
             )
         if self.statistics not in ("layer", "gradient"):
             raise ValueError(

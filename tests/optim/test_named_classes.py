@@ -51,8 +51,9 @@ def test_bundled_names_resolve_from_their_specs():
         assert issubclass(cls, curvkit.optim.CurvatureOptimizer)
         assert cls.method == method and cls.__module__ == "curvkit.optim" and cls.__qualname__ == name
         assert method in cls.__doc__
-    from curvkit.optim import KFAC, SINGD
     from curvkit_singd.optim import SINGD as PluginSINGD
+
+    from curvkit.optim import KFAC, SINGD
 
     assert KFAC is curvkit.optim.KFAC and SINGD is PluginSINGD
     assert {"KFAC", "SINGD"} <= set(dir(curvkit.optim))
