@@ -4,7 +4,7 @@ Subcommands:
 
 ``curvkit plugins``
     Every registered component (layer handlers, statistics backends, structures,
-    inverters, dampings, methods) by kind, with the plugin that provided it, and the
+    inverters, dampings, inverse kinds, methods) by kind, with the plugin that provided it, and the
     loaded and blocked plugins. Honours ``CURVKIT_DISABLE_PLUGIN_AUTOLOAD`` and
     ``CURVKIT_BLOCK_PLUGINS``. A plugin that fails to load or register is reported in
     one message (exit status 1); ``--traceback`` shows the full traceback.

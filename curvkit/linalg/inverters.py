@@ -56,17 +56,12 @@ class KroneckerInverse:
     """Applies a damped Kronecker inverse to gradients in matrix form.
 
     Subclasses set a unique :attr:`kind` and implement :meth:`apply`, :meth:`tensors` and
-    :meth:`from_tensors`; defining the subclass registers its kind, so
-    :func:`inverse_from_tensors` (``state_dict`` round trips of a block) restores inverses
-    that plugins add as well.
+    :meth:`from_tensors`; the plugin that defines one registers it
+    (:func:`~curvkit.hookspecs.curvkit_register_inverses`), so :func:`inverse_from_tensors`
+    (``state_dict`` round trips of a block) finds it in the registry.
     """
 
     kind: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.kind:
-            _INVERSE_KINDS[cls.kind] = cls
 
     def apply(self, grad: Tensor) -> Tensor:
         raise NotImplementedError
@@ -77,10 +72,6 @@ class KroneckerInverse:
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> KroneckerInverse:
         raise NotImplementedError
-
-
-#: kind -> KroneckerInverse subclass, filled as subclasses are defined.
-_INVERSE_KINDS: dict[str, type[KroneckerInverse]] = {}
 
 
 def _left(mat: Tensor, m: Tensor) -> Tensor:
@@ -174,14 +165,23 @@ class IdentityInverse(KroneckerInverse):
         return cls()
 
 
-def inverse_from_tensors(kind: str, tensors: dict[str, Tensor]) -> KroneckerInverse:
-    """Rebuild a stored :class:`KroneckerInverse` (``state_dict`` round trip)."""
-    if kind not in _INVERSE_KINDS:
+def inverse_from_tensors(kind: str, tensors: dict[str, Tensor], *, registry: Any = None) -> KroneckerInverse:
+    """Rebuild a stored :class:`KroneckerInverse` (``state_dict`` round trip), its class
+    found by ``kind`` in ``registry``'s ``inverses`` (default:
+    :func:`~curvkit.registry.active_registry`, the preconditioner's own while it loads).
+
+    Raises:
+        ValueError: No registered inverse has that kind (the message lists those that do).
+    """
+    from curvkit.registry import active_registry
+
+    table = (registry if registry is not None else active_registry()).inverses
+    if kind not in table:
         raise ValueError(
-            f"unknown inverse kind {kind!r} in a state_dict; known: {', '.join(sorted(_INVERSE_KINDS))}. "
-            "Is the plugin that defines it installed and loaded?"
+            f"unknown inverse kind {kind!r} in a state_dict; registered: {', '.join(sorted(table))}. Is the plugin "
+            "that defines it installed and loaded, and does it register the class (curvkit_register_inverses)?"
         )
-    return _INVERSE_KINDS[kind].from_tensors(tensors)
+    return table.get(kind).from_tensors(tensors)
 
 
 def inverse_state(inverse: KroneckerInverse | None) -> dict[str, Any]:
@@ -192,13 +192,16 @@ def inverse_state(inverse: KroneckerInverse | None) -> dict[str, Any]:
     return {"inverse_kind": inverse.kind, "inverse": dict(inverse.tensors())}
 
 
-def inverse_from_state(state: dict[str, Any], *, clone: bool = True) -> KroneckerInverse | None:
-    """Inverse of :func:`inverse_state` (any registered kind): the inverse, or ``None``
-    when ``state`` holds none. ``clone=False`` keeps the given tensors."""
+def inverse_from_state(
+    state: dict[str, Any], *, clone: bool = True, registry: Any = None
+) -> KroneckerInverse | None:
+    """Inverse of :func:`inverse_state` (any registered kind, see
+    :func:`inverse_from_tensors`): the inverse, or ``None`` when ``state`` holds none.
+    ``clone=False`` keeps the given tensors."""
     if "inverse" not in state:
         return None
     tensors = {k: v.clone() if clone else v for k, v in state["inverse"].items()}
-    return inverse_from_tensors(state["inverse_kind"], tensors)
+    return inverse_from_tensors(state["inverse_kind"], tensors, registry=registry)
 
 
 class Inverter:

@@ -51,6 +51,7 @@ from curvkit.optim.guards import (
     inner_products,
     squared_norms,
 )
+from curvkit.registry import using_registry
 from curvkit.stats.backend import UnitwiseFactors
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
@@ -457,7 +458,8 @@ class Preconditioner:
             ]
             if due:
                 failures = {name: self.blocks[name].inverse_failures for name in due}
-                self.distributor.refresh(due, self.blocks, self._refresh_block)
+                with using_registry(self.registry):  # refresh states from other ranks name their inverse kinds
+                    self.distributor.refresh(due, self.blocks, self._refresh_block)
                 # a block whose first refresh failed has no inverse of its own yet: retry it
                 # on the next step rather than wait for the schedule
                 self._refreshed.update(
@@ -759,7 +761,8 @@ class Preconditioner:
         for name, block_state in state["blocks"].items():
             # a checkpoint from another device (map_location, or CPU -> CUDA): the layer's device
             device = self.layers[name].weight.device
-            self.blocks[name].load_state_dict(_to_device(block_state, device))
+            with using_registry(self.registry):  # inverse kinds are looked up in this registry
+                self.blocks[name].load_state_dict(_to_device(block_state, device))
 
     @property
     def distribution_plan(self) -> dict[str, int | None]:
