@@ -511,11 +511,19 @@ class MethodSpec:
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:
         """The block for ``info``: the ``block_factory``'s, or for a unit-wise layer the
         ``unitwise_block`` factory's (default: the core's
-        :class:`~curvkit.unitwise.UnitwiseBlock`)."""
+        :class:`~curvkit.unitwise.UnitwiseBlock`).
+
+        Raises:
+            TypeError: The factory returned something that is not a
+                :class:`~curvkit.blocks.CurvatureBlock` (naming the method, the layer and
+                the returned type; :func:`curvkit.optim.checks.check_block`).
+        """
+        from curvkit.optim.checks import check_block
+
         if getattr(info, "unitwise", False):
             if self.unitwise_block is not None:
-                return self.unitwise_block(info, config, registry)
+                return check_block(self.name, info, self.unitwise_block(info, config, registry), "unitwise_block")
             from curvkit.unitwise import UnitwiseBlock
 
             return UnitwiseBlock.from_config(info, config, registry)
-        return self.block_factory(info, config, registry)
+        return check_block(self.name, info, self.block_factory(info, config, registry))

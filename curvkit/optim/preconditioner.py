@@ -43,6 +43,7 @@ from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.errors import UnsupportedModuleError, UnsupportedRequestError
 from curvkit.methods import MethodConfig, MethodSpec, StatisticsConfig
+from curvkit.optim.checks import check_directions
 from curvkit.optim.guards import (
     COUNTERS,
     OutlierGates,
@@ -198,6 +199,7 @@ class Preconditioner:
                 stacklevel=3,
             )
         self.layers = {name: layer for name, layer in self.layers.items() if name in self.blocks}
+        self._shapes_to_check = set(self.blocks)  # precondition() shapes, checked on each block's first step
         #: Columns of a block's matrix that take the first-order step (a handler's
         #: ``first_order_columns``: an untied embedding's padding row, which has no gradient).
         self._first_order_columns: dict[str, list[int]] = {}
@@ -470,6 +472,8 @@ class Preconditioner:
                 name: (first_order[name] if name in first_order else self.blocks[name].precondition(m))
                 for name, m in mats.items()
             }
+            if self._shapes_to_check:  # each block's first direction: the gradient's shape (names method and layer)
+                self._shapes_to_check = check_directions(self.spec.name, self.blocks, out, mats, self._shapes_to_check)
             for name, cols in self._first_order_columns.items():
                 if name in out and name not in first_order:  # e.g. an embedding's padding row
                     out[name][:, cols] = mats[name][:, cols].to(out[name].dtype)
