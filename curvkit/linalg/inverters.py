@@ -25,6 +25,7 @@ from torch import Tensor
 
 from curvkit.errors import IncompatibleComponentsError
 from curvkit.linalg.damping import Damping
+from curvkit.linalg.roots import compute_dtype, symmetric_eigh
 from curvkit.numerics import all_finite
 from curvkit.structures.base import FactorStructure
 
@@ -45,11 +46,6 @@ __all__ = [
     "inverse_state",
     "symmetric_eigh",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype decompositions run in: float64 stays, everything else becomes float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 class KroneckerInverse:
@@ -264,25 +260,6 @@ class CholeskyInverter(Inverter):
         if a_inv is None or g_inv is None:
             return None
         return FactoredInverse(a_inv, g_inv)
-
-
-def symmetric_eigh(factor: FactorStructure | Tensor) -> tuple[Tensor, Tensor] | None:
-    """Eigenvalues (clamped at 0, ascending) and eigenvectors of a PSD factor, in float32
-    or float64, retrying in float64; a diagonal factor gives an empty eigenvector tensor
-    (the identity). ``None`` if the decomposition fails."""
-    if isinstance(factor, FactorStructure) and factor.is_diagonal:
-        d = factor.diagonal().to(compute_dtype(factor.dtype))
-        return d.clamp_min(0), d.new_empty(0)
-    m = factor.to_dense() if isinstance(factor, FactorStructure) else factor
-    dtype = compute_dtype(m.dtype)
-    for attempt in (dtype, torch.float64) if dtype != torch.float64 else (torch.float64,):
-        try:
-            evals, evecs = torch.linalg.eigh(m.to(attempt))
-        except RuntimeError:  # torch raises on non-convergence
-            continue
-        if all_finite(evals) and all_finite(evecs):
-            return evals.clamp_min(0).to(dtype), evecs.to(dtype)
-    return None
 
 
 class EigenInverter(Inverter):
