@@ -352,5 +352,11 @@ def check_method(method: str | MethodSpec, *, registry: Any = None) -> None:
     from curvkit.testing.operators import check_block_operators
     from curvkit.testing.steps import check_statistics_period, check_weight_decay_modes
 
-    for check in (*CHECKS, check_block_operators, check_statistics_period, check_weight_decay_modes):
+    checks: tuple[Callable[..., None], ...] = (
+        *CHECKS,
+        check_block_operators,
+        check_statistics_period,
+        check_weight_decay_modes,
+    )
+    for check in checks:
         check(method, registry=registry)
