@@ -56,18 +56,18 @@ def test_the_weight_decay_check_holds_the_step_to_the_documented_rule(monkeypatc
     """'after' and 'decoupled' must move the parameters exactly by the documented rule from
     the step without decay; an optimizer that applied the decay twice fails it."""
     check_weight_decay_modes(_kfac_spec(KroneckerBlock, "plain"))
-    from curvkit.optim.optimizer import CurvatureOptimizer
+    import curvkit.optim.optimizer as optimizer_module
 
-    original = CurvatureOptimizer._apply
+    original = optimizer_module.apply_updates
 
-    def decays_twice(self, params, directions, groups):
+    def decays_twice(state, params, directions, groups):
         for i, p in params.items():
             group = groups[i]
             if group["weight_decay_mode"] == "after":
                 directions[i] = directions[i] + group["weight_decay"] * p
-        return original(self, params, directions, groups)
+        return original(state, params, directions, groups)
 
-    monkeypatch.setattr(CurvatureOptimizer, "_apply", decays_twice)
+    monkeypatch.setattr(optimizer_module, "apply_updates", decays_twice)
     with pytest.raises(AssertionError, match=r"'plain': the first step with weight_decay_mode='after' \(γ=0.1\)"):
         check_weight_decay_modes(_kfac_spec(KroneckerBlock, "plain"))
 

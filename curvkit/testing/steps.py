@@ -5,7 +5,7 @@
   method trains, each block is updated exactly on the statistics steps (the core counts),
   and stale statistics and inverses between them do no harm;
 * :func:`check_weight_decay_modes`: every ``weight_decay_mode``
-  (:data:`~curvkit.optim.optimizer.WEIGHT_DECAY_MODES`) trains; on the first step
+  (:data:`~curvkit.optim.options.WEIGHT_DECAY_MODES`) trains; on the first step
   ``"after"`` and ``"decoupled"`` move the parameters exactly as the core's rule says
   from the step without decay (the block's direction must not depend on the decay), and
   ``"before"`` preconditions the decayed gradient (a different, finite step).
@@ -92,7 +92,7 @@ def check_weight_decay_modes(
 ) -> None:
     """Every weight-decay mode: the first step against the core's rule (float64), then a
     short run that must lower the loss (see the module docstring)."""
-    from curvkit.optim.optimizer import WEIGHT_DECAY_MODES
+    from curvkit.optim.options import WEIGHT_DECAY_MODES
     from curvkit.testing.methods import _full_loss, _make, _mlp, _spec, _task, _train
 
     spec = _spec(method, registry)
