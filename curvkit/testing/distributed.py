@@ -39,9 +39,9 @@ def _model() -> nn.Module:
 
 
 def _batch(step: int, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(1000 + step)
-    X = torch.randn(2 * ROWS, 6, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (2 * ROWS,), generator=g)
+    g = torch.Generator(device="cpu").manual_seed(1000 + step)
+    X = torch.randn(2 * ROWS, 6, generator=g, dtype=torch.float64, device="cpu")
+    y = torch.randint(0, 3, (2 * ROWS,), generator=g, device="cpu")
     rows = slice(rank * 2 * ROWS // world, (rank + 1) * 2 * ROWS // world)
     return X[rows], y[rows]
 

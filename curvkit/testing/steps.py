@@ -42,7 +42,7 @@ def check_statistics_period(
         options[fields["refresh_period"]] = period + 1
     torch.manual_seed(0)
     model = _mlp()
-    X, y = _task("mlp", torch.Generator().manual_seed(5))
+    X, y = _task("mlp", torch.Generator(device="cpu").manual_seed(5))
     before = _full_loss(model, X, y)
     opt = _make(spec, model, options, registry, lr)
     _train(opt, model, X, y, steps)
@@ -73,7 +73,7 @@ def _one_step(spec: MethodSpec, registry: Any, options: dict[str, Any], **step: 
 
     torch.manual_seed(0)
     model = _mlp().double()
-    X, y = _task("mlp", torch.Generator().manual_seed(6), n=32)
+    X, y = _task("mlp", torch.Generator(device="cpu").manual_seed(6), n=32)
     opt = CurvatureOptimizer(
         model, method=spec, loss_fn=nn.CrossEntropyLoss(), registry=registry, recommended=False, **step, **options
     )
@@ -125,7 +125,7 @@ def check_weight_decay_modes(
             )
         torch.manual_seed(0)
         model = _mlp()
-        X, y = _task("mlp", torch.Generator().manual_seed(7))
+        X, y = _task("mlp", torch.Generator(device="cpu").manual_seed(7))
         before = _full_loss(model, X, y)
         opt = _make(spec, model, {**options, "weight_decay": 1e-3, "weight_decay_mode": mode}, registry, lr)
         _train(opt, model, X, y, 20)

@@ -5,6 +5,7 @@ without a core edit."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import pickle
 from dataclasses import dataclass
 
@@ -132,3 +133,10 @@ def test_two_methods_with_one_class_name_are_refused():
 def test_bad_class_names_are_refused(bad):
     with pytest.raises(ValueError, match="class_name="):
         _spec("x", bad)
+
+
+def test_curvkit_plugins_shows_the_class():
+    from curvkit.cli import _details
+
+    assert "class: curvkit.optim.KFAC" in _details("methods", curvkit.default_registry().methods.get("kfac"))
+    assert "class:" not in _details("methods", dataclasses.replace(_spec("x", "X"), class_name=None))
