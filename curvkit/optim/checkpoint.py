@@ -41,6 +41,7 @@ def preconditioner_state(pre: Preconditioner) -> dict[str, Any]:
         "blocks": {name: block.state_dict() for name, block in pre.blocks.items()},
     }
 
+
 def check_preconditioner_state(pre: Preconditioner, state: dict[str, Any]) -> None:
     """Raise ``ValueError`` (changing nothing) unless ``state`` is a
     :func:`preconditioner_state` of this method for layers this model tracks, with the same
@@ -69,6 +70,7 @@ def check_preconditioner_state(pre: Preconditioner, state: dict[str, Any]) -> No
             "state_dict does not fit this model (saved from a model with the same layer names but other widths?): "
             + "; ".join(mismatched)
         )
+
 
 def load_preconditioner_state(pre: Preconditioner, state: dict[str, Any]) -> None:
     """Restore :func:`preconditioner_state`'s output, after :func:`check_preconditioner_state`."""

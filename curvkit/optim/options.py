@@ -85,5 +85,3 @@ FALLBACK_DEFAULTS: dict[str, Any] = {
     "rms_clip": None,
     "grad_ratio_clip": None,
 }
-
-

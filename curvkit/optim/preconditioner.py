@@ -457,9 +457,10 @@ class Preconditioner:
         norms: dict[str, float] = {}
         for b in step.batched:
             g = b.grads if b.grads.dtype == b.out.dtype else b.grads.to(b.out.dtype)
-            dots.update(zip(b.names, (b.out * g).sum(dim=(1, 2)).tolist()))
+            o = b.out.reshape(len(b.names), -1)
+            dots.update(zip(b.names, torch.linalg.vecdot(o, g.reshape(len(b.names), -1)).tolist()))
             if self.want_direction_norms:
-                norms.update(zip(b.names, (b.out * b.out).sum(dim=(1, 2)).tolist()))
+                norms.update(zip(b.names, (n * n for n in torch.linalg.vector_norm(o, dim=1).tolist())))
         rest = [n for n in out if n not in dots]
         dots.update(zip(rest, inner_products([(out[n], step.mats[n]) for n in rest])))
         if self.want_direction_norms:

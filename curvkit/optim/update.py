@@ -32,7 +32,7 @@ def apply_updates(
     for i, d in directions.items():
         p = params[i]
         buckets.setdefault((id(groups[i]), p.dtype, d.dtype, p.device), []).append(i)
-    plans: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool, list[tuple[Tensor, Tensor] | None]]] = []
+    plans: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool, list[tuple[dict[str, Any], Tensor]]]] = []
     for (_, dtype, _, _), ids in buckets.items():
         group = groups[ids[0]]
         lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
@@ -42,7 +42,7 @@ def apply_updates(
         ds = [directions[i] for i in ids]
         if wd != 0 and mode == "after":
             ds = list(torch._foreach_add(ds, ps, alpha=wd))
-        bufs: list[tuple[Tensor, Tensor] | None] = [None] * len(ps)
+        bufs: list[tuple[dict[str, Any], Tensor]] = []
         if mu != 0:
             ds, bufs = _momentum(state, ps, ds, mu)
         if kahan:
@@ -51,9 +51,8 @@ def apply_updates(
     if not updates_fit((group, ps, ds, kahan) for group, ps, ds, kahan, _ in plans):
         return False
     for group, ps, ds, kahan, bufs in plans:
-        for p, entry in zip(ps, bufs):
-            if entry is not None:
-                state[p]["momentum_buffer"] = entry[1]
+        for st, m in bufs:
+            st["momentum_buffer"] = m
         lr, wd, mode = group["lr"], group["weight_decay"], group["weight_decay_mode"]
         if kahan:
             _compensated_commit(state, ps, ds)
@@ -63,17 +62,19 @@ def apply_updates(
         torch._foreach_add_(ps, ds, alpha=-lr)
     return True
 
+
 def _momentum(
     state: Any, ps: list[Tensor], ds: list[Tensor], mu: float
-) -> tuple[list[Tensor], list[tuple[Tensor, Tensor] | None]]:
+) -> tuple[list[Tensor], list[tuple[dict[str, Any], Tensor]]]:
     """The new buffers ``m ← μ m + Δ`` (``m = Δ`` on a parameter's first step), formed
-    out of place: ``(the m's, [(parameter, new buffer)] to install once checked)``."""
+    out of place: ``(the m's, [(parameter's state, new buffer)] to install once checked)``."""
     out: list[Tensor] = []
     old: list[Tensor] = []
     incs: list[Tensor] = []
     where: list[int] = []
-    for k, (p, d) in enumerate(zip(ps, ds)):
-        buf = state[p].get("momentum_buffer")
+    states = [state[p] for p in ps]
+    for k, (st, d) in enumerate(zip(states, ds)):
+        buf = st.get("momentum_buffer")
         if buf is None:
             out.append(torch.clone(d).detach())
         else:
@@ -86,7 +87,8 @@ def _momentum(
         torch._foreach_add_(new, incs)
         for k, m in zip(where, new):
             out[k] = m
-    return out, [(p, m) for p, m in zip(ps, out)]
+    return out, list(zip(states, out))
+
 
 def _compensated_increments(
     state: Any, ps: list[Tensor], ms: list[Tensor], lr: float, decoupled: float
@@ -104,6 +106,7 @@ def _compensated_increments(
         out.append(inc)
     return out
 
+
 def _compensated_commit(state: Any, ps: list[Tensor], incs: list[Tensor]) -> None:
     """``θ ← θ + inc`` for 16-bit ``θ`` with the rounding error carried in
     ``state[θ]["kahan_comp"]`` (:func:`curvkit.numerics.compensated_add`)."""
@@ -111,4 +114,3 @@ def _compensated_commit(state: Any, ps: list[Tensor], incs: list[Tensor]) -> Non
         new, err = compensated_add(p, inc)
         p.copy_(new)
         state[p]["kahan_comp"] = err
-
