@@ -566,6 +566,12 @@ class Preconditioner:
 
     remove = remove_hooks
 
+    def curvature_blocks(self) -> list[tuple[LayerPlan, CurvatureBlock]]:
+        """Every preconditioned layer with its block, in plan order: what
+        :meth:`curvkit.laplace.KroneckerCurvature.from_optimizer` reads (the layers taking
+        first-order steps are :attr:`first_order_layers` and ``plan.first_order``)."""
+        return [(layer, self.blocks[layer.name]) for layer in self.plan if layer.name in self.blocks]
+
     def tracked_parameters(self) -> list[nn.Parameter]:
         """The parameters with a curvature block (each once)."""
         out: dict[int, nn.Parameter] = {}
