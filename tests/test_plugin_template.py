@@ -207,6 +207,12 @@ def test_the_installed_template_passes_check_plugin_and_its_shampoo_learns_digit
     import subprocess
 
     pytest.importorskip("setuptools", minversion="77")  # the template's build backend, used offline
+    import shutil
+
+    # build from a copy: an in-tree build leaves build/ and src/*.egg-info, whose entry point
+    # would then register the template in any process with src/ on sys.path
+    source = tmp_path / "plugin-template"
+    shutil.copytree(SRC.parent, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     target = tmp_path / "site"
     subprocess.run(
         [
@@ -220,7 +226,7 @@ def test_the_installed_template_passes_check_plugin_and_its_shampoo_learns_digit
             "--no-index",
             "--target",
             str(target),
-            str(SRC.parent),
+            str(source),
         ],
         check=True,
         capture_output=True,
