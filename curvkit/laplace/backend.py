@@ -60,7 +60,7 @@ stored as it is and must itself be picklable.
 
 ``kron`` builds its entries from the same :class:`~curvkit.laplace.OperatorBlock` s as
 :meth:`KroneckerCurvature.from_factors <curvkit.laplace.KroneckerCurvature.from_factors>`
-(:func:`~curvkit.laplace.curvature.layer_blocks`, weight and bias split;
+(:func:`~curvkit.laplace.blocks.layer_blocks`, weight and bias split;
 :func:`kron_entry`), and with ``curvature=`` (a :class:`~curvkit.laplace.KroneckerCurvature`
 or a trained curvkit optimizer, see :class:`CurvkitGGN`) it uses that curvature instead of
 computing one: the laplace-torch side of

@@ -136,7 +136,7 @@ class KronMethods:
     ) -> dict[tuple[str, bool], OperatorBlock]:
         """``{(layer, is_bias): block}``: each layer's batch factors as
         :class:`~curvkit.laplace.OperatorBlock` s in laplace-torch's layout (weight and bias
-        blocks, :func:`~curvkit.laplace.curvature.layer_blocks` with ``separate_bias``)."""
+        blocks, :func:`~curvkit.laplace.blocks.layer_blocks` with ``separate_bias``)."""
         names = {id(p): n for n, p in self._model.named_parameters()}
         out: dict[tuple[str, bool], OperatorBlock] = {}
         for layer in plan:

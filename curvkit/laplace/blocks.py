@@ -31,10 +31,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.laplace.layout import FlatLayout
 from curvkit.linalg.kronecker import EigenbasisOperator, KroneckerOperator, UnitwiseOperator
 from curvkit.linalg.operator import BlockOperator, CurvatureOperator, OperatorEigen
 
-__all__ = ["OperatorBlock"]
+__all__ = ["OperatorBlock", "layer_blocks"]
 
 
 @dataclass(frozen=True)
@@ -273,3 +274,61 @@ class OperatorBlock:
     def scaled(self, scale: float) -> OperatorBlock:
         """The block times ``scale`` (a non-negative number; eigendecompositions are kept)."""
         return dataclasses.replace(self, operator=self.operator.scaled(scale))
+
+
+def _local_index(layout: FlatLayout, layer: Any) -> Tensor:
+    """The layer's ``(d_out, k)`` matrix positions within its own parameters (concatenated,
+    each flattened, in ``layer.params`` order): the layout a block's ``index`` describes."""
+    flat_to_local = torch.full((layout.num_params,), -1, dtype=torch.long, device="cpu")
+    start = 0
+    for p in layer.params:
+        offset = layout.offsets[id(p)]
+        flat_to_local[offset : offset + p.numel()] = torch.arange(start, start + p.numel(), device="cpu")
+        start += p.numel()
+    return flat_to_local[layout.indices[layer.name]]
+
+
+def layer_blocks(
+    layer: Any, op: BlockOperator, names: dict[int, str], layout: FlatLayout, separate_bias: bool
+) -> list[OperatorBlock]:
+    """The blocks of one tracked layer whose curvature is ``op`` on its ``(d_out, k)``
+    matrix: one block, or (``separate_bias`` and a layer with a bias or shift) a weight
+    block and a ``"<layer>.bias"`` block, the cross terms dropped (``op.split_columns``:
+    :class:`~curvkit.linalg.kronecker.KroneckerOperator` and
+    :class:`~curvkit.linalg.kronecker.UnitwiseOperator` have it).
+
+    Raises:
+        ValueError: ``op`` does not fit the layer's matrix, or cannot be split.
+    """
+    index = _local_index(layout, layer)  # positions within the layer's own parameters
+    if tuple(op.matrix_shape) != tuple(index.shape):
+        raise ValueError(
+            f"layer {layer.name!r}: its curvature acts on {tuple(op.matrix_shape)} matrices but the layer's matrix "
+            f"[W b] is {tuple(index.shape)}."
+        )
+    params = layer.params
+    pnames = tuple(names[id(p)] for p in params)
+    pshapes = tuple(p.shape for p in params)
+    k = index.shape[1]
+    if layer.bias is None or not separate_bias:
+        return [OperatorBlock(layer.name, pnames, pshapes, op, index, layer.name, (0, k))]
+    split = getattr(op, "split_columns", None)
+    if split is None:
+        raise ValueError(
+            f"layer {layer.name!r}: separate_bias=True drops the weight-bias cross terms of a block, which needs a "
+            f"Kronecker or unit-wise block; this layer's curvature is a {type(op).__name__}. Use separate_bias=False."
+        )
+    d = k - 1
+    weight_op, bias_op = split(d)
+    return [
+        OperatorBlock(layer.name, pnames[:1], pshapes[:1], weight_op, index[:, :d], layer.name, (0, d)),
+        OperatorBlock(
+            f"{layer.name}.bias",
+            pnames[1:],
+            pshapes[1:],
+            bias_op,
+            index[:, d:] - pshapes[0].numel(),  # positions within the bias alone
+            layer.name,
+            (d, k),
+        ),
+    ]

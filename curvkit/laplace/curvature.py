@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
-from curvkit.laplace.blocks import OperatorBlock
+from curvkit.laplace.blocks import OperatorBlock, layer_blocks
 from curvkit.laplace.layout import FlatLayout, parameter_order
 from curvkit.laplace.operator import BlockDiagonalEigen, FlatOperator
 from curvkit.laplace.prior import PriorMode, block_priors, factored_shifts
@@ -48,7 +48,7 @@ from curvkit.linalg.operator import BlockOperator, DenseEigen, OperatorEigen, Sp
 from curvkit.stats.backend import KroneckerFactors, UnitwiseFactors
 from curvkit.stats.plan import make_plan
 
-__all__ = ["KroneckerCurvature", "KroneckerPower"]
+__all__ = ["KroneckerCurvature", "KroneckerPower", "layer_blocks"]
 
 #: Largest block (in parameters) made dense when a non-constant diagonal prior is added exactly.
 DENSE_BLOCK_LIMIT = 4096
@@ -571,64 +571,6 @@ class KroneckerCurvature(FlatOperator):
                 raise ValueError(f"mean must have shape ({self.num_params},), got {tuple(mean.shape)}.")
             samples = samples + mean
         return samples
-
-
-def _local_index(layout: FlatLayout, layer: Any) -> Tensor:
-    """The layer's ``(d_out, k)`` matrix positions within its own parameters (concatenated,
-    each flattened, in ``layer.params`` order): the layout a block's ``index`` describes."""
-    flat_to_local = torch.full((layout.num_params,), -1, dtype=torch.long, device="cpu")
-    start = 0
-    for p in layer.params:
-        offset = layout.offsets[id(p)]
-        flat_to_local[offset : offset + p.numel()] = torch.arange(start, start + p.numel(), device="cpu")
-        start += p.numel()
-    return flat_to_local[layout.indices[layer.name]]
-
-
-def layer_blocks(
-    layer: Any, op: BlockOperator, names: dict[int, str], layout: FlatLayout, separate_bias: bool
-) -> list[OperatorBlock]:
-    """The blocks of one tracked layer whose curvature is ``op`` on its ``(d_out, k)``
-    matrix: one block, or (``separate_bias`` and a layer with a bias or shift) a weight
-    block and a ``"<layer>.bias"`` block, the cross terms dropped (``op.split_columns``:
-    :class:`~curvkit.linalg.kronecker.KroneckerOperator` and
-    :class:`~curvkit.linalg.kronecker.UnitwiseOperator` have it).
-
-    Raises:
-        ValueError: ``op`` does not fit the layer's matrix, or cannot be split.
-    """
-    index = _local_index(layout, layer)  # positions within the layer's own parameters
-    if tuple(op.matrix_shape) != tuple(index.shape):
-        raise ValueError(
-            f"layer {layer.name!r}: its curvature acts on {tuple(op.matrix_shape)} matrices but the layer's matrix "
-            f"[W b] is {tuple(index.shape)}."
-        )
-    params = layer.params
-    pnames = tuple(names[id(p)] for p in params)
-    pshapes = tuple(p.shape for p in params)
-    k = index.shape[1]
-    if layer.bias is None or not separate_bias:
-        return [OperatorBlock(layer.name, pnames, pshapes, op, index, layer.name, (0, k))]
-    split = getattr(op, "split_columns", None)
-    if split is None:
-        raise ValueError(
-            f"layer {layer.name!r}: separate_bias=True drops the weight-bias cross terms of a block, which needs a "
-            f"Kronecker or unit-wise block; this layer's curvature is a {type(op).__name__}. Use separate_bias=False."
-        )
-    d = k - 1
-    weight_op, bias_op = split(d)
-    return [
-        OperatorBlock(layer.name, pnames[:1], pshapes[:1], weight_op, index[:, :d], layer.name, (0, d)),
-        OperatorBlock(
-            f"{layer.name}.bias",
-            pnames[1:],
-            pshapes[1:],
-            bias_op,
-            index[:, d:] - pshapes[0].numel(),  # positions within the bias alone
-            layer.name,
-            (d, k),
-        ),
-    ]
 
 
 def _inverse_sqrt(name: str) -> Callable[[Tensor], Tensor]:

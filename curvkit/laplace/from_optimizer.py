@@ -7,7 +7,7 @@ Every optimizer block returns its curvature estimate as a block operator
 :class:`~curvkit.linalg.kronecker.UnitwiseOperator`, or whatever a method's block returns.
 :func:`optimizer_curvature` places those operators at their layers' positions in the flat
 parameter vector with the same layouts as :meth:`KroneckerCurvature.from_factors
-<curvkit.laplace.KroneckerCurvature.from_factors>` (:func:`~curvkit.laplace.curvature.layer_blocks`:
+<curvkit.laplace.KroneckerCurvature.from_factors>` (:func:`~curvkit.laplace.blocks.layer_blocks`:
 row ranges of a parameter for attention's query/key/value blocks, the transpose for an
 embedding or a tied LM head), so the result is a :class:`~curvkit.laplace.KroneckerCurvature`.
 
