@@ -109,6 +109,13 @@ class StatisticsConfig(MethodConfig):
             Another backend runs its own forward and backward: call
             ``optimizer.collect_statistics(inputs, targets)`` before ``step()`` (it does
             nothing on steps without statistics).
+        subsample_data: Fraction of each batch's data, in ``(0, 1]``, that a statistics
+            step uses per layer (drawn at random; the factors are rescaled to stay
+            unbiased, :mod:`curvkit.stats.subsample`). Default 1: every datum.
+        subsample_positions: Fraction of the weight-sharing positions (a convolution's
+            patches, a sequence's tokens), in ``(0, 1]``, that a statistics step uses per
+            layer with ``kfac_approx="expand"`` (SKFAC's spatial subsampling, for every
+            method; unbiased ``A`` and ``G``). Default 1: every position.
     """
 
     fisher: FisherType | str = FisherType.EMPIRICAL
@@ -116,6 +123,8 @@ class StatisticsConfig(MethodConfig):
     loss_average: str | None = "batch"
     mc_samples: int = 1
     backend: str = "hooks"
+    subsample_data: float = 1.0
+    subsample_positions: float = 1.0
 
     def normalise(self) -> list[str]:
         out = super().normalise()
@@ -132,6 +141,19 @@ class StatisticsConfig(MethodConfig):
             out.append(f"mc_samples={self.mc_samples!r} only applies to fisher='mc'; leave it at 1")
         if not isinstance(self.backend, str):
             out.append(f"backend={self.backend!r} must be a registered statistics backend name (e.g. 'hooks')")
+        for name in ("subsample_data", "subsample_positions"):
+            value = getattr(self, name)
+            check_number(out, name, value, low=0.0, high=1.0, low_open=True)
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and 0.0 < value < 1.0
+                and self.backend != "hooks"
+            ):
+                out.append(
+                    f"{name}={value!r} needs backend='hooks' (the capture engine subsamples the recorded rows); "
+                    f"backend={self.backend!r} computes its own full-batch factors: leave {name} at 1.0"
+                )
         return out
 
 

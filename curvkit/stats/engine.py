@@ -206,6 +206,9 @@ class CaptureEngine:
         self.broadcast: set[str] = set()
         #: Detached because another persistent engine was attached to the same model.
         self.displaced = False
+        #: Subsampled statistics (:class:`~curvkit.stats.subsample.Subsample`) applied by
+        #: :meth:`layer_stats`; ``None``: every datum and position.
+        self.subsample: Any = None
 
     # --- attaching -----------------------------------------------------------------------
 
@@ -467,6 +470,8 @@ class CaptureEngine:
             parts = _concat_forwards([[u.part(which) for u in g] for g in groups])
         stats = LayerStats(layer, approx=approx, parts=parts)
         stats.g_scale = float(g_scale(stats) if callable(g_scale) else g_scale)
+        if self.subsample is not None and self.subsample.active:
+            stats = self.subsample(stats)
         return stats
 
     def layer_stats_inputs(self, name: str) -> LayerStats | None:

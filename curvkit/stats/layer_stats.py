@@ -61,6 +61,9 @@ class Part:
         grads: Gradients w.r.t. the use's output, one per backpropagated vector (batch
             first, restricted to the block's output columns).
         transposed: The use's layout is the transpose of the block's.
+        positions: Indices of the weight-sharing positions (axis ``R`` of the features)
+            this use keeps (subsampled statistics, :mod:`curvkit.stats.subsample`);
+            ``None``: all of them.
     """
 
     handler: Any
@@ -68,12 +71,15 @@ class Part:
     inputs: Tensor
     grads: list[Tensor] = field(default_factory=list)
     transposed: bool = False
+    positions: Tensor | None = None
 
     def input_features(self) -> Tensor:
-        return self.handler.input_features(self.module, self.inputs)
+        x = self.handler.input_features(self.module, self.inputs)
+        return x if self.positions is None else x.index_select(1, self.positions)
 
     def output_features(self, g: Tensor) -> Tensor:
-        return self.handler.output_features(self.module, g)
+        f = self.handler.output_features(self.module, g)
+        return f if self.positions is None else f.index_select(1, self.positions)
 
 
 def _diagonal_handler(parts: list[Part]) -> Any:
@@ -100,7 +106,7 @@ def _input_sums(parts: list[Part], approx: KFACApprox, has_bias: bool) -> Tensor
         col_sum: Tensor | None = None
         count = 0
         for part in parts:
-            fast = getattr(part.handler, "input_gram", None)
+            fast = getattr(part.handler, "input_gram", None) if part.positions is None else None
             stats = fast(part.module, part.inputs) if fast is not None else None
             if stats is None:
                 feats = part.input_features()
