@@ -501,6 +501,24 @@ def _curve(ax: Any, res: dict[str, Any], label: str, **kw: Any) -> None:
     ax.plot([p[0] for p in curve], [p[1] for p in curve], **kw)
 
 
+def _parse_variant(text: str, parser: argparse.ArgumentParser) -> tuple[str, dict[str, Any]]:
+    import ast
+
+    method, _, rest = text.partition(":")
+    changes: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            parser.error(f"--variant {text!r}: {item!r} is not KEY=VALUE (e.g. 'kfac:T_stats=5,T_inv=20')")
+        try:
+            changes[key.strip()] = ast.literal_eval(value.strip())
+        except (ValueError, SyntaxError):
+            changes[key.strip()] = value.strip()
+    if not method or not changes:
+        parser.error(f"--variant {text!r} must be METHOD:KEY=VALUE[,KEY=VALUE] (e.g. 'kfac:T_stats=5,T_inv=20')")
+    return method.strip(), changes
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -514,6 +532,13 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, default=None, help="seeds per contender (default 3, quick 1; the median is reported)"
     )
     parser.add_argument("--no-variants", action="store_true", help="leave out the amortised variants")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        default=[],
+        metavar="METHOD:KEY=VALUE[,KEY=VALUE]",
+        help="add a variant (repeatable), e.g. 'ekfac:T_stats=5,T_inv=20,refresh_tolerance=0.05'",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write every run (curves included) to PATH")
     parser.add_argument(
         "--subsample-error",
@@ -562,10 +587,11 @@ def main(argv: list[str] | None = None) -> int:
     info = machine()
     print(f"# {info['cpu']}, {info['logical_cpus']} logical CPUs (shared with other work), torch threads 1, float32")
     print(f"# versions {info['versions']}; {info['date']}; load average {info['loadavg']}")
+    extra = [_parse_variant(v, parser) for v in args.variant]
     if args.quick and methods is None:
         methods = [m for m in QUICK_METHODS if m in available_methods()]
     sgd_grid, adamw_grid = (QUICK_SGD_GRID, QUICK_ADAMW_GRID) if args.quick else (SGD_GRID, ADAMW_GRID)
-    chosen = contenders(methods, [] if args.no_variants else list(VARIANTS), sgd_grid, adamw_grid)
+    chosen = contenders(methods, ([] if args.no_variants else list(VARIANTS)) + extra, sgd_grid, adamw_grid)
     print(f"# grids: SGD (momentum 0.9) lr {sgd_grid}; AdamW (wd 0.01) lr {adamw_grid}; methods: recommended settings")
     seeds = list(range(args.seeds))
     results, verdicts = [], []

@@ -56,7 +56,7 @@ from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.handlers import weight_from_matrix, weight_matrix
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.plan import LayerPlan, TrackingPlan, make_plan
-from curvkit.stats.subsample import from_config as subsample_from_config
+from curvkit.stats.subsample import configure_engine
 
 __all__ = ["Preconditioner", "layer_matrix", "split_layer_matrix"]
 
@@ -248,7 +248,7 @@ class Preconditioner:
             keep_loss_grads=self.fisher is FisherType.EMPIRICAL,
             persistent=True,
         )
-        self.engine.subsample = subsample_from_config(self.statistics_config, self._seed + 1)
+        configure_engine(self.engine, self.statistics_config, self._seed + 1)  # subsampling, product dtype
         if self.backend is None and self.spec.statistics != "gradient":
             self.engine.attach()
 

@@ -209,6 +209,9 @@ class CaptureEngine:
         #: Subsampled statistics (:class:`~curvkit.stats.subsample.Subsample`) applied by
         #: :meth:`layer_stats`; ``None``: every datum and position.
         self.subsample: Any = None
+        #: dtype of the factor products of :meth:`layer_stats`' statistics
+        #: (:attr:`~curvkit.stats.layer_stats.LayerStats.product_dtype`; ``None``: the features').
+        self.product_dtype: torch.dtype | None = None
 
     # --- attaching -----------------------------------------------------------------------
 
@@ -470,6 +473,7 @@ class CaptureEngine:
             parts = _concat_forwards([[u.part(which) for u in g] for g in groups])
         stats = LayerStats(layer, approx=approx, parts=parts)
         stats.g_scale = float(g_scale(stats) if callable(g_scale) else g_scale)
+        stats.product_dtype = self.product_dtype
         if self.subsample is not None and self.subsample.active:
             stats = self.subsample(stats)
         return stats

@@ -31,13 +31,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
 from curvkit.config import KFACApprox
 from curvkit.stats.layer_stats import LayerStats, Part, _diagonal_handler
 
-__all__ = ["Subsample", "from_config", "subsample_stats"]
+__all__ = ["Subsample", "configure_engine", "from_config", "subsample_stats"]
 
 
 @dataclass
@@ -105,6 +106,7 @@ def subsample_stats(
     if parts is stats.parts:
         return stats
     out = LayerStats(stats.layer, approx=stats.approx, parts=parts)
+    out.product_dtype = stats.product_dtype
     out.g_scale = stats.g_scale * scale
     if not math.isfinite(out.g_scale):  # pragma: no cover - g_scale is finite and scale >= 1
         raise ValueError(f"subsampled g_scale {out.g_scale!r} is not finite")
@@ -124,3 +126,11 @@ def from_config(config: object, seed: int) -> Subsample | None:
     if data >= 1.0 and positions >= 1.0:
         return None
     return Subsample(data, positions, torch.Generator(device="cpu").manual_seed(seed))
+
+
+def configure_engine(engine: Any, config: object, seed: int) -> None:
+    """Set a capture engine's statistics economies from a method's configuration: the
+    subsampling (:func:`from_config`) and the dtype of the factor products
+    (``stats_dtype``, :attr:`~curvkit.blocks.LayerStats.product_dtype`)."""
+    engine.subsample = from_config(config, seed)
+    engine.product_dtype = getattr(config, "stats_dtype", None)

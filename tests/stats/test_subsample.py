@@ -150,3 +150,40 @@ def test_optimizers_train_with_subsampled_statistics(method):
     assert all(torch.isfinite(p).all() for p in sub.parameters())
     assert losses[-1] < losses[0]
     assert any(not torch.equal(p, q) for p, q in zip(base.parameters(), sub.parameters()))
+
+
+@pytest.mark.parametrize("approx", [KFACApprox.EXPAND, KFACApprox.REDUCE])
+def test_bf16_factor_products_stay_close_to_full_precision(approx):
+    """stats_dtype=bf16: A and G within bf16's rounding (~1e-2 relative) of the float64
+    factors, in the features' dtype (float64 here); not bit-equal, so bf16 was used."""
+    conv, lin, _, _ = _conv_stats()
+    for stats in (conv, lin):
+        stats.approx = approx
+        full = (stats.A(), stats.G())
+        stats.__dict__.pop("_factors")
+        stats.product_dtype = torch.bfloat16
+        low = (stats.A(), stats.G())
+        for f, lo in zip(full, low):
+            assert lo.dtype == DT
+            err = float((lo - f).norm() / f.norm())
+            assert 0 < err < 1e-2
+
+
+def test_bf16_products_through_the_optimizer():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 8), torch.randint(0, 3, (64,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+    opt = curvkit.optim.KFAC(model, stats_dtype=torch.bfloat16)
+    assert opt.preconditioner.engine.product_dtype is torch.bfloat16
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    block = opt.preconditioner.blocks["0"]
+    assert block.A.dtype == torch.float32 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("value", [torch.float16, "bfloat16", torch.int8])
+def test_bad_stats_dtype_is_refused(value):
+    with pytest.raises(ConfigError, match="stats_dtype=.*torch.bfloat16"):
+        curvkit.optim.KFAC(nn.Linear(3, 2), stats_dtype=value)
