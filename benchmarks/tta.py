@@ -38,7 +38,7 @@ that misses the target on any seed has no time (``-``) and shows its median best
 
 Usage::
 
-    python benchmarks/tta.py --quick                       # ~5 min on 2 shared cores
+    python benchmarks/tta.py --quick                       # ~5 min on 2 shared cores (no mnist5k)
     python benchmarks/tta.py                               # full: 3 seeds, every task (~25 min)
     python benchmarks/tta.py --tasks digits-mlp --methods kfac,ekfac --seeds 3
     python benchmarks/tta.py --quick --plot docs/_static/tta.png --json /tmp/tta.json
@@ -126,7 +126,7 @@ def tasks() -> dict[str, TTATask]:
         "digits-cnn": _bench_task("digits-cnn", 0.95, 5, 600, 300),
         "mnist5k": _mnist5k_task(),
         "sequence": _bench_task("sequence", 0.85, 10, 800, 400),
-        "charlm": _bench_task("charlm", 0.35, 10, 600, 300),
+        "charlm": _bench_task("charlm", 0.30, 10, 400, 200),
     }
 
 
@@ -151,6 +151,9 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
 #: ``--quick``: one or two methods per family (``--methods`` overrides), the baselines'
 #: grids cut to their two larger learning rates (the better ones on every task in the full run).
 QUICK_METHODS = ("kfac", "ekfac", "skfac", "rs-kfac", "so-kldwrm", "singd")
+#: ``--quick`` leaves out these tasks unless ``--tasks`` names them (MNIST-5k: K-FAC with
+#: statistics every step takes ~0.5 s per step there on one core, minutes per run).
+QUICK_SKIPS = ("mnist5k",)
 QUICK_SGD_GRID = SGD_GRID[1:]
 QUICK_ADAMW_GRID = ADAMW_GRID[1:]
 #: Method families, for the plot's panels.
@@ -170,10 +173,23 @@ class Contender:
     family: str
 
 
+#: Short names of options in the contenders' labels.
+ABBREVIATIONS = {
+    "subsample_data": "sub_data",
+    "subsample_positions": "sub_pos",
+    "refresh_tolerance": "tol",
+    "stats_dtype": "dtype",
+}
+
+
 def _label(method: str, changes: dict[str, Any]) -> str:
     if not changes:
         return method
-    return f"{method}[{','.join(f'{k}={v}' for k, v in changes.items())}]"
+
+    def value(v: Any) -> str:
+        return str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else str(v)
+
+    return f"{method}[{','.join(f'{ABBREVIATIONS.get(k, k)}={value(v)}' for k, v in changes.items())}]"
 
 
 def _family(method: str) -> str:
@@ -346,14 +362,14 @@ def print_task(res: dict[str, Any], max_steps: int, seeds: int) -> dict[str, Any
     print(f"\n## {res['task']}: {res['description']}")
     print(f"#  target {res['target']:.0%} test accuracy, checked every few steps; at most {max_steps} steps;")
     print(f"#  median of {seeds} seed(s); seconds = training time only; ratio = seconds / best first-order")
-    print(f"{'contender':<34} {'reached':>7} {'seconds':>8} {'steps':>6} {'ms/step':>8} {'ratio':>6} {'best acc':>8}")
+    print(f"{'contender':<50} {'reached':>7} {'seconds':>8} {'steps':>6} {'ms/step':>8} {'ratio':>6} {'best acc':>8}")
     for r in sorted(rows, key=lambda r: (r.get("seconds", math.inf), -r["best"])):
         sec = f"{r['seconds']:.2f}" if "seconds" in r else "-"
         steps = f"{r['steps']:.0f}" if "steps" in r else "-"
         ms = f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else "-"
         ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref is not None and "seconds" in r else "-"
         note = f"  {r['errors'][0][:70]}" if r["errors"] else ""
-        print(f"{r['label']:<34} {r['reached']:>7} {sec:>8} {steps:>6} {ms:>8} {ratio:>6} {r['best']:>8.3f}{note}")
+        print(f"{r['label']:<50} {r['reached']:>7} {sec:>8} {steps:>6} {ms:>8} {ratio:>6} {r['best']:>8.3f}{note}")
     curv = _best(rows, lambda r: r["kind"] not in ("sgd", "adamw"))
     rec = _best(rows, lambda r: r["kind"] not in ("sgd", "adamw") and "[" not in r["label"])
     kfac = _best(rows, lambda r: r["kind"] == "kfac")
@@ -448,11 +464,16 @@ def machine() -> dict[str, Any]:
     }
 
 
+#: Line styles of a method's recommended settings and of its variants, in order.
+VARIANT_STYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1)))
+
+
 def plot(results: list[dict[str, Any]], path: str) -> None:
     """Accuracy against seconds: one row per task, one panel per method family; in every
     panel the tuned AdamW and SGD (black, grey) beside the family's methods (one colour per
-    method; its amortised variants dashed). Curves of the median seed (by time to target, or
-    by best accuracy)."""
+    method, its recommended settings solid and its variants in other line styles), each the curve of its median seed (by time to
+    target, or by best accuracy). The time axis ends at 4× the best first-order time (the
+    tables have every figure); one legend per column, under the last row."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -460,45 +481,87 @@ def plot(results: list[dict[str, Any]], path: str) -> None:
 
     fams = [f for f in FAMILIES if any(r["family"] == f for res in results for r in res["rows"])]
     fams += sorted({r["family"] for res in results for r in res["rows"]} - set(FAMILIES) - {"first-order"})
-    fig, axes = plt.subplots(len(results), len(fams), figsize=(3.6 * len(fams), 2.7 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(
+        len(results), len(fams), figsize=(3.8 * len(fams), 2.5 * len(results) + 2.2), squeeze=False
+    )
     cmap = plt.get_cmap("tab10")
     for i, res in enumerate(results):
         rows = res["rows"]
         base = [_best(rows, lambda r, k=k: r["kind"] == k) for k in ("adamw", "sgd")]
+        ref = _best([r for r in base if r is not None], lambda r: True)
         for j, fam in enumerate(fams):
             ax = axes[i][j]
-            for r, color in zip(base, ("black", "0.6")):
+            for r, color, name in zip(base, ("black", "0.6"), ("AdamW", "SGD")):
                 if r is not None:
-                    _curve(ax, res, r["label"], color=color, lw=2.0, label=r["label"])
+                    _curve(ax, res, r["label"], color=color, lw=2.2, label=f"{name} (tuned)")
             members = [r for r in rows if r["family"] == fam]
             kinds = list(dict.fromkeys(r["kind"] for r in members))
+            seen: dict[str, int] = {}
             for r in members:
                 color = cmap(kinds.index(r["kind"]) % 10)
-                _curve(
-                    ax, res, r["label"], color=color, lw=1.2, ls="--" if "[" in r["label"] else "-", label=r["label"]
-                )
+                k = seen[r["kind"]] = seen.get(r["kind"], -1) + 1  # 0: recommended; 1, 2, ...: variants
+                style = VARIANT_STYLES[k % len(VARIANT_STYLES)]
+                _curve(ax, res, r["label"], color=color, lw=1.2, ls=style, label=r["label"])
             ax.axhline(res["target"], color="red", lw=0.8, ls=":")
-            ax.set_ylim(max(0.0, res["target"] - 0.5), min(1.0, res["target"] + 0.1))
+            ax.set_ylim(max(0.0, res["target"] - 0.3), min(1.0, res["target"] + 0.06))
+            if ref is not None:
+                ax.set_xlim(0, 4 * ref["seconds"])
             if i == 0:
                 ax.set_title(fam, fontsize=10)
             if j == 0:
                 ax.set_ylabel(f"{res['task']}\ntest accuracy", fontsize=9)
+            ax.tick_params(labelsize=7)
             if i == len(results) - 1:
                 ax.set_xlabel("training seconds", fontsize=9)
-            ax.tick_params(labelsize=7)
-            ax.legend(fontsize=6, loc="lower right", ncol=1)
+                ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.28), ncol=1, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=80)
     plt.close(fig)
 
 
-def _curve(ax: Any, res: dict[str, Any], label: str, **kw: Any) -> None:
-    runs = [r for r in res["runs"][label] if r["status"] == "ok"]
+def _curve(ax: Any, res: dict[str, Any], key: str, **kw: Any) -> None:
+    runs = [r for r in res["runs"][key] if r["status"] == "ok"]
     if not runs:
         return
     runs.sort(key=lambda r: (r["seconds"] if r.get("reached") else math.inf, -r["best"]))
     curve = runs[len(runs) // 2]["curve"]
     ax.plot([p[0] for p in curve], [p[1] for p in curve], **kw)
+
+
+def markdown(results: list[dict[str, Any]], verdicts: list[dict[str, Any]], seeds: int) -> str:
+    """The summary and the per-task tables as Markdown (for ``docs/benchmarks-tta.md``)."""
+    out = [
+        "| task | target | best first-order | s | best curvkit | × | best at recommended settings | × "
+        "| K-FAC (best) | × |"
+    ]
+    out.append("|---|---|---|---|---|---|---|---|---|---|")
+
+    def cell(v: dict[str, Any] | None) -> str:
+        return "none reached it | -" if v is None else f"`{v['label']}` | {v.get('ratio', math.nan):.2f}"
+
+    for v in verdicts:
+        ref = v["best_first_order"]
+        first = "-" if ref is None else f"`{ref['label']}` | {ref['seconds']:.2f}"
+        out.append(
+            f"| {v['task']} | {v['target']:.0%} | {first} | {cell(v['best_curvkit'])} | "
+            f"{cell(v['best_recommended'])} | {cell(v['kfac'])} |"
+        )
+    for res in results:
+        ref = _best([r for r in res["rows"] if r["kind"] in ("sgd", "adamw")], lambda r: True)
+        out += [
+            "",
+            f"**{res['task']}** ({res['description']}; target {res['target']:.0%}, median of {seeds} seeds)",
+            "",
+        ]
+        out.append("| contender | reached | seconds | steps | ms/step | × best first-order | best acc. |")
+        out.append("|---|---|---|---|---|---|---|")
+        for r in sorted(res["rows"], key=lambda r: (r.get("seconds", math.inf), -r["best"])):
+            sec = f"{r['seconds']:.2f}" if "seconds" in r else "-"
+            steps = f"{r['steps']:.0f}" if "steps" in r else "-"
+            ms = f"{r['ms_per_step']:.2f}" if "ms_per_step" in r else "-"
+            ratio = f"{r['seconds'] / ref['seconds']:.2f}" if ref is not None and "seconds" in r else "-"
+            out.append(f"| `{r['label']}` | {r['reached']} | {sec} | {steps} | {ms} | {ratio} | {r['best']:.3f} |")
+    return "\n".join(out) + "\n"
 
 
 def _parse_variant(text: str, parser: argparse.ArgumentParser) -> tuple[str, dict[str, Any]]:
@@ -510,10 +573,14 @@ def _parse_variant(text: str, parser: argparse.ArgumentParser) -> tuple[str, dic
         key, eq, value = item.partition("=")
         if not eq:
             parser.error(f"--variant {text!r}: {item!r} is not KEY=VALUE (e.g. 'kfac:T_stats=5,T_inv=20')")
+        value = value.strip()
+        if value.removeprefix("torch.") in ("bfloat16", "float16", "float32", "float64"):
+            changes[key.strip()] = getattr(torch, value.removeprefix("torch."))
+            continue
         try:
-            changes[key.strip()] = ast.literal_eval(value.strip())
+            changes[key.strip()] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
-            changes[key.strip()] = value.strip()
+            changes[key.strip()] = value
     if not method or not changes:
         parser.error(f"--variant {text!r} must be METHOD:KEY=VALUE[,KEY=VALUE] (e.g. 'kfac:T_stats=5,T_inv=20')")
     return method.strip(), changes
@@ -524,7 +591,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="1 seed, shorter step budgets, QUICK_METHODS and the two larger learning rates of each grid (~5 min)",
+        help="1 seed, shorter step budgets, QUICK_METHODS, the two larger learning rates of each grid, no mnist5k "
+        "unless --tasks names it (~5 min)",
     )
     parser.add_argument("--tasks", default=None, help="comma-separated subset of the tasks (default: all)")
     parser.add_argument("--methods", default=None, help="comma-separated registered methods (default: all)")
@@ -546,12 +614,20 @@ def main(argv: list[str] | None = None) -> int:
         help="only print the error of subsampled statistics against full ones (and the factor-product time)",
     )
     parser.add_argument("--plot", metavar="PNG", help="draw accuracy against seconds to PNG")
+    parser.add_argument("--markdown", metavar="PATH", help="write the tables as Markdown to PATH")
+    parser.add_argument(
+        "--from-json",
+        metavar="PATH",
+        nargs="+",
+        help="run nothing: redraw the tables (and --plot / --markdown) from saved --json file(s), tasks concatenated",
+    )
     args = parser.parse_args(argv)
     if args.seeds is None:
         args.seeds = 1 if args.quick else 3
 
     all_tasks = tasks()
-    names = [t.strip() for t in args.tasks.split(",")] if args.tasks else list(all_tasks)
+    default = [t for t in all_tasks if t not in QUICK_SKIPS] if args.quick else list(all_tasks)
+    names = [t.strip() for t in args.tasks.split(",")] if args.tasks else default
     bad = [n for n in names if n not in all_tasks]
     methods = [m.strip() for m in args.methods.split(",")] if args.methods else None
     from curvkit.optim import available_methods
@@ -567,6 +643,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
+    if args.from_json:
+        saved = []
+        for path in args.from_json:
+            with open(path) as fh:
+                saved.append(json.load(fh))
+        results = [res for d in saved for res in d["results"]]
+        n_seeds = min(d["args"]["seeds"] for d in saved)
+        verdicts = [print_task(res, 0, d["args"]["seeds"]) for d in saved for res in d["results"]]
+        if args.plot:
+            plot(results, args.plot)
+        if args.markdown:
+            with open(args.markdown, "w") as fh:
+                fh.write(markdown(results, verdicts, n_seeds))
+        return 0
     if args.subsample_error:
         print("# relative Frobenius error of subsampled A and G vs the full batch's (mean of 20 draws and the layers),")
         print("# one batch at the initial weights, empirical Fisher, expand")
@@ -605,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
         results.append(res)
         verdicts.append(print_task(res, budget, len(seeds)))
         sys.stdout.flush()
+        if args.json:  # after every task, so an interrupted run keeps what it measured
+            with open(args.json, "w") as fh:
+                json.dump({"machine": info, "args": vars(args), "results": results, "verdicts": verdicts}, fh)
     print("\n## summary: time to target / best tuned first-order baseline (median of seeds)")
     print(
         f"{'task':<11} {'best 1st-order':<22} {'s':>6}  {'best curvkit':<34} {'ratio':>6}  "
@@ -622,6 +715,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.plot and results:
         plot(results, args.plot)
         print(f"# plot: {args.plot}")
+    if args.markdown:
+        with open(args.markdown, "w") as fh:
+            fh.write(markdown(results, verdicts, len(seeds)))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": info, "args": vars(args), "results": results, "verdicts": verdicts}, fh, indent=1)
