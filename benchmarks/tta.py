@@ -471,9 +471,10 @@ VARIANT_STYLES: tuple[Any, ...] = ("-", "--", ":", "-.", (0, (5, 1, 1, 1, 1, 1))
 def plot(results: list[dict[str, Any]], path: str) -> None:
     """Accuracy against seconds: one row per task, one panel per method family; in every
     panel the tuned AdamW and SGD (black, grey) beside the family's methods (one colour per
-    method, its recommended settings solid and its variants in other line styles), each the curve of its median seed (by time to
-    target, or by best accuracy). The time axis ends at 4× the best first-order time (the
-    tables have every figure); one legend per column, under the last row."""
+    method, its recommended settings solid and its variants in other line styles), each the
+    curve of its median seed (by time to target, or by best accuracy). The time axis ends at
+    4× the best first-order time (the tables have every figure); one legend per column,
+    under the last row."""
     import matplotlib
 
     matplotlib.use("Agg")
