@@ -698,7 +698,9 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
         if args.json:  # after every task, so an interrupted run keeps what it measured
             with open(args.json, "w") as fh:
-                json.dump({"machine": info, "args": vars(args), "results": results, "verdicts": verdicts}, fh)
+                json.dump(
+                    {"machine": info, "args": vars(args), "results": results, "verdicts": verdicts}, fh, default=str
+                )
     print("\n## summary: time to target / best tuned first-order baseline (median of seeds)")
     print(
         f"{'task':<11} {'best 1st-order':<22} {'s':>6}  {'best curvkit':<34} {'ratio':>6}  "
@@ -721,7 +723,12 @@ def main(argv: list[str] | None = None) -> int:
             fh.write(markdown(results, verdicts, len(seeds)))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": info, "args": vars(args), "results": results, "verdicts": verdicts}, fh, indent=1)
+            json.dump(
+                {"machine": info, "args": vars(args), "results": results, "verdicts": verdicts},
+                fh,
+                indent=1,
+                default=str,
+            )
     return 0
 
 
