@@ -649,9 +649,15 @@ def main(argv: list[str] | None = None) -> int:
         for path in args.from_json:
             with open(path) as fh:
                 saved.append(json.load(fh))
-        results = [res for d in saved for res in d["results"]]
-        n_seeds = min(d["args"]["seeds"] for d in saved)
-        verdicts = [print_task(res, 0, d["args"]["seeds"]) for d in saved for res in d["results"]]
+        # the first file that has a task wins; --tasks picks and orders them
+        found: dict[str, tuple[dict[str, Any], int]] = {}
+        for d in saved:
+            for res in d["results"]:
+                found.setdefault(res["task"], (res, d["args"]["seeds"]))
+        order = [n for n in names if n in found] if args.tasks else list(found)
+        results = [found[n][0] for n in order]
+        n_seeds = min(found[n][1] for n in order)
+        verdicts = [print_task(found[n][0], 0, found[n][1]) for n in order]
         if args.plot:
             plot(results, args.plot)
         if args.markdown:
