@@ -346,7 +346,14 @@ def run_task(
     rows = [summarise(c.label, runs[c.label]) for c in chosen]
     for row, c in zip(rows, chosen):
         row["kind"], row["family"], row["options"] = c.kind, c.family, c.options
-    return {"task": task.name, "description": task.description, "target": task.target, "rows": rows, "runs": runs}
+    return {
+        "task": task.name,
+        "description": task.description,
+        "target": task.target,
+        "seeds": len(seeds),
+        "rows": rows,
+        "runs": runs,
+    }
 
 
 def _best(rows: list[dict[str, Any]], pick: Callable[[dict[str, Any]], bool]) -> dict[str, Any] | None:
@@ -653,6 +660,7 @@ def main(argv: list[str] | None = None) -> int:
         found: dict[str, tuple[dict[str, Any], int]] = {}
         for d in saved:
             for res in d["results"]:
+                res.setdefault("seeds", d["args"]["seeds"])
                 found.setdefault(res["task"], (res, d["args"]["seeds"]))
         order = [n for n in names if n in found] if args.tasks else list(found)
         results = [found[n][0] for n in order]
