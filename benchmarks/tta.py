@@ -31,8 +31,9 @@ Contenders:
   the reference of the ``× best 1st-order`` column.
 
 Fairness: every contender of a seed starts from the same initial weights and sees the same
-batches; the seeds are the outer loop and the contenders the inner loop, in a rotated order,
-so that background load on a shared machine hits all alike. Everything runs on one torch
+batches; the contenders of a seed run in **lockstep** (one step each in turn, in an order
+rotated per seed) until each reaches the target or its budget, so that changes of the
+background load on a shared machine hit all of them alike. Everything runs on one torch
 thread in float32. A run stops at the target or after the task's step budget; a contender
 that misses the target on any seed has no time (``-``) and shows its median best accuracy.
 
@@ -247,57 +248,96 @@ def _accuracy(model: nn.Module, task: TTATask, X: Tensor, y: Tensor) -> float:
     return acc
 
 
+class Run:
+    """One contender on one seed, advanced one step at a time (so that all the contenders of
+    a seed can run in lockstep, under the same background load): trains from the seed's
+    initial weights until the test accuracy (checked every ``task.eval_every`` steps, not
+    timed) reaches the target, or for ``max_steps``."""
+
+    def __init__(
+        self, task: TTATask, data: tuple[Tensor, ...], c: Contender, seed: int, max_steps: int, registry: Any
+    ) -> None:
+        self.task, self.data, self.max_steps = task, data, max_steps
+        self.run: dict[str, Any] = {
+            "label": c.label,
+            "seed": seed,
+            "status": "ok",
+            "error": None,
+            "curve": [[0.0, 0.0, 0]],
+            "seconds": 0.0,
+            "steps": 0,
+            "best": 0.0,
+            "reached": False,
+        }
+        self.done = False
+        self.started = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(seed)
+                self.model = task.model()
+                self.opt = make_optimizer(c, task, self.model, registry, seed)
+            self.loss_fn = nn.CrossEntropyLoss()
+            self.cb = getattr(self.opt, "curvature_backward", None)
+            self.pre = getattr(self.opt, "preconditioner", None)
+            self.gen = torch.Generator().manual_seed(seed)
+            self.perm, self.pos = torch.randperm(len(data[0]), generator=self.gen), 0
+            self.run["curve"][0][1] = _accuracy(self.model, task, data[2], data[3])
+        except Exception as err:  # noqa: BLE001 - a failing contender is reported, not raised
+            self._fail(err)
+
+    def _fail(self, err: BaseException) -> None:
+        self.run.update(status="failed", error=f"{type(err).__name__}: {err}"[:300], reached=False)
+        self.done = True
+
+    def step(self) -> None:
+        if self.done:
+            return
+        task, (X_tr, y_tr, X_te, y_te), run = self.task, self.data, self.run
+        try:
+            if self.pos + task.batch_size > len(X_tr):
+                self.perm, self.pos = torch.randperm(len(X_tr), generator=self.gen), 0
+            idx = self.perm[self.pos : self.pos + task.batch_size]
+            self.pos += task.batch_size
+            t0 = time.perf_counter()
+            self.opt.zero_grad()
+            logits = task.logits(self.model(X_tr[idx]))
+            if self.cb is not None:
+                self.cb(logits, y_tr[idx])
+            loss = self.loss_fn(logits, y_tr[idx])
+            loss.backward()
+            self.opt.step()
+            run["seconds"] += time.perf_counter() - t0
+            run["steps"] += 1
+            step = run["steps"]
+            if not math.isfinite(float(loss)):
+                run.update(status="diverged", error=f"non-finite loss at step {step}")
+                self.done = True
+                return
+            if step % task.eval_every == 0:
+                if self.pre is not None:
+                    with self.pre.suspended():
+                        acc = _accuracy(self.model, task, X_te, y_te)
+                else:
+                    acc = _accuracy(self.model, task, X_te, y_te)
+                run["best"] = max(run["best"], acc)
+                run["curve"].append([run["seconds"], acc, step])
+                if acc >= task.target:
+                    run["reached"] = True
+                    self.done = True
+            if step >= self.max_steps:
+                self.done = True
+        except Exception as err:  # noqa: BLE001
+            self._fail(err)
+
+
 def run_one(
     task: TTATask, data: tuple[Tensor, ...], c: Contender, seed: int, max_steps: int, registry: Any
 ) -> dict[str, Any]:
-    """Train from the seed's initial weights until the test accuracy reaches the target
-    (checked every ``task.eval_every`` steps, not timed) or ``max_steps``."""
-    X_tr, y_tr, X_te, y_te = data
-    run: dict[str, Any] = {"label": c.label, "seed": seed, "status": "ok", "error": None, "curve": [[0.0, 0.0, 0]]}
-    try:
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = task.model()
-            opt = make_optimizer(c, task, model, registry, seed)
-            loss_fn = nn.CrossEntropyLoss()
-            cb = getattr(opt, "curvature_backward", None)
-            pre = getattr(opt, "preconditioner", None)
-            gen = torch.Generator().manual_seed(seed)
-            n = len(X_tr)
-            perm, pos = torch.randperm(n, generator=gen), 0
-            seconds, best = 0.0, 0.0
-            run["curve"][0][1] = _accuracy(model, task, X_te, y_te)
-            for step in range(1, max_steps + 1):
-                if pos + task.batch_size > n:
-                    perm, pos = torch.randperm(n, generator=gen), 0
-                idx = perm[pos : pos + task.batch_size]
-                pos += task.batch_size
-                t0 = time.perf_counter()
-                opt.zero_grad()
-                logits = task.logits(model(X_tr[idx]))
-                if cb is not None:
-                    cb(logits, y_tr[idx])
-                loss = loss_fn(logits, y_tr[idx])
-                loss.backward()
-                opt.step()
-                seconds += time.perf_counter() - t0
-                if not math.isfinite(float(loss)):
-                    run.update(status="diverged", error=f"non-finite loss at step {step}")
-                    break
-                if step % task.eval_every == 0:
-                    if pre is not None:
-                        with pre.suspended():
-                            acc = _accuracy(model, task, X_te, y_te)
-                    else:
-                        acc = _accuracy(model, task, X_te, y_te)
-                    best = max(best, acc)
-                    run["curve"].append([seconds, acc, step])
-                    if acc >= task.target:
-                        break
-            run.update(seconds=seconds, steps=step, best=best, reached=best >= task.target)
-    except Exception as err:  # noqa: BLE001 - a failing contender is reported, not raised
-        run.update(status="failed", error=f"{type(err).__name__}: {err}"[:300], reached=False, best=0.0)
-    return run
+    """One contender on one seed, alone (:class:`Run` to the end)."""
+    r = Run(task, data, c, seed, max_steps, registry)
+    while not r.done:
+        r.step()
+    return r.run
 
 
 def summarise(label: str, runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -332,17 +372,20 @@ def run_task(
     runs: dict[str, list[dict[str, Any]]] = {c.label: [] for c in chosen}
     for i, seed in enumerate(seeds):
         k = (i * 7) % len(chosen)
-        for c in chosen[k:] + chosen[:k]:  # rotated, so load hits every contender alike
-            t0 = time.perf_counter()
-            run = run_one(task, data, c, seed, max_steps, registry)
-            runs[c.label].append(run)
-            if progress:
-                got = f"{run['seconds']:.2f} s, {run['steps']} steps" if run.get("reached") else run["status"]
-                print(
-                    f"  [{task.name} seed {seed}] {c.label}: {got} (wall {time.perf_counter() - t0:.1f} s)",
-                    file=sys.stderr,
-                    flush=True,
-                )
+        # every contender of the seed in lockstep, one step each in turn (rotated per seed),
+        # so that changes of the background load hit all of them alike
+        active = [Run(task, data, c, seed, max_steps, registry) for c in chosen[k:] + chosen[:k]]
+        pending = list(active)
+        while pending:
+            for r in pending:
+                r.step()
+            for r in [r for r in pending if r.done]:
+                runs[r.run["label"]].append(r.run)
+                if progress:
+                    run = r.run
+                    got = f"{run['seconds']:.2f} s, {run['steps']} steps" if run.get("reached") else run["status"]
+                    print(f"  [{task.name} seed {seed}] {run['label']}: {got}", file=sys.stderr, flush=True)
+            pending = [r for r in pending if not r.done]
     rows = [summarise(c.label, runs[c.label]) for c in chosen]
     for row, c in zip(rows, chosen):
         row["kind"], row["family"], row["options"] = c.kind, c.family, c.options
@@ -351,6 +394,7 @@ def run_task(
         "description": task.description,
         "target": task.target,
         "seeds": len(seeds),
+        "max_steps": max_steps,
         "rows": rows,
         "runs": runs,
     }
@@ -665,7 +709,7 @@ def main(argv: list[str] | None = None) -> int:
         order = [n for n in names if n in found] if args.tasks else list(found)
         results = [found[n][0] for n in order]
         n_seeds = min(found[n][1] for n in order)
-        verdicts = [print_task(found[n][0], 0, found[n][1]) for n in order]
+        verdicts = [print_task(found[n][0], found[n][0].get("max_steps", 0), found[n][1]) for n in order]
         if args.plot:
             plot(results, args.plot)
         if args.markdown:
