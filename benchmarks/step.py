@@ -1036,6 +1036,12 @@ def cheap_kfac_benchmark(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--overhead" in argv:  # per-layer Python overhead of a plain step: benchmarks/step_overhead.py
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from step_overhead import main as overhead
+
+        return overhead([a for a in argv if a != "--overhead"])
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )

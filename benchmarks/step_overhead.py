@@ -13,10 +13,11 @@ library's Python work per layer — what this script measures:
 * ``calls/step``: Python function calls into curvkit (``curvkit/`` and ``plugins/``) during
   one plain step, counted with ``cProfile``.
 
-Usage::
+Also printed: the calls into curvkit of one plain K-FAC step on a 2-layer MLP (the issue's
+first count). Usage (``benchmarks/step.py --overhead`` runs this script)::
 
-    python benchmarks/step_overhead.py                 # ~1 min
-    python benchmarks/step_overhead.py --methods kfac,singd,ekfac --rounds 15
+    python benchmarks/step.py --overhead                # ~1 min
+    python benchmarks/step.py --overhead --methods kfac,singd,ekfac --rounds 15
 """
 
 from __future__ import annotations
@@ -115,9 +116,17 @@ def main(argv: list[str] | None = None) -> int:
         over = (med - sgd) / LAYERS
         rows.append({"contender": n, "us_per_step": med, "us_per_layer_over_sgd": over, "curvkit_calls": calls})
         print(f"{n:12s} {med:9.0f} {over:18.1f} {calls:11d}")
+    torch.manual_seed(0)
+    small = nn.Sequential(nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, 10))
+    small_opt = _make("kfac", small)
+    _backward(small, X, y)
+    small_opt.step()
+    small_calls = _curvkit_calls(small_opt, small, X, y)
+    print(f"kfac on a 2-layer MLP: {small_calls} calls into curvkit per plain step")
+    print(f"# load average {[round(v, 2) for v in os.getloadavg()]} (a shared machine inflates every figure)")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "torch": torch.__version__}, fh, indent=2)
+            json.dump({"rows": rows, "two_layer_calls": small_calls, "torch": torch.__version__}, fh, indent=2)
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -198,6 +199,21 @@ class CurvatureBlock(ABC):
     def restore_step_state(self, state: Any) -> None:
         """Undo :meth:`precondition` (see :meth:`step_state`)."""
         del state
+
+    def batch_key(self) -> Hashable | None:
+        """Blocks of one class with equal keys (not ``None``) are preconditioned together by
+        :meth:`precondition_many` on the hot path (layers of equal shapes in one batched
+        product). ``None`` (the default): :meth:`precondition`, one layer at a time. A key
+        must change whenever what :meth:`precondition` computes would differ in kind (e.g.
+        the inverse's form after a refresh)."""
+        return None
+
+    @classmethod
+    def precondition_many(cls, blocks: Sequence[CurvatureBlock], grads: Tensor) -> Tensor:
+        """:meth:`precondition` of each block to its slice of a ``(B, d_out, d_in)`` stack,
+        as one ``(B, d_out, d_in)`` tensor; called only for blocks with equal
+        :meth:`batch_key`. Must equal the one-at-a-time result (to rounding)."""
+        return torch.stack([b.precondition(g) for b, g in zip(blocks, grads.unbind(0))])
 
     def set_step_size(self, lr: float) -> None:
         """Told the learning rate of the coming step (its parameter group's ``lr``) by
@@ -443,6 +459,21 @@ class KroneckerBlock(CurvatureBlock):
         if self.inverse is None:
             raise RuntimeError(f"block {self.info.name!r}: precondition() before the first refresh()")
         return self.inverse.apply(grad)
+
+    def batch_key(self) -> Hashable | None:
+        # a subclass with its own precondition() (or step-time state) runs it layer by layer
+        cls = type(self)
+        if self.inverse is None or cls.precondition is not KroneckerBlock.precondition:
+            return None
+        if cls.step_state is not CurvatureBlock.step_state:
+            return None
+        key = self.inverse.batch_key()
+        return None if key is None else (type(self.inverse), key)
+
+    @classmethod
+    def precondition_many(cls, blocks: Sequence[CurvatureBlock], grads: Tensor) -> Tensor:
+        inverses = [b.inverse for b in blocks]  # type: ignore[attr-defined]
+        return type(inverses[0]).apply_many(inverses, grads)
 
     def as_operator(self) -> KroneckerOperator:
         """The EMA factors' ``G ⊗ A``."""

@@ -58,6 +58,14 @@ The backends pickle (``torch.save`` of a fitted Laplace object): the default cur
 registry is stored as a marker and looked up again on load; a custom ``registry=`` is
 stored as it is and must itself be picklable.
 
+``kron`` builds its entries from the same :class:`~curvkit.laplace.OperatorBlock` s as
+:meth:`KroneckerCurvature.from_factors <curvkit.laplace.KroneckerCurvature.from_factors>`
+(:func:`~curvkit.laplace.curvature.layer_blocks`, weight and bias split;
+:func:`kron_entry`), and with ``curvature=`` (a :class:`~curvkit.laplace.KroneckerCurvature`
+or a trained curvkit optimizer, see :class:`CurvkitGGN`) it uses that curvature instead of
+computing one: the laplace-torch side of
+:meth:`KroneckerCurvature.from_optimizer <curvkit.laplace.KroneckerCurvature.from_optimizer>`.
+
 Keyword arguments of ``kron``/``diag`` (laplace-torch forwards ``asdl_fisher_kwargs`` to
 them): ``kfac_approx`` (``"expand"``/``"reduce"``), ``mc_samples``, ``seed`` or
 ``generator`` (for ``stochastic=True``; ``seed`` draws the same targets as curvlinops with
@@ -76,16 +84,49 @@ from torch import Tensor, nn
 
 from curvkit.config import FisherType, KFACApprox, UnsupportedPolicy, as_enum
 from curvkit.errors import UnsupportedModuleError
+from curvkit.laplace.blocks import OperatorBlock
+from curvkit.laplace.curvature import KroneckerCurvature, layer_blocks
 from curvkit.laplace.gradients import fisher_gradients, per_sample_gradients
 from curvkit.laplace.layout import FlatLayout, storage_kind
 from curvkit.laplace.pickling import registry_from_state, registry_to_state
+from curvkit.linalg.kronecker import KroneckerOperator, UnitwiseOperator
 from curvkit.stats.api import resolve_backend
 from curvkit.stats.backend import FactorRequest, UnitwiseFactors
 from curvkit.stats.plan import TrackingPlan, make_plan
 
-__all__ = ["CurvkitEF", "CurvkitGGN"]
+__all__ = ["CurvkitEF", "CurvkitGGN", "kron_entry"]
 
 _KRON_KWARGS = {"N", "kfac_approx", "mc_samples", "seed", "generator"}
+
+
+def kron_entry(block: OperatorBlock, kind: str, *, g_ratio: float, a_ratio: float, single: float) -> list[Tensor]:
+    """laplace-torch's ``Kron`` entry for one parameter's :class:`~curvkit.laplace.OperatorBlock`.
+
+    A Kronecker block ``G ⊗ A`` on the parameter (``kind="standard"``) is ``[G·g_ratio,
+    A·a_ratio]``, on its transpose (``"transposed"``: an embedding) ``[A·a_ratio,
+    G·g_ratio]``; a bias (``"bias"``, ``A`` 1×1) or a 1×1 weight is the single factor
+    ``[G·A·single]``; a normalisation layer's scale or shift (a unit-wise block of one
+    column) is ``[diag(F)·single]``.
+
+    Raises:
+        UnsupportedModuleError: The block is not a Kronecker product or unit-wise (EKFAC's
+            eigenvalue-corrected blocks have no Kronecker pair).
+    """
+    op = block.operator
+    if isinstance(op, UnitwiseOperator):
+        return [torch.diag(op.F[:, 0, 0]) * single]
+    if not isinstance(op, KroneckerOperator):
+        raise UnsupportedModuleError(
+            f"block {block.name!r} is a {type(op).__name__}, not a Kronecker product G ⊗ A, so laplace-torch's Kron "
+            "cannot hold it (EKFAC's corrected eigenvalues are not a Kronecker pair); use "
+            "curvkit.laplace.KroneckerLaplace (e.g. KroneckerLaplace.from_optimizer), which keeps any block operator."
+        )
+    g, a = op.G, op.A_dense()
+    if kind == "bias" or (g.shape[0] == 1 and a.shape[0] == 1):  # one scalar factor, as curvlinops' backend
+        return [g * a * single]
+    if kind == "transposed":  # the block matrix is the parameter's transpose: A ⊗ G on it
+        return [a * a_ratio, g * g_ratio]
+    return [g * g_ratio, a * a_ratio]
 
 
 class _RowsAreNotData(Exception):
@@ -97,6 +138,8 @@ class _CurvkitInterface(CurvatureInterface):
 
     _statistics_backend: str = "hooks"
     registry: Any = None
+    #: A curvature handed over (``curvature=``): a KroneckerCurvature or a trained optimizer.
+    _curvature: Any = None
     #: Set once a pass showed that a tracked layer's rows are not the data points; the
     #: dense methods then use laplace-torch's ``torch.func`` implementations.
     _rows_not_data: bool = False
@@ -109,7 +152,18 @@ class _CurvkitInterface(CurvatureInterface):
 
     # --- set-up -----------------------------------------------------------------------
 
-    def _setup(self, statistics_backend: str, registry: Any, unsupported: UnsupportedPolicy | str = "warn") -> None:
+    def _setup(
+        self,
+        statistics_backend: str,
+        registry: Any,
+        unsupported: UnsupportedPolicy | str = "warn",
+        curvature: Any = None,
+    ) -> None:
+        if curvature is not None and not isinstance(curvature, KroneckerCurvature):
+            from curvkit.laplace.from_optimizer import optimizer_preconditioner
+
+            optimizer_preconditioner(curvature)  # a curvkit optimizer, or raise
+        self._curvature = curvature
         if registry is None:
             from curvkit.plugins import default_registry
 
@@ -141,6 +195,9 @@ class _CurvkitInterface(CurvatureInterface):
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
         state.pop("_tracking_cache", None)  # rebuilt on first use
+        cached = state.pop("_curvature_cache", None)
+        if cached is not None:  # an optimizer handed over: keep the curvature it gave, not the optimizer
+            state["_curvature"] = cached[1]
         state["registry"] = registry_to_state(state.get("registry"), type(self).__name__)
         return state
 
@@ -211,8 +268,11 @@ class _CurvkitInterface(CurvatureInterface):
     # --- Kronecker factors ------------------------------------------------------------
 
     def kron(self, x: Tensor | MutableMapping[str, Any], y: Tensor, N: int, **kwargs: Any) -> tuple[Tensor, Kron]:
-        """K-FAC of the sum-reduced loss on this batch, scaled for a data set of ``N``."""
+        """K-FAC of the sum-reduced loss on this batch, scaled for a data set of ``N`` (with
+        ``curvature=``: the given curvature's share ``M/N``)."""
         self._check_kwargs(kwargs, "kron")
+        if self._curvature is not None:
+            return self._fixed_kron(x, y, N)
         plan, layout, others = self._kron_tracking()
         entries = self._kron_entries(plan, layout)
         mc_samples = int(kwargs.get("mc_samples", self._num_mc_samples()))
@@ -232,33 +292,109 @@ class _CurvkitInterface(CurvatureInterface):
             handle.remove()
         loss = self.lossfunc(outputs[-1].detach(), y)
         ratio = len(y) / N
-        kfacs: list[list[Tensor]] = []
+        # the batch's factors become the same OperatorBlocks as KroneckerCurvature's (layer_blocks,
+        # weight and bias split): one path from factors to blocks for from_data, from_optimizer and this
+        blocks = self._parameter_blocks(plan, layout, factors)
         exact = self._exact_blocks(inputs, y, others, fisher, mc_samples, generator) if others else {}
-        for layer, kind, cols in entries:
+        kfacs: list[list[Tensor]] = []
+        for layer, kind, _ in entries:
             if layer is None:  # a parameter no handler serves: its exact block
                 kfacs.append([exact[kind]])
                 continue
-            if layer not in factors:
-                raise ValueError(f"layer {layer!r} did not run in the forward pass, so it has no curvature.")
-            entry = factors[layer]
-            if isinstance(entry, UnitwiseFactors):  # one parameter of a normalisation layer
-                j = cols.start
-                kfacs.append([torch.diag(entry.F[:, j, j])])
-                continue
-            a, g = entry
-            # a dense A: laplace-torch's Kron initialises every weight with dense factors (V×V for an
-            # embedding) and adds ours to them, so a 1-D diagonal would broadcast wrongly
-            a = torch.diag(a) if a.ndim == 1 else a
-            a_w = a[cols, cols]
-            if kind == "bias":  # one factor G·A_bb (A_bb = 1 for an appended constant)
-                kfacs.append([g * a_w])
-            elif g.shape[0] == 1 and a_w.shape[0] == 1:
-                kfacs.append([g * a_w * ratio])  # a 1×1 weight: one scalar block, as curvlinops' backend
-            elif kind == "transposed":  # the block matrix is the parameter's transpose: A ⊗ G on it
-                kfacs.append([a_w * ratio, g])
-            else:
-                kfacs.append([g, a_w * ratio])
+            block = blocks[(layer, kind == "bias")]
+            # G summed over the batch, A averaged: over batches, G_sum ⊗ A_mean (the bias: G·a_bb, a_bb = 1)
+            # (a unit-wise block's F and a bias's G are sums over the batch already: no ratio)
+            exact_sum = kind == "bias" or isinstance(block.operator, UnitwiseOperator)
+            kfacs.append(kron_entry(block, kind, g_ratio=1.0, a_ratio=ratio, single=1.0 if exact_sum else ratio))
         return self.factor * loss.detach(), Kron(kfacs) * self.factor  # type: ignore[arg-type]
+
+    def _parameter_blocks(
+        self, plan: TrackingPlan, layout: FlatLayout, factors: dict[str, Any]
+    ) -> dict[tuple[str, bool], OperatorBlock]:
+        """``{(layer, is_bias): block}``: each layer's batch factors as
+        :class:`~curvkit.laplace.OperatorBlock` s in laplace-torch's layout (weight and bias
+        blocks, :func:`~curvkit.laplace.curvature.layer_blocks` with ``separate_bias``)."""
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        out: dict[tuple[str, bool], OperatorBlock] = {}
+        for layer in plan:
+            if layer.name not in factors:
+                raise ValueError(f"layer {layer.name!r} did not run in the forward pass, so it has no curvature.")
+            entry = factors[layer.name]
+            if isinstance(entry, UnitwiseFactors):
+                op: Any = UnitwiseOperator(entry.F, label=layer.name)
+            else:
+                a, g = entry
+                # a dense A: laplace-torch's Kron initialises every weight with dense factors (V×V for an
+                # embedding) and adds ours to them, so a 1-D diagonal would broadcast wrongly
+                op = KroneckerOperator(torch.diag(a) if a.ndim == 1 else a, g, label=layer.name)
+            for block in layer_blocks(layer, op, names, layout, separate_bias=True):
+                out[(layer.name, block.name != layer.name)] = block
+        return out
+
+    def _fixed_kron(self, x: Tensor | MutableMapping[str, Any], y: Tensor, N: int) -> tuple[Tensor, Kron]:
+        """``kron`` with a curvature handed over (``curvature=``): this batch's loss and the
+        curvature's blocks times ``M/N`` in both factors, so that laplace-torch's factor-wise
+        sum over the batches is the curvature itself."""
+        if self.last_layer or self.subnetwork_indices is not None:
+            raise UnsupportedModuleError(
+                f"{type(self).__name__}(curvature=...) covers the whole model; use subset_of_weights='all'."
+            )
+        curvature = self._given_curvature(N)
+        with torch.no_grad():
+            output = self._model(x)
+        loss = self.lossfunc(output.detach(), y)
+        ratio = len(y) / N
+        names = {id(p): n for n, p in self._model.named_parameters()}
+        by_param: dict[str, OperatorBlock] = {}
+        for block in curvature.blocks:
+            if len(block.param_names) != 1:
+                raise UnsupportedModuleError(
+                    f"{type(self).__name__}(curvature=...): block {block.name!r} covers {list(block.param_names)}; "
+                    "laplace-torch's Kron holds one Kronecker pair per parameter. Build the curvature with "
+                    "separate_bias=True (KroneckerCurvature.from_optimizer(..., separate_bias=True))."
+                )
+            if block.param_names[0] in by_param:
+                raise UnsupportedModuleError(
+                    f"{type(self).__name__}(curvature=...): parameter {block.param_names[0]!r} is split into several "
+                    "blocks (row ranges, as attention's query/key/value), which laplace-torch's Kron cannot hold; "
+                    "use curvkit.laplace.KroneckerLaplace."
+                )
+            by_param[block.param_names[0]] = block
+        mine = [names[id(p)] for p in self.params]
+        if sorted(mine) != sorted(by_param):
+            raise ValueError(
+                f"{type(self).__name__}(curvature=...): the curvature covers parameters {sorted(by_param)}, "
+                f"laplace-torch fits {sorted(mine)}; they must be the same (freeze the parameters the curvature "
+                "leaves out)."
+            )
+        kfacs = []
+        for name, param in zip(mine, self.params):
+            block = by_param[name]
+            is_bias = block.layer is not None and block.name == f"{block.layer}.bias"  # layer_blocks' bias block
+            kind = "bias" if is_bias else storage_kind(block.local_index(), 0, param.shape)
+            kfacs.append(kron_entry(block, kind, g_ratio=ratio, a_ratio=ratio, single=ratio))
+        return self.factor * loss.detach(), Kron(kfacs) * self.factor  # type: ignore[arg-type]
+
+    def _given_curvature(self, N: int) -> Any:
+        """The handed-over curvature; an optimizer becomes one on the first call (``num_data=N``)."""
+        given = self._curvature
+        if isinstance(given, KroneckerCurvature):
+            return given
+        cached = getattr(self, "_curvature_cache", None)
+        if cached is not None and cached[0] == N:
+            return cached[1]
+        try:
+            curvature = KroneckerCurvature.from_optimizer(given, num_data=int(N), separate_bias=True)
+        except ValueError as err:
+            if "separate_bias" not in str(err):
+                raise
+            raise UnsupportedModuleError(
+                f"{type(self).__name__}(curvature=optimizer): laplace-torch's Kron holds one Kronecker pair per "
+                f"parameter, weight and bias apart, and this optimizer's blocks cannot be split so ({err}). Use "
+                "curvkit.laplace.KroneckerLaplace.from_optimizer, which keeps any block operator."
+            ) from err
+        self._curvature_cache = (N, curvature)
+        return curvature
 
     def _kron_tracking(self) -> tuple[TrackingPlan, FlatLayout, list[nn.Parameter]]:
         """The plan, the layout of the parameters it covers, and the parameters of
@@ -530,6 +666,14 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
             block in ``kron`` (from ``torch.func`` Jacobians w.r.t. those parameters) and
             let ``diag``/``full`` use laplace-torch's ``torch.func`` path; ``"error"``
             refuses. Pass it with ``Laplace(..., backend_kwargs={"unsupported": ...})``.
+        curvature: A curvature to use instead of computing one (``backend_kwargs={"curvature":
+            ...}``): a :class:`~curvkit.laplace.KroneckerCurvature` in laplace-torch's layout
+            (one block per parameter, e.g. ``KroneckerCurvature.from_optimizer(opt,
+            num_data=N, separate_bias=True)``) or a trained curvkit optimizer (converted with
+            ``num_data=N`` on the first batch). ``kron`` then returns each batch's loss and the
+            curvature's factors times ``M/N``, which laplace-torch's factor-wise sum over the
+            batches turns into the curvature itself. Only Kronecker and unit-wise blocks fit
+            in ``Kron`` (EKFAC's are refused); all weights only.
 
     Example:
         >>> import torch
@@ -557,13 +701,14 @@ class CurvkitGGN(_CurvkitInterface, GGNInterface):
         statistics_backend: str = "hooks",
         registry: Any = None,
         unsupported: UnsupportedPolicy | str = "warn",
+        curvature: Any = None,
     ) -> None:
         if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples={num_samples!r} must be an integer >= 1.")
         super().__init__(
             model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y, stochastic, num_samples
         )
-        self._setup(statistics_backend, registry, unsupported)
+        self._setup(statistics_backend, registry, unsupported, curvature)
 
     def _fisher(self) -> FisherType:
         return FisherType.MC if self.stochastic else FisherType.TYPE2
@@ -582,7 +727,7 @@ class CurvkitEF(_CurvkitInterface, EFInterface):
     Args:
         model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y:
             As laplace-torch's ``EFInterface``.
-        statistics_backend, registry, unsupported: As :class:`CurvkitGGN`.
+        statistics_backend, registry, unsupported, curvature: As :class:`CurvkitGGN`.
 
     Example:
         >>> import torch
@@ -608,9 +753,10 @@ class CurvkitEF(_CurvkitInterface, EFInterface):
         statistics_backend: str = "hooks",
         registry: Any = None,
         unsupported: UnsupportedPolicy | str = "warn",
+        curvature: Any = None,
     ) -> None:
         super().__init__(model, likelihood, last_layer, subnetwork_indices, dict_key_x, dict_key_y)
-        self._setup(statistics_backend, registry, unsupported)
+        self._setup(statistics_backend, registry, unsupported, curvature)
 
     def _fisher(self) -> FisherType:
         return FisherType.EMPIRICAL

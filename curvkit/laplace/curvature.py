@@ -196,6 +196,67 @@ class KroneckerCurvature(FlatOperator):
         return cls(blocks)
 
     @classmethod
+    def from_optimizer(
+        cls,
+        optimizer: Any,
+        *,
+        num_data: int | None = None,
+        scale: float | None = None,
+        num_outputs: int | None = None,
+        separate_bias: bool = False,
+        unsupported: UnsupportedPolicy | str = "warn",
+        dtype: torch.dtype | None = None,
+    ) -> KroneckerCurvature:
+        r"""The curvature a trained optimizer holds, as a whole-model operator.
+
+        Each preconditioned layer's block gives its undamped curvature estimate
+        (``as_operator()``: K-FAC's ``G ⊗ A``, EKFAC's eigenvalue-corrected operator, a
+        normalisation layer's exact unit-wise blocks, ...), copied, multiplied by the
+        scale that turns the optimizer's per-datum mean into the sum over the data set, and
+        placed with the layouts of :meth:`from_factors` (row ranges, transposed and tied
+        weights). See :mod:`curvkit.laplace.from_optimizer` for what the stored statistics
+        mean and when the result equals a fresh :meth:`from_data` fit.
+
+        Args:
+            optimizer: A :class:`~curvkit.optim.CurvatureOptimizer` (``KFAC``, ``EKFAC``,
+                ...) or a :class:`~curvkit.optim.Preconditioner`, after training.
+            num_data: ``N``, the number of training data (loss terms): the operators are
+                multiplied by ``N`` (times ``num_outputs`` for a loss averaged over its
+                outputs). Valid when the statistics are per-datum means (a
+                ``reduction="mean"`` loss or ``loss_average="batch"``).
+            scale: Any other factor, instead of ``num_data`` (e.g. ``N / batch_size``
+                for a sum-reduced training loss).
+            num_outputs: ``C`` for an ``MSELoss``/``BCEWithLogitsLoss`` averaged over its
+                ``C`` outputs (``reduction="mean"``).
+            separate_bias: Split each layer into weight and bias blocks (as
+                :meth:`from_factors`); only for operators that can drop the cross terms
+                (Kronecker and unit-wise ones, not EKFAC's). Default ``False``: the
+                optimizer's own layout, one block per layer with the bias folded in.
+            unsupported: Parameters the optimizer takes first-order steps for (no handler,
+                a layer the method cannot serve, a block that never received statistics):
+                ``"warn"`` (default) or ``"skip"`` leave them out (fixed at their trained
+                values); ``"error"`` refuses.
+            dtype: The operator's dtype (default: the blocks' common one).
+
+        Raises:
+            ValueError: No block has statistics yet; the scale is missing or ambiguous.
+            UnsupportedModuleError: A block cannot give an operator (names the method and
+                the layer); ``unsupported="error"`` and a first-order parameter.
+        """
+        from curvkit.laplace.from_optimizer import optimizer_curvature
+
+        return optimizer_curvature(
+            cls,
+            optimizer,
+            num_data=num_data,
+            scale=scale,
+            num_outputs=num_outputs,
+            separate_bias=separate_bias,
+            unsupported=unsupported,
+            dtype=dtype,
+        )
+
+    @classmethod
     def from_data(
         cls,
         model: nn.Module,

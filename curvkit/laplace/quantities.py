@@ -62,7 +62,7 @@ from curvkit.laplace.layout import FlatLayout
 from curvkit.laplace.pickling import registry_from_state, registry_to_state
 from curvkit.laplace.prior import PriorMode, block_priors
 from curvkit.stats.model_io import call_model, model_logits
-from curvkit.stats.plan import make_plan
+from curvkit.stats.plan import TrackingPlan, make_plan
 
 __all__ = ["KroneckerLaplace"]
 
@@ -166,7 +166,9 @@ class KroneckerLaplace:
         self.backend = backend
         self.output_fn = output_fn
         self.curvature: KroneckerCurvature | None = None
-        self.loss = 0.0
+        #: The training loss at the MAP (sum-reduced, times ½ for regression); ``None`` when
+        #: built :meth:`from_optimizer` without data.
+        self.loss: float | None = 0.0
         self.n_data = 0
         self.n_outputs = 0
 
@@ -183,6 +185,123 @@ class KroneckerLaplace:
         state.setdefault("unsupported", UnsupportedPolicy.WARN)
         state.setdefault("output_fn", None)
         self.__dict__.update(state)
+
+    # --- from a trained optimizer -----------------------------------------------------
+
+    @classmethod
+    def from_optimizer(
+        cls,
+        optimizer: Any,
+        likelihood: str,
+        data: Iterable[tuple[Tensor, Tensor]] | None = None,
+        *,
+        num_data: int | None = None,
+        scale: float | None = None,
+        prior_precision: float | Tensor = 1.0,
+        prior_mean: float | Tensor = 0.0,
+        sigma_noise: float = 1.0,
+        temperature: float = 1.0,
+        separate_bias: bool = False,
+        prior_mode: PriorMode | str = "exact",
+        unsupported: UnsupportedPolicy | str = "warn",
+        output_fn: Any = None,
+    ) -> KroneckerLaplace:
+        r"""A Laplace approximation from a trained optimizer's curvature (no curvature pass).
+
+        The curvature is :meth:`KroneckerCurvature.from_optimizer
+        <curvkit.laplace.KroneckerCurvature.from_optimizer>` of the optimizer (its blocks'
+        undamped operators, times the data-set size), the MAP the model's current
+        parameters. ``data`` (optional) is used for one forward pass: the training loss at
+        the MAP (needed by :meth:`log_likelihood` and :meth:`log_marginal_likelihood`, not
+        by the predictive), the number of data ``N`` and of outputs. The result equals
+        :meth:`fit` on ``data`` when the optimizer's statistics are those of the final
+        parameters over the same data (see :mod:`curvkit.laplace.from_optimizer`); for
+        EKFAC, :meth:`fit` with ``correct_eigenvalues=True``.
+
+        Args:
+            optimizer: A trained :class:`~curvkit.optim.CurvatureOptimizer` or
+                :class:`~curvkit.optim.Preconditioner`; its model is the network.
+            likelihood: ``"classification"`` or ``"regression"``; must match the
+                optimizer's loss where it has one (``CrossEntropyLoss`` / ``MSELoss``).
+            data: Re-iterable ``(inputs, targets)`` batches of the training data, or ``None``.
+            num_data: ``N`` (default: counted from ``data``); see
+                :meth:`KroneckerCurvature.from_optimizer
+                <curvkit.laplace.KroneckerCurvature.from_optimizer>`.
+            scale: Instead of ``num_data``: the factor from the optimizer's statistics to
+                the curvature of the sum-reduced loss over the data set.
+            separate_bias: Default ``False``: the optimizer's layout (one block per layer).
+            prior_precision, prior_mean, sigma_noise, temperature, prior_mode, output_fn:
+                As :class:`KroneckerLaplace`.
+            unsupported: Parameters the optimizer has no curvature for: left out (fixed
+                at their trained values) under ``"warn"``/``"skip"``, refused under
+                ``"error"``.
+
+        Raises:
+            ValueError: The likelihood does not match the optimizer's loss; no way to know
+                ``N`` (neither ``data`` nor ``num_data``/``scale``); see
+                :meth:`KroneckerCurvature.from_optimizer
+                <curvkit.laplace.KroneckerCurvature.from_optimizer>`.
+        """
+        from curvkit.laplace.from_optimizer import curvature_scale, optimizer_preconditioner
+
+        pre = optimizer_preconditioner(optimizer)
+        loss_fn = pre.loss_fn
+        expected = {"classification": nn.CrossEntropyLoss, "regression": nn.MSELoss}.get(likelihood)
+        if loss_fn is not None and expected is not None and not isinstance(loss_fn, expected):
+            raise ValueError(
+                f"likelihood={likelihood!r} needs an optimizer trained with {expected.__name__}, but its loss is "
+                f"{type(loss_fn).__name__}; the curvature would belong to another likelihood."
+            )
+        la = cls(
+            pre.model,
+            likelihood,
+            prior_precision=prior_precision,
+            prior_mean=prior_mean,
+            sigma_noise=sigma_noise,
+            temperature=temperature,
+            fisher=pre.fisher,
+            kfac_approx=getattr(pre.statistics_config, "kfac_approx", KFACApprox.EXPAND),
+            separate_bias=separate_bias,
+            prior_mode=prior_mode,
+            registry=pre.registry,
+            unsupported=unsupported,
+            output_fn=output_fn,
+        )
+        total: float | None = None
+        count, outputs = 0, 0
+        if data is not None:
+            if iter(data) is data:  # type: ignore[comparison-overlap]
+                raise TypeError("pass data as a DataLoader or a list, not an iterator.")
+            check_parameters(la.model)
+            total, count, outputs = la._loss_pass(CheckedBatches(data), la._loss_fn())
+        if scale is None and num_data is None:
+            if data is None:
+                raise ValueError(
+                    "pass data= (the training batches: N is counted and the loss at the MAP computed), num_data=N, "
+                    "or scale=; the optimizer's curvature is a per-datum mean and the Laplace approximation needs "
+                    "the sum over the N training data."
+                )
+            num_data = count
+        if (
+            likelihood == "regression"
+            and loss_fn is None
+            and pre.fisher is FisherType.EMPIRICAL
+            and scale is None
+            and (data is None or outputs > 1)
+        ):
+            raise ValueError(
+                "regression from an empirical-Fisher optimizer without its loss_fn: whether the training loss "
+                "averaged over the outputs (MSELoss(reduction='mean') does) is unknown; pass the optimizer's "
+                "loss_fn= when building it, or scale= here."
+            )
+        num_outputs = outputs if data is not None else None
+        factor = curvature_scale(pre, num_data, scale, num_outputs)
+        curvature = KroneckerCurvature.from_optimizer(
+            pre, scale=factor, separate_bias=separate_bias, unsupported=unsupported
+        )
+        la.correct_eigenvalues = any(b.corrected_eigenvalues is not None for b in curvature.blocks)
+        la._install(curvature, total, count if data is not None else int(num_data or 0), outputs)
+        return la
 
     # --- fitting ----------------------------------------------------------------------
 
@@ -217,6 +336,12 @@ class KroneckerLaplace:
         batches = CheckedBatches(data)
         loss_fn = self._loss_fn()
         # the loss pass first: a batch that overflows is named before any curvature is computed
+        total, count, outputs = self._loss_pass(batches, loss_fn)
+        curvature = self._curvature(batches, loss_fn, progress)
+        self._install(curvature, total, count, outputs)
+
+    def _loss_pass(self, batches: Iterable[tuple[Tensor, Tensor]], loss_fn: nn.Module) -> tuple[float, int, int]:
+        """The sum-reduced loss over ``batches``, the number of data and of outputs."""
         total, count, outputs = 0.0, 0, 0
         with torch.no_grad():
             for index, (inputs, targets) in enumerate(batches):
@@ -232,7 +357,10 @@ class KroneckerLaplace:
                 total += float(loss)
                 count += len(targets)
                 outputs = out.shape[-1]
-        curvature = self._curvature(batches, loss_fn, progress)
+        return total, count, outputs
+
+    def _install(self, curvature: KroneckerCurvature, total: float | None, count: int, outputs: int) -> None:
+        """Store a fitted curvature (of the sum-reduced loss) and the loss at the MAP."""
         params = dict(self.model.named_parameters())
         mean = torch.cat([params[n].detach().reshape(-1) for n in curvature.param_names])
         block_priors(  # fits the layout?
@@ -240,7 +368,7 @@ class KroneckerLaplace:
         )
         check_prior_mean(self.prior_mean, mean.numel())
         self.curvature = curvature * self._factor
-        self.loss = self._factor * total
+        self.loss = None if total is None else self._factor * total
         self.n_data = count
         self.n_outputs = outputs
         self.mean = mean
@@ -336,8 +464,19 @@ class KroneckerLaplace:
         return (self._fitted() * self._h_factor).logdet(prior, self.prior_mode)
 
     def log_likelihood(self) -> Tensor:
-        """``log p(D | θ_*)`` at the fitted parameters."""
+        """``log p(D | θ_*)`` at the fitted parameters.
+
+        Raises:
+            RuntimeError: Built by :meth:`from_optimizer` without ``data``: the training
+                loss at the MAP is unknown.
+        """
         curvature = self._fitted()
+        if self.loss is None:
+            raise RuntimeError(
+                "the training loss at the MAP is unknown: this Laplace approximation was built from an optimizer "
+                "without data. Pass data= to KroneckerLaplace.from_optimizer (one forward pass over the training "
+                "data) for the log likelihood and the marginal likelihood; the predictive does not need it."
+            )
         value = torch.tensor(-self._h_factor * self.loss, dtype=curvature.dtype, device=curvature.device)
         if self.likelihood == "regression":
             value = value - self.n_data * self.n_outputs * math.log(self.sigma_noise * math.sqrt(2 * math.pi))
@@ -423,6 +562,11 @@ class KroneckerLaplace:
         curvature = self._fitted()
         plan = make_plan(self.model, self.registry, UnsupportedPolicy.SKIP)
         params = dict(self.model.named_parameters())
+        covered = set(curvature.param_names)
+        names = {id(p): n for n, p in params.items()}
+        # the layers of the curvature (from an optimizer: without those it left to first-order steps)
+        layers = tuple(layer for layer in plan if all(names[id(p)] in covered for p in layer.params))
+        plan = TrackingPlan(layers, plan.skipped, plan.first_order)
         layout = FlatLayout(plan, [params[n] for n in curvature.param_names])
         rows, out = [], None
         for out, grads in output_jacobians(self.model, plan, inputs, self.output_fn):

@@ -18,6 +18,7 @@ the failure). Nothing non-finite is ever returned.
 from __future__ import annotations
 
 import math
+from collections.abc import Hashable, Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -71,6 +72,19 @@ class KroneckerInverse:
     def apply(self, grad: Tensor) -> Tensor:
         raise NotImplementedError
 
+    def batch_key(self) -> Hashable | None:
+        """Inverses of one class with equal keys (not ``None``) can be applied together by
+        :meth:`apply_many` (the preconditioner stacks equal-shaped layers); ``None`` (the
+        default): on its own."""
+        return None
+
+    @classmethod
+    def apply_many(cls, inverses: Sequence[KroneckerInverse], grads: Tensor) -> Tensor:
+        """:meth:`apply` of each inverse to its slice of a ``(B, d_out, d_in)`` stack, as one
+        ``(B, d_out, d_in)`` tensor (batched products where a subclass can; equal to applying
+        them one at a time)."""
+        return torch.stack([inv.apply(g) for inv, g in zip(inverses, grads.unbind(0))])
+
     def tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -105,6 +119,19 @@ class FactoredInverse(KroneckerInverse):
     def apply(self, grad: Tensor) -> Tensor:
         m = grad.to(self.A_inv.dtype)
         return _right(_left(self.G_inv, m), self.A_inv).to(grad.dtype)
+
+    def batch_key(self) -> Hashable | None:
+        a, g = self.A_inv, self.G_inv
+        if a.ndim != 2 or g.ndim != 2 or a.dtype != g.dtype or a.device != g.device:
+            return None
+        return (tuple(a.shape), tuple(g.shape), a.dtype, a.device)
+
+    @classmethod
+    def apply_many(cls, inverses: Sequence[KroneckerInverse], grads: Tensor) -> Tensor:
+        """``G̃⁻¹ ∇ Ã⁻¹`` for a stack: two batched products."""
+        g_inv = torch.stack([inv.G_inv for inv in inverses])  # type: ignore[attr-defined]
+        a_inv = torch.stack([inv.A_inv for inv in inverses])  # type: ignore[attr-defined]
+        return torch.matmul(torch.matmul(g_inv, grads.to(a_inv.dtype)), a_inv).to(grads.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"A_inv": self.A_inv, "G_inv": self.G_inv}
@@ -149,6 +176,23 @@ class EigenInverse(KroneckerInverse):
 
     def apply(self, grad: Tensor) -> Tensor:
         return self.unrotate(self.rotate(grad).div_(self.denominator)).to(grad.dtype)
+
+    def batch_key(self) -> Hashable | None:
+        qa, qg, d = self.Q_A, self.Q_G, self.denominator
+        if qa.ndim != 2 or qg.ndim != 2 or not qa.numel() or not qg.numel():
+            return None
+        if not qa.dtype == qg.dtype == d.dtype or not qa.device == qg.device == d.device:
+            return None
+        return (tuple(qa.shape), tuple(qg.shape), tuple(d.shape), d.dtype, d.device)
+
+    @classmethod
+    def apply_many(cls, inverses: Sequence[KroneckerInverse], grads: Tensor) -> Tensor:
+        """``Q_G[(Q_Gᵀ∇Q_A) ⊘ D]Q_Aᵀ`` for a stack: four batched products."""
+        q_g = torch.stack([inv.Q_G for inv in inverses])  # type: ignore[attr-defined]
+        q_a = torch.stack([inv.Q_A for inv in inverses])  # type: ignore[attr-defined]
+        den = torch.stack([inv.denominator for inv in inverses])  # type: ignore[attr-defined]
+        m = torch.matmul(torch.matmul(q_g.mT, grads.to(den.dtype)), q_a).div_(den)
+        return torch.matmul(torch.matmul(q_g, m), q_a.mT).to(grads.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"Q_A": self.Q_A, "Q_G": self.Q_G, "denominator": self.denominator}

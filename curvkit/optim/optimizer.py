@@ -56,12 +56,23 @@ from torch import Tensor, nn
 from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.methods import MethodConfig, MethodSpec
-from curvkit.numerics import all_finite_many, compensated_add
-from curvkit.optim.guards import updates_fit
+from curvkit.numerics import all_finite_many
+from curvkit.optim.adaptive import adapt_damping
+from curvkit.optim.layers import layer_matrix
 from curvkit.optim.monitor import DivergenceMonitor
-from curvkit.optim.preconditioner import Preconditioner, layer_matrix, resolve_method, split_layer_matrix
+from curvkit.optim.options import (
+    FALLBACK_DEFAULTS,
+    MONITOR_KEY,
+    RECOMMENDED,
+    STATE_KEY,
+    WEIGHT_DECAY_MODES,
+    check_group,
+    plainly_valid,
+)
+from curvkit.optim.preconditioner import Preconditioner, resolve_method
 from curvkit.optim.trust_region import TrustRegion
 from curvkit.optim.trust_region import scales as trust_region_scales
+from curvkit.optim.update import apply_updates
 
 __all__ = [
     "BKFAC",
@@ -82,68 +93,8 @@ __all__ = [
     "create",
 ]
 
-WEIGHT_DECAY_MODES = ("after", "before", "decoupled")
-#: Key of the preconditioner's state inside ``optimizer.state_dict()``.
-STATE_KEY = "curvkit"
-#: Key of the divergence monitor's state inside ``optimizer.state_dict()``.
-MONITOR_KEY = "curvkit_monitor"
-
-
-def _check_group(group: dict[str, Any], where: str) -> list[str]:
-    out: list[str] = []
-    kahan = group.get("kahan_sum", True)
-    if not isinstance(kahan, bool):
-        out.append(f"{where}kahan_sum={kahan!r} must be True or False (compensated update of 16-bit parameters)")
-    check_number(out, f"{where}lr", group["lr"], low=0.0)
-    check_number(out, f"{where}momentum", group["momentum"], low=0.0, high=1.0, high_open=True)
-    check_number(out, f"{where}weight_decay", group["weight_decay"], low=0.0)
-    if group["weight_decay_mode"] not in WEIGHT_DECAY_MODES:
-        out.append(
-            f"{where}weight_decay_mode={group['weight_decay_mode']!r} must be one of "
-            f"{', '.join(map(repr, WEIGHT_DECAY_MODES))}"
-        )
-    return out
-
-
-def _plainly_valid(group: dict[str, Any]) -> bool:
-    """The common case of :func:`_check_group`, fast (plain floats in range); anything else
-    goes through the full check, which names the problem."""
-    lr, mu, wd = group["lr"], group["momentum"], group["weight_decay"]
-    return (
-        type(lr) is float
-        and type(mu) is float
-        and type(wd) is float
-        and 0.0 <= lr < math.inf
-        and 0.0 <= mu < 1.0
-        and 0.0 <= wd < math.inf
-        and group["weight_decay_mode"] in WEIGHT_DECAY_MODES
-        and type(group.get("kahan_sum", True)) is bool
-    )
-
-
-class _Recommended:
-    """Sentinel default of the optimizer's options: the method's recommended value
-    (:attr:`~curvkit.methods.MethodSpec.recommended`), or :data:`FALLBACK_DEFAULTS`."""
-
-    def __repr__(self) -> str:
-        return "<recommended>"
-
-
-RECOMMENDED: Any = _Recommended()
-
-#: The optimizer options of a method whose recommended settings do not set them (and of any
-#: method with ``recommended=False``): plain SGD steps, no trust region.
-FALLBACK_DEFAULTS: dict[str, Any] = {
-    "lr": 1e-3,
-    "momentum": 0.0,
-    "weight_decay": 0.0,
-    "weight_decay_mode": "after",
-    "kahan_sum": True,
-    "kl_clip": None,
-    "rms_clip": None,
-    "grad_ratio_clip": None,
-}
-
+# re-exported: their home is curvkit.optim.options
+_ = (FALLBACK_DEFAULTS, MONITOR_KEY, STATE_KEY, WEIGHT_DECAY_MODES)
 
 class CurvatureOptimizer(torch.optim.Optimizer):
     """A second-order optimizer over any registered method.
@@ -246,13 +197,13 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             k: (v if v is not RECOMMENDED else settings.get(k, FALLBACK_DEFAULTS[k])) for k, v in given.items()
         }
         defaults = {k: resolved[k] for k in ("lr", "momentum", "weight_decay", "weight_decay_mode", "kahan_sum")}
-        problems = _check_group(defaults, "")
+        problems = check_group(defaults, "")
         for clip in ("kl_clip", "rms_clip", "grad_ratio_clip"):
             check_number(problems, clip, resolved[clip], low=0.0, low_open=True, optional=True)
         if problems:
             raise ConfigError(f"{type(self).__name__} options", problems)
         super().__init__(model.parameters() if params is None else params, defaults)
-        group_problems = [p for i, g in enumerate(self.param_groups) for p in _check_group(g, f"param_groups[{i}].")]
+        group_problems = [p for i, g in enumerate(self.param_groups) for p in check_group(g, f"param_groups[{i}].")]
         if group_problems:
             raise ConfigError(f"{type(self).__name__} parameter groups", group_problems)
         self._check_params_in_model(model)
@@ -411,30 +362,10 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "optimizer.step(closure) with a closure that recomputes the loss (and its gradient)."
             )
         pre.distributor.reduce_gradients(p for g in self.param_groups for p in g["params"])
+        # the per-layer clips need ‖Δ_l‖: the preconditioner's direction guard computes them
+        pre.want_direction_norms = self.rms_clip is not None or self.grad_ratio_clip is not None
         groups = self._group_of()
-        tracked: set[int] = set()
-        grads: dict[str, tuple[Tensor, Tensor | None]] = {}
-        raw: dict[str, Tensor] = {}
-        for name, layer in pre.layers.items():
-            w_param = layer.weight_ref.param
-            if id(w_param) not in groups:
-                continue
-            tracked.update(id(p) for p in layer.params)
-            pre.blocks[name].set_step_size(groups[id(w_param)]["lr"])
-            w, b = layer.weight, layer.bias
-            gw = layer.weight_ref.grad()
-            gb = None if b is None or layer.bias_ref is None else layer.bias_ref.grad()
-            if gw is None and (b is None or gb is None):
-                continue
-            gw = gw if gw is not None else torch.zeros_like(w)
-            gb = None if b is None else (gb if gb is not None else torch.zeros_like(b))
-            if adapt_now:  # the LM quadratic model reads the raw gradient
-                raw[name] = layer_matrix(layer, gw, gb)
-            gw = self._decay_before(w_param, w, gw, groups)
-            if b is not None and gb is not None and layer.bias_ref is not None:
-                gb = self._decay_before(layer.bias_ref.param, b, gb, groups)
-            grads[name] = (gw, gb)
-        fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
+        grads, raw, fallback = self._gradients(groups, adapt_now)
         if not grads and not fallback:
             # nothing to do: no gradient anywhere (e.g. step() before any backward)
             pre.counters["empty_steps"] = pre.counters.get("empty_steps", 0) + 1
@@ -446,15 +377,73 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.monitor.skipped(pre.steps, pre.counters)
             return loss
         scales = self._trust_region(dirs, fallback, groups)
+        params, direction = self._parameter_directions(dirs, scales, fallback, groups)
+        old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
+        if not apply_updates(self.state, params, direction, groups):
+            pre.revert_step("nonfinite_updates")
+            self.monitor.skipped(pre.steps, pre.counters)
+            return loss
+        self.monitor.applied(pre.grad_norms_sq, list(params.values()))
+        if adapt_now:
+            assert old is not None and closure is not None
+            adapt_damping(pre, loss, closure, old, params, raw)
+        return loss
+
+    def _gradients(
+        self, groups: dict[int, dict[str, Any]], adapt_now: bool
+    ) -> tuple[dict[str, tuple[Tensor, Tensor | None]], dict[str, Tensor], list[Tensor]]:
+        """Stage 1: the tracked layers' gradients (weight decay added for
+        ``weight_decay_mode="before"``), the raw ones in matrix form for the LM quadratic
+        model, and the other parameters with a gradient (the first-order fallback)."""
+        pre = self.preconditioner
+        tracked: set[int] = set()
+        grads: dict[str, tuple[Tensor, Tensor | None]] = {}
+        raw: dict[str, Tensor] = {}
+        blocks = pre.blocks
+        for name, layer in pre.layers.items():
+            w_ref, b_ref = layer.weight_ref, layer.bias_ref if layer.has_bias else None
+            group = groups.get(id(w_ref.param))
+            if group is None:
+                continue
+            tracked.add(id(w_ref.param))
+            if b_ref is not None:
+                tracked.add(id(b_ref.param))
+            blocks[name].set_step_size(group["lr"])
+            gw = w_ref.grad()
+            gb = None if b_ref is None else b_ref.grad()
+            if gw is None and gb is None:
+                continue
+            if gw is None:
+                gw = torch.zeros_like(w_ref.view())
+            if b_ref is not None and gb is None:
+                gb = torch.zeros_like(b_ref.view())
+            if adapt_now:  # the LM quadratic model reads the raw gradient
+                raw[name] = layer_matrix(layer, gw, gb)
+            if group["weight_decay"] != 0 and group["weight_decay_mode"] == "before":
+                gw = gw.add(w_ref.view(), alpha=group["weight_decay"])
+            if b_ref is not None and gb is not None:
+                gb = self._decay_before(b_ref.param, b_ref.view(), gb, groups)
+            grads[name] = (gw, gb)
+        fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
+        return grads, raw, fallback
+
+    def _parameter_directions(
+        self,
+        dirs: dict[str, Tensor],
+        scales: dict[str, float],
+        fallback: list[Tensor],
+        groups: dict[int, dict[str, Any]],
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
+        """Stage 3: ``({id: parameter}, {id: its direction})``, the layers' directions in the
+        parameters' shapes (a parameter split into parts gets its rows from each) and the
+        fallback's gradients, all scaled by the trust region."""
+        pre = self.preconditioner
         nu = scales.get("", 1.0)
-        # per-parameter directions (a parameter split into parts gets its rows from each)
         direction: dict[int, Tensor] = {}
         params: dict[int, Tensor] = {}
         pieces: dict[int, list[tuple[tuple[int, int], Tensor]]] = {}
-        for name, mat in dirs.items():
+        for name, (w_dir, b_dir) in pre.layer_directions(dirs, scales).items():
             layer = pre.layers[name]
-            scale = scales.get(name, 1.0)
-            w_dir, b_dir = split_layer_matrix(layer, mat * scale if scale != 1.0 else mat)
             refs = [(layer.weight_ref, w_dir)]
             if b_dir is not None and layer.bias_ref is not None:
                 refs.append((layer.bias_ref, b_dir))
@@ -470,26 +459,17 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             assert p.grad is not None
             g = self._decay_before(p, p, p.grad, groups)
             direction[id(p)], params[id(p)] = (g * nu if nu != 1.0 else g), p
-        old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
-        if not self._apply(params, direction, groups):
-            pre.revert_step("nonfinite_updates")
-            self.monitor.skipped(pre.steps, pre.counters)
-            return loss
-        self.monitor.applied(pre.grad_norms_sq, list(params.values()))
-        if adapt_now:
-            assert old is not None and closure is not None
-            self._adapt_damping(loss, closure, old, params, raw)
-        return loss
+        return params, direction
 
     def _check_step_hyperparameters(self) -> None:
         """Refuse non-finite or out-of-range hyperparameters met at step time (set after
         construction, e.g. by a learning-rate scheduler) before anything changes."""
-        if all(_plainly_valid(g) for g in self.param_groups) and all(
+        if all(plainly_valid(g) for g in self.param_groups) and all(
             c is None or (isinstance(c, float) and 0.0 < c < math.inf)
             for c in (self.kl_clip, self.rms_clip, self.grad_ratio_clip)
         ):
             return
-        problems = [p for i, g in enumerate(self.param_groups) for p in _check_group(g, f"param_groups[{i}].")]
+        problems = [p for i, g in enumerate(self.param_groups) for p in check_group(g, f"param_groups[{i}].")]
         for clip in ("kl_clip", "rms_clip", "grad_ratio_clip"):
             check_number(problems, clip, getattr(self, clip), low=0.0, low_open=True, optional=True)
         if problems:
@@ -521,6 +501,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             pre.grad_norms_sq,
             pre.inner_products,
             [(p, groups[id(p)]["lr"]) for p in fallback],
+            pre.direction_norms_sq,
         )
 
     def _assemble(
@@ -542,125 +523,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             g = self._decay_before(param, param, g, groups)
             out[~covered] = g[~covered] * nu
         return out
-
-    def _apply(
-        self, params: dict[int, Tensor], directions: dict[int, Tensor], groups: dict[int, dict[str, Any]]
-    ) -> bool:
-        """Weight decay (after / decoupled), momentum and the update — SGD's exact ops, one
-        multi-tensor call per operation for the parameters of a group that share dtypes.
-
-        Guarded: every increment (new momentum buffer, or direction plus decay) is formed
-        out of place and checked (:func:`~curvkit.optim.guards.updates_fit`) before anything is written; one that
-        is not finite, or would overflow the parameter, returns ``False`` with parameters and
-        momenta untouched."""
-        buckets: dict[tuple[int, torch.dtype, torch.dtype, torch.device], list[int]] = {}
-        for i, d in directions.items():
-            p = params[i]
-            buckets.setdefault((id(groups[i]), p.dtype, d.dtype, p.device), []).append(i)
-        plans: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool, list[tuple[Tensor, Tensor] | None]]] = []
-        for (_, dtype, _, _), ids in buckets.items():
-            group = groups[ids[0]]
-            lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
-            mode = group["weight_decay_mode"]
-            kahan = group.get("kahan_sum", True) and dtype in (torch.bfloat16, torch.float16)
-            ps = [params[i] for i in ids]
-            ds = [directions[i] for i in ids]
-            if wd != 0 and mode == "after":
-                ds = list(torch._foreach_add(ds, ps, alpha=wd))
-            bufs: list[tuple[Tensor, Tensor] | None] = [None] * len(ps)
-            if mu != 0:
-                ds, bufs = self._momentum(ps, ds, mu)
-            if kahan:
-                ds = self._compensated_increments(ps, ds, lr, wd if mode == "decoupled" else 0.0)
-            plans.append((group, ps, ds, kahan, bufs))
-        if not updates_fit((group, ps, ds, kahan) for group, ps, ds, kahan, _ in plans):
-            return False
-        for group, ps, ds, kahan, bufs in plans:
-            for p, entry in zip(ps, bufs):
-                if entry is not None:
-                    self.state[p]["momentum_buffer"] = entry[1]
-            lr, wd, mode = group["lr"], group["weight_decay"], group["weight_decay_mode"]
-            if kahan:
-                self._compensated_commit(ps, ds)
-                continue
-            if wd != 0 and mode == "decoupled":
-                torch._foreach_mul_(ps, 1 - lr * wd)
-            torch._foreach_add_(ps, ds, alpha=-lr)
-        return True
-
-    def _momentum(
-        self, ps: list[Tensor], ds: list[Tensor], mu: float
-    ) -> tuple[list[Tensor], list[tuple[Tensor, Tensor] | None]]:
-        """The new buffers ``m ← μ m + Δ`` (``m = Δ`` on a parameter's first step), formed
-        out of place: ``(the m's, [(parameter, new buffer)] to install once checked)``."""
-        out: list[Tensor] = []
-        old: list[Tensor] = []
-        incs: list[Tensor] = []
-        where: list[int] = []
-        for k, (p, d) in enumerate(zip(ps, ds)):
-            buf = self.state[p].get("momentum_buffer")
-            if buf is None:
-                out.append(torch.clone(d).detach())
-            else:
-                out.append(d)  # placeholder, replaced below
-                old.append(buf)
-                incs.append(d)
-                where.append(k)
-        if old:
-            new = torch._foreach_mul(old, mu)
-            torch._foreach_add_(new, incs)
-            for k, m in zip(where, new):
-                out[k] = m
-        return out, [(p, m) for p, m in zip(ps, out)]
-
-    def _compensated_increments(self, ps: list[Tensor], ms: list[Tensor], lr: float, decoupled: float) -> list[Tensor]:
-        """The float32 increments ``−η m − η γ θ`` plus the carried rounding error of 16-bit
-        ``θ`` (see :meth:`_compensated_commit`)."""
-        out = []
-        for p, m in zip(ps, ms):
-            inc = m.to(torch.float32, copy=True).mul_(-lr)
-            if decoupled:
-                inc.add_(p, alpha=-lr * decoupled)
-            carried = self.state[p].get("kahan_comp")
-            if carried is not None:  # folded into the (small) increment before it meets θ
-                inc.add_(carried)
-            out.append(inc)
-        return out
-
-    def _compensated_commit(self, ps: list[Tensor], incs: list[Tensor]) -> None:
-        """``θ ← θ + inc`` for 16-bit ``θ`` with the rounding error carried in
-        ``state[θ]["kahan_comp"]`` (:func:`curvkit.numerics.compensated_add`)."""
-        for p, inc in zip(ps, incs):
-            new, err = compensated_add(p, inc)
-            p.copy_(new)
-            self.state[p]["kahan_comp"] = err
-
-    def _adapt_damping(
-        self,
-        loss: Any,
-        closure: Callable[[], Any],
-        old: dict[int, Tensor],
-        params: dict[int, Tensor],
-        raw: dict[str, Tensor],
-    ) -> None:
-        pre = self.preconditioner
-        lam = pre.damping_value
-        change = 0.0
-        for name, g in raw.items():
-            layer = pre.layers[name]
-            delta_w = _rows(layer.weight_ref, layer.weight_ref.param.detach() - old[id(layer.weight_ref.param)])
-            delta_b = None
-            if layer.bias is not None and layer.bias_ref is not None:
-                delta_b = _rows(layer.bias_ref, layer.bias_ref.param.detach() - old[id(layer.bias_ref.param)])
-            delta = layer_matrix(layer, delta_w, delta_b)
-            quad = pre.blocks[name].quadratic(delta) + lam * float((delta * delta).sum())
-            change += float((g * delta).sum()) + 0.5 * quad
-        with pre.suspended(), torch.enable_grad():
-            new_loss = closure()
-        # a step the quadratic model itself predicts to increase the loss counts as a bad step
-        rho = (float(new_loss) - float(loss)) / change if change < 0 else float("-inf")
-        pre.damping_value = pre.damping.adapt(lam, rho)  # type: ignore[union-attr]
-        pre.counters["last_reduction_ratio"] = rho  # type: ignore[assignment]
 
     # --- checkpoints ---------------------------------------------------------------------------
 
@@ -717,10 +579,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             group.setdefault("momentum", 0.0)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("kahan_sum", True)
-
-
-def _rows(ref: Any, t: Tensor) -> Tensor:
-    return t if ref.rows is None else t[ref.rows[0] : ref.rows[1]]
 
 
 class KFAC(CurvatureOptimizer):

@@ -59,6 +59,7 @@ def scales(
     grad_norms_sq: dict[str, float],
     inner_products: dict[str, float],
     fallback: list[tuple[Tensor, float]],
+    direction_norms_sq: dict[str, float] | None = None,
 ) -> dict[str, float]:
     """Scale factors of the layers' directions (key ``""``: of the untracked parameters'
     gradients, the KL clip's ν); a layer without an entry is not scaled.
@@ -70,10 +71,17 @@ def scales(
         grad_norms_sq: ``{layer: ‖∇_l‖²}`` of the gradient that was preconditioned.
         inner_products: ``{layer: ⟨Δ_l, ∇_l⟩}``.
         fallback: ``(parameter, learning rate)`` of the untracked parameters with a gradient.
+        direction_norms_sq: ``{layer: ‖Δ_l‖²}`` where already computed (the
+            preconditioner's direction guard); the others are computed here.
     """
     out: dict[str, float] = {}
     if region.rms_clip is not None or region.grad_ratio_clip is not None:
-        norms = [float(n) for n in torch._foreach_norm(list(directions.values()))]
+        known = direction_norms_sq or {}
+        todo = [name for name in directions if name not in known]
+        computed: dict[str, float] = {}
+        if todo:
+            computed = dict(zip(todo, (float(n) for n in torch._foreach_norm([directions[n] for n in todo]))))
+        norms = [computed[n] if n in computed else math.sqrt(known[n]) for n in directions]
         for (name, d), norm in zip(directions.items(), norms):
             c = 1.0
             if region.rms_clip is not None:

@@ -1,0 +1,116 @@
+r"""The parameter update: weight decay, momentum and the step — ``torch.optim.SGD``'s exact
+operations, as multi-tensor (``torch._foreach_*``) calls, with a compensated (Kahan) update
+for 16-bit parameters and a guard that refuses an increment that is not finite or would
+overflow the parameter (:func:`~curvkit.optim.guards.updates_fit`). ``state`` is the
+optimizer's per-parameter state (``momentum_buffer``, ``kahan_comp``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from curvkit.numerics import compensated_add
+from curvkit.optim.guards import updates_fit
+
+__all__ = ["apply_updates"]
+
+
+def apply_updates(
+    state: Any, params: dict[int, Tensor], directions: dict[int, Tensor], groups: dict[int, dict[str, Any]]
+) -> bool:
+    """Weight decay (after / decoupled), momentum and the update — SGD's exact ops, one
+    multi-tensor call per operation for the parameters of a group that share dtypes.
+
+    Guarded: every increment (new momentum buffer, or direction plus decay) is formed
+    out of place and checked (:func:`~curvkit.optim.guards.updates_fit`) before anything is written; one that
+    is not finite, or would overflow the parameter, returns ``False`` with parameters and
+    momenta untouched."""
+    buckets: dict[tuple[int, torch.dtype, torch.dtype, torch.device], list[int]] = {}
+    for i, d in directions.items():
+        p = params[i]
+        buckets.setdefault((id(groups[i]), p.dtype, d.dtype, p.device), []).append(i)
+    plans: list[tuple[dict[str, Any], list[Tensor], list[Tensor], bool, list[tuple[dict[str, Any], Tensor]]]] = []
+    for (_, dtype, _, _), ids in buckets.items():
+        group = groups[ids[0]]
+        lr, wd, mu = group["lr"], group["weight_decay"], group["momentum"]
+        mode = group["weight_decay_mode"]
+        kahan = group.get("kahan_sum", True) and dtype in (torch.bfloat16, torch.float16)
+        ps = [params[i] for i in ids]
+        ds = [directions[i] for i in ids]
+        if wd != 0 and mode == "after":
+            ds = list(torch._foreach_add(ds, ps, alpha=wd))
+        bufs: list[tuple[dict[str, Any], Tensor]] = []
+        if mu != 0:
+            ds, bufs = _momentum(state, ps, ds, mu)
+        if kahan:
+            ds = _compensated_increments(state, ps, ds, lr, wd if mode == "decoupled" else 0.0)
+        plans.append((group, ps, ds, kahan, bufs))
+    if not updates_fit((group, ps, ds, kahan) for group, ps, ds, kahan, _ in plans):
+        return False
+    for group, ps, ds, kahan, bufs in plans:
+        for st, m in bufs:
+            st["momentum_buffer"] = m
+        lr, wd, mode = group["lr"], group["weight_decay"], group["weight_decay_mode"]
+        if kahan:
+            _compensated_commit(state, ps, ds)
+            continue
+        if wd != 0 and mode == "decoupled":
+            torch._foreach_mul_(ps, 1 - lr * wd)
+        torch._foreach_add_(ps, ds, alpha=-lr)
+    return True
+
+
+def _momentum(
+    state: Any, ps: list[Tensor], ds: list[Tensor], mu: float
+) -> tuple[list[Tensor], list[tuple[dict[str, Any], Tensor]]]:
+    """The new buffers ``m ← μ m + Δ`` (``m = Δ`` on a parameter's first step), formed
+    out of place: ``(the m's, [(parameter's state, new buffer)] to install once checked)``."""
+    out: list[Tensor] = []
+    old: list[Tensor] = []
+    incs: list[Tensor] = []
+    where: list[int] = []
+    states = [state[p] for p in ps]
+    for k, (st, d) in enumerate(zip(states, ds)):
+        buf = st.get("momentum_buffer")
+        if buf is None:
+            out.append(torch.clone(d).detach())
+        else:
+            out.append(d)  # placeholder, replaced below
+            old.append(buf)
+            incs.append(d)
+            where.append(k)
+    if old:
+        new = torch._foreach_mul(old, mu)
+        torch._foreach_add_(new, incs)
+        for k, m in zip(where, new):
+            out[k] = m
+    return out, list(zip(states, out))
+
+
+def _compensated_increments(
+    state: Any, ps: list[Tensor], ms: list[Tensor], lr: float, decoupled: float
+) -> list[Tensor]:
+    """The float32 increments ``−η m − η γ θ`` plus the carried rounding error of 16-bit
+    ``θ`` (see :meth:`_compensated_commit`)."""
+    out = []
+    for p, m in zip(ps, ms):
+        inc = m.to(torch.float32, copy=True).mul_(-lr)
+        if decoupled:
+            inc.add_(p, alpha=-lr * decoupled)
+        carried = state[p].get("kahan_comp")
+        if carried is not None:  # folded into the (small) increment before it meets θ
+            inc.add_(carried)
+        out.append(inc)
+    return out
+
+
+def _compensated_commit(state: Any, ps: list[Tensor], incs: list[Tensor]) -> None:
+    """``θ ← θ + inc`` for 16-bit ``θ`` with the rounding error carried in
+    ``state[θ]["kahan_comp"]`` (:func:`curvkit.numerics.compensated_add`)."""
+    for p, inc in zip(ps, incs):
+        new, err = compensated_add(p, inc)
+        p.copy_(new)
+        state[p]["kahan_comp"] = err
