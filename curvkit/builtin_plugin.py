@@ -4,7 +4,8 @@ The core registers what every method can build on: the ``hooks`` statistics back
 layer handlers for ``Linear``, ``Conv1d/2d/3d``, ``Embedding`` and ``MultiheadAttention``
 (Kronecker blocks) and for ``LayerNorm``, ``RMSNorm``, ``BatchNorm1d/2d/3d`` and
 ``GroupNorm`` (unit-wise blocks), the ``dense`` and ``diagonal`` factor structures, the
-``cholesky``, ``eigh`` and ``identity`` inverters, and the damping strategies. Methods come
+``cholesky``, ``eigh`` and ``identity`` inverters and the inverse kinds they return, and the
+damping strategies. Methods come
 from plugins in the ``curvkit`` entry-point group.
 """
 
@@ -12,8 +13,22 @@ from __future__ import annotations
 
 from curvkit.hookspecs import hookimpl
 from curvkit.linalg.damping import ConstantDamping, ExactDamping, LevenbergMarquardtDamping, PiDamping, RelativeDamping
-from curvkit.linalg.inverters import CholeskyInverter, EigenInverter, IdentityInverter
-from curvkit.registry import BackendRegister, DampingRegister, InverterRegister, LayerHandlerRegister, StructureRegister
+from curvkit.linalg.inverters import (
+    CholeskyInverter,
+    EigenInverse,
+    EigenInverter,
+    FactoredInverse,
+    IdentityInverse,
+    IdentityInverter,
+)
+from curvkit.registry import (
+    BackendRegister,
+    DampingRegister,
+    InverseRegister,
+    InverterRegister,
+    LayerHandlerRegister,
+    StructureRegister,
+)
 from curvkit.stats.attention import MultiheadAttentionHandler
 from curvkit.stats.embedding import EmbeddingHandler
 from curvkit.stats.handlers import ConvHandler, LinearHandler
@@ -48,6 +63,12 @@ def curvkit_register_inverters(register: InverterRegister) -> None:
     register.add(CholeskyInverter())
     register.add(EigenInverter())
     register.add(IdentityInverter())
+
+
+@hookimpl
+def curvkit_register_inverses(register: InverseRegister) -> None:
+    for cls in (FactoredInverse, EigenInverse, IdentityInverse):
+        register.add(cls)
 
 
 @hookimpl

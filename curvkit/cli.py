@@ -4,7 +4,7 @@ Subcommands:
 
 ``curvkit plugins``
     Every registered component (layer handlers, statistics backends, structures,
-    inverters, dampings, methods) by kind, with the plugin that provided it, and the
+    inverters, dampings, inverse kinds, methods) by kind, with the plugin that provided it, and the
     loaded and blocked plugins. Honours ``CURVKIT_DISABLE_PLUGIN_AUTOLOAD`` and
     ``CURVKIT_BLOCK_PLUGINS``. A plugin that fails to load or register is reported in
     one message (exit status 1); ``--traceback`` shows the full traceback.
@@ -72,7 +72,9 @@ def _details(attr: str, component: Any) -> str:
             names = ("statistics_period", "refresh_period", "ema_decay", "damping")
             plan = "; schedule: " + ", ".join(f"{k}={fields.get(k, '-')}" for k in names)
         stats = getattr(component, "statistics", "layer")
-        return f"{getattr(component, 'summary', '')}{where}{defaults}{plan}; statistics: {stats}".strip()
+        cls_name = getattr(component, "class_name", None)
+        named = f"; class: curvkit.optim.{cls_name}" if cls_name else ""
+        return f"{getattr(component, 'summary', '')}{where}{named}{defaults}{plan}; statistics: {stats}".strip()
     kind = component if isinstance(component, type) else type(component)
     where = f"{kind.__module__}.{kind.__qualname__}"
     if attr == "inverters":

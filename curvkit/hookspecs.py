@@ -24,7 +24,8 @@ Groups, by what the component is for:
 * statistics: :func:`curvkit_register_layer_handlers`,
   :func:`curvkit_register_statistics_backends`;
 * method building blocks: :func:`curvkit_register_structures`,
-  :func:`curvkit_register_inverters`, :func:`curvkit_register_dampings`;
+  :func:`curvkit_register_inverters`, :func:`curvkit_register_inverses`,
+  :func:`curvkit_register_dampings`;
 * methods: :func:`curvkit_register_methods`.
 
 Names must be unique across all loaded plugins; a second registration of a name raises
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     from curvkit.registry import (
         BackendRegister,
         DampingRegister,
+        InverseRegister,
         InverterRegister,
         LayerHandlerRegister,
         MethodRegister,
@@ -50,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 __all__ = [
     "PROJECT_NAME",
     "curvkit_register_dampings",
+    "curvkit_register_inverses",
     "curvkit_register_inverters",
     "curvkit_register_layer_handlers",
     "curvkit_register_methods",
@@ -120,11 +123,25 @@ def curvkit_register_inverters(register: InverterRegister) -> None:
 
 
 @hookspec
-def curvkit_register_dampings(register: DampingRegister) -> None:
-    """Register damping strategies (frozen dataclasses: constant, pi-corrected, ...).
+def curvkit_register_inverses(register: InverseRegister) -> None:
+    """Register the :class:`~curvkit.linalg.KroneckerInverse` classes a plugin's inverters
+    or blocks return: a block's ``state_dict`` stores its cached inverse by ``kind``, and
+    loading it looks the kind up here (:func:`~curvkit.linalg.inverse_from_state`).
 
     Args:
-        register: Call ``register.add(damping_cls)``.
+        register: Call ``register.add(inverse_cls)``; the class's ``kind`` is its name.
+    """
+
+
+@hookspec
+def curvkit_register_dampings(register: DampingRegister) -> None:
+    """Register damping strategies (frozen dataclasses: constant, pi-corrected, ...). A
+    method configuration's ``damping`` may name one (``damping="exact"``, or
+    ``{"name": "levenberg-marquardt", "initial": 10.0}``): the name is looked up here when
+    the method is built (:meth:`~curvkit.methods.KroneckerConfig.check_components`).
+
+    Args:
+        register: Call ``register.add(damping_cls)``; the class's ``name`` is its name.
     """
 
 

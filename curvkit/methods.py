@@ -51,6 +51,7 @@ __all__ = [
     "Schedule",
     "ScheduleValues",
     "StatisticsConfig",
+    "names_a_damping",
 ]
 
 #: Legal values of ``loss_average`` (how the training loss is normalised).
@@ -210,6 +211,44 @@ class Schedule:
                     f"MethodSpec(schedule=Schedule({entry}='<your field>')), or {entry}=None if the method has none."
                 )
 
+    def resolve(self, config: Any, registry: Any) -> None:
+        """Turn a damping given by name into the registered strategy, in place.
+
+        The damping field may hold a registered damping's name (``"exact"``: its defaults)
+        or a mapping ``{"name": ..., **options}`` (``{"name": "levenberg-marquardt",
+        "initial": 10.0}``); the class is looked up in ``registry.dampings`` (the
+        :func:`~curvkit.hookspecs.curvkit_register_dampings` hook) and built with the
+        options, which it validates.
+
+        Raises:
+            UnknownComponentError: The name is not registered (listing those that are).
+            ConfigError: The options are not the strategy's, or out of range.
+        """
+        if self.damping is None:
+            return
+        value = getattr(config, self.damping)
+        if isinstance(value, str):
+            name, options = value, {}
+        elif isinstance(value, Mapping) and isinstance(value.get("name"), str):
+            options = {k: v for k, v in value.items() if k != "name"}
+            name = value["name"]
+        else:
+            return
+        cls = registry.dampings.get(name)
+        try:
+            damping = cls(**options)
+        except TypeError as err:
+            valid = sorted(f.name for f in dataclasses.fields(cls)) if dataclasses.is_dataclass(cls) else []
+            raise ConfigError(
+                f"{type(config).__name__}",
+                [f"{self.damping}={value!r}: {err}; the options of {cls.__name__} ({name!r}) are {', '.join(valid)}"],
+            ) from None
+        except ConfigError as err:
+            raise ConfigError(
+                f"{type(config).__name__}", [f"{self.damping}={value!r}: {problem}" for problem in err.problems]
+            ) from None
+        object.__setattr__(config, self.damping, damping)
+
     def read(self, config: Any) -> ScheduleValues:
         """The schedule of ``config`` (validated)."""
         values = {entry: getattr(config, name) for entry, name in self.fields().items()}
@@ -240,6 +279,13 @@ class ScheduleValues:
     damping: Damping | None
 
 
+def names_a_damping(value: Any) -> bool:
+    """Whether ``value`` names a registered damping (a string, or a mapping with a
+    ``"name"``), resolved when the method is built (:meth:`Schedule.resolve`): a
+    configuration's ``problems()`` accepts such a value for its damping field."""
+    return isinstance(value, str) or (isinstance(value, Mapping) and isinstance(value.get("name"), str))
+
+
 @dataclass(frozen=True, kw_only=True)
 class KroneckerConfig(StatisticsConfig):
     r"""Knobs shared by the K-FAC family.
@@ -250,8 +296,11 @@ class KroneckerConfig(StatisticsConfig):
             :math:`\min(1 - 1/k, \rho)` (Martens & Grosse 2015), so the first batch
             initialises the factors.
         T_inv: Inverses/decompositions every ``T_inv`` steps (stale in between).
-        damping: A damping strategy (:mod:`curvkit.linalg.damping`), or a float ``λ``
-            meaning the method's default strategy with that value.
+        damping: A damping strategy (:mod:`curvkit.linalg.damping`); a float ``λ``
+            meaning the method's default strategy with that value; or a registered
+            damping's name, alone (``"exact"``: its defaults) or with options
+            (``{"name": "levenberg-marquardt", "initial": 10.0}``), looked up in the
+            registry when the method is built (:meth:`Schedule.resolve`).
         inverter: Registered inverter name (``"cholesky"``, ``"eigh"``, ...).
         structure: Registered factor-structure name for both factors, or a pair
             ``(A's, G's)``.
@@ -261,7 +310,7 @@ class KroneckerConfig(StatisticsConfig):
     T_stats: int = 1
     ema_decay: float = 0.95
     T_inv: int = 10
-    damping: Damping | float = field(default_factory=lambda: PiDamping(value=1e-3))
+    damping: Damping | float | str | Mapping[str, Any] = field(default_factory=lambda: PiDamping(value=1e-3))
     inverter: str = "cholesky"
     structure: str | tuple[str, str] = "dense"
     factor_dtype: torch.dtype | None = None
@@ -283,9 +332,10 @@ class KroneckerConfig(StatisticsConfig):
         check_number(out, "T_stats", self.T_stats, low=1, integer=True)
         check_number(out, "ema_decay", self.ema_decay, low=0.0, high=1.0, high_open=True)
         check_number(out, "T_inv", self.T_inv, low=1, integer=True)
-        if not isinstance(self.damping, Damping):
+        if not isinstance(self.damping, Damping) and not names_a_damping(self.damping):
             out.append(
-                f"damping={self.damping!r} must be a damping strategy (e.g. PiDamping(value=1e-3)) or a float > 0"
+                f"damping={self.damping!r} must be a damping strategy (e.g. PiDamping(value=1e-3)), a float > 0, or a "
+                "registered damping's name ('pi', 'exact', ...) or {'name': ..., **options}"
             )
         if not isinstance(self.inverter, str):
             out.append(f"inverter={self.inverter!r} must be a registered inverter name (e.g. 'cholesky', 'eigh')")
@@ -309,6 +359,8 @@ class KroneckerConfig(StatisticsConfig):
     def check_components(self, registry: Any) -> None:
         """Resolve every component name and check the inverter/damping pair."""
         self.structure_classes(registry)
+        if names_a_damping(self.damping):  # not resolved through a MethodSpec: resolve here
+            Schedule().resolve(self, registry)
         check_compatible(self.inverter_object(registry), self.damping, registry=registry)  # type: ignore[arg-type]
 
 
@@ -318,6 +370,11 @@ class MethodSpec:
 
     Attributes:
         name: Registered name (``"kfac"``).
+        class_name: Name of the method's optimizer class in :mod:`curvkit.optim`
+            (``"KFAC"``: ``curvkit.optim.KFAC(model, ...)``), built from the registry on
+            first use (:func:`curvkit.optim.named.named_class`); ``None`` (default): no
+            named class, the method works with :func:`curvkit.optim.create`. A Python
+            identifier that starts with an upper-case letter, unique among the methods.
         config_cls: Its frozen, keyword-only, self-validating configuration dataclass.
         block_factory: ``(BlockInfo, config, registry) -> CurvatureBlock``. It may raise
             :class:`~curvkit.UnsupportedModuleError` for a layer the method cannot serve:
@@ -372,6 +429,7 @@ class MethodSpec:
     name: str
     config_cls: type[MethodConfig]
     block_factory: Callable[..., Any]
+    class_name: str | None = None
     summary: str = ""
     reference: str = ""
     sample_configs: tuple[dict[str, Any], ...] = ({},)
@@ -398,6 +456,13 @@ class MethodSpec:
         return {k: v for k, v in self.recommended_settings().items() if k not in OPTIMIZER_OPTIONS}
 
     def __post_init__(self) -> None:
+        if self.class_name is not None and not (
+            isinstance(self.class_name, str) and self.class_name.isidentifier() and self.class_name[:1].isupper()
+        ):
+            raise ValueError(
+                f"MethodSpec {self.name!r}: class_name={self.class_name!r} must be a Python identifier starting with "
+                "an upper-case letter (the optimizer class curvkit.optim gives the method, e.g. 'KFAC'), or None."
+            )
         if self.statistics not in ("layer", "gradient"):
             raise ValueError(
                 f"MethodSpec {self.name!r}: statistics={self.statistics!r} must be 'layer' (captured inputs and output "
@@ -449,6 +514,7 @@ class MethodSpec:
         :class:`UnknownComponentError` or :class:`IncompatibleComponentsError`)."""
         if not isinstance(config, self.config_cls):
             raise TypeError(f"method {self.name!r} needs a {self.config_cls.__name__}, got {type(config).__name__}.")
+        self.schedule.resolve(config, registry)  # a damping given by name: the registered strategy
         check = getattr(config, "check_components", None)
         if check is not None:
             try:
@@ -478,11 +544,19 @@ class MethodSpec:
     def make_block(self, info: Any, config: MethodConfig, registry: Any) -> Any:
         """The block for ``info``: the ``block_factory``'s, or for a unit-wise layer the
         ``unitwise_block`` factory's (default: the core's
-        :class:`~curvkit.unitwise.UnitwiseBlock`)."""
+        :class:`~curvkit.unitwise.UnitwiseBlock`).
+
+        Raises:
+            TypeError: The factory returned something that is not a
+                :class:`~curvkit.blocks.CurvatureBlock` (naming the method, the layer and
+                the returned type; :func:`curvkit.optim.checks.check_block`).
+        """
+        from curvkit.optim.checks import check_block
+
         if getattr(info, "unitwise", False):
             if self.unitwise_block is not None:
-                return self.unitwise_block(info, config, registry)
+                return check_block(self.name, info, self.unitwise_block(info, config, registry), "unitwise_block")
             from curvkit.unitwise import UnitwiseBlock
 
             return UnitwiseBlock.from_config(info, config, registry)
-        return self.block_factory(info, config, registry)
+        return check_block(self.name, info, self.block_factory(info, config, registry))

@@ -8,6 +8,8 @@ hook.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import difflib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -19,12 +21,15 @@ __all__ = [
     "BackendRegister",
     "ComponentTable",
     "DampingRegister",
+    "InverseRegister",
     "InverterRegister",
     "LayerHandlerRegister",
     "MethodRegister",
     "Registration",
     "Registry",
     "StructureRegister",
+    "active_registry",
+    "using_registry",
 ]
 
 T = TypeVar("T")
@@ -175,6 +180,16 @@ class DampingRegister(_Register[Any]):
     """Register of damping-strategy classes."""
 
 
+class InverseRegister(_Register[Any]):
+    """Register of :class:`~curvkit.linalg.KroneckerInverse` classes: what a block's
+    ``state_dict`` stores as its cached inverse (``"inverse_kind"``), found again by
+    :func:`~curvkit.linalg.inverse_from_state`. ``add(cls)`` registers ``cls`` under its
+    ``kind``."""
+
+    def add(self, component: Any, *, name: str | None = None) -> None:
+        super().add(component, name=name if name is not None else getattr(component, "kind", None))
+
+
 class MethodRegister(_Register[Any]):
     """Register of method specifications."""
 
@@ -206,6 +221,12 @@ HOOKS: dict[str, tuple[str, type[_Register[Any]], str, Callable[[Any], None] | N
         "damping strategy",
         _require_attrs("kind", "initial_value"),
     ),
+    "curvkit_register_inverses": (
+        "inverses",
+        InverseRegister,
+        "inverse kind",
+        _require_attrs("kind", "apply", "tensors", "from_tensors"),
+    ),
     "curvkit_register_methods": (
         "methods",
         MethodRegister,
@@ -219,7 +240,7 @@ class Registry:
     """Every component registered by the loaded plugins, by kind.
 
     Attributes:
-        layer_handlers, backends, structures, inverters, dampings, methods: one
+        layer_handlers, backends, structures, inverters, dampings, inverses, methods: one
             :class:`ComponentTable` each.
         plugins: names of the plugins that were registered, in load order.
         blocked: names of the plugins that were blocked.
@@ -230,6 +251,7 @@ class Registry:
     structures: ComponentTable[Any]
     inverters: ComponentTable[Any]
     dampings: ComponentTable[Any]
+    inverses: ComponentTable[Any]
     methods: ComponentTable[Any]
 
     def __init__(self) -> None:
@@ -261,3 +283,33 @@ class Registry:
             for name in self.backends
             if not self.backends.get(name).capabilities.reasons(request, self)
         ]
+
+
+_ACTIVE: contextvars.ContextVar[Registry | None] = contextvars.ContextVar("curvkit_active_registry", default=None)
+
+
+def active_registry() -> Registry:
+    """The registry that name lookups made deep inside a component use (e.g. a block's
+    ``load_state_dict`` finding its inverse's kind): the one set by :func:`using_registry`
+    (a preconditioner sets its own while it loads state), else
+    :func:`curvkit.default_registry`."""
+    registry = _ACTIVE.get()
+    if registry is None:
+        from curvkit.plugins import default_registry
+
+        registry = default_registry()
+    return registry
+
+
+@contextlib.contextmanager
+def using_registry(registry: Registry | None) -> Iterator[None]:
+    """Make ``registry`` the :func:`active_registry` inside the ``with`` block (``None``:
+    leave it as it is)."""
+    if registry is None:
+        yield
+        return
+    token = _ACTIVE.set(registry)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)

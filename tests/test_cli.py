@@ -67,7 +67,15 @@ def test_plugins_lists_core_components_with_their_plugin(capsys, clean_plugin_en
 
 def test_plugins_json_names_every_kind_and_the_core(capsys, clean_plugin_env):
     report = _report(capsys)
-    assert set(report["components"]) == {"layer_handlers", "backends", "structures", "inverters", "dampings", "methods"}
+    assert set(report["components"]) == {
+        "layer_handlers",
+        "backends",
+        "structures",
+        "inverters",
+        "dampings",
+        "inverses",
+        "methods",
+    }
     core = _by_plugin(report)["curvkit"]
     assert {("backends", "hooks"), ("layer_handlers", "linear"), ("layer_handlers", "conv")} <= core
     assert report["autoload"] is True

@@ -75,9 +75,13 @@ def test_factors_agree_with_curvlinops_in_the_example(tmp_path, monkeypatch):
     assert len(figures) == 1
 
 
-def test_the_conformance_example_shows_both_messages(tmp_path, monkeypatch):
+def test_the_conformance_example_shows_the_three_messages_and_shampoo_learning(tmp_path, monkeypatch):
     stdout, _ = _run(ROOT / "examples" / "plugin_conformance.py", tmp_path, monkeypatch)
-    assert "'methods': ['template-kfac']" in stdout
+    assert "'methods': ['template-kfac', 'template-shampoo']" in stdout
+    accuracy = float(re.search(r"TemplateShampoo, epoch 1: test accuracy (\S+)", stdout).group(1))
+    assert accuracy >= 0.9, stdout
+    assert "AssertionError: method 'template-shampoo-features'" in stdout
+    assert "differs from one process on the whole batch" in stdout
     assert "AssertionError: structure 'template_scaled_identity_swapped_ema': ema_(other, decay=0.7)" in stdout
     assert "AssertionError: method 'template-kfac-unchecked': bad config {'ns_max_iter': 0} was accepted" in stdout
 

@@ -54,6 +54,7 @@ def test_the_template_registers_a_handler_a_structure_an_inverter_and_a_method(r
         (registry.structures, "template_scaled_identity"),
         (registry.inverters, "template_newton_schulz"),
         (registry.methods, "template-kfac"),
+        (registry.methods, "template-shampoo"),
     ):
         assert table.plugin_of(name) == PLUGIN
 
@@ -74,10 +75,12 @@ def test_method_conforms(registry):
 
 
 def test_check_plugin_covers_the_template(registry):
+    # every method: the single-process kit, statistics every 2 steps, every weight-decay
+    # mode, the operator protocol, and two gloo processes against one
     assert check_plugin(PLUGIN, registry=registry) == {
         "structures": ["template_scaled_identity"],
         "inverters": ["template_newton_schulz"],
-        "methods": ["template-kfac"],
+        "methods": ["template-kfac", "template-shampoo"],
     }
 
 
@@ -153,3 +156,95 @@ def test_transposed_linear_factors_equal_nn_linear(registry):
     want = curvkit.kronecker_factors(plain, nn.MSELoss(), X, y, fisher="type-2", registry=registry)[""]
     torch.testing.assert_close(got.A, want.A, rtol=1e-12, atol=0)
     torch.testing.assert_close(got.G, want.G, rtol=1e-12, atol=0)
+
+
+def test_the_kit_catches_shampoo_rebuilding_the_gradient_from_features(registry):
+    """Right on one process, wrong on two: only the data-parallel check sees it."""
+    from curvkit.testing import check_data_parallel, check_sample_configs_train
+
+    check_sample_configs_train(broken.FEATURES_SHAMPOO_SPEC, registry=registry)
+    with pytest.raises(AssertionError, match=r"'template-shampoo-features'.*differs from one process on the whole"):
+        check_data_parallel(broken.FEATURES_SHAMPOO_SPEC, registry=registry)
+
+
+_INSTALLED_SCRIPT = r"""
+import json, sys
+import torch
+from torch import nn
+from sklearn.datasets import load_digits
+import curvkit, curvkit.optim
+from curvkit.testing import check_plugin
+
+registry = curvkit.default_registry()      # found through the installed entry point
+checked = check_plugin("plugin_template")  # everything it registered, data-parallel included
+X, y = load_digits(return_X_y=True)
+X, y = torch.tensor(X / 16.0, dtype=torch.float32), torch.tensor(y)
+torch.manual_seed(0)
+model = nn.Sequential(nn.Linear(64, 32), nn.Tanh(), nn.Linear(32, 10))
+opt = curvkit.optim.TemplateShampoo(model)  # the named class, built from the plugin's spec
+perm = torch.randperm(len(X), generator=torch.Generator().manual_seed(0))
+train, test = perm[:1400], perm[1400:]
+for _ in range(4):
+    for i in range(0, len(train), 64):
+        idx = train[i : i + 64]
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X[idx]), y[idx]).backward()
+        opt.step()
+with torch.no_grad():
+    accuracy = float((model(X[test]).argmax(1) == y[test]).float().mean())
+print(json.dumps({"checked": checked, "accuracy": accuracy, "plugins": registry.plugins,
+                  "module": sys.modules["curvkit_plugin_template"].__file__}))
+"""
+
+
+def test_the_installed_template_passes_check_plugin_and_its_shampoo_learns_digits(tmp_path):
+    """The tutorial's path: ``pip install`` the template as its own distribution (offline:
+    ``--no-deps --no-build-isolation``, into a folder put on ``PYTHONPATH``), then curvkit
+    finds it through its entry point, ``check_plugin`` passes for all of it (the Shampoo
+    method on two data-parallel processes too), and ``curvkit.optim.TemplateShampoo`` trains
+    on digits."""
+    import json
+    import subprocess
+
+    pytest.importorskip("setuptools", minversion="77")  # the template's build backend, used offline
+    import shutil
+
+    # build from a copy: an in-tree build leaves build/ and src/*.egg-info, whose entry point
+    # would then register the template in any process with src/ on sys.path
+    source = tmp_path / "plugin-template"
+    shutil.copytree(SRC.parent, source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
+    target = tmp_path / "site"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(source),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    env = {**__import__("os").environ, "PYTHONPATH": str(target), "OMP_NUM_THREADS": "1"}
+    env.pop("CURVKIT_DISABLE_PLUGIN_AUTOLOAD", None)
+    out = subprocess.run(
+        [sys.executable, "-c", _INSTALLED_SCRIPT], capture_output=True, text=True, timeout=900, env=env
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["module"].startswith(str(target))  # the installed copy, not the source tree
+    assert PLUGIN in result["plugins"]
+    assert result["checked"] == {
+        "structures": ["template_scaled_identity"],
+        "inverters": ["template_newton_schulz"],
+        "methods": ["template-kfac", "template-shampoo"],
+    }
+    assert result["accuracy"] >= 0.93, result

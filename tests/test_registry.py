@@ -139,6 +139,7 @@ def test_core_registry_contents(core_registry):
         "structures",
         "inverters",
         "dampings",
+        "inverses",
         "methods",
     ]
 

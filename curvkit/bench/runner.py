@@ -92,11 +92,21 @@ def _top_package(module: str) -> str:
     return module.split(".", 1)[0]
 
 
-def _optimizer_class(name: str, spec: Any) -> type:
+def _optimizer_class(name: str, spec: Any, registry: Any = None) -> type:
     """The most derived loaded :class:`CurvatureOptimizer` subclass whose ``method`` is
     ``name`` and that lives in curvkit or in the package that defined the method's
-    configuration; :class:`CurvatureOptimizer` itself if there is none."""
+    configuration (the spec's named class, :attr:`MethodSpec.class_name`, is built first,
+    so the choice does not depend on what ran before); :class:`CurvatureOptimizer` itself
+    if there is none."""
+    from curvkit.errors import DuplicateComponentError
     from curvkit.optim import CurvatureOptimizer
+    from curvkit.optim.named import named_class
+
+    if getattr(spec, "class_name", None):
+        try:
+            named_class(spec.class_name, registry)
+        except (AttributeError, DuplicateComponentError):  # not this registry's, or ambiguous: skip it
+            pass
 
     homes = {"curvkit", _top_package(getattr(getattr(spec, "config_cls", None), "__module__", "curvkit"))}
     found: list[type] = []
@@ -131,7 +141,7 @@ def _make_optimizer(
     for key, value in task.method_options.items():
         if key in fields:
             options.setdefault(key, value)
-    cls = _optimizer_class(name, spec)
+    cls = _optimizer_class(name, spec, registry)
     kwargs: dict[str, Any] = {"registry": registry, "loss_fn": nn.CrossEntropyLoss()}
     if cls.__name__ == "CurvatureOptimizer":
         kwargs["method"] = name

@@ -1,4 +1,5 @@
-"""Linear algebra for Kronecker blocks: damping strategies and inverters."""
+"""Linear algebra for Kronecker blocks: damping strategies, inverters, and the public
+eigendecomposition and inverse-root helpers plugins build on (:mod:`curvkit.linalg.roots`)."""
 
 from curvkit.linalg.damping import (
     ConstantDamping,
@@ -17,7 +18,10 @@ from curvkit.linalg.inverters import (
     Inverter,
     KroneckerInverse,
     check_compatible,
+    inverse_from_state,
+    inverse_state,
 )
+from curvkit.linalg.roots import compute_dtype, inverse_root, matrix_power, symmetric_eigh
 
 __all__ = [
     "CholeskyInverter",
@@ -34,4 +38,10 @@ __all__ = [
     "PiDamping",
     "RelativeDamping",
     "check_compatible",
+    "compute_dtype",
+    "inverse_from_state",
+    "inverse_root",
+    "inverse_state",
+    "matrix_power",
+    "symmetric_eigh",
 ]

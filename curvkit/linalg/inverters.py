@@ -26,6 +26,7 @@ from torch import Tensor
 
 from curvkit.errors import IncompatibleComponentsError
 from curvkit.linalg.damping import Damping
+from curvkit.linalg.roots import compute_dtype, symmetric_eigh
 from curvkit.numerics import all_finite
 from curvkit.structures.base import FactorStructure
 
@@ -48,26 +49,16 @@ __all__ = [
 ]
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype decompositions run in: float64 stays, everything else becomes float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 class KroneckerInverse:
     """Applies a damped Kronecker inverse to gradients in matrix form.
 
     Subclasses set a unique :attr:`kind` and implement :meth:`apply`, :meth:`tensors` and
-    :meth:`from_tensors`; defining the subclass registers its kind, so
-    :func:`inverse_from_tensors` (``state_dict`` round trips of a block) restores inverses
-    that plugins add as well.
+    :meth:`from_tensors`; the plugin that defines one registers it
+    (:func:`~curvkit.hookspecs.curvkit_register_inverses`), so :func:`inverse_from_tensors`
+    (``state_dict`` round trips of a block) finds it in the registry.
     """
 
     kind: ClassVar[str] = ""
-
-    def __init_subclass__(cls, **kwargs: Any) -> None:
-        super().__init_subclass__(**kwargs)
-        if cls.kind:
-            _INVERSE_KINDS[cls.kind] = cls
 
     def apply(self, grad: Tensor) -> Tensor:
         raise NotImplementedError
@@ -91,10 +82,6 @@ class KroneckerInverse:
     @classmethod
     def from_tensors(cls, tensors: dict[str, Tensor]) -> KroneckerInverse:
         raise NotImplementedError
-
-
-#: kind -> KroneckerInverse subclass, filled as subclasses are defined.
-_INVERSE_KINDS: dict[str, type[KroneckerInverse]] = {}
 
 
 def _left(mat: Tensor, m: Tensor) -> Tensor:
@@ -218,14 +205,23 @@ class IdentityInverse(KroneckerInverse):
         return cls()
 
 
-def inverse_from_tensors(kind: str, tensors: dict[str, Tensor]) -> KroneckerInverse:
-    """Rebuild a stored :class:`KroneckerInverse` (``state_dict`` round trip)."""
-    if kind not in _INVERSE_KINDS:
+def inverse_from_tensors(kind: str, tensors: dict[str, Tensor], *, registry: Any = None) -> KroneckerInverse:
+    """Rebuild a stored :class:`KroneckerInverse` (``state_dict`` round trip), its class
+    found by ``kind`` in ``registry``'s ``inverses`` (default:
+    :func:`~curvkit.registry.active_registry`, the preconditioner's own while it loads).
+
+    Raises:
+        ValueError: No registered inverse has that kind (the message lists those that do).
+    """
+    from curvkit.registry import active_registry
+
+    table = (registry if registry is not None else active_registry()).inverses
+    if kind not in table:
         raise ValueError(
-            f"unknown inverse kind {kind!r} in a state_dict; known: {', '.join(sorted(_INVERSE_KINDS))}. "
-            "Is the plugin that defines it installed and loaded?"
+            f"unknown inverse kind {kind!r} in a state_dict; registered: {', '.join(sorted(table))}. Is the plugin "
+            "that defines it installed and loaded, and does it register the class (curvkit_register_inverses)?"
         )
-    return _INVERSE_KINDS[kind].from_tensors(tensors)
+    return table.get(kind).from_tensors(tensors)
 
 
 def inverse_state(inverse: KroneckerInverse | None) -> dict[str, Any]:
@@ -236,13 +232,16 @@ def inverse_state(inverse: KroneckerInverse | None) -> dict[str, Any]:
     return {"inverse_kind": inverse.kind, "inverse": dict(inverse.tensors())}
 
 
-def inverse_from_state(state: dict[str, Any], *, clone: bool = True) -> KroneckerInverse | None:
-    """Inverse of :func:`inverse_state` (any registered kind): the inverse, or ``None``
-    when ``state`` holds none. ``clone=False`` keeps the given tensors."""
+def inverse_from_state(
+    state: dict[str, Any], *, clone: bool = True, registry: Any = None
+) -> KroneckerInverse | None:
+    """Inverse of :func:`inverse_state` (any registered kind, see
+    :func:`inverse_from_tensors`): the inverse, or ``None`` when ``state`` holds none.
+    ``clone=False`` keeps the given tensors."""
     if "inverse" not in state:
         return None
     tensors = {k: v.clone() if clone else v for k, v in state["inverse"].items()}
-    return inverse_from_tensors(state["inverse_kind"], tensors)
+    return inverse_from_tensors(state["inverse_kind"], tensors, registry=registry)
 
 
 class Inverter:
@@ -305,25 +304,6 @@ class CholeskyInverter(Inverter):
         if a_inv is None or g_inv is None:
             return None
         return FactoredInverse(a_inv, g_inv)
-
-
-def symmetric_eigh(factor: FactorStructure | Tensor) -> tuple[Tensor, Tensor] | None:
-    """Eigenvalues (clamped at 0, ascending) and eigenvectors of a PSD factor, in float32
-    or float64, retrying in float64; a diagonal factor gives an empty eigenvector tensor
-    (the identity). ``None`` if the decomposition fails."""
-    if isinstance(factor, FactorStructure) and factor.is_diagonal:
-        d = factor.diagonal().to(compute_dtype(factor.dtype))
-        return d.clamp_min(0), d.new_empty(0)
-    m = factor.to_dense() if isinstance(factor, FactorStructure) else factor
-    dtype = compute_dtype(m.dtype)
-    for attempt in (dtype, torch.float64) if dtype != torch.float64 else (torch.float64,):
-        try:
-            evals, evecs = torch.linalg.eigh(m.to(attempt))
-        except RuntimeError:  # torch raises on non-convergence
-            continue
-        if all_finite(evals) and all_finite(evecs):
-            return evals.clamp_min(0).to(dtype), evecs.to(dtype)
-    return None
 
 
 class EigenInverter(Inverter):

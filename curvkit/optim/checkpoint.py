@@ -15,6 +15,7 @@ import torch
 
 from curvkit.optim.guards import COUNTERS, OutlierGates
 from curvkit.optim.layers import to_device
+from curvkit.registry import using_registry
 
 if TYPE_CHECKING:
     from curvkit.optim.preconditioner import Preconditioner
@@ -100,4 +101,5 @@ def load_preconditioner_state(pre: Preconditioner, state: dict[str, Any]) -> Non
     for name, block_state in state["blocks"].items():
         # a checkpoint from another device (map_location, or CPU -> CUDA): the layer's device
         device = pre.layers[name].weight.device
-        pre.blocks[name].load_state_dict(to_device(block_state, device))
+        with using_registry(pre.registry):  # inverse kinds are looked up in the preconditioner's registry
+            pre.blocks[name].load_state_dict(to_device(block_state, device))

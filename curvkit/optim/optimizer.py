@@ -75,19 +75,6 @@ from curvkit.optim.trust_region import scales as trust_region_scales
 from curvkit.optim.update import apply_updates
 
 __all__ = [
-    "BKFAC",
-    "BKFACC",
-    "BRKFAC",
-    "EKFAC",
-    "IKFAC",
-    "INGD",
-    "KFAC",
-    "RSKFAC",
-    "SINGD",
-    "SKFAC",
-    "SREKFAC",
-    "TEKFAC",
-    "TKFAC",
     "CurvatureOptimizer",
     "available_methods",
     "create",
@@ -95,6 +82,7 @@ __all__ = [
 
 # re-exported: their home is curvkit.optim.options
 _ = (FALLBACK_DEFAULTS, MONITOR_KEY, STATE_KEY, WEIGHT_DECAY_MODES)
+
 
 class CurvatureOptimizer(torch.optim.Optimizer):
     """A second-order optimizer over any registered method.
@@ -581,86 +569,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             group.setdefault("kahan_sum", True)
 
 
-class KFAC(CurvatureOptimizer):
-    """K-FAC / KFC (Martens & Grosse 2015; Grosse & Martens 2016); options:
-    :class:`curvkit_kfac.KFACConfig`."""
-
-    method = "kfac"
-
-
-class EKFAC(CurvatureOptimizer):
-    """EKFAC (George et al. 2018); options: :class:`curvkit_kfac.EKFACConfig`."""
-
-    method = "ekfac"
-
-
-class TKFAC(CurvatureOptimizer):
-    """TKFAC (Gao et al. 2021); options: :class:`curvkit_kfac.TKFACConfig`."""
-
-    method = "tkfac"
-
-
-class TEKFAC(CurvatureOptimizer):
-    """TEKFAC (Gao et al. 2020); options: :class:`curvkit_kfac.TEKFACConfig`."""
-
-    method = "tekfac"
-
-
-class SINGD(CurvatureOptimizer):
-    """SINGD (Lin et al. 2024), from the bundled ``singd`` plugin; options:
-    :class:`curvkit_singd.SINGDConfig`."""
-
-    method = "singd"
-
-
-class IKFAC(CurvatureOptimizer):
-    """IKFAC (SINGD with ``kfac_like=True``); options: :class:`curvkit_singd.IKFACConfig`."""
-
-    method = "ikfac"
-
-
-class INGD(CurvatureOptimizer):
-    """INGD (dense SINGD, Lin et al. 2023); options: :class:`curvkit_singd.INGDConfig`."""
-
-    method = "ingd"
-
-
-class RSKFAC(CurvatureOptimizer):
-    """RS-KFAC (Puiu 2022a), from the bundled ``lowrank`` plugin; options:
-    :class:`curvkit_lowrank.RSKFACConfig`."""
-
-    method = "rs-kfac"
-
-
-class BKFAC(CurvatureOptimizer):
-    """B-KFAC (Puiu 2022b), from the bundled ``lowrank`` plugin; options:
-    :class:`curvkit_lowrank.BKFACConfig`."""
-
-    method = "b-kfac"
-
-
-class BRKFAC(CurvatureOptimizer):
-    """B-R-KFAC (Puiu 2022b); options: :class:`curvkit_lowrank.BRKFACConfig`."""
-
-    method = "b-r-kfac"
-
-
-class BKFACC(CurvatureOptimizer):
-    """B-KFAC-c (Puiu 2022b); options: :class:`curvkit_lowrank.BKFACCConfig`."""
-
-    method = "b-kfac-c"
-
-
-class SREKFAC(CurvatureOptimizer):
-    """SRE-KFAC (Puiu 2022a); options: :class:`curvkit_lowrank.SREKFACConfig`."""
-
-    method = "sre-kfac"
-
-
-class SKFAC(CurvatureOptimizer):
-    """SKFAC (Tang et al. 2021); options: :class:`curvkit_lowrank.SKFACConfig`."""
-
-    method = "skfac"
 
 
 def available_methods(registry: Any = None) -> list[str]:

@@ -55,6 +55,7 @@ from curvkit.methods import MethodConfig, MethodSpec, StatisticsConfig
 from curvkit.optim.blockset import build_blocks, fold_statistics, precondition_blocks
 from curvkit.optim.capture import StatisticsCapture
 from curvkit.optim.checkpoint import check_preconditioner_state, load_preconditioner_state, preconditioner_state
+from curvkit.optim.checks import check_directions
 from curvkit.optim.guards import (
     COUNTERS,
     OutlierGates,
@@ -72,6 +73,7 @@ from curvkit.optim.layers import (
     step_matrices,
 )
 from curvkit.optim.schedule import StepSchedule
+from curvkit.registry import using_registry
 from curvkit.stats.plan import LayerPlan, TrackingPlan, make_plan
 
 __all__ = ["Preconditioner", "layer_matrix", "split_layer_matrix"]
@@ -170,6 +172,7 @@ class Preconditioner:
                 stacklevel=3,
             )
         self._first_order_columns = built.first_order_columns
+        self._shapes_to_check = set(self.blocks)  # precondition() shapes, checked on each block's first step
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator={generator!r} must be a torch.Generator or None.")
         self.distributor: Distributor = resolve_distributor(distributor)
@@ -432,15 +435,20 @@ class Preconditioner:
         if not due:
             return
         failures = {name: self.blocks[name].inverse_failures for name in due}
-        self.distributor.refresh(due, self.blocks, self._refresh_block)
+        with using_registry(self.registry):  # refresh states from other ranks name their inverse kinds
+            self.distributor.refresh(due, self.blocks, self._refresh_block)
         self.schedule.mark_refreshed(due, self.blocks, failures)
 
     def _refresh_block(self, name: str) -> None:
         self.schedule.refresh(self.blocks, name)
 
     def _precondition(self, step: StepMatrices, first_order: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Stage 6: the directions, batched where blocks allow."""
-        return precondition_blocks(self.blocks, step, first_order, self._first_order_columns)
+        """Stage 6: the directions, batched where blocks allow (each block's first one
+        checked to have its gradient's shape: an error names the method and the layer)."""
+        out = precondition_blocks(self.blocks, step, first_order, self._first_order_columns)
+        if self._shapes_to_check:
+            self._shapes_to_check = check_directions(self.spec.name, self.blocks, out, step.mats, self._shapes_to_check)
+        return out
 
     def _direction_guard(self, step: StepMatrices, out: dict[str, Tensor], saved: dict[str, Any]) -> bool:
         """Stage 7: ``⟨Δ_l, ∇_l⟩`` per layer (and ``‖Δ_l‖²`` if wanted); a non-finite one

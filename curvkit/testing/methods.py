@@ -13,7 +13,12 @@
   first-order), the sample config trains, and ``state_dict`` round-trips their state;
 * :func:`~curvkit.testing.operators.check_block_operators`: every block's
   ``as_operator()`` satisfies the curvature-operator protocol, each operation checked
-  against a dense float64 reference.
+  against a dense float64 reference;
+* :func:`~curvkit.testing.steps.check_statistics_period` (statistics every 2 steps) and
+  :func:`~curvkit.testing.steps.check_weight_decay_modes` (every ``weight_decay_mode``).
+
+:func:`~curvkit.testing.check_plugin` adds the two-process data-parallel check
+(:func:`~curvkit.testing.distributed.check_data_parallel`).
 """
 
 from __future__ import annotations
@@ -342,8 +347,16 @@ CHECKS: tuple[Callable[..., None], ...] = (
 
 
 def check_method(method: str | MethodSpec, *, registry: Any = None) -> None:
-    """Run every method check (:data:`CHECKS` and the operator check)."""
+    """Run every single-process method check (:data:`CHECKS`, the operator check, the
+    statistics period and the weight-decay modes)."""
     from curvkit.testing.operators import check_block_operators
+    from curvkit.testing.steps import check_statistics_period, check_weight_decay_modes
 
-    for check in (*CHECKS, check_block_operators):
+    checks: tuple[Callable[..., None], ...] = (
+        *CHECKS,
+        check_block_operators,
+        check_statistics_period,
+        check_weight_decay_modes,
+    )
+    for check in checks:
         check(method, registry=registry)

@@ -5,20 +5,30 @@ from __future__ import annotations
 from typing import Any
 
 from curvkit.testing.components import check_inverter, check_structure
+from curvkit.testing.distributed import check_data_parallel
 from curvkit.testing.methods import check_method
 
 __all__ = ["check_plugin"]
 
 
-def check_plugin(plugin: str, *, registry: Any = None) -> dict[str, list[str]]:
+def check_plugin(plugin: str, *, registry: Any = None, data_parallel: bool = True) -> dict[str, list[str]]:
     """Run :func:`check_structure`, :func:`check_inverter` and :func:`check_method` on every
-    structure, inverter and method that the plugin named ``plugin`` registered.
+    structure, inverter and method that the plugin named ``plugin`` registered, and
+    :func:`~curvkit.testing.distributed.check_data_parallel` on every method.
+
+    For a method that is: training with each sample configuration, the bad configurations
+    refused, a ``state_dict`` round trip, a NaN gradient skipped, normalisation layers
+    preconditioned, every block's ``as_operator()`` against the curvature-operator
+    protocol, statistics every 2 steps (``T_stats > 1``), every weight-decay mode, and two
+    gloo processes equal to one on the whole batch.
 
     Args:
         plugin: The plugin's name: its entry-point name in the ``curvkit`` group (what
             ``curvkit plugins`` shows), or the name it was passed under to
             :func:`curvkit.build_registry`.
         registry: The registry to look in (default: :func:`curvkit.default_registry`).
+        data_parallel: Run the two-process check (it forks two processes; ``False``
+            where ``fork`` or gloo is not available).
 
     Returns:
         The names checked, by kind: ``{"structures": [...], "inverters": [...],
@@ -53,4 +63,6 @@ def check_plugin(plugin: str, *, registry: Any = None) -> dict[str, list[str]]:
     checked["methods"] = own(registry.methods)
     for name in checked["methods"]:
         check_method(name, registry=registry)
+        if data_parallel:
+            check_data_parallel(name, registry=registry)
     return checked

@@ -491,6 +491,7 @@ _EIGEN_BAD_CONFIGS: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
 
 EKFAC_SPEC = MethodSpec(
     name="ekfac",
+    class_name="EKFAC",
     config_cls=EKFACConfig,
     block_factory=ekfac_block,
     tied_blocks=True,
@@ -509,6 +510,7 @@ EKFAC_SPEC = MethodSpec(
 
 TEKFAC_SPEC = MethodSpec(
     name="tekfac",
+    class_name="TEKFAC",
     config_cls=TEKFACConfig,
     block_factory=tekfac_block,
     summary="TEKFAC: EKFAC's eigenvalue correction in the eigenbasis of TKFAC's trace-normalised factors",

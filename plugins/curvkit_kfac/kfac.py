@@ -45,6 +45,7 @@ def kfac_block(info: BlockInfo, config: KFACConfig, registry: Any) -> KroneckerB
 
 KFAC_SPEC = MethodSpec(
     name="kfac",
+    class_name="KFAC",
     config_cls=KFACConfig,
     block_factory=kfac_block,
     factor_statistics=True,

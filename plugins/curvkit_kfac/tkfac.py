@@ -227,6 +227,7 @@ def tkfac_block(info: BlockInfo, config: TKFACConfig, registry: Any) -> TKFACBlo
 
 TKFAC_SPEC = MethodSpec(
     name="tkfac",
+    class_name="TKFAC",
     config_cls=TKFACConfig,
     block_factory=tkfac_block,
     summary="TKFAC: trace-preserving δ·Φ⊗Ψ factors (EMA of un-normalised numerators), √(λ/δ) damping",

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from curvkit.hookspecs import hookimpl
 from curvkit.methods import MethodSpec
-from curvkit.registry import DampingRegister, InverterRegister, MethodRegister
+from curvkit.registry import DampingRegister, InverseRegister, InverterRegister, MethodRegister
 from curvkit_lowrank.bkfac import (
     B_KFAC_C_SPEC,
     B_KFAC_SPEC,
@@ -74,6 +74,7 @@ __all__ = [
     "WoodburyInverse",
     "brand_update",
     "curvkit_register_dampings",
+    "curvkit_register_inverses",
     "curvkit_register_inverters",
     "curvkit_register_methods",
     "method_specs",
@@ -97,6 +98,12 @@ def curvkit_register_methods(register: MethodRegister) -> None:
 def curvkit_register_inverters(register: InverterRegister) -> None:
     register.add(RandomizedSVDInverter())
     register.add(RandomizedEighInverter())
+
+
+@hookimpl
+def curvkit_register_inverses(register: InverseRegister) -> None:
+    for cls in (LowRankInverse, LowRankEigenInverse, WoodburyInverse):
+        register.add(cls)
 
 
 @hookimpl

@@ -437,6 +437,7 @@ _BAD: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
 
 B_KFAC_SPEC = MethodSpec(
     name="b-kfac",
+    class_name="BKFAC",
     config_cls=BKFACConfig,
     block_factory=brand_block,
     summary="B-KFAC: Brand online low-rank updates of the EMA factors of wide Linear layers, RSVD elsewhere",
@@ -448,6 +449,7 @@ B_KFAC_SPEC = MethodSpec(
 
 B_R_KFAC_SPEC = MethodSpec(
     name="b-r-kfac",
+    class_name="BRKFAC",
     config_cls=BRKFACConfig,
     block_factory=brand_block,
     summary="B-R-KFAC: B-KFAC with a periodic RSVD of the exact EMA factor replacing the Brand representation",
@@ -459,6 +461,7 @@ B_R_KFAC_SPEC = MethodSpec(
 
 B_KFAC_C_SPEC = MethodSpec(
     name="b-kfac-c",
+    class_name="BKFACC",
     config_cls=BKFACCConfig,
     block_factory=brand_block,
     summary="B-KFAC-c: B-KFAC with periodic Rayleigh-Ritz correction of a random fraction of the eigenpairs",

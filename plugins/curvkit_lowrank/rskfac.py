@@ -193,6 +193,7 @@ _BAD: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
 
 RS_KFAC_SPEC = MethodSpec(
     name="rs-kfac",
+    class_name="RSKFAC",
     config_cls=RSKFACConfig,
     block_factory=randomized_kfac_block,
     summary="RS-KFAC: K-FAC with rank-r randomized-SVD factors and relative damping (quadratic-cost inversion)",
@@ -204,6 +205,7 @@ RS_KFAC_SPEC = MethodSpec(
 
 SRE_KFAC_SPEC = MethodSpec(
     name="sre-kfac",
+    class_name="SREKFAC",
     config_cls=SREKFACConfig,
     block_factory=randomized_kfac_block,
     summary="SRE-KFAC: K-FAC with rank-r symmetric randomized eigendecompositions and relative damping",

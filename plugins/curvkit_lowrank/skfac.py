@@ -15,6 +15,7 @@ factors), applied lean in :math:`O(n\,d_i d_o)` without forming a ``d×d`` inver
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -26,7 +27,7 @@ from curvkit.config import check_number
 from curvkit.errors import ConfigError, IncompatibleComponentsError, UnsupportedModuleError
 from curvkit.linalg.damping import ConstantDamping, Damping, ExactDamping, PiDamping, ScalarDamping
 from curvkit.linalg.inverters import KroneckerInverse, compute_dtype, inverse_from_state, inverse_state
-from curvkit.methods import MethodSpec, Schedule, StatisticsConfig
+from curvkit.methods import MethodSpec, Schedule, StatisticsConfig, names_a_damping
 from curvkit.numerics import all_finite
 from curvkit.structures.base import DenseStructure
 
@@ -339,7 +340,7 @@ class SKFACConfig(StatisticsConfig):
 
     T_stats: int = 1
     T_inv: int = 1
-    damping: Damping | float = field(default_factory=lambda: EqualSplitDamping(value=0.03))
+    damping: Damping | float | str | Mapping[str, Any] = field(default_factory=lambda: EqualSplitDamping(value=0.03))
     conv_strategy: str = "reduce_sum"
     subsample_locations: int = 16
     subsample_mode: str = "random"
@@ -364,10 +365,10 @@ class SKFACConfig(StatisticsConfig):
             out.append(f"conv_strategy={self.conv_strategy!r} must be one of {', '.join(map(repr, CONV_STRATEGIES))}")
         if self.subsample_mode not in SUBSAMPLE_MODES:
             out.append(f"subsample_mode={self.subsample_mode!r} must be one of {', '.join(map(repr, SUBSAMPLE_MODES))}")
-        if not isinstance(self.damping, Damping):
+        if not isinstance(self.damping, Damping) and not names_a_damping(self.damping):
             out.append(
-                f"damping={self.damping!r} must be a damping strategy (e.g. EqualSplitDamping(value=0.03)) "
-                "or a float > 0"
+                f"damping={self.damping!r} must be a damping strategy (e.g. EqualSplitDamping(value=0.03)), "
+                "a float > 0 or a registered damping's name"
             )
         return out
 
@@ -395,6 +396,7 @@ def skfac_block(info: BlockInfo, config: SKFACConfig, registry: Any) -> SKFACBlo
 
 SKFAC_SPEC = MethodSpec(
     name="skfac",
+    class_name="SKFAC",
     config_cls=SKFACConfig,
     block_factory=skfac_block,
     schedule=Schedule(ema_decay=None),  # the current batch's factors: no EMA

@@ -548,6 +548,7 @@ SINGD_SCHEDULE = Schedule(statistics_period="T", refresh_period=None, ema_decay=
 
 SINGD_SPEC = MethodSpec(
     name="singd",
+    class_name="SINGD",
     config_cls=SINGDConfig,
     block_factory=singd_block,
     schedule=SINGD_SCHEDULE,
@@ -565,6 +566,7 @@ SINGD_SPEC = MethodSpec(
 
 IKFAC_SPEC = MethodSpec(
     name="ikfac",
+    class_name="IKFAC",
     config_cls=IKFACConfig,
     block_factory=singd_block,
     schedule=SINGD_SCHEDULE,
@@ -577,6 +579,7 @@ IKFAC_SPEC = MethodSpec(
 
 INGD_SPEC = MethodSpec(
     name="ingd",
+    class_name="INGD",
     config_cls=INGDConfig,
     block_factory=singd_block,
     schedule=SINGD_SCHEDULE,

@@ -518,7 +518,7 @@ def test_laplace_torch_kron_goes_through_operator_blocks(digits, monkeypatch):
     pytest.importorskip("laplace")
     from laplace import Laplace
 
-    import curvkit.laplace.backend as backend
+    import curvkit.laplace.backend_kron as backend
     from curvkit.laplace import CurvkitGGN
 
     X, y, _ = digits

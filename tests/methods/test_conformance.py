@@ -50,6 +50,21 @@ def test_unitwise_layers(name):
     testing.check_unitwise_layers(name)
 
 
+@pytest.mark.parametrize("name", METHODS)
+def test_statistics_period(name):
+    testing.check_statistics_period(name)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_weight_decay_modes(name):
+    testing.check_weight_decay_modes(name)
+
+
+@pytest.mark.parametrize("name", METHODS)
+def test_data_parallel(name):
+    testing.check_data_parallel(name)
+
+
 def test_the_kit_catches_a_broken_structure():
     """A structure whose matmul ignores its off-diagonal part fails with a named message."""
     import torch

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 from curvkit_plugin_template import (
+    SHAMPOO_SPEC,
     TEMPLATE_KFAC_SPEC,
     NewtonSchulzInverter,
     ScaledIdentityStructure,
@@ -33,8 +34,10 @@ def test_every_component_is_registered_through_the_entry_point():
         (registry.structures, ScaledIdentityStructure.name),
         (registry.inverters, NewtonSchulzInverter.name),
         (registry.methods, TEMPLATE_KFAC_SPEC.name),
+        (registry.methods, SHAMPOO_SPEC.name),
     ):
         assert table.plugin_of(name) == PLUGIN
+    assert curvkit.optim.TemplateShampoo.method == SHAMPOO_SPEC.name  # a named class, from the spec
 
 
 # --- the conformance kit on the real components -------------------------------------------
@@ -55,10 +58,12 @@ def test_method_conforms():
 
 
 def test_check_plugin_runs_the_kit_over_everything_the_plugin_registered():
+    # every method also with statistics every 2 steps, every weight-decay mode, its blocks'
+    # operators, and on two data-parallel processes against one on the whole batch
     assert check_plugin(PLUGIN) == {
         "structures": [ScaledIdentityStructure.name],
         "inverters": [NewtonSchulzInverter.name],
-        "methods": [TEMPLATE_KFAC_SPEC.name],
+        "methods": [TEMPLATE_KFAC_SPEC.name, SHAMPOO_SPEC.name],
     }
 
 

@@ -14,6 +14,7 @@ from curvkit.registry import InverterRegister, LayerHandlerRegister, MethodRegis
 from curvkit_plugin_template.inverters import NewtonSchulzInverter
 from curvkit_plugin_template.layers import TransposedLinearHandler
 from curvkit_plugin_template.method import TEMPLATE_KFAC_SPEC
+from curvkit_plugin_template.shampoo import SHAMPOO_SPEC
 from curvkit_plugin_template.structures import ScaledIdentityStructure
 
 
@@ -40,3 +41,5 @@ def curvkit_register_inverters(register: InverterRegister) -> None:
 def curvkit_register_methods(register: MethodRegister) -> None:
     # Once registered: curvkit.optim.create("template-kfac", model, lr=...), `curvkit plugins`.
     register.add(TEMPLATE_KFAC_SPEC)
+    # A gradient-based method; its spec's class_name also makes curvkit.optim.TemplateShampoo.
+    register.add(SHAMPOO_SPEC)
