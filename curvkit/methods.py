@@ -110,6 +110,18 @@ class StatisticsConfig(MethodConfig):
             Another backend runs its own forward and backward: call
             ``optimizer.collect_statistics(inputs, targets)`` before ``step()`` (it does
             nothing on steps without statistics).
+        subsample_data: Fraction of each batch's data, in ``(0, 1]``, that a statistics
+            step uses per layer (drawn at random; the factors are rescaled to stay
+            unbiased, :mod:`curvkit.stats.subsample`). Default 1: every datum.
+        subsample_positions: Fraction of the weight-sharing positions (a convolution's
+            patches, a sequence's tokens), in ``(0, 1]``, that a statistics step uses per
+            layer with ``kfac_approx="expand"`` (SKFAC's spatial subsampling, for every
+            method; unbiased ``A`` and ``G``). Default 1: every position.
+        stats_dtype: dtype the Gram products of the batch factors ``A`` and ``G`` take
+            their inputs in: ``None`` (default: the features' own) or ``torch.bfloat16``
+            (bf16 products with float32 accumulation and result; the EMA, the stored
+            factors and every decomposition stay in float32 or wider). Per-row statistics
+            and per-example gradients are unaffected.
     """
 
     fisher: FisherType | str = FisherType.EMPIRICAL
@@ -117,6 +129,9 @@ class StatisticsConfig(MethodConfig):
     loss_average: str | None = "batch"
     mc_samples: int = 1
     backend: str = "hooks"
+    subsample_data: float = 1.0
+    subsample_positions: float = 1.0
+    stats_dtype: torch.dtype | None = None
 
     def normalise(self) -> list[str]:
         out = super().normalise()
@@ -133,6 +148,24 @@ class StatisticsConfig(MethodConfig):
             out.append(f"mc_samples={self.mc_samples!r} only applies to fisher='mc'; leave it at 1")
         if not isinstance(self.backend, str):
             out.append(f"backend={self.backend!r} must be a registered statistics backend name (e.g. 'hooks')")
+        if self.stats_dtype not in (None, torch.bfloat16):
+            out.append(
+                f"stats_dtype={self.stats_dtype!r} must be None (the features' dtype) or torch.bfloat16 (bf16 factor "
+                "products with float32 accumulation); decompositions always run in float32 or wider"
+            )
+        for name in ("subsample_data", "subsample_positions"):
+            value = getattr(self, name)
+            check_number(out, name, value, low=0.0, high=1.0, low_open=True)
+            if (
+                isinstance(value, (int, float))
+                and not isinstance(value, bool)
+                and 0.0 < value < 1.0
+                and self.backend != "hooks"
+            ):
+                out.append(
+                    f"{name}={value!r} needs backend='hooks' (the capture engine subsamples the recorded rows); "
+                    f"backend={self.backend!r} computes its own full-batch factors: leave {name} at 1.0"
+                )
         return out
 
 

@@ -30,6 +30,7 @@ from curvkit.stats.backend import UnitwiseFactors
 from curvkit.stats.engine import CaptureEngine
 from curvkit.stats.losses import loss_adapter
 from curvkit.stats.plan import LayerPlan, TrackingPlan
+from curvkit.stats.subsample import configure_engine
 
 __all__ = ["StatisticsCapture"]
 
@@ -98,6 +99,7 @@ class StatisticsCapture:
         self.engine = CaptureEngine(
             plan, model, active=due, keep_loss_grads=self.fisher is FisherType.EMPIRICAL, persistent=True
         )
+        configure_engine(self.engine, statistics_config, seed + 1)  # subsampling, product dtype
         if self.backend is None and spec.statistics != "gradient":
             self.engine.attach()
 

@@ -206,6 +206,12 @@ class CaptureEngine:
         self.broadcast: set[str] = set()
         #: Detached because another persistent engine was attached to the same model.
         self.displaced = False
+        #: Subsampled statistics (:class:`~curvkit.stats.subsample.Subsample`) applied by
+        #: :meth:`layer_stats`; ``None``: every datum and position.
+        self.subsample: Any = None
+        #: dtype of the factor products of :meth:`layer_stats`' statistics
+        #: (:attr:`~curvkit.stats.layer_stats.LayerStats.product_dtype`; ``None``: the features').
+        self.product_dtype: torch.dtype | None = None
 
     # --- attaching -----------------------------------------------------------------------
 
@@ -467,6 +473,9 @@ class CaptureEngine:
             parts = _concat_forwards([[u.part(which) for u in g] for g in groups])
         stats = LayerStats(layer, approx=approx, parts=parts)
         stats.g_scale = float(g_scale(stats) if callable(g_scale) else g_scale)
+        stats.product_dtype = self.product_dtype
+        if self.subsample is not None and self.subsample.active:
+            stats = self.subsample(stats)
         return stats
 
     def layer_stats_inputs(self, name: str) -> LayerStats | None:

@@ -61,6 +61,9 @@ class Part:
         grads: Gradients w.r.t. the use's output, one per backpropagated vector (batch
             first, restricted to the block's output columns).
         transposed: The use's layout is the transpose of the block's.
+        positions: Indices of the weight-sharing positions (axis ``R`` of the features)
+            this use keeps (subsampled statistics, :mod:`curvkit.stats.subsample`);
+            ``None``: all of them.
     """
 
     handler: Any
@@ -68,12 +71,15 @@ class Part:
     inputs: Tensor
     grads: list[Tensor] = field(default_factory=list)
     transposed: bool = False
+    positions: Tensor | None = None
 
     def input_features(self) -> Tensor:
-        return self.handler.input_features(self.module, self.inputs)
+        x = self.handler.input_features(self.module, self.inputs)
+        return x if self.positions is None else x.index_select(1, self.positions)
 
     def output_features(self, g: Tensor) -> Tensor:
-        return self.handler.output_features(self.module, g)
+        f = self.handler.output_features(self.module, g)
+        return f if self.positions is None else f.index_select(1, self.positions)
 
 
 def _diagonal_handler(parts: list[Part]) -> Any:
@@ -88,10 +94,21 @@ def _diagonal_handler(parts: list[Part]) -> Any:
     return first
 
 
-def _input_sums(parts: list[Part], approx: KFACApprox, has_bias: bool) -> Tensor:
+def _product_gram(features: Tensor, dtype: torch.dtype) -> Tensor:
+    """``Σ f fᵀ`` of ``(N, R, d)`` features as one GEMM of their rows cast to ``dtype`` (bf16
+    products, float32 accumulation and output: at least the features' precision)."""
+    rows = features.reshape(-1, features.shape[-1]).to(dtype)
+    out_dtype = torch.promote_types(features.dtype, torch.float32)
+    return (rows.t() @ rows).to(out_dtype)
+
+
+def _input_sums(
+    parts: list[Part], approx: KFACApprox, has_bias: bool, product_dtype: torch.dtype | None = None
+) -> Tensor:
     """``A`` of same-layout parts (see the module docstring), through a handler's
     ``input_gram`` fast path where it has one (expand). For a handler with one-hot inputs
-    (``diagonal_input``) it is the 1-D diagonal its ``input_factor`` computes."""
+    (``diagonal_input``) it is the 1-D diagonal its ``input_factor`` computes. With
+    ``product_dtype`` the Gram products take their inputs in that dtype."""
     diagonal = _diagonal_handler(parts)
     if diagonal is not None and not has_bias:
         return diagonal.input_factor(parts, approx)
@@ -100,11 +117,13 @@ def _input_sums(parts: list[Part], approx: KFACApprox, has_bias: bool) -> Tensor
         col_sum: Tensor | None = None
         count = 0
         for part in parts:
-            fast = getattr(part.handler, "input_gram", None)
+            plain = part.positions is None and product_dtype is None
+            fast = getattr(part.handler, "input_gram", None) if plain else None
             stats = fast(part.module, part.inputs) if fast is not None else None
             if stats is None:
                 feats = part.input_features()
-                stats = (sum_gram(feats), feats.sum((0, 1)), feats.shape[0] * feats.shape[1])
+                xtx_p = sum_gram(feats) if product_dtype is None else _product_gram(feats, product_dtype)
+                stats = (xtx_p, feats.sum((0, 1), dtype=xtx_p.dtype), feats.shape[0] * feats.shape[1])
             p_xtx, p_sum, p_count = stats
             xtx = p_xtx if xtx is None else xtx.add_(p_xtx)
             col_sum = p_sum if col_sum is None else col_sum.add_(p_sum)
@@ -114,6 +133,11 @@ def _input_sums(parts: list[Part], approx: KFACApprox, has_bias: bool) -> Tensor
         return a.div_(max(count, 1))
     feats = _cat_features([p.input_features() for p in parts])
     n = feats.shape[0]
+    if product_dtype is not None:
+        mean = feats.mean(1)
+        xtx = _product_gram(mean.unsqueeze(1), product_dtype)
+        a = assemble_gram(xtx, mean.sum(0, dtype=xtx.dtype), n) if has_bias else xtx
+        return a.div_(n)
     return gram(feats.mean(1), has_bias).div_(n)
 
 
@@ -129,13 +153,14 @@ def _cat_features(features: list[Tensor]) -> Tensor:
     return torch.cat(features, dim=1)
 
 
-def _output_sum(parts: list[Part], p: int, approx: KFACApprox) -> Tensor:
+def _output_sum(parts: list[Part], p: int, approx: KFACApprox, product_dtype: torch.dtype | None = None) -> Tensor:
     """Unscaled ``Σ g gᵀ`` of pass ``p`` over same-layout parts (expand: every position of
     every use; reduce: the positions' and uses' sum per datum first)."""
     if approx is KFACApprox.EXPAND:
         total: Tensor | None = None
         for part in parts:
-            s = output_gram(part.output_features(part.grads[p]), approx)
+            f = part.output_features(part.grads[p])
+            s = output_gram(f, approx) if product_dtype is None else _product_gram(f, product_dtype)
             total = s if total is None else total.add_(s)
         assert total is not None
         return total
@@ -144,7 +169,7 @@ def _output_sum(parts: list[Part], p: int, approx: KFACApprox) -> Tensor:
         f = part.output_features(part.grads[p]).sum(1)
         summed = f if summed is None else summed + f
     assert summed is not None
-    return gram(summed)
+    return gram(summed) if product_dtype is None else _product_gram(summed.unsqueeze(1), product_dtype)
 
 
 def nearest_kronecker(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
@@ -227,6 +252,10 @@ class LayerStats:
     #: The reduced :meth:`CurvatureBlock.batch_statistics` of a distributed step
     #: (:class:`SharedLayerStats`); ``None`` for one process's own batch.
     shared: dict[str, Tensor] | None = None
+    #: dtype the Gram products of :meth:`A` / :meth:`G` take their inputs in (``None``: the
+    #: features' own; ``torch.bfloat16``: bf16 products, float32 accumulation and result),
+    #: set by the capture engine from the method's ``stats_dtype``.
+    product_dtype: torch.dtype | None = None
     #: The step's gradient of the block in matrix form ``(d_out, d_in [+1])``, set by the
     #: optimizer before ``update()``: the gradient this step preconditions, reduced over the
     #: processes in data-parallel training (identical on every rank). ``None`` outside an
@@ -462,10 +491,10 @@ class LayerStats:
         return out
 
     def _layout_factors(self, parts: list[Part], has_bias: bool) -> tuple[Tensor, Tensor]:
-        a = _input_sums(parts, self.approx, has_bias)
+        a = _input_sums(parts, self.approx, has_bias, self.product_dtype)
         total: Tensor | None = None
         for p in range(len(parts[0].grads)):
-            s = _output_sum(parts, p, self.approx)
+            s = _output_sum(parts, p, self.approx, self.product_dtype)
             total = s if total is None else total.add_(s)
         if total is None:
             raise ValueError(f"block {self.layer.name!r}: no output gradients were captured.")

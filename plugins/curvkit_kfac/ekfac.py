@@ -43,6 +43,7 @@ from torch import Tensor, nn
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, as_structure, input_structure
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, UnknownComponentError
+from curvkit.linalg.basis import check_refresh_tolerance, reuse_basis
 from curvkit.linalg.damping import Damping, ExactDamping, PiDamping, RelativeDamping
 from curvkit.linalg.inverters import EigenInverse, compute_dtype, symmetric_eigh
 from curvkit.linalg.kronecker import EigenbasisOperator
@@ -81,12 +82,18 @@ class EKFACConfig(KroneckerConfig):
             (EKFAC); ``False`` keeps K-FAC's :math:`\lambda_G\lambda_A^\top`.
         scale_decay: EMA decay :math:`\rho_S` of the corrected eigenvalues between two
             refreshes (``None``: ``ema_decay``).
+        refresh_tolerance: Skip a refresh's eigendecompositions while the old eigenbasis
+            still diagonalises the new factors: when the relative off-diagonal mass of
+            ``QᵀFQ`` is at most this value for both factors, the basis is kept and the
+            eigenvalues become ``diag(QᵀFQ)`` (:mod:`curvkit.linalg.basis`). In ``[0, 1)``;
+            0 (default) always decomposes.
     """
 
     damping: Damping | float = field(default_factory=lambda: ExactDamping(value=1e-3))
     inverter: str = "eigh"
     correct_eigenvalues: bool = True
     scale_decay: float | None = None
+    refresh_tolerance: float = 0.0
     default_damping: Any = field(default=ExactDamping, init=False, repr=False, compare=False)
 
     def problems(self) -> list[str]:
@@ -95,6 +102,7 @@ class EKFACConfig(KroneckerConfig):
         if not isinstance(self.correct_eigenvalues, bool):
             out.append(f"correct_eigenvalues={self.correct_eigenvalues!r} must be True or False")
         check_number(out, "scale_decay", self.scale_decay, low=0.0, high=1.0, high_open=True, optional=True)
+        check_refresh_tolerance(out, self.refresh_tolerance)
         if isinstance(self.inverter, str) and self.inverter != "eigh":
             out.append(
                 f"inverter={self.inverter!r} cannot be used by {method}: it divides the gradient by re-estimated "
@@ -157,6 +165,9 @@ class EKFACBlock(CurvatureBlock):
         correct_eigenvalues: Re-estimate ``S`` from per-example gradients.
         scale_decay: :math:`\rho_S`.
         factor_dtype: dtype of the stored factors (default: the statistics').
+        refresh_tolerance: Keep the eigenbasis at a refresh while it diagonalises both new
+            factors within this relative off-diagonal mass (0: always decompose);
+            :attr:`skipped_refreshes` counts the refreshes that kept it.
     """
 
     def __init__(
@@ -167,8 +178,12 @@ class EKFACBlock(CurvatureBlock):
         correct_eigenvalues: bool = True,
         scale_decay: float = 0.95,
         factor_dtype: torch.dtype | None = None,
+        refresh_tolerance: float = 0.0,
     ) -> None:
         super().__init__(info)
+        self.refresh_tolerance = float(refresh_tolerance)
+        #: Refreshes that kept the eigenbasis (``refresh_tolerance``).
+        self.skipped_refreshes = 0
         self.structure_A, self.structure_G = structure if isinstance(structure, tuple) else (structure, structure)
         self.structure_A = input_structure(info, self.structure_A)  # an embedding's A: diagonal
         self.correct_eigenvalues = bool(correct_eigenvalues)
@@ -222,8 +237,13 @@ class EKFACBlock(CurvatureBlock):
 
     def refresh(self, damping: Damping, lam: float) -> None:
         assert self.A is not None and self.G is not None, "refresh() before the first update()"
-        ea, eg = symmetric_eigh(self.A), symmetric_eigh(self.G)
         self._inverse = None
+        kept = self._reused_eigenvalues()
+        if kept is not None:
+            self.skipped_refreshes += 1
+            ea, eg = (kept[0], self.Q_A), (kept[1], self.Q_G)
+        else:
+            ea, eg = symmetric_eigh(self.A), symmetric_eigh(self.G)
         if ea is None or eg is None:
             self.inverse_failures += 1
             if self.Q_A is None:  # no basis yet: the identity, no curvature (the damping alone)
@@ -270,6 +290,19 @@ class EKFACBlock(CurvatureBlock):
         return EigenbasisOperator(self.Q_A, self.Q_G, self.S, label=self.info.name)
 
     # --- internals -------------------------------------------------------------------------
+
+    def _reused_eigenvalues(self) -> tuple[Tensor, Tensor] | None:
+        """``(eig_A, eig_G)`` in the current basis when it still diagonalises both factors
+        within ``refresh_tolerance`` (:func:`curvkit.linalg.basis.reuse_basis`), else ``None``."""
+        if self.refresh_tolerance <= 0 or self.Q_A is None or self.Q_G is None:
+            return None
+        if self.Q_A.numel() == 0 or self.Q_G.numel() == 0:  # a diagonal factor (or none): decomposing is cheap
+            return None
+        eig_a = reuse_basis(self.A, self.Q_A, self.refresh_tolerance)
+        if eig_a is None:
+            return None
+        eig_g = reuse_basis(self.G, self.Q_G, self.refresh_tolerance)
+        return None if eig_g is None else (eig_a.to(self.Q_A.dtype), eig_g.to(self.Q_G.dtype))
 
     def _batch_scaling(self, stats: LayerStats) -> Tensor:
         assert self.Q_A is not None and self.Q_G is not None and self.eig_A is not None
@@ -350,6 +383,8 @@ class EKFACBlock(CurvatureBlock):
 
     def describe(self) -> str:
         mode = "corrected eigenvalues" if self.correct_eigenvalues else "K-FAC eigenvalues"
+        if self.refresh_tolerance > 0:
+            mode += f", basis kept at {self.skipped_refreshes} refresh(es) (tolerance {self.refresh_tolerance:g})"
         return (
             f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
             f"G: {self.structure_G.name} {self.info.d_out}², {mode})"
@@ -426,6 +461,7 @@ def ekfac_block(info: BlockInfo, config: EKFACConfig, registry: Any) -> EKFACBlo
         correct_eigenvalues=config.correct_eigenvalues,
         scale_decay=config.scale_ema,
         factor_dtype=config.factor_dtype,
+        refresh_tolerance=config.refresh_tolerance,
     )
 
 
@@ -438,6 +474,7 @@ def tekfac_block(info: BlockInfo, config: TEKFACConfig, registry: Any) -> TEKFAC
         factor_dtype=config.factor_dtype,
         trace_damping=config.conv_damping == "trace" and _is_conv(info),
         trace_floor=config.trace_floor,
+        refresh_tolerance=config.refresh_tolerance,
     )
 
 
