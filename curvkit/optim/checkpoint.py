@@ -1,4 +1,5 @@
-"""A preconditioner's checkpoint: tensors and plain values only, checked before loading.
+"""A preconditioner's checkpoint (tensors and plain values only, checked before loading) and its
+summary (what runs where).
 
 :func:`preconditioner_state` is what ``Preconditioner.state_dict()`` (and the optimizer's
 ``state_dict()["curvkit"]``) returns: readable with ``torch.load(..., weights_only=True)``,
@@ -20,7 +21,12 @@ from curvkit.registry import using_registry
 if TYPE_CHECKING:
     from curvkit.optim.preconditioner import Preconditioner
 
-__all__ = ["check_preconditioner_state", "load_preconditioner_state", "preconditioner_state"]
+__all__ = [
+    "check_preconditioner_state",
+    "load_preconditioner_state",
+    "preconditioner_state",
+    "preconditioner_summary",
+]
 
 
 def preconditioner_state(pre: Preconditioner) -> dict[str, Any]:
@@ -103,3 +109,33 @@ def load_preconditioner_state(pre: Preconditioner, state: dict[str, Any]) -> Non
         device = pre.layers[name].weight.device
         with using_registry(pre.registry):  # inverse kinds are looked up in the preconditioner's registry
             pre.blocks[name].load_state_dict(to_device(block_state, device))
+
+
+def preconditioner_summary(pre: Preconditioner) -> str:
+    """A table of what runs where: one line per tracked layer, plus skipped modules."""
+    lines = [f"{pre.spec.name}: {len(pre.blocks)} tracked layer(s), {pre.config!r}"]
+    dist = pre.distributor
+    if dist.world_size > 1:
+        lines.append(f"  distributed: {dist.describe()}")
+    for name, block in pre.blocks.items():
+        where = ""
+        if dist.world_size > 1:
+            shared = name in dist.shared_refreshes
+            where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
+        if name in pre.engine.broadcast:  # (the engine warned, with the fix)
+            lines.append(
+                f"  {name or '<model>'}: first-order (its module was called on a batch of one and broadcast over "
+                "the data, so it has no per-datum statistics; pass its ids expanded to the batch to precondition "
+                "it)"
+            )
+            continue
+        pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
+        tie = pre.layers[name].describe_sites()
+        lines.append(f"  {name or '<model>'}: {block.describe()}{tie}{where}{pending}")
+    for name, reason in pre.first_order_layers.items():
+        lines.append(f"  {name}: first-order ({reason})")
+    for pname, reason in pre.plan.first_order.items():
+        lines.append(f"  {pname}: first-order ({reason})")
+    # not indented: the indented lines are one per block or parameter
+    lines.append(f"guards: {pre.describe_counters()}")
+    return "\n".join(lines)

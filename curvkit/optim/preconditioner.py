@@ -54,7 +54,12 @@ from curvkit.distributed.base import Distributor, resolve_distributor
 from curvkit.methods import MethodConfig, MethodSpec, StatisticsConfig
 from curvkit.optim.blockset import build_blocks, fold_statistics, precondition_blocks
 from curvkit.optim.capture import StatisticsCapture
-from curvkit.optim.checkpoint import check_preconditioner_state, load_preconditioner_state, preconditioner_state
+from curvkit.optim.checkpoint import (
+    check_preconditioner_state,
+    load_preconditioner_state,
+    preconditioner_state,
+    preconditioner_summary,
+)
 from curvkit.optim.checks import check_directions
 from curvkit.optim.guards import (
     COUNTERS,
@@ -606,33 +611,9 @@ class Preconditioner:
         return sum(block.state_bytes() for block in self.blocks.values())
 
     def summary(self) -> str:
-        """A table of what runs where: one line per tracked layer, plus skipped modules."""
-        lines = [f"{self.spec.name}: {len(self.blocks)} tracked layer(s), {self.config!r}"]
-        dist = self.distributor
-        if dist.world_size > 1:
-            lines.append(f"  distributed: {dist.describe()}")
-        for name, block in self.blocks.items():
-            where = ""
-            if dist.world_size > 1:
-                shared = name in dist.shared_refreshes
-                where = f" [refresh on rank {dist.plan[name]}]" if shared else " [refresh on every rank]"
-            if name in self.engine.broadcast:  # (the engine warned, with the fix)
-                lines.append(
-                    f"  {name or '<model>'}: first-order (its module was called on a batch of one and broadcast over "
-                    "the data, so it has no per-datum statistics; pass its ids expanded to the batch to precondition "
-                    "it)"
-                )
-                continue
-            pending = "" if block.num_updates else " — no statistics yet, first-order steps until it has some"
-            tie = self.layers[name].describe_sites()
-            lines.append(f"  {name or '<model>'}: {block.describe()}{tie}{where}{pending}")
-        for name, reason in self.first_order_layers.items():
-            lines.append(f"  {name}: first-order ({reason})")
-        for pname, reason in self.plan.first_order.items():
-            lines.append(f"  {pname}: first-order ({reason})")
-        # not indented: the indented lines are one per block or parameter
-        lines.append(f"guards: {self.describe_counters()}")
-        return "\n".join(lines)
+        """A table of what runs where: one line per tracked layer, plus skipped modules
+        (:func:`curvkit.optim.checkpoint.preconditioner_summary`)."""
+        return preconditioner_summary(self)
 
     def describe_counters(self) -> str:
         """The guards' counters in one line (:func:`curvkit.optim.guards.describe_counters`)."""
