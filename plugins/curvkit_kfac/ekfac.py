@@ -271,6 +271,12 @@ class EKFACBlock(CurvatureBlock):
     def precondition(self, grad: Tensor) -> Tensor:
         if self.Q_A is None:
             raise RuntimeError(f"block {self.info.name!r}: precondition() before the first refresh()")
+        return self._ready_inverse().apply(grad)  # type: ignore[union-attr]
+
+    def _ready_inverse(self) -> EigenInverse | None:
+        """The inverse :meth:`precondition` applies (built as it would build it)."""
+        if self.Q_A is None:
+            return None
         self._fold_pending()
         if self._inverse is None:
             assert self.Q_G is not None and self.S is not None
@@ -278,7 +284,21 @@ class EKFACBlock(CurvatureBlock):
             # only a zero shift with a direction that never saw a gradient gives 0: leave it unscaled
             denom = torch.where(denom > 0, denom, torch.ones_like(denom))
             self._inverse = EigenInverse(self.Q_A, self.Q_G, denom)
-        return self._inverse.apply(grad)
+        return self._inverse
+
+    def batch_key(self) -> Any:
+        # blocks of equal shapes are preconditioned together (four batched products), unless a
+        # subclass brings its own precondition
+        if type(self).precondition is not EKFACBlock.precondition:
+            return None
+        inverse = self._ready_inverse()
+        key = None if inverse is None else inverse.batch_key()
+        return None if key is None else ("ekfac", key)
+
+    @classmethod
+    def precondition_many(cls, blocks: Any, grads: Tensor) -> Tensor:
+        inverses = [b._ready_inverse() for b in blocks]
+        return EigenInverse.apply_many(inverses, grads)  # type: ignore[arg-type]
 
     def as_operator(self) -> EigenbasisOperator:
         """The undamped estimate :math:`(Q_G\\otimes Q_A)\\,\\mathrm{diag}(S)\\,(Q_G\\otimes Q_A)^\\top`

@@ -60,7 +60,7 @@ def test_batched_step_equals_layer_by_layer(method, options, bias):
     ref.preconditioner._stacks = []  # layer by layer
     _train(model, opt)
     _train(twin, ref)
-    if method == "kfac":  # its blocks really ran batched
+    if method in ("kfac", "ekfac"):  # their blocks really ran batched
         assert opt.preconditioner._last is not None and opt.preconditioner._last.batched
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=f"{method} {options}: {name}")
