@@ -23,7 +23,30 @@ from curvkit.stats.layer_stats import LayerStats
 __all__ = ["GradientStats", "SharedLayerStats"]
 
 
-class SharedLayerStats(LayerStats):
+class _WithoutFeatures(LayerStats):
+    """Statistics without the per-example features: asking for them raises ``_missing``'s
+    error, which says what the statistics hold instead."""
+
+    def _missing(self, what: str) -> RuntimeError:
+        raise NotImplementedError
+
+    def output_features(self, p: int) -> Tensor:
+        raise self._missing("output_features()")
+
+    @property
+    def in_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("in_features")
+
+    @property
+    def a_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("a_features")
+
+    @property
+    def g_features(self) -> Tensor:  # type: ignore[override]
+        raise self._missing("g_features")
+
+
+class SharedLayerStats(_WithoutFeatures):
     """The statistics of a batch spread over several processes, as a block's update sees
     them in data-parallel training (:mod:`curvkit.distributed`).
 
@@ -93,23 +116,8 @@ class SharedLayerStats(LayerStats):
             return self.shared["F"]
         raise self._missing("unit_fisher()")
 
-    def output_features(self, p: int) -> Tensor:
-        raise self._missing("output_features()")
 
-    @property
-    def in_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("in_features")
-
-    @property
-    def a_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("a_features")
-
-    @property
-    def g_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("g_features")
-
-
-class GradientStats(LayerStats):
+class GradientStats(_WithoutFeatures):
     """What a block of a *gradient-based* method (``MethodSpec.statistics == "gradient"``,
     e.g. Shampoo) gets in ``update()``: the step's gradient in matrix form
     (:attr:`gradient`), already reduced over the processes in data-parallel training, and
@@ -151,18 +159,3 @@ class GradientStats(LayerStats):
 
     def per_example_gradients(self) -> Tensor:
         raise self._missing("per_example_gradients()")
-
-    def output_features(self, p: int) -> Tensor:
-        raise self._missing("output_features()")
-
-    @property
-    def in_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("in_features")
-
-    @property
-    def a_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("a_features")
-
-    @property
-    def g_features(self) -> Tensor:  # type: ignore[override]
-        raise self._missing("g_features")
