@@ -141,11 +141,12 @@ def plan_stacks(
 
 @dataclass
 class Batched:
-    """Layers preconditioned in one batched call: their names, the stacked gradients and
-    directions, the directions' per-layer views, and the stack's plan when it is whole."""
+    """Layers preconditioned in one batched call: their names, the stacked gradients
+    (``None`` once the step is over) and directions, the directions' per-layer views, and
+    the stack's plan when it is whole."""
 
     names: tuple[str, ...]
-    grads: Tensor
+    grads: Tensor | None
     out: Tensor
     views: tuple[Tensor, ...]
     plan: StackPlan | None
@@ -181,17 +182,17 @@ def step_matrices(
 
 
 def split_directions(
-    step: StepMatrices | None,
+    batched: list[Batched],
     layers: dict[str, LayerPlan],
     dirs: dict[str, Tensor],
     scales: dict[str, float] | None = None,
 ) -> dict[str, tuple[Tensor, Tensor | None]]:
-    """Directions in matrix form (``dirs``; those of ``step``'s batched calls unchanged) in the
+    """Directions in matrix form (``dirs``; those of the ``batched`` calls unchanged) in the
     layers' weight and bias shapes, each scaled by ``scales[layer]`` (default 1): one split
     per whole stack, one per other layer."""
     scales = scales or {}
     out: dict[str, tuple[Tensor, Tensor | None]] = {}
-    for b in step.batched if step is not None else ():
+    for b in batched:
         if b.plan is None or not all(dirs.get(n) is v for n, v in zip(b.names, b.views)):
             continue
         o = b.out

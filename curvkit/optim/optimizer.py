@@ -350,8 +350,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 "optimizer.step(closure) with a closure that recomputes the loss (and its gradient)."
             )
         pre.distributor.reduce_gradients(p for g in self.param_groups for p in g["params"])
-        # the per-layer clips need ‖Δ_l‖: the preconditioner's direction guard computes them
-        pre.want_direction_norms = self.rms_clip is not None or self.grad_ratio_clip is not None
         groups = self._group_of()
         grads, raw, fallback = self._gradients(groups, adapt_now)
         if not grads and not fallback:
@@ -360,7 +358,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             pre.clear_records()
             return loss
         fallback_ok = all_finite_many([p.grad for p in fallback])  # type: ignore[misc]
-        dirs = pre.compute_directions(grads, others_finite=fallback_ok)
+        # the per-layer clips need ‖Δ_l‖: the preconditioner's direction guard computes them
+        norms = self.rms_clip is not None or self.grad_ratio_clip is not None
+        dirs = pre.compute_directions(grads, others_finite=fallback_ok, direction_norms=norms)
         if dirs is None:
             self.monitor.skipped(pre.steps, pre.counters)
             return loss
@@ -407,8 +407,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 gb = torch.zeros_like(b_ref.view())
             if adapt_now:  # the LM quadratic model reads the raw gradient
                 raw[name] = layer_matrix(layer, gw, gb)
-            if group["weight_decay"] != 0 and group["weight_decay_mode"] == "before":
-                gw = gw.add(w_ref.view(), alpha=group["weight_decay"])
+            gw = self._decay_before(w_ref.param, w_ref.view(), gw, groups)
             if b_ref is not None and gb is not None:
                 gb = self._decay_before(b_ref.param, b_ref.view(), gb, groups)
             grads[name] = (gw, gb)

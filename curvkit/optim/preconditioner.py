@@ -39,6 +39,7 @@ state would not be finite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import warnings
 from collections.abc import Iterator
@@ -70,6 +71,7 @@ from curvkit.optim.guards import (
     squared_norms,
 )
 from curvkit.optim.layers import (
+    Batched,
     StepMatrices,
     layer_matrix,
     plan_stacks,
@@ -196,11 +198,10 @@ class Preconditioner:
         self.gates = OutlierGates()
         #: Per layer, the last step's ``⟨Δ_l, ∇_l⟩`` and ``‖∇_l‖²`` (the guard's reductions,
         #: reused by the optimizer's trust region), and ``‖Δ_l‖²`` when
-        #: :attr:`want_direction_norms` is set.
+        #: :meth:`compute_directions` is asked for them (``direction_norms=True``).
         self.inner_products: dict[str, float] = {}
         self.grad_norms_sq: dict[str, float] = {}
         self.direction_norms_sq: dict[str, float] = {}
-        self.want_direction_norms = False
         #: Where the statistics come from (:class:`~curvkit.optim.capture.StatisticsCapture`).
         self.capture = StatisticsCapture(
             model,
@@ -215,7 +216,8 @@ class Preconditioner:
             self._capturing,
         )
         self._stacks, _ = plan_stacks(self.layers, self._first_order_columns)
-        self._last: StepMatrices | None = None
+        #: The batched calls of the last step (their directions, for :meth:`layer_directions`).
+        self._last: list[Batched] | None = None
 
     # --- the parts' state, as attributes ------------------------------------------------------
 
@@ -332,7 +334,11 @@ class Preconditioner:
 
     @torch.no_grad()
     def compute_directions(
-        self, grads: dict[str, tuple[Tensor, Tensor | None]], *, others_finite: bool = True
+        self,
+        grads: dict[str, tuple[Tensor, Tensor | None]],
+        *,
+        others_finite: bool = True,
+        direction_norms: bool = False,
     ) -> dict[str, Tensor] | None:
         """Advance one step: fold in statistics, refresh, precondition.
 
@@ -356,6 +362,8 @@ class Preconditioner:
             others_finite: Whether the caller's other gradients (untracked parameters)
                 are finite; ``False`` skips the step like a non-finite tracked gradient
                 (on every process).
+            direction_norms: Also keep ``‖Δ_l‖²`` per layer in :attr:`direction_norms_sq`
+                (the per-layer trust-region clips need them; one reduction per stack).
 
         Returns:
             ``{layer name: preconditioned direction in matrix form}``, or ``None`` if the
@@ -374,13 +382,14 @@ class Preconditioner:
             self._refresh()
             saved = {n: self.blocks[n].step_state() for n in step.mats if n not in first_order}
             out = self._precondition(step, first_order)
-            if not self._direction_guard(step, out, saved):
+            if not self._direction_guard(step, out, saved, direction_norms):
                 return None
             self.grad_norms_sq = sq
             if sq:
                 self.gates.track_gradient(sum(sq.values()))
             self._last_step_state = saved
-            self._last = step
+            # keep only what layer_directions needs (not the stacked gradients)
+            self._last = [dataclasses.replace(b, grads=None) for b in step.batched]
             self.schedule.steps += 1
             return out
         finally:
@@ -455,20 +464,23 @@ class Preconditioner:
             self._shapes_to_check = check_directions(self.spec.name, self.blocks, out, step.mats, self._shapes_to_check)
         return out
 
-    def _direction_guard(self, step: StepMatrices, out: dict[str, Tensor], saved: dict[str, Any]) -> bool:
+    def _direction_guard(
+        self, step: StepMatrices, out: dict[str, Tensor], saved: dict[str, Any], want_norms: bool
+    ) -> bool:
         """Stage 7: ``⟨Δ_l, ∇_l⟩`` per layer (and ``‖Δ_l‖²`` if wanted); a non-finite one
         undoes the blocks' step state and skips the step."""
         dots: dict[str, float] = {}
         norms: dict[str, float] = {}
         for b in step.batched:
+            assert b.grads is not None
             g = b.grads if b.grads.dtype == b.out.dtype else b.grads.to(b.out.dtype)
             o = b.out.reshape(len(b.names), -1)
             dots.update(zip(b.names, torch.linalg.vecdot(o, g.reshape(len(b.names), -1)).tolist()))
-            if self.want_direction_norms:
+            if want_norms:
                 norms.update(zip(b.names, (n * n for n in torch.linalg.vector_norm(o, dim=1).tolist())))
         rest = [n for n in out if n not in dots]
         dots.update(zip(rest, inner_products([(out[n], step.mats[n]) for n in rest])))
-        if self.want_direction_norms:
+        if want_norms:
             rest = [n for n in out if n not in norms]
             norms.update(zip(rest, squared_norms([out[n] for n in rest])))
         ok = all(math.isfinite(d) for d in dots.values())
@@ -485,8 +497,10 @@ class Preconditioner:
     ) -> dict[str, tuple[Tensor, Tensor | None]]:
         """The directions of :meth:`compute_directions` (``dirs``, as returned) in the layers'
         weight and bias shapes, each scaled by ``scales[layer]`` (default 1): one batched
-        split per stack, one per other layer (:func:`~curvkit.optim.layers.split_directions`)."""
-        return split_directions(self._last, self.layers, dirs, scales)
+        split per stack, one per other layer (:func:`~curvkit.optim.layers.split_directions`).
+        Call it once per step, after :meth:`compute_directions`."""
+        batched, self._last = self._last or [], None  # consumed: no direction outlives its step here
+        return split_directions(batched, self.layers, dirs, scales)
 
     def _count_skip(self, reason: str) -> None:
         self.counters["skipped_steps"] += 1

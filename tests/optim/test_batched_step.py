@@ -58,10 +58,20 @@ def test_batched_step_equals_layer_by_layer(method, options, bias):
     ref = curvkit.optim.create(method, twin, **options)
     assert opt.preconditioner._stacks, "the equal-width layers form a stack"
     ref.preconditioner._stacks = []  # layer by layer
-    _train(model, opt)
+    block_cls = type(next(iter(opt.preconditioner.blocks.values())))
+    batched_calls = []
+    real = block_cls.precondition_many.__func__  # type: ignore[attr-defined]
+
+    def spy(cls, blocks, grads):
+        batched_calls.append(len(blocks))
+        return real(cls, blocks, grads)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(block_cls, "precondition_many", classmethod(spy))
+        _train(model, opt)
     _train(twin, ref)
     if method in ("kfac", "ekfac"):  # their blocks really ran batched
-        assert opt.preconditioner._last is not None and opt.preconditioner._last.batched
+        assert batched_calls and all(n >= 2 for n in batched_calls)
     for (name, p), q in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-12, atol=1e-14, msg=f"{method} {options}: {name}")
     assert opt.preconditioner.counters == ref.preconditioner.counters
