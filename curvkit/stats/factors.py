@@ -41,17 +41,24 @@ _MAX_KERNEL_OFFSETS = 9
 _SYMMETRIC_MIN_DIM = 256
 
 
-def gram(rows: Tensor, append_one: bool = False) -> Tensor:
+def gram(rows: Tensor, append_one: bool = False, product_dtype: torch.dtype | None = None) -> Tensor:
     """``XᵀX`` of ``rows`` ``(n, d)``; with ``append_one`` the Gram matrix of ``[X 1]``,
-    assembled blockwise so no ``(n, d + 1)`` copy of the rows is made.
+    assembled blockwise so no ``(n, d + 1)`` copy of the rows is made. With
+    ``product_dtype`` (e.g. ``torch.bfloat16``) the product takes its inputs in that dtype
+    and accumulates and returns at least float32 (the column sums likewise).
 
     For wide enough ``X`` only the blocks on and above the diagonal of a 2×2 split are
     multiplied (three GEMMs with a quarter of the outputs each, 3/4 of the work) and the
     remaining block is mirrored (so the off-diagonal blocks are exact transposes; the
     diagonal blocks are symmetric up to rounding, as any GEMM's ``XᵀX``)."""
+    if product_dtype is None:
+        xtx = _xtx(rows)
+    else:
+        cast = rows.to(product_dtype)
+        xtx = (cast.t() @ cast).to(torch.promote_types(rows.dtype, torch.float32))
     if not append_one:
-        return _xtx(rows)
-    return assemble_gram(_xtx(rows), rows.sum(0), rows.shape[0])
+        return xtx
+    return assemble_gram(xtx, rows.sum(0, dtype=xtx.dtype), rows.shape[0])
 
 
 def _xtx(rows: Tensor) -> Tensor:
@@ -80,17 +87,18 @@ def assemble_gram(xtx: Tensor, col_sum: Tensor, count: int | float) -> Tensor:
     return out
 
 
-def sum_gram(features: Tensor) -> Tensor:
+def sum_gram(features: Tensor, product_dtype: torch.dtype | None = None) -> Tensor:
     r""":math:`\sum_{n,r} f_{n,r} f_{n,r}^\top` of ``(N, R, d)`` features, whatever their layout.
 
     Row-contiguous features are one GEMM over the ``N·R`` rows. Features that are a
     transposed view of an ``(N, d, R)`` tensor (``R`` contiguous, as a convolution's unfold
     or output gradient) are contracted per datum with batched GEMMs, in chunks, instead of
     being copied to rows first; that copy costs more than the GEMM for such shapes.
+    ``product_dtype``: as :func:`gram` (one GEMM over the rows).
     """
     n, r, d = features.shape
-    if r == 1 or features.stride(1) != 1 or 4 * r < d:
-        return gram(features.reshape(n * r, d))
+    if product_dtype is not None or r == 1 or features.stride(1) != 1 or 4 * r < d:
+        return gram(features.reshape(n * r, d), product_dtype=product_dtype)
     cols = features.transpose(1, 2)  # (N, d, R), R contiguous
     out = features.new_zeros(d, d)
     chunk = max(1, _BMM_BUDGET // (d * d))
@@ -114,13 +122,13 @@ def input_factor(features: Tensor, approx: KFACApprox, append_one: bool) -> Tens
     return gram(features.mean(1), append_one).div_(n)
 
 
-def output_gram(features: Tensor, approx: KFACApprox) -> Tensor:
+def output_gram(features: Tensor, approx: KFACApprox, product_dtype: torch.dtype | None = None) -> Tensor:
     r"""Unnormalised ``G`` contribution :math:`\sum g g^\top` of ``(M·N, R, d_out)``
     backpropagated output gradients (summed over ``R`` first for reduce); divide by the
     loss normaliser ``Z`` for ``G``."""
     if approx is KFACApprox.EXPAND or features.shape[1] == 1:
-        return sum_gram(features)
-    return gram(features.sum(1))
+        return sum_gram(features, product_dtype)
+    return gram(features.sum(1), product_dtype=product_dtype)
 
 
 # --- convolution patches without unfolding ---------------------------------------------------

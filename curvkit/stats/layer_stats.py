@@ -94,14 +94,6 @@ def _diagonal_handler(parts: list[Part]) -> Any:
     return first
 
 
-def _product_gram(features: Tensor, dtype: torch.dtype) -> Tensor:
-    """``Σ f fᵀ`` of ``(N, R, d)`` features as one GEMM of their rows cast to ``dtype`` (bf16
-    products, float32 accumulation and output: at least the features' precision)."""
-    rows = features.reshape(-1, features.shape[-1]).to(dtype)
-    out_dtype = torch.promote_types(features.dtype, torch.float32)
-    return (rows.t() @ rows).to(out_dtype)
-
-
 def _input_sums(
     parts: list[Part], approx: KFACApprox, has_bias: bool, product_dtype: torch.dtype | None = None
 ) -> Tensor:
@@ -122,7 +114,7 @@ def _input_sums(
             stats = fast(part.module, part.inputs) if fast is not None else None
             if stats is None:
                 feats = part.input_features()
-                xtx_p = sum_gram(feats) if product_dtype is None else _product_gram(feats, product_dtype)
+                xtx_p = sum_gram(feats, product_dtype)
                 stats = (xtx_p, feats.sum((0, 1), dtype=xtx_p.dtype), feats.shape[0] * feats.shape[1])
             p_xtx, p_sum, p_count = stats
             xtx = p_xtx if xtx is None else xtx.add_(p_xtx)
@@ -133,12 +125,7 @@ def _input_sums(
         return a.div_(max(count, 1))
     feats = _cat_features([p.input_features() for p in parts])
     n = feats.shape[0]
-    if product_dtype is not None:
-        mean = feats.mean(1)
-        xtx = _product_gram(mean.unsqueeze(1), product_dtype)
-        a = assemble_gram(xtx, mean.sum(0, dtype=xtx.dtype), n) if has_bias else xtx
-        return a.div_(n)
-    return gram(feats.mean(1), has_bias).div_(n)
+    return gram(feats.mean(1), has_bias, product_dtype).div_(n)
 
 
 def _cat_features(features: list[Tensor]) -> Tensor:
@@ -159,8 +146,7 @@ def _output_sum(parts: list[Part], p: int, approx: KFACApprox, product_dtype: to
     if approx is KFACApprox.EXPAND:
         total: Tensor | None = None
         for part in parts:
-            f = part.output_features(part.grads[p])
-            s = output_gram(f, approx) if product_dtype is None else _product_gram(f, product_dtype)
+            s = output_gram(part.output_features(part.grads[p]), approx, product_dtype)
             total = s if total is None else total.add_(s)
         assert total is not None
         return total
@@ -169,7 +155,7 @@ def _output_sum(parts: list[Part], p: int, approx: KFACApprox, product_dtype: to
         f = part.output_features(part.grads[p]).sum(1)
         summed = f if summed is None else summed + f
     assert summed is not None
-    return gram(summed) if product_dtype is None else _product_gram(summed.unsqueeze(1), product_dtype)
+    return gram(summed, product_dtype=product_dtype)
 
 
 def nearest_kronecker(terms: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
