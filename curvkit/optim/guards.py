@@ -28,6 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from curvkit.optim.layers import StepMatrices
+
 __all__ = [
     "COUNTERS",
     "GRADIENT_OUTLIER_RATIO",
@@ -72,6 +74,39 @@ def squared_norms(tensors: list[Tensor]) -> list[float]:
     if not tensors:
         return []
     return [float(n) ** 2 for n in torch._foreach_norm(tensors)]
+
+
+def gradient_squares(step: StepMatrices) -> dict[str, float]:
+    """``{layer: ‖∇_l‖²}`` of a step's gradient matrices, in the layers' order: one
+    reduction per stack of equal-shaped layers, one fused reduction for the others."""
+    sq: dict[str, float] = {}
+    for plan, s in step.stacks:
+        sq.update(zip(plan.names, (n * n for n in torch.linalg.vector_norm(s, dim=(1, 2)).tolist())))
+    rest = [n for n in step.mats if n not in sq]
+    sq.update(zip(rest, squared_norms([step.mats[n] for n in rest])))
+    return {n: sq[n] for n in step.mats}
+
+
+def direction_reductions(
+    step: StepMatrices, out: dict[str, Tensor], want_norms: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``({layer: ⟨Δ_l, ∇_l⟩}, {layer: ‖Δ_l‖²} or {})`` of a step's directions ``out``
+    (in ``out``'s order): one reduction per batched call, one per other layer."""
+    dots: dict[str, float] = {}
+    norms: dict[str, float] = {}
+    for b in step.batched:
+        assert b.grads is not None
+        g = b.grads if b.grads.dtype == b.out.dtype else b.grads.to(b.out.dtype)
+        o = b.out.reshape(len(b.names), -1)
+        dots.update(zip(b.names, torch.linalg.vecdot(o, g.reshape(len(b.names), -1)).tolist()))
+        if want_norms:
+            norms.update(zip(b.names, (n * n for n in torch.linalg.vector_norm(o, dim=1).tolist())))
+    rest = [n for n in out if n not in dots]
+    dots.update(zip(rest, inner_products([(out[n], step.mats[n]) for n in rest])))
+    if want_norms:
+        rest = [n for n in out if n not in norms]
+        norms.update(zip(rest, squared_norms([out[n] for n in rest])))
+    return {n: dots[n] for n in out}, norms
 
 
 def inner_products(pairs: list[tuple[Tensor, Tensor]]) -> list[float]:

@@ -66,9 +66,9 @@ from curvkit.optim.guards import (
     COUNTERS,
     OutlierGates,
     describe_counters,
+    direction_reductions,
     finite_from_squares,
-    inner_products,
-    squared_norms,
+    gradient_squares,
 )
 from curvkit.optim.layers import (
     Batched,
@@ -402,13 +402,7 @@ class Preconditioner:
     def _gradient_guard(self, step: StepMatrices, others_finite: bool) -> dict[str, float] | None:
         """Stage 2: ``{layer: ‖∇_l‖²}``, or ``None`` (step skipped) for a non-finite or
         outlier gradient."""
-        sq: dict[str, float] = {}
-        for plan, s in step.stacks:
-            norms = torch.linalg.vector_norm(s, dim=(1, 2)).tolist()
-            sq.update(zip(plan.names, (n * n for n in norms)))
-        rest = [n for n in step.mats if n not in sq]
-        sq.update(zip(rest, squared_norms([step.mats[n] for n in rest])))
-        sq = {n: sq[n] for n in step.mats}  # the layers' order
+        sq = gradient_squares(step)
         ok = others_finite and finite_from_squares(list(sq.values()), list(step.mats.values()))
         if not self.distributor.all_ok(ok):
             self._count_skip("nonfinite_gradients")
@@ -469,26 +463,13 @@ class Preconditioner:
     ) -> bool:
         """Stage 7: ``⟨Δ_l, ∇_l⟩`` per layer (and ``‖Δ_l‖²`` if wanted); a non-finite one
         undoes the blocks' step state and skips the step."""
-        dots: dict[str, float] = {}
-        norms: dict[str, float] = {}
-        for b in step.batched:
-            assert b.grads is not None
-            g = b.grads if b.grads.dtype == b.out.dtype else b.grads.to(b.out.dtype)
-            o = b.out.reshape(len(b.names), -1)
-            dots.update(zip(b.names, torch.linalg.vecdot(o, g.reshape(len(b.names), -1)).tolist()))
-            if want_norms:
-                norms.update(zip(b.names, (n * n for n in torch.linalg.vector_norm(o, dim=1).tolist())))
-        rest = [n for n in out if n not in dots]
-        dots.update(zip(rest, inner_products([(out[n], step.mats[n]) for n in rest])))
-        if want_norms:
-            rest = [n for n in out if n not in norms]
-            norms.update(zip(rest, squared_norms([out[n] for n in rest])))
+        dots, norms = direction_reductions(step, out, want_norms)
         ok = all(math.isfinite(d) for d in dots.values())
         if not self.distributor.all_ok(ok):
             self._restore_step_state(saved)
             self._count_skip("nonfinite_directions")
             return False
-        self.inner_products = {n: dots[n] for n in out}
+        self.inner_products = dots
         self.direction_norms_sq = norms
         return True
 
