@@ -180,6 +180,7 @@ ABBREVIATIONS = {
     "subsample_positions": "sub_pos",
     "refresh_tolerance": "tol",
     "stats_dtype": "dtype",
+    "adaptive_step": "adaptive",
 }
 
 
