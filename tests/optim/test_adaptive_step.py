@@ -347,3 +347,23 @@ def test_every_method_takes_adaptive_steps(method):
     counters = opt.preconditioner.counters
     assert counters["adaptive_steps"] == 4 and counters.get("adaptive_fallbacks", 0) == 0
     assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+def test_bf16_parameters_take_the_compensated_step_with_decoupled_decay():
+    """The adaptive step goes through the compensated (Kahan) update of 16-bit parameters:
+    θ + carried error = θ_old + δ − ηγθ_old, to float32 rounding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).bfloat16()
+    opt = CurvatureOptimizer(
+        model, method="kfac", lr=0.1, weight_decay=0.05, weight_decay_mode="decoupled", adaptive_step="lr-momentum"
+    )
+    X, y = _batch(0)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X.bfloat16()).float(), y).backward()
+    before = {p: p.detach().float() for p in model.parameters()}
+    opt.step()
+    for p in model.parameters():
+        st = opt.state[p]
+        got = p.detach().float() + st["kahan_comp"].float()
+        expected = before[p] + st["previous_update"].float() - 0.1 * 0.05 * before[p]
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
