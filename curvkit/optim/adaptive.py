@@ -226,6 +226,7 @@ def adaptive_update(
     params: dict[int, Tensor],
     direction: dict[int, Tensor],
     groups: dict[int, dict[str, Any]],
+    scales: dict[int, float] | None = None,
 ) -> bool:
     r"""The optimizer's step with ``adaptive_step`` set, written to the parameters.
 
@@ -244,6 +245,13 @@ def adaptive_update(
     (:func:`~curvkit.optim.update.apply_updates`); :math:`\delta` is kept in
     ``state[p]["previous_update"]``.
 
+    Args:
+        opt: The optimizer.
+        params, direction, groups: ``{id: parameter}``, ``{id: its direction}``,
+            ``{id: its group}`` of the step.
+        scales: ``{id: factor}`` (default 1) of the per-layer clips, applied to the
+            directions first.
+
     Returns:
         ``False`` (nothing written) if the update would not be finite.
     """
@@ -261,6 +269,8 @@ def adaptive_update(
         group = groups[i]
         wd, mode = group["weight_decay"], group["weight_decay_mode"]
         d = direction[i]
+        if scales and scales.get(i, 1.0) != 1.0:
+            d = d * scales[i]
         g = p.grad if p.grad is not None else torch.zeros_like(p)
         if wd != 0 and mode != "decoupled":
             g = g.add(p.detach(), alpha=wd)

@@ -37,15 +37,16 @@ def _step(model, opt, i):
 
 
 class _Spy:
-    """Records the directions the optimizer hands to the adaptive update."""
+    """Records the directions the optimizer hands to the adaptive update (per-layer clips applied)."""
 
     def __init__(self, monkeypatch):
         self.calls = []
         real = optimizer_module.adaptive_update
 
-        def spy(opt, params, direction, groups):
-            self.calls.append({i: d.detach().clone() for i, d in direction.items()})
-            return real(opt, params, direction, groups)
+        def spy(opt, params, direction, groups, scales=None):
+            scales = scales or {}
+            self.calls.append({i: d.detach() * scales.get(i, 1.0) for i, d in direction.items()})
+            return real(opt, params, direction, groups, scales)
 
         monkeypatch.setattr(optimizer_module, "adaptive_update", spy)
 
@@ -98,6 +99,7 @@ def _dense_model(opt, model, direction, previous, wd, mode, momentum=None):
         ("kfac", "after", {}),
         ("kfac", "before", {"T_stats": 2}),
         ("ekfac", "decoupled", {}),
+        ("kfac", "after", {"grad_ratio_clip": 0.5}),  # the per-layer clip shapes Δ first
     ],
 )
 def test_solved_coefficients_are_the_dense_minimiser(monkeypatch, method, mode, options):
@@ -113,9 +115,8 @@ def test_solved_coefficients_are_the_dense_minimiser(monkeypatch, method, mode, 
         weight_decay=wd,
         weight_decay_mode=mode,
         kl_clip=None,
-        grad_ratio_clip=None,
         adaptive_step="lr-momentum",
-        **options,
+        **{"grad_ratio_clip": None, **options},
     )
     for i in range(3):
         _step(model, opt, i)
