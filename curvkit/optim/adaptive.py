@@ -37,6 +37,7 @@ if TYPE_CHECKING:
     from curvkit.optim.preconditioner import Preconditioner
 
 __all__ = [
+    "ADAPTIVE_KL_CLIP",
     "ADAPTIVE_STEPS",
     "adapt_damping",
     "adaptive_update",
@@ -221,6 +222,12 @@ def _model_grams(pre: Preconditioner, vectors: list[dict[int, Tensor]], ids: lis
     return curv, shift
 
 
+#: The bound κ of the adaptive step's curvature norm :math:`\delta^\top C\delta` when the
+#: optimizer has no ``kl_clip`` (its methods' recommended trust region is a per-layer clip of
+#: the direction, which the solved step length would undo).
+ADAPTIVE_KL_CLIP = 0.01
+
+
 def adaptive_update(
     opt: CurvatureOptimizer,
     params: dict[int, Tensor],
@@ -239,7 +246,10 @@ def adaptive_update(
     group's momentum. A non-finite or non-descent model (:math:`M \ge 0`) takes the plain
     step :math:`\delta = -\eta\Delta + \mu\delta_{\text{prev}}` (the group's ``lr`` and
     ``momentum``), counted ``adaptive_fallbacks``. The KL clip κ then bounds the step's
-    curvature norm, :math:`\delta \leftarrow \min(1, \sqrt{\kappa / \delta^\top C\delta})\,\delta`.
+    curvature norm, :math:`\delta \leftarrow \min(1, \sqrt{\kappa / \delta^\top C\delta})\,\delta`
+    — always: without a ``kl_clip``, κ = :data:`ADAPTIVE_KL_CLIP` (the model's α is
+    :math:`\approx 1` for a method whose preconditioner inverts the model's curvature, a
+    step far longer than its fixed learning rate's; RS-KFAC without a bound diverged).
     ``weight_decay_mode="decoupled"`` shrinks :math:`\theta \leftarrow (1 - \eta\gamma)\theta`
     outside the model. The update is guarded as the plain one
     (:func:`~curvkit.optim.update.apply_updates`); :math:`\delta` is kept in
@@ -321,10 +331,11 @@ def adaptive_update(
             if v is not None and group["momentum"] != 0:
                 s = s.add(v, alpha=group["momentum"])
             steps.append(s)
-        norm = float(_model_grams(pre, [dict(zip(ids, steps))], ids)[0][0, 0]) if opt.kl_clip is not None else 0.0
+        norm = float(_model_grams(pre, [dict(zip(ids, steps))], ids)[0][0, 0])
+    kappa = opt.kl_clip if opt.kl_clip is not None else ADAPTIVE_KL_CLIP
     nu = 1.0
-    if opt.kl_clip is not None and math.isfinite(norm) and norm > opt.kl_clip:
-        nu = math.sqrt(opt.kl_clip / norm)
+    if math.isfinite(norm) and norm > kappa:
+        nu = math.sqrt(kappa / norm)
         torch._foreach_mul_(steps, nu)
     # the step is added as it is: lr = -1 (θ ← θ - lr·δ), and the decoupled decay's
     # (1 - lr·wd) = (1 - ηγ) with wd = -ηγ

@@ -18,6 +18,9 @@ from curvkit.optim import CurvatureOptimizer, available_methods, create
 from curvkit.optim.adaptive import solve_coefficients
 from curvkit.optim.layers import layer_matrix
 
+#: A KL clip that never binds (without one the adaptive step is bounded by ADAPTIVE_KL_CLIP).
+NO_CLIP = 1e30
+
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
@@ -114,7 +117,7 @@ def test_solved_coefficients_are_the_dense_minimiser(monkeypatch, method, mode, 
         momentum=0.5,
         weight_decay=wd,
         weight_decay_mode=mode,
-        kl_clip=None,
+        kl_clip=NO_CLIP,
         adaptive_step="lr-momentum",
         **{"grad_ratio_clip": None, **options},
     )
@@ -152,7 +155,7 @@ def test_lr_mode_solves_alpha_with_the_groups_momentum(monkeypatch):
     spy = _Spy(monkeypatch)
     model = _model()
     opt = CurvatureOptimizer(
-        model, method="kfac", lr=0.1, momentum=0.3, kl_clip=None, grad_ratio_clip=None, adaptive_step="lr"
+        model, method="kfac", lr=0.1, momentum=0.3, kl_clip=NO_CLIP, grad_ratio_clip=None, adaptive_step="lr"
     )
     for i in range(3):
         _step(model, opt, i)
@@ -197,7 +200,7 @@ def test_solve_coefficients_small_cases():
 
 def test_zero_direction_falls_back_to_the_plain_step_and_counts_it():
     model = _model()
-    opt = CurvatureOptimizer(model, method="kfac", lr=0.1, momentum=0.5, kl_clip=None, adaptive_step="lr-momentum")
+    opt = CurvatureOptimizer(model, method="kfac", lr=0.1, momentum=0.5, kl_clip=NO_CLIP, adaptive_step="lr-momentum")
     for i in range(2):
         _step(model, opt, i)
     previous = {p: opt.state[p]["previous_update"].clone() for p in model.parameters()}
@@ -213,7 +216,7 @@ def test_zero_direction_falls_back_to_the_plain_step_and_counts_it():
 
 def test_nonfinite_model_falls_back_and_keeps_parameters_finite(monkeypatch):
     model = _model()
-    opt = CurvatureOptimizer(model, method="kfac", lr=0.1, momentum=0.0, kl_clip=None, adaptive_step="lr-momentum")
+    opt = CurvatureOptimizer(model, method="kfac", lr=0.1, momentum=0.0, kl_clip=NO_CLIP, adaptive_step="lr-momentum")
     _step(model, opt, 0)
     monkeypatch.setattr(CurvatureBlock, "gram", lambda self, ds: torch.full((len(ds), len(ds)), math.inf))
     before = {p: p.detach().clone() for p in model.parameters()}
@@ -242,6 +245,28 @@ def test_kl_clip_bounds_the_steps_curvature_norm(monkeypatch):
         total += pre.blocks[name].quadratic(step)
     assert total == pytest.approx(1e-6, rel=1e-6)
     assert spy.calls
+
+
+@pytest.mark.parametrize("method", ["kfac", "rs-kfac"])
+def test_without_a_kl_clip_the_default_bound_holds(monkeypatch, method):
+    """Without ``kl_clip`` the adaptive step is still bounded (δᵀCδ ≤ ADAPTIVE_KL_CLIP): with
+    the model's α ≈ 1, RS-KFAC at its recommended settings (a per-layer RMS clip, no KL clip)
+    diverged on the sequence task."""
+    from curvkit.optim.adaptive import ADAPTIVE_KL_CLIP
+
+    monkeypatch.setattr("curvkit.optim.adaptive.ADAPTIVE_KL_CLIP", 1e-6)
+    assert ADAPTIVE_KL_CLIP == 0.01
+    model = _model()
+    opt = CurvatureOptimizer(model, method=method, lr=0.1, kl_clip=None, grad_ratio_clip=None, adaptive_step="lr")
+    _step(model, opt, 0)
+    pre = opt.preconditioner
+    assert pre.counters["last_adaptive_clip"] < 1
+    total = 0.0
+    for name, layer in pre.layers.items():
+        w, b = layer.weight_ref.param, layer.bias_ref.param
+        step = layer_matrix(layer, opt.state[w]["previous_update"], opt.state[b]["previous_update"])
+        total += pre.blocks[name].quadratic(step)
+    assert total == pytest.approx(1e-6, rel=1e-6)
 
 
 def test_state_dict_round_trip_keeps_the_previous_step():
@@ -323,7 +348,7 @@ def test_exact_damping_gives_the_models_global_minimiser():
     global minimiser: the plane's minimiser is α = -1, μ = 0."""
     model = _model()
     opt = CurvatureOptimizer(
-        model, method="ekfac", lr=0.1, momentum=0.5, kl_clip=None, grad_ratio_clip=None, adaptive_step="lr-momentum"
+        model, method="ekfac", lr=0.1, momentum=0.5, kl_clip=NO_CLIP, grad_ratio_clip=None, adaptive_step="lr-momentum"
     )
     for i in range(4):
         _step(model, opt, i)
