@@ -108,6 +108,14 @@ def warm_eigh(factor: Tensor, basis: Tensor, *, tolerance: float, iterations: in
     Computed in float32 at least (float64 for a float64 input or basis). ``None`` also for a
     basis of another shape, or a non-finite result.
     """
+    out = _orthogonal_iteration(factor, basis, tolerance, iterations)
+    return None if out is None else (out[0], out[1])
+
+
+def _orthogonal_iteration(
+    factor: Tensor, basis: Tensor, tolerance: float, iterations: int
+) -> tuple[Tensor, Tensor, int] | None:
+    """:func:`warm_eigh` plus the number of QR steps it took (0: the basis itself passed)."""
     d = factor.shape[-1]
     if factor.ndim != 2 or basis.shape != (d, d) or d == 0:
         return None
@@ -134,7 +142,7 @@ def warm_eigh(factor: Tensor, basis: Tensor, *, tolerance: float, iterations: in
     if not (all_finite(lam) and all_finite(q)):
         return None
     order = lam.argsort()  # ascending, as symmetric_eigh
-    return lam[order].clamp_min(0), q[:, order]
+    return lam[order].clamp_min(0), q[:, order], round_
 
 
 class WarmEigensolver:
@@ -147,6 +155,7 @@ class WarmEigensolver:
         tolerance: The largest relative reconstruction error accepted from a warm start.
         iterations: Steps of orthogonal iteration at most.
         warm: Factor decompositions this process took from a warm start (not checkpointed).
+        kept: Of those, the ones where the previous basis itself passed (no QR step).
         exact: Dense factor decompositions that ran the exact ``eigh`` (not checkpointed;
             a diagonal factor is not decomposed and counts in neither).
     """
@@ -155,6 +164,7 @@ class WarmEigensolver:
         self.tolerance = float(tolerance)
         self.iterations = int(iterations)
         self.warm = 0
+        self.kept = 0
         self.exact = 0
 
     def decompose(self, factor: Any, basis: Tensor | None) -> tuple[Tensor, Tensor] | None:
@@ -166,9 +176,10 @@ class WarmEigensolver:
             return symmetric_eigh(factor)
         dense = factor.to_dense() if isinstance(factor, FactorStructure) else factor
         if basis is not None and basis.numel():
-            out = warm_eigh(dense, basis, tolerance=self.tolerance, iterations=self.iterations)
+            out = _orthogonal_iteration(dense, basis, self.tolerance, self.iterations)
             if out is not None:
                 self.warm += 1
+                self.kept += out[2] == 0
                 dtype = compute_dtype(dense.dtype)
                 return out[0].to(dtype), out[1].to(dtype)
         self.exact += 1
@@ -176,7 +187,7 @@ class WarmEigensolver:
 
     def describe(self) -> str:
         return (
-            f"warm eigensolver: {self.warm} warm / {self.exact} exact decompositions "
+            f"warm eigensolver: {self.warm} warm ({self.kept} kept the basis) / {self.exact} exact decompositions "
             f"(tolerance {self.tolerance:g}, {self.iterations} iteration(s))"
         )
 
