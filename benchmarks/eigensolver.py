@@ -28,10 +28,22 @@ vectors, warm against float64 ``eigh``. Then the cost of each path over ``eigh``
 size: what a warm start saves when the check passes at once, after one QR step, and what it
 costs when it falls back.
 
+``--steps`` adds the milliseconds per optimizer step on the MLP 784-512-512-10 (ReLU, batch
+256, float32) of ``benchmarks/step.py``, whose factors are 785², 513², 512² and 10²: K-FAC
+with the Cholesky inverter (its default), with ``inverter="eigh"`` exact and warm, and EKFAC
+exact and warm, all with refreshes every 10 steps (``T_inv=10``), lr 0.01, momentum 0.9,
+damping 1e-3 (K-FAC: π-split; EKFAC: exact). Each step takes the next of 16 fixed batches of
+inputs with a heavy-tailed covariance and a random teacher's labels, so the factors move
+between refreshes with the EMA's sampling noise, as in training. Every contender runs blocks
+of 10 steps (one refresh each) in a rotated order, ``--rounds`` times after one untimed
+block; the median over rounds of the per-step mean is shown, with the warm and exact
+decompositions counted over the timed blocks.
+
 Usage::
 
     python benchmarks/eigensolver.py                           # sizes 64 128 256 512 785
     python benchmarks/eigensolver.py --sizes 256 512 --drift 0.003 0.01 --repeats 7
+    python benchmarks/eigensolver.py --sizes --steps --rounds 5  # only the step timing
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import math
 import os
 import statistics
 import time
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -92,14 +105,100 @@ def _once(fn) -> float:
     return time.perf_counter() - start
 
 
+#: ``--steps`` contenders: (label, method, options).
+STEP_CONTENDERS: tuple[tuple[str, str, dict[str, Any]], ...] = (
+    ("kfac (cholesky)", "kfac", {}),
+    ("kfac eigh exact", "kfac", {"inverter": "eigh"}),
+    ("kfac eigh warm", "kfac", {"inverter": "eigh", "eigensolver": "warm"}),
+    ("kfac eigh warm, 0 iterations", "kfac", {"inverter": "eigh", "eigensolver": "warm", "warm_iterations": 0}),
+    ("kfac eigh warm, tolerance 0.2", "kfac", {"inverter": "eigh", "eigensolver": "warm", "warm_tolerance": 0.2}),
+    ("ekfac exact", "ekfac", {}),
+    ("ekfac warm", "ekfac", {"eigensolver": "warm"}),
+    ("ekfac warm, 0 iterations", "ekfac", {"eigensolver": "warm", "warm_iterations": 0}),
+    ("ekfac warm, tolerance 0.2", "ekfac", {"eigensolver": "warm", "warm_tolerance": 0.2}),
+)
+
+
+def step_benchmark(rounds: int) -> None:
+    import curvkit.optim
+
+    gen = torch.Generator().manual_seed(0)
+    mix = torch.randn(784, 784, generator=gen) * torch.logspace(0, -2, 784).unsqueeze(1)
+    teacher = torch.nn.Sequential(torch.nn.Linear(784, 64), torch.nn.Tanh(), torch.nn.Linear(64, 10))
+    batches = []
+    for _ in range(16):
+        x = torch.randn(256, 784, generator=gen) @ mix
+        with torch.no_grad():
+            batches.append((x, teacher(x).argmax(1)))
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    class Contender:
+        def __init__(self, method: str, options: dict[str, Any]) -> None:
+            torch.manual_seed(0)
+            self.model = torch.nn.Sequential(
+                torch.nn.Linear(784, 512),
+                torch.nn.ReLU(),
+                torch.nn.Linear(512, 512),
+                torch.nn.ReLU(),
+                torch.nn.Linear(512, 10),
+            )
+            damping = 1e-3 if method == "ekfac" else options.pop("damping", 1e-3)
+            self.opt = curvkit.optim.create(
+                method, self.model, lr=0.01, momentum=0.9, damping=damping, T_inv=10, **options
+            )
+            self.i = 0
+
+        def block(self) -> float:
+            start = time.perf_counter()
+            for _ in range(10):
+                x, y = batches[self.i % len(batches)]
+                self.i += 1
+                self.opt.zero_grad()
+                loss_fn(self.model(x), y).backward()
+                self.opt.step()
+            return (time.perf_counter() - start) / 10
+
+        def counts(self) -> tuple[int, int, int]:
+            solvers = [getattr(b, "eigensolver", None) for b in self.opt.preconditioner.blocks.values()]
+            solvers = [s for s in solvers if s is not None]
+            return sum(s.warm for s in solvers), sum(s.kept for s in solvers), sum(s.exact for s in solvers)
+
+    runners = [(label, Contender(method, dict(options))) for label, method, options in STEP_CONTENDERS]
+    for _, r in runners:
+        r.block()
+    start_counts = {label: r.counts() for label, r in runners}
+    times: dict[str, list[float]] = {label: [] for label, _ in runners}
+    for rnd in range(rounds):
+        k = rnd % len(runners)
+        for label, r in runners[k:] + runners[:k]:
+            times[label].append(r.block())
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    print(
+        f"\n# ms/step, MLP 784-512-512-10, batch 256, T_inv 10, {rounds} rounds (median of block means); "
+        f"load average {load:.1f}"
+    )
+    ref = statistics.median(times["kfac eigh exact"])
+    ref_e = statistics.median(times["ekfac exact"])
+    print(f"{'contender':<30} {'ms/step':>8} {'x exact':>8}  warm (kept) / exact decompositions in the timed blocks")
+    for label, r in runners:
+        ms = statistics.median(times[label])
+        base = ref_e if label.startswith("ekfac") else ref
+        w0, k0, e0 = start_counts[label]
+        w, k, e = r.counts()
+        counts = f"{w - w0} ({k - k0}) / {e - e0}" if "warm" in label else ""
+        print(f"{label:<30} {1e3 * ms:>8.2f} {ms / base:>8.2f}  {counts}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256, 512, 785])
+    parser.add_argument("--sizes", type=int, nargs="*", default=[64, 128, 256, 512, 785])
     parser.add_argument("--drift", type=float, nargs="+", default=[0.003, 0.01], help="rotation per step")
     parser.add_argument("--period", type=int, default=10, help="steps between the two refreshes (T_inv)")
     parser.add_argument("--tolerance", type=float, default=0.05, help="warm_tolerance")
     parser.add_argument("--iterations", type=int, default=1, help="warm_iterations")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--steps", action="store_true", help="also ms/step of K-FAC and EKFAC on the MLP")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of --steps")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -162,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{d:>4} {1e3 * t['eigh']:>8.2f} {t['kept'] / t['eigh']:>6.2f} {t['iter'] / t['eigh']:>6.2f} "
             f"{t['fallback'] / t['eigh']:>8.2f}"
         )
+    if args.steps:
+        step_benchmark(args.rounds)
     return 0
 
 

@@ -215,8 +215,9 @@ def check_eigensolver(problems: list[str], eigensolver: object, tolerance: objec
             f"warm_tolerance={tolerance!r} must be a float in (0.0, 1.0): the largest relative reconstruction error "
             "‖F − Q diag(λ) Qᵀ‖/‖F‖ accepted from a warm-started eigenbasis before falling back to eigh (e.g. 0.05)"
         )
-    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
+    if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
         problems.append(
-            f"warm_iterations={iterations!r} must be an int >= 1: the steps of orthogonal iteration (one QR "
-            "each) a warm start may take before falling back to eigh (e.g. 1)"
+            f"warm_iterations={iterations!r} must be an int >= 0: the steps of orthogonal iteration (one QR "
+            "each) a warm start may take before falling back to eigh (0: only keep the previous basis when it "
+            "passes; e.g. 1)"
         )

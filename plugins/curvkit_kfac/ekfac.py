@@ -100,7 +100,8 @@ class EKFACConfig(KroneckerConfig):
             (:class:`curvkit.linalg.basis.WarmEigensolver`).
         warm_tolerance: The largest relative reconstruction error
             ``‖F − Q diag(λ) Qᵀ‖_F/‖F‖_F`` a warm start may leave, in ``(0, 1)``.
-        warm_iterations: Steps of orthogonal iteration (one QR each) at most, ``>= 1``.
+        warm_iterations: Steps of orthogonal iteration (one QR each) at most, ``>= 0``
+            (0: keep the previous basis when it passes the check, else ``eigh``).
     """
 
     damping: Damping | float = field(default_factory=lambda: ExactDamping(value=1e-3))
@@ -536,7 +537,7 @@ _EIGEN_BAD_CONFIGS: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
     ({"structure": "no-such-structure"}, UnknownComponentError),
     ({"not_an_option": 1}, ConfigError),
     ({"eigensolver": "warm", "warm_tolerance": 0.0}, ConfigError),
-    ({"eigensolver": "warm", "warm_iterations": 0}, ConfigError),
+    ({"eigensolver": "warm", "warm_iterations": -1}, ConfigError),
 )
 
 EKFAC_SPEC = MethodSpec(

@@ -47,7 +47,8 @@ class KFACConfig(KroneckerConfig):
             (:class:`curvkit.linalg.basis.WarmEigensolver`).
         warm_tolerance: The largest relative reconstruction error
             ``‖F − Q diag(λ) Qᵀ‖_F/‖F‖_F`` a warm start may leave, in ``(0, 1)``.
-        warm_iterations: Steps of orthogonal iteration (one QR each) at most, ``>= 1``.
+        warm_iterations: Steps of orthogonal iteration (one QR each) at most, ``>= 0``
+            (0: keep the previous basis when it passes the check, else ``eigh``).
     """
 
     eigensolver: str = "exact"

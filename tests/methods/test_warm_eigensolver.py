@@ -122,6 +122,21 @@ def test_fallback_fires_on_a_rotated_factor():
     torch.testing.assert_close(evals, torch.linalg.eigh(rotated)[0].clamp_min(0))
 
 
+def test_zero_iterations_keeps_the_basis_or_falls_back():
+    """``warm_iterations=0``: the previous basis (its columns, ascending by Rayleigh quotient)
+    when it passes, else the exact decomposition; no QR step."""
+    f0, f1 = _drifting_factors(10, dtype=torch.float64)[4::5]
+    basis = torch.linalg.eigh(f0)[1]
+    eps = _reconstruction_error(f1, (basis * (f1 @ basis)).sum(0), basis)
+    evals, evecs = warm_eigh(f1, basis, tolerance=1.01 * eps, iterations=0)
+    assert evals.tolist() == sorted(evals.tolist())
+    torch.testing.assert_close(evecs.abs().sort(1).values, basis.abs().sort(1).values)  # the same columns
+    assert warm_eigh(f1, basis, tolerance=0.99 * eps, iterations=0) is None
+    solver = WarmEigensolver(tolerance=1.01 * eps, iterations=0)
+    solver.decompose(f1, basis)
+    assert (solver.warm, solver.kept, solver.exact) == (1, 1, 0)
+
+
 def test_first_refresh_new_shape_and_nonfinite_fall_back():
     f = _drifting_factors(1)[0]
     solver = WarmEigensolver()
@@ -227,8 +242,8 @@ def test_trains_digits_in_the_exact_solvers_band(method, options):
         ("KFAC", {"eigensolver": "warm"}, "set inverter='eigh' too"),
         ("EKFAC", {"eigensolver": "warm", "warm_tolerance": 0.0}, "warm_tolerance=0.0 must be a float in (0.0, 1.0)"),
         ("EKFAC", {"eigensolver": "warm", "warm_tolerance": float("nan")}, "must be a float in (0.0, 1.0)"),
-        ("EKFAC", {"eigensolver": "warm", "warm_iterations": 0}, "warm_iterations=0 must be an int >= 1"),
-        ("TEKFAC", {"eigensolver": "warm", "warm_iterations": True}, "warm_iterations=True must be an int >= 1"),
+        ("EKFAC", {"eigensolver": "warm", "warm_iterations": -1}, "warm_iterations=-1 must be an int >= 0"),
+        ("TEKFAC", {"eigensolver": "warm", "warm_iterations": True}, "warm_iterations=True must be an int >= 0"),
     ],
 )
 def test_bad_values_are_refused(method, options, needle):
