@@ -87,7 +87,7 @@ EIGENSOLVERS = ("exact", "warm")
 
 
 def warm_eigh(factor: Tensor, basis: Tensor, *, tolerance: float, iterations: int = 1) -> tuple[Tensor, Tensor] | None:
-    r"""Eigenvalues (ascending, clamped at 0) and eigenvectors of a dense symmetric PSD
+    r"""Eigenvalues (clamped at 0) and eigenvectors of a dense symmetric PSD
     ``factor`` by orthogonal (subspace) iteration from an earlier eigenbasis ``basis``, or
     ``None`` when they do not reach ``tolerance`` within ``iterations`` steps.
 
@@ -105,8 +105,11 @@ def warm_eigh(factor: Tensor, basis: Tensor, *, tolerance: float, iterations: in
     step of orthogonal iteration, :math:`Q \leftarrow \operatorname{qr}(FQ)`. ``iterations``
     steps cost ``iterations`` QR factorisations and ``iterations + 1`` products ``FQ``.
 
-    Computed in float32 at least (float64 for a float64 input or basis). ``None`` also for a
-    basis of another shape, or a non-finite result.
+    The pairs come in no particular order (the basis' own when it passed, else by decreasing
+    eigenvalue; nothing downstream needs ``eigh``'s ascending order, and reordering the
+    columns would cost a third of a product). Computed in float32 at least (float64 for a
+    float64 input or basis). ``None`` also for a basis of another shape, or a non-finite
+    result.
     """
     out = _orthogonal_iteration(factor, basis, tolerance, iterations)
     return None if out is None else (out[0], out[1])
@@ -141,8 +144,7 @@ def _orthogonal_iteration(
         q, _ = torch.linalg.qr(fq[:, order])
     if not (all_finite(lam) and all_finite(q)):
         return None
-    order = lam.argsort()  # ascending, as symmetric_eigh
-    return lam[order].clamp_min(0), q[:, order], round_
+    return lam.clamp_min(0), q, round_
 
 
 class WarmEigensolver:
@@ -170,8 +172,9 @@ class WarmEigensolver:
     def decompose(self, factor: Any, basis: Tensor | None) -> tuple[Tensor, Tensor] | None:
         """``(eigenvalues, eigenvectors)`` of ``factor`` (a
         :class:`~curvkit.structures.FactorStructure` or a dense tensor) as
-        :func:`~curvkit.linalg.roots.symmetric_eigh` returns them, warm-started from
-        ``basis`` where possible; ``None`` when the exact decomposition fails too."""
+        :func:`~curvkit.linalg.roots.symmetric_eigh` returns them (a warm start's in no
+        particular order), warm-started from ``basis`` where possible; ``None`` when the
+        exact decomposition fails too."""
         if isinstance(factor, FactorStructure) and factor.is_diagonal:
             return symmetric_eigh(factor)
         dense = factor.to_dense() if isinstance(factor, FactorStructure) else factor
