@@ -33,6 +33,7 @@ import curvkit.optim.guards as guards_module
 import curvkit.optim.monitor as monitor_module
 import curvkit.optim.optimizer as optimizer_module
 import curvkit.optim.preconditioner as preconditioner_module
+import curvkit.optim.update as update_module
 from curvkit.numerics import all_finite
 from curvkit.optim import KFAC
 
@@ -59,14 +60,19 @@ def checks_before() -> Iterator[None]:
         ok = all_finite(factors[0]) and all_finite(factors[1])
         return (1.0,) if ok else (math.nan,)
 
-    patch(preconditioner_module, "squared_norms", lambda ts: [0.0 if all_finite(t) else math.nan for t in ts])
-    patch(preconditioner_module, "inner_products", lambda pairs: [0.0] * len(pairs))
+    patch(
+        preconditioner_module,
+        "gradient_squares",
+        lambda step: {n: 0.0 if all_finite(m) else math.nan for n, m in step.mats.items()},
+    )
+    patch(preconditioner_module, "direction_reductions", lambda step, out, want: ({n: 0.0 for n in out}, {}))
     patch(G, "gradient_outlier", lambda self, total: (False, False))
     patch(G, "track_gradient", lambda self, total: None)
     patch(G, "statistics_outliers", lambda self, magnitudes: ([], False))
     patch(G, "track_statistics", lambda self, name, magnitudes: None)
     patch(B, "batch_magnitudes", old_factor_check)
-    patch(optimizer_module, "updates_fit", lambda plans: True)
+    patch(update_module, "update_bound", lambda group, ps, ds, states: True)
+    patch(update_module, "updates_fit", lambda plans: True)
     patch(O, "_check_step_hyperparameters", lambda self: None)
     patch(M, "applied", lambda self, grad_norms_sq, params: None)
     try:

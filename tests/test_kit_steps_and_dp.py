@@ -60,12 +60,12 @@ def test_the_weight_decay_check_holds_the_step_to_the_documented_rule(monkeypatc
 
     original = optimizer_module.apply_updates
 
-    def decays_twice(state, params, directions, groups):
+    def decays_twice(state, params, directions, groups, *rest):
         for i, p in params.items():
             group = groups[i]
             if group["weight_decay_mode"] == "after":
                 directions[i] = directions[i] + group["weight_decay"] * p
-        return original(state, params, directions, groups)
+        return original(state, params, directions, groups, *rest)
 
     monkeypatch.setattr(optimizer_module, "apply_updates", decays_twice)
     with pytest.raises(AssertionError, match=r"'plain': the first step with weight_decay_mode='after' \(γ=0.1\)"):

@@ -7,8 +7,10 @@ Everything here is a **reduction per tensor** — no elementwise pass of its own
   every entry is; :func:`squared_norms`);
 * the preconditioned direction, by :math:`\langle\Delta_l, \nabla_l\rangle` (finite only if
   :math:`\Delta_l` is, :math:`\nabla_l` being finite); the KL clip reuses it;
-* the parameter update, by :math:`\lVert\theta\rVert + \eta\lVert m\rVert` below the
-  dtype's largest value (:func:`updates_fit`);
+* the parameter update, by a bound of the new parameter and momentum from the norms of
+  the parameter, the direction and the old momentum (:func:`update_bound`; the compensated
+  16-bit update: :math:`\lVert\theta\rVert + \lVert\text{increment}\rVert`, :func:`updates_fit`),
+  below the dtype's largest value;
 * the statistics, by the traces of the batch factors
   (:meth:`~curvkit.blocks.CurvatureBlock.batch_magnitudes`; a Gram matrix's trace is finite
   only if every entry is), which also feed the outlier gate (:class:`OutlierGates`), or a
@@ -40,6 +42,7 @@ __all__ = [
     "finite_from_squares",
     "inner_products",
     "squared_norms",
+    "update_bound",
     "updates_fit",
 ]
 
@@ -147,6 +150,38 @@ def updates_fit(plans: Iterable[tuple[dict[str, Any], list[Tensor], list[Tensor]
             bound = shrink * float(p_norm) + scale * float(m_norm)
             if not bound < _largest(p.dtype):  # False for NaN too
                 return False
+    return True
+
+
+def update_bound(group: dict[str, Any], ps: list[Tensor], ds: list[Tensor], states: list[dict[str, Any]]) -> bool:
+    r"""The guard of the in-place SGD update of a group's parameters ``ps`` by the
+    directions ``ds`` (their per-parameter ``states`` hold the momentum buffers): with
+    :math:`\theta' = s\theta - \eta m'` and :math:`m' = \mu m + \Delta + \gamma_a\theta`
+    (:math:`s = 1 - \eta\gamma_d` for decoupled decay, :math:`\gamma_a` the "after" decay,
+    :math:`m` absent on a first step), the bounds
+    :math:`\lVert m'\rVert \le \mu\lVert m\rVert + \lVert\Delta\rVert + \gamma_a\lVert\theta\rVert`
+    and :math:`\max|\theta'| \le |s|\lVert\theta\rVert + \eta\lVert m'\rVert` must be finite
+    and below the dtypes' largest values, so the update cannot write a non-finite number.
+    One fused multi-tensor norm for the group, before anything is written."""
+    if not ps:
+        return True
+    lr, wd, mu, mode = abs(group["lr"]), group["weight_decay"], group["momentum"], group["weight_decay_mode"]
+    shrink = abs(1 - group["lr"] * wd) if wd != 0 and mode == "decoupled" else 1.0
+    after = abs(wd) if mode == "after" else 0.0
+    bufs = [st.get("momentum_buffer") if mu != 0 else None for st in states]
+    held = [b for b in bufs if b is not None]
+    norms = [float(x) for x in torch._foreach_norm([*ds, *(p.detach() for p in ps), *held])]
+    n = len(ps)
+    top_p, top_m = _largest(ps[0].dtype), _largest(ds[0].dtype)  # one dtype each per bucket
+    k_buf = 2 * n
+    for k in range(n):
+        p_norm = norms[n + k]
+        m_norm = norms[k] + after * p_norm
+        if bufs[k] is not None:
+            m_norm += abs(mu) * norms[k_buf]
+            k_buf += 1
+        if not (m_norm < top_m and shrink * p_norm + lr * m_norm < top_p):  # NaN: False
+            return False
     return True
 
 

@@ -365,9 +365,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.monitor.skipped(pre.steps, pre.counters)
             return loss
         scales = self._trust_region(dirs, fallback, groups)
-        params, direction = self._parameter_directions(dirs, scales, fallback, groups)
+        params, direction, factors = self._parameter_directions(dirs, scales, fallback, groups)
         old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
-        if not apply_updates(self.state, params, direction, groups):
+        if not apply_updates(self.state, params, direction, groups, factors):
             pre.revert_step("nonfinite_updates")
             self.monitor.skipped(pre.steps, pre.counters)
             return loss
@@ -420,17 +420,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         scales: dict[str, float],
         fallback: list[Tensor],
         groups: dict[int, dict[str, Any]],
-    ) -> tuple[dict[int, Tensor], dict[int, Tensor]]:
-        """Stage 3: ``({id: parameter}, {id: its direction})``, the layers' directions in the
-        parameters' shapes (a parameter split into parts gets its rows from each) and the
-        fallback's gradients, all scaled by the trust region."""
+    ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, float]]:
+        """Stage 3: ``({id: parameter}, {id: its direction}, {id: its trust-region scale})``,
+        the layers' directions in the parameters' shapes (a parameter split into parts gets
+        its rows from each, scaled here) and the fallback's gradients; the update applies
+        the scales (one multi-tensor product)."""
         pre = self.preconditioner
         nu = scales.get("", 1.0)
         direction: dict[int, Tensor] = {}
         params: dict[int, Tensor] = {}
+        factor: dict[int, float] = {}
         pieces: dict[int, list[tuple[tuple[int, int], Tensor]]] = {}
-        for name, (w_dir, b_dir) in pre.layer_directions(dirs, scales).items():
+        for name, (w_dir, b_dir) in pre.layer_directions(dirs).items():
             layer = pre.layers[name]
+            scale = scales.get(name, 1.0)
             refs = [(layer.weight_ref, w_dir)]
             if b_dir is not None and layer.bias_ref is not None:
                 refs.append((layer.bias_ref, b_dir))
@@ -438,15 +441,16 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 params[id(ref.param)] = ref.param
                 if ref.rows is None:
                     direction[id(ref.param)] = d
+                    factor[id(ref.param)] = scale
                 else:
-                    pieces.setdefault(id(ref.param), []).append((ref.rows, d))
+                    pieces.setdefault(id(ref.param), []).append((ref.rows, d * scale if scale != 1.0 else d))
         for i, parts in pieces.items():
             direction[i] = self._assemble(params[i], parts, groups, nu)
         for p in fallback:
             assert p.grad is not None
-            g = self._decay_before(p, p, p.grad, groups)
-            direction[id(p)], params[id(p)] = (g * nu if nu != 1.0 else g), p
-        return params, direction
+            direction[id(p)], params[id(p)] = self._decay_before(p, p, p.grad, groups), p
+            factor[id(p)] = nu
+        return params, direction, factor
 
     def _check_step_hyperparameters(self) -> None:
         """Refuse non-finite or out-of-range hyperparameters met at step time (set after
