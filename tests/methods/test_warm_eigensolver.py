@@ -8,6 +8,7 @@ refused."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -205,16 +206,16 @@ def test_state_dict_round_trip_continues_warm(method, options):
     """A loaded optimizer warm-starts from the checkpointed basis exactly as the original does."""
     model, opt = _train(method, 4, eigensolver="warm", warm_tolerance=0.3, **options)
     state_model = {k: v.clone() for k, v in model.state_dict().items()}
-    state_opt = opt.state_dict()
+    state_opt = copy.deepcopy(opt.state_dict())  # as a checkpoint on disk: not the live buffers
     torch.manual_seed(0)
-    copy = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
-    copy.load_state_dict(state_model)
-    copy_opt = curvkit.optim.create(method, copy, lr=0.05, T_inv=1, eigensolver="warm", warm_tolerance=0.3, **options)
+    loaded = nn.Sequential(nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, 3)).to(DT)
+    loaded.load_state_dict(state_model)
+    copy_opt = curvkit.optim.create(method, loaded, lr=0.05, T_inv=1, eigensolver="warm", warm_tolerance=0.3, **options)
     copy_opt.load_state_dict(state_opt)
     _train(method, 3, opt=opt, model=model)
-    _train(method, 3, opt=copy_opt, model=copy)
+    _train(method, 3, opt=copy_opt, model=loaded)
     assert _counts(copy_opt)[0] == 3 * 2 * len(copy_opt.preconditioner.blocks)  # every refresh warm
-    for p, q in zip(model.parameters(), copy.parameters()):
+    for p, q in zip(model.parameters(), loaded.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=0)
 
 
