@@ -394,6 +394,7 @@ class Preconditioner:
             return out
         finally:
             self.clear_records()
+            self.capture.follow_schedule()
 
     def _matrices(self, grads: dict[str, tuple[Tensor, Tensor | None]]) -> StepMatrices:
         """Stage 1: the gradients in matrix form (stacks of equal-shaped layers)."""
@@ -504,6 +505,7 @@ class Preconditioner:
         self._restore_step_state(saved)
         self.schedule.steps -= 1
         self._count_skip(reason)
+        self.capture.follow_schedule()
 
     _last_step_state: dict[str, Any] | None = None
 
@@ -594,6 +596,7 @@ class Preconditioner:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`'s output, after :meth:`check_state_dict`."""
         load_preconditioner_state(self, state)
+        self.capture.follow_schedule()
 
     @property
     def distribution_plan(self) -> dict[str, int | None]:

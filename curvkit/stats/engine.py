@@ -194,6 +194,7 @@ class CaptureEngine:
         self._suspended = 0
         self._forward = 0
         self._handles: list[RemovableHandle] = []
+        self._paused = False
         self._finalizer: Any = None
         # functional interception: id(param) -> [(block, site, row range of the block's weight)]
         self._functional: dict[int, list[tuple[LayerPlan, Site, tuple[int, int]]]] = {}
@@ -217,7 +218,8 @@ class CaptureEngine:
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        """Whether the hooks are installed (or only paused, :meth:`pause`)."""
+        return bool(self._handles) or self._paused
 
     def attach(self) -> CaptureEngine:
         """Install the hooks (idempotent)."""
@@ -240,6 +242,11 @@ class CaptureEngine:
                         stacklevel=4,
                     )
                 _PERSISTENT[model] = weakref.ref(self)
+        self._install()
+        return self
+
+    def _install(self) -> None:
+        model = self._model_ref() if self._model_ref is not None else None
         ref = weakref.ref(self)
         handles: list[RemovableHandle] = []
         try:
@@ -260,8 +267,30 @@ class CaptureEngine:
                 h.remove()
             raise
         self._handles = handles
+        self._paused = False
+        if self._finalizer is not None:
+            self._finalizer.detach()
         self._finalizer = weakref.finalize(self, _remove_all, list(handles))
-        return self
+
+    def pause(self) -> None:
+        """Remove the hooks while no forward pass is to be recorded (an optimizer's steps
+        without statistics: a module with hooks takes PyTorch's slower call path); the
+        engine stays the model's attached one, and :meth:`resume` puts them back. Does
+        nothing unless attached."""
+        if not self._handles:
+            return
+        _remove_all(self._handles)
+        self._functional.clear()
+        self._paused = True
+
+    def resume(self) -> None:
+        """Reinstall the hooks removed by :meth:`pause` (nothing otherwise)."""
+        if self._paused and not self.displaced:
+            self._install()
+
+    @property
+    def paused(self) -> bool:
+        return self._paused
 
     def _register_functional(self, layer: LayerPlan, site: Site) -> None:
         ref = layer.weight_ref
@@ -270,6 +299,7 @@ class CaptureEngine:
 
     def detach(self) -> None:
         """Remove every hook; the engine records nothing afterwards."""
+        self._paused = False
         if self._finalizer is not None:
             self._finalizer.detach()
             self._finalizer = None
