@@ -25,8 +25,9 @@ Contenders:
 * amortised variants of a few methods (:data:`VARIANTS`: statistics every ``T_stats`` steps,
   refreshes every ``T_inv``, optionally subsampled statistics), the recommended settings with
   those options changed, labelled ``method[options]``;
-* K-FAC tuned over a stated grid like the baselines (:data:`KFAC_GRID`: statistics every
-  10 steps, refreshes every 50, damping × KL clip, four points);
+* K-FAC and RS-KFAC tuned over stated grids like the baselines (:data:`TUNED_GRIDS`:
+  statistics every 10 steps; K-FAC: damping × KL clip, RS-KFAC: lr × RMS clip, four
+  points each);
 * ``sgd`` (momentum 0.9) and ``adamw`` (weight decay 0.01), each over the learning-rate grid
   :data:`SGD_GRID` / :data:`ADAMW_GRID`; the fastest grid point (median over seeds, all seeds
   reaching the target) is the tuned baseline, and the faster of the two tuned baselines is
@@ -150,16 +151,19 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("skfac", {"T_stats": 5, "T_inv": 20}),
     ("rs-kfac", {"T_stats": 5}),
     ("singd", {"T": 5}),
+    ("kfac", {"T_stats": 5, "T_inv": 20, "adaptive_step": "lr"}),
+    ("ekfac", {"T_stats": 5, "T_inv": 20, "adaptive_step": "lr"}),
 )
-#: K-FAC tuned like the baselines: statistics every 10 steps and refreshes every 50, over
-#: damping {0.03, 0.1} × KL clip {0.003, 0.01} at lr 0.3 (the KL clip then sets the step
-#: length; the learning rate is only its upper bound). Four grid points, as the baselines
-#: have three learning rates each.
-KFAC_GRID: tuple[tuple[str, dict[str, Any]], ...] = tuple(
+#: K-FAC and RS-KFAC tuned like the baselines, four grid points each (the baselines have
+#: three learning rates each): K-FAC with statistics every 10 steps and refreshes every 50,
+#: over damping {0.03, 0.1} × KL clip {0.003, 0.01} at lr 0.3 (the KL clip then sets the
+#: step length; the learning rate is only its upper bound); RS-KFAC with statistics every
+#: 10 steps over lr {0.03, 0.1} × RMS clip {0.07, 0.2}.
+TUNED_GRIDS: tuple[tuple[str, dict[str, Any]], ...] = tuple(
     ("kfac", {"T_stats": 10, "T_inv": 50, "lr": 0.3, "damping": damping, "kl_clip": kl})
     for damping in (0.03, 0.1)
     for kl in (0.003, 0.01)
-)
+) + tuple(("rs-kfac", {"T_stats": 10, "lr": lr, "rms_clip": clip}) for lr in (0.03, 0.1) for clip in (0.07, 0.2))
 #: ``--quick``: one or two methods per family (``--methods`` overrides), the baselines'
 #: grids cut to their two larger learning rates (the better ones on every task in the full run).
 QUICK_METHODS = ("kfac", "ekfac", "skfac", "rs-kfac", "so-kldwrm", "singd")
@@ -191,6 +195,7 @@ ABBREVIATIONS = {
     "subsample_positions": "sub_pos",
     "refresh_tolerance": "tol",
     "stats_dtype": "dtype",
+    "adaptive_step": "adaptive",
 }
 
 
@@ -662,7 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--seeds", type=int, default=None, help="seeds per contender (default 3, quick 1; the median is reported)"
     )
-    parser.add_argument("--no-variants", action="store_true", help="leave out the amortised variants and K-FAC's grid")
+    parser.add_argument(
+        "--no-variants", action="store_true", help="leave out the amortised variants and the tuned grids"
+    )
     parser.add_argument(
         "--variant",
         action="append",
@@ -752,7 +759,7 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in QUICK_METHODS if m in available_methods()]
     sgd_grid, adamw_grid = (QUICK_SGD_GRID, QUICK_ADAMW_GRID) if args.quick else (SGD_GRID, ADAMW_GRID)
     chosen = contenders(
-        methods, ([] if args.no_variants else list(VARIANTS) + list(KFAC_GRID)) + extra, sgd_grid, adamw_grid
+        methods, ([] if args.no_variants else list(VARIANTS) + list(TUNED_GRIDS)) + extra, sgd_grid, adamw_grid
     )
     print(f"# grids: SGD (momentum 0.9) lr {sgd_grid}; AdamW (wd 0.01) lr {adamw_grid}; methods: recommended settings")
     seeds = list(range(args.seeds))

@@ -343,6 +343,35 @@ class CurvatureBlock(ABC):
         d = direction.to(op.dtype)
         return float((d * (op @ d)).sum())
 
+    def bilinear(self, a: Tensor, b: Tensor) -> float:
+        """:math:`a^\\top \\hat F b` for two directions in matrix form (the curvature is
+        symmetric, so the order does not matter); :meth:`gram` of the pair."""
+        return float(self.gram([a, b])[0, 1])
+
+    def gram(self, directions: Sequence[Tensor]) -> Tensor:
+        """The ``(k, k)`` float64 matrix :math:`G_{ij} = d_i^\\top \\hat F d_j` of ``k``
+        directions in matrix form (symmetric up to rounding): what the adaptive step's quadratic model needs
+        (:func:`curvkit.optim.adaptive.solve_coefficients`).
+
+        The default applies :meth:`as_operator` once to the stack of the directions. A
+        block that overrides :meth:`quadratic` (and not this method) gets the off-diagonal
+        entries from its override by polarisation,
+        :math:`a^\\top \\hat F b = \\tfrac14(q(a + b) - q(a - b))`, so a plugin that
+        provides only :meth:`quadratic` is served by its own curvature."""
+        k = len(directions)
+        out = torch.zeros(k, k, dtype=torch.float64)
+        if type(self).quadratic is not CurvatureBlock.quadratic:
+            for i in range(k):
+                out[i, i] = self.quadratic(directions[i])
+                for j in range(i):
+                    a, b = directions[i], directions[j]
+                    out[i, j] = out[j, i] = 0.25 * (self.quadratic(a + b) - self.quadratic(a - b))
+            return out
+        op = self.as_operator()
+        x = torch.stack([d.to(op.dtype) for d in directions])
+        flat = x.reshape(k, -1)
+        return (flat @ (op @ x).reshape(k, -1).t()).double().cpu()
+
     @abstractmethod
     def state_dict(self) -> dict[str, Any]:
         """Tensors and counters; ``load_state_dict`` of it restores the block exactly."""

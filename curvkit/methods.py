@@ -60,7 +60,17 @@ LOSS_AVERAGES = (None, "batch", "batch+sequence")
 #: Options of :class:`~curvkit.optim.CurvatureOptimizer` itself that a method's recommended
 #: settings may hold (the other keys are options of the method's configuration).
 OPTIMIZER_OPTIONS = frozenset(
-    {"lr", "momentum", "weight_decay", "weight_decay_mode", "kahan_sum", "kl_clip", "rms_clip", "grad_ratio_clip"}
+    {
+        "lr",
+        "momentum",
+        "weight_decay",
+        "weight_decay_mode",
+        "kahan_sum",
+        "kl_clip",
+        "rms_clip",
+        "grad_ratio_clip",
+        "adaptive_step",
+    }
 )
 
 

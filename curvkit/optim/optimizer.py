@@ -23,6 +23,12 @@ One step, for every parameter group (``lr``, ``momentum``, ``weight_decay``,
    with the identity inverter this optimizer *is* SGD. The operations run as one
    multi-tensor (``torch._foreach_*``) call per group and dtype.
 
+With ``adaptive_step="lr-momentum"`` (or ``"lr"``) steps 3 (the KL clip) to 5 are replaced
+by the quadratic model's step :math:`\delta = \alpha\Delta + \mu\delta_{\text{prev}}`
+(:func:`curvkit.optim.adaptive.adaptive_update`): the per-layer clips shape
+:math:`\Delta` first, the KL clip bounds :math:`\delta` afterwards, and ``lr`` is only the
+fallback step's size (and the decoupled decay's η).
+
 16-bit parameters (bf16, fp16) get a **compensated update** by default (``kahan_sum=True``;
 Kahan summation, as in Zamirai et al. 2020, *Revisiting BFloat16 Training*): the increment
 :math:`-\eta m` (and the decoupled decay) is added in float32 together with the rounding
@@ -57,7 +63,7 @@ from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite_many
-from curvkit.optim.adaptive import adapt_damping
+from curvkit.optim.adaptive import ADAPTIVE_STEPS, adapt_damping, adaptive_update, describe_adaptive
 from curvkit.optim.layers import layer_matrix
 from curvkit.optim.monitor import DivergenceMonitor
 from curvkit.optim.options import (
@@ -112,6 +118,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         rms_clip: Per-layer RMS-clip bound of the direction (``None``: off).
         grad_ratio_clip: Per-layer norm constraint :math:`\\lVert\\Delta_l\\rVert \\le
             c\\,\\lVert\\nabla_l\\rVert` (``None``: off).
+        adaptive_step: ``None`` (off, the default), ``"lr-momentum"`` (step size α and
+            momentum μ minimise the quadratic model in the plane of the direction and the
+            previous step; the groups' ``lr`` and ``momentum`` are then only the fallback
+            step's) or ``"lr"`` (α alone, μ the group's momentum); see
+            :func:`curvkit.optim.adaptive.adaptive_update` and ``docs/optimizers.md``.
         loss_fn: The training loss module (needed for ``fisher="mc"`` / ``"type-2"``).
         registry, config, generator, distributor: As :class:`Preconditioner` (``distributor``:
             data-parallel training, automatic under an initialised process group).
@@ -147,6 +158,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         kl_clip: float | None = RECOMMENDED,
         rms_clip: float | None = RECOMMENDED,
         grad_ratio_clip: float | None = RECOMMENDED,
+        adaptive_step: str | None = RECOMMENDED,
         loss_fn: nn.Module | None = None,
         registry: Any = None,
         config: MethodConfig | None = None,
@@ -179,6 +191,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             "kl_clip": kl_clip,
             "rms_clip": rms_clip,
             "grad_ratio_clip": grad_ratio_clip,
+            "adaptive_step": adaptive_step,
         }
         settings = spec.recommended_settings() if recommended else {}
         resolved: dict[str, Any] = {
@@ -188,6 +201,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         problems = check_group(defaults, "")
         for clip in ("kl_clip", "rms_clip", "grad_ratio_clip"):
             check_number(problems, clip, resolved[clip], low=0.0, low_open=True, optional=True)
+        if resolved["adaptive_step"] is not None and resolved["adaptive_step"] not in ADAPTIVE_STEPS:
+            problems.append(
+                f"adaptive_step={resolved['adaptive_step']!r} must be None (off) or one of "
+                f"{', '.join(map(repr, ADAPTIVE_STEPS))}"
+            )
         if problems:
             raise ConfigError(f"{type(self).__name__} options", problems)
         super().__init__(model.parameters() if params is None else params, defaults)
@@ -198,6 +216,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.kl_clip: float | None = resolved["kl_clip"]
         self.rms_clip: float | None = resolved["rms_clip"]
         self.grad_ratio_clip: float | None = resolved["grad_ratio_clip"]
+        self.adaptive_step: str | None = resolved["adaptive_step"]
         if config is None:
             config = spec.make_config(use_recommended=recommended, **options)
             options = {}
@@ -220,8 +239,9 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         group = self.param_groups[0]
         damping = self.preconditioner.damping
         lam = "" if damping is None else f", damping {type(damping).__name__}(λ={self.preconditioner.damping_value:g})"
+        adaptive = "" if self.adaptive_step is None else f", adaptive step {self.adaptive_step!r}"
         return (
-            f"{self.preconditioner.spec.name}: lr {group['lr']:g}, momentum {group['momentum']:g}{lam}, "
+            f"{self.preconditioner.spec.name}: lr {group['lr']:g}, momentum {group['momentum']:g}{lam}{adaptive}, "
             f"{self.trust_region_description()}"
         )
 
@@ -290,6 +310,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             f"({group['weight_decay_mode']}); {self.trust_region_description()}",
             self.monitor.describe(),
         ]
+        if self.adaptive_step is not None:
+            lines.insert(2, describe_adaptive(self.adaptive_step, self.preconditioner.counters))
         return "\n".join(lines)
 
     def remove_hooks(self) -> None:
@@ -367,7 +389,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         scales = self._trust_region(dirs, fallback, groups)
         params, direction, factors = self._parameter_directions(dirs, scales, fallback, groups)
         old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
-        if not apply_updates(self.state, params, direction, groups, factors):
+        if self.adaptive_step is not None:
+            applied = adaptive_update(self, params, direction, groups, factors)
+        else:
+            applied = apply_updates(self.state, params, direction, groups, factors)
+        if not applied:
             pre.revert_step("nonfinite_updates")
             self.monitor.skipped(pre.steps, pre.counters)
             return loss
@@ -482,11 +508,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self, dirs: dict[str, Tensor], fallback: list[Tensor], groups: dict[int, dict[str, Any]]
     ) -> dict[str, float]:
         """Per-layer scale factors of the directions (:func:`~curvkit.optim.trust_region.scales`)."""
-        if self.kl_clip is None and self.rms_clip is None and self.grad_ratio_clip is None:
+        kl_clip = self.kl_clip if self.adaptive_step is None else None  # the adaptive step clips δ itself
+        if kl_clip is None and self.rms_clip is None and self.grad_ratio_clip is None:
             return {}
         pre = self.preconditioner
         return trust_region_scales(
-            TrustRegion(self.kl_clip, self.rms_clip, self.grad_ratio_clip),
+            TrustRegion(kl_clip, self.rms_clip, self.grad_ratio_clip),
             dirs,
             {name: groups[id(pre.layers[name].weight_ref.param)]["lr"] for name in dirs},
             pre.grad_norms_sq,
@@ -570,8 +597,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             group.setdefault("momentum", 0.0)
             group.setdefault("weight_decay", 0.0)
             group.setdefault("kahan_sum", True)
-
-
 
 
 def available_methods(registry: Any = None) -> list[str]:

@@ -84,4 +84,5 @@ FALLBACK_DEFAULTS: dict[str, Any] = {
     "kl_clip": None,
     "rms_clip": None,
     "grad_ratio_clip": None,
+    "adaptive_step": None,
 }
