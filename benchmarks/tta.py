@@ -217,7 +217,11 @@ def _family(method: str) -> str:
 
 
 def contenders(
-    methods: list[str] | None, variants: list[tuple[str, dict[str, Any]]], sgd_grid: tuple, adamw_grid: tuple
+    methods: list[str] | None,
+    variants: list[tuple[str, dict[str, Any]]],
+    sgd_grid: tuple,
+    adamw_grid: tuple,
+    recommended: bool = True,
 ) -> list[Contender]:
     from curvkit.optim import available_methods
 
@@ -226,8 +230,8 @@ def contenders(
         Contender(f"adamw lr={lr:g}", "adamw", {"lr": lr, "weight_decay": 0.01}, "first-order") for lr in adamw_grid
     ]
     names = available_methods() if methods is None else methods
-    for name in names:
-        out.append(Contender(name, name, {}, _family(name)))
+    if recommended:
+        out += [Contender(name, name, {}, _family(name)) for name in names]
     for name, changes in variants:
         if name in names:
             out.append(Contender(_label(name, changes), name, dict(changes), _family(name)))
@@ -668,6 +672,11 @@ def main(argv: list[str] | None = None) -> int:
         "--seeds", type=int, default=None, help="seeds per contender (default 3, quick 1; the median is reported)"
     )
     parser.add_argument(
+        "--no-recommended",
+        action="store_true",
+        help="leave out the methods at their recommended settings (only variants, grids and baselines)",
+    )
+    parser.add_argument(
         "--no-variants", action="store_true", help="leave out the amortised variants and the tuned grids"
     )
     parser.add_argument(
@@ -759,7 +768,11 @@ def main(argv: list[str] | None = None) -> int:
         methods = [m for m in QUICK_METHODS if m in available_methods()]
     sgd_grid, adamw_grid = (QUICK_SGD_GRID, QUICK_ADAMW_GRID) if args.quick else (SGD_GRID, ADAMW_GRID)
     chosen = contenders(
-        methods, ([] if args.no_variants else list(VARIANTS) + list(TUNED_GRIDS)) + extra, sgd_grid, adamw_grid
+        methods,
+        ([] if args.no_variants else list(VARIANTS) + list(TUNED_GRIDS)) + extra,
+        sgd_grid,
+        adamw_grid,
+        recommended=not args.no_recommended,
     )
     print(f"# grids: SGD (momentum 0.9) lr {sgd_grid}; AdamW (wd 0.01) lr {adamw_grid}; methods: recommended settings")
     seeds = list(range(args.seeds))
