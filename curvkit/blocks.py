@@ -29,8 +29,17 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from curvkit.linalg.basis import WarmEigensolver, warm_eigensolver
 from curvkit.linalg.damping import Damping
-from curvkit.linalg.inverters import Inverter, KroneckerInverse, damping_only_inverse, inverse_from_state, inverse_state
+from curvkit.linalg.inverters import (
+    EigenInverse,
+    EigenInverter,
+    Inverter,
+    KroneckerInverse,
+    damping_only_inverse,
+    inverse_from_state,
+    inverse_state,
+)
 from curvkit.linalg.kronecker import KroneckerOperator
 from curvkit.linalg.operator import CurvatureOperator
 from curvkit.stats.handlers import weight_matrix
@@ -397,6 +406,10 @@ class KroneckerBlock(CurvatureBlock):
             ``nn.Embedding``) ``A`` is stored diagonal whatever is given here (it is
             diagonal, so this loses nothing and never forms a ``V × V`` matrix).
         inverter: The inverter.
+        eigensolver: With the ``"eigh"`` inverter, a
+            :class:`~curvkit.linalg.basis.WarmEigensolver` that starts each refresh's
+            decompositions from the current inverse's eigenbasis (``None``, the default: the
+            exact ``eigh`` every time). Its counters say how many decompositions were warm.
     """
 
     def __init__(
@@ -406,8 +419,15 @@ class KroneckerBlock(CurvatureBlock):
         structure: type[FactorStructure] | tuple[type[FactorStructure], type[FactorStructure]],
         inverter: Inverter,
         factor_dtype: torch.dtype | None = None,
+        eigensolver: WarmEigensolver | None = None,
     ) -> None:
         super().__init__(info)
+        if eigensolver is not None and not isinstance(inverter, EigenInverter):
+            raise ValueError(
+                f"block {info.name!r}: a warm eigensolver needs the 'eigh' inverter, got {inverter.name!r}; "
+                "use inverter='eigh' or drop the eigensolver"
+            )
+        self.eigensolver = eigensolver
         self.structure_A, self.structure_G = structure if isinstance(structure, tuple) else (structure, structure)
         self.structure_A = input_structure(info, self.structure_A)
         self.inverter = inverter
@@ -419,12 +439,14 @@ class KroneckerBlock(CurvatureBlock):
     @classmethod
     def from_config(cls, info: BlockInfo, config: Any, registry: Any) -> KroneckerBlock:
         """A block factory for :class:`~curvkit.methods.MethodSpec`: structure, inverter
-        and factor dtype from a :class:`~curvkit.methods.KroneckerConfig`."""
+        and factor dtype from a :class:`~curvkit.methods.KroneckerConfig` (and its
+        ``eigensolver`` options where it has them, :func:`~curvkit.linalg.basis.warm_eigensolver`)."""
         return cls(
             info,
             structure=config.structure_classes(registry),
             inverter=config.inverter_object(registry),
             factor_dtype=config.factor_dtype,
+            eigensolver=warm_eigensolver(config),
         )
 
     def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
@@ -474,7 +496,14 @@ class KroneckerBlock(CurvatureBlock):
         ``inverse_failures`` and keeps the last good inverse; with none yet, the damping
         alone is inverted, without a decomposition
         (:func:`~curvkit.linalg.inverters.damping_only_inverse`)."""
-        inverse = self.inverter.prepare(a, g, damping, lam)
+        solver = self.eigensolver
+        if solver is not None:  # warm-started from the current inverse's eigenbasis
+            old = self.inverse if isinstance(self.inverse, EigenInverse) else None
+            ea = solver.decompose(a, None if old is None else old.Q_A)
+            eg = solver.decompose(g, None if old is None else old.Q_G)
+            inverse: KroneckerInverse | None = EigenInverter.from_eigen(a, g, ea, eg, damping, lam)
+        else:
+            inverse = self.inverter.prepare(a, g, damping, lam)
         if inverse is None:
             self.inverse_failures += 1
             if self.inverse is not None:
@@ -528,5 +557,7 @@ class KroneckerBlock(CurvatureBlock):
     def describe(self) -> str:
         return (
             f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
-            f"G: {self.structure_G.name} {self.info.d_out}², inverter {self.inverter.name!r})"
+            f"G: {self.structure_G.name} {self.info.d_out}², inverter {self.inverter.name!r}"
+            + (f", {self.eigensolver.describe()}" if self.eigensolver is not None else "")
+            + ")"
         )

@@ -10,9 +10,9 @@ from curvkit.bench.tasks import digits_mlp
 from curvkit.demo import digits_split
 
 
-def digits_accuracy(method, *, lr, momentum, seed=0, epochs=10, **options):
+def digits_accuracy(method, *, lr, momentum, seed=0, epochs=10, optimizers=None, **options):
     """Train the 64-128-10 ReLU MLP on sklearn's digits (float32, batch 64) and return the
-    test accuracy."""
+    test accuracy (the optimizer is appended to ``optimizers`` when a list is given)."""
     X_tr, y_tr, X_te, y_te = digits_split()
     torch.manual_seed(seed)
     model = digits_mlp()
@@ -26,6 +26,8 @@ def digits_accuracy(method, *, lr, momentum, seed=0, epochs=10, **options):
         generator=torch.Generator().manual_seed(seed),
         **options,
     )
+    if optimizers is not None:
+        optimizers.append(opt)
     gen = torch.Generator().manual_seed(seed)
     for _ in range(epochs):
         perm = torch.randperm(len(X_tr), generator=gen)

@@ -314,8 +314,20 @@ class EigenInverter(Inverter):
     supports = frozenset({"factored", "eigenbasis"})
 
     def prepare(self, A: FactorStructure, G: FactorStructure, damping: Damping, lam: float) -> KroneckerInverse | None:
-        ea = symmetric_eigh(A)
-        eg = symmetric_eigh(G)
+        return self.from_eigen(A, G, symmetric_eigh(A), symmetric_eigh(G), damping, lam)
+
+    @staticmethod
+    def from_eigen(
+        A: FactorStructure,
+        G: FactorStructure,
+        ea: tuple[Tensor, Tensor] | None,
+        eg: tuple[Tensor, Tensor] | None,
+        damping: Damping,
+        lam: float,
+    ) -> EigenInverse | None:
+        """The damped inverse from decompositions ``(eigenvalues, eigenvectors)`` of ``A``
+        and ``G`` computed elsewhere (a warm start, :mod:`curvkit.linalg.basis`); ``None``
+        when either is ``None`` or a damped eigenvalue is not positive."""
         if ea is None or eg is None:
             return None
         (eig_a, q_a), (eig_g, q_g) = ea, eg

@@ -43,7 +43,13 @@ from torch import Tensor, nn
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, as_structure, input_structure
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, UnknownComponentError
-from curvkit.linalg.basis import check_refresh_tolerance, reuse_basis
+from curvkit.linalg.basis import (
+    WarmEigensolver,
+    check_eigensolver,
+    check_refresh_tolerance,
+    reuse_basis,
+    warm_eigensolver,
+)
 from curvkit.linalg.damping import Damping, ExactDamping, PiDamping, RelativeDamping
 from curvkit.linalg.inverters import EigenInverse, compute_dtype, symmetric_eigh
 from curvkit.linalg.kronecker import EigenbasisOperator
@@ -87,6 +93,15 @@ class EKFACConfig(KroneckerConfig):
             ``QᵀFQ`` is at most this value for both factors, the basis is kept and the
             eigenvalues become ``diag(QᵀFQ)`` (:mod:`curvkit.linalg.basis`). In ``[0, 1)``;
             0 (default) always decomposes.
+        eigensolver: ``"exact"`` (default): a refresh that decomposes runs ``eigh``;
+            ``"warm"``: it starts from the previous eigenbasis (up to ``warm_iterations``
+            steps of orthogonal iteration) and falls back to ``eigh`` when the result
+            reproduces the factor worse than ``warm_tolerance``
+            (:class:`curvkit.linalg.basis.WarmEigensolver`).
+        warm_tolerance: The largest relative reconstruction error
+            ``‖F − Q diag(λ) Qᵀ‖_F/‖F‖_F`` a warm start may leave, in ``(0, 1)``.
+        warm_iterations: Steps of orthogonal iteration (one QR each) at most, ``>= 0``
+            (0: keep the previous basis when it passes the check, else ``eigh``).
     """
 
     damping: Damping | float = field(default_factory=lambda: ExactDamping(value=1e-3))
@@ -94,6 +109,9 @@ class EKFACConfig(KroneckerConfig):
     correct_eigenvalues: bool = True
     scale_decay: float | None = None
     refresh_tolerance: float = 0.0
+    eigensolver: str = "exact"
+    warm_tolerance: float = 0.05
+    warm_iterations: int = 1
     default_damping: Any = field(default=ExactDamping, init=False, repr=False, compare=False)
 
     def problems(self) -> list[str]:
@@ -103,6 +121,7 @@ class EKFACConfig(KroneckerConfig):
             out.append(f"correct_eigenvalues={self.correct_eigenvalues!r} must be True or False")
         check_number(out, "scale_decay", self.scale_decay, low=0.0, high=1.0, high_open=True, optional=True)
         check_refresh_tolerance(out, self.refresh_tolerance)
+        check_eigensolver(out, self.eigensolver, self.warm_tolerance, self.warm_iterations)
         if isinstance(self.inverter, str) and self.inverter != "eigh":
             out.append(
                 f"inverter={self.inverter!r} cannot be used by {method}: it divides the gradient by re-estimated "
@@ -168,6 +187,8 @@ class EKFACBlock(CurvatureBlock):
         refresh_tolerance: Keep the eigenbasis at a refresh while it diagonalises both new
             factors within this relative off-diagonal mass (0: always decompose);
             :attr:`skipped_refreshes` counts the refreshes that kept it.
+        eigensolver: A :class:`~curvkit.linalg.basis.WarmEigensolver` for the refreshes
+            that decompose (``None``, the default: the exact ``eigh``).
     """
 
     def __init__(
@@ -179,8 +200,10 @@ class EKFACBlock(CurvatureBlock):
         scale_decay: float = 0.95,
         factor_dtype: torch.dtype | None = None,
         refresh_tolerance: float = 0.0,
+        eigensolver: WarmEigensolver | None = None,
     ) -> None:
         super().__init__(info)
+        self.eigensolver = eigensolver
         self.refresh_tolerance = float(refresh_tolerance)
         #: Refreshes that kept the eigenbasis (``refresh_tolerance``).
         self.skipped_refreshes = 0
@@ -242,6 +265,8 @@ class EKFACBlock(CurvatureBlock):
         if kept is not None:
             self.skipped_refreshes += 1
             ea, eg = (kept[0], self.Q_A), (kept[1], self.Q_G)
+        elif self.eigensolver is not None:  # warm-started from the current basis
+            ea, eg = self.eigensolver.decompose(self.A, self.Q_A), self.eigensolver.decompose(self.G, self.Q_G)
         else:
             ea, eg = symmetric_eigh(self.A), symmetric_eigh(self.G)
         if ea is None or eg is None:
@@ -405,6 +430,8 @@ class EKFACBlock(CurvatureBlock):
         mode = "corrected eigenvalues" if self.correct_eigenvalues else "K-FAC eigenvalues"
         if self.refresh_tolerance > 0:
             mode += f", basis kept at {self.skipped_refreshes} refresh(es) (tolerance {self.refresh_tolerance:g})"
+        if self.eigensolver is not None:
+            mode += f", {self.eigensolver.describe()}"
         return (
             f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
             f"G: {self.structure_G.name} {self.info.d_out}², {mode})"
@@ -482,6 +509,7 @@ def ekfac_block(info: BlockInfo, config: EKFACConfig, registry: Any) -> EKFACBlo
         scale_decay=config.scale_ema,
         factor_dtype=config.factor_dtype,
         refresh_tolerance=config.refresh_tolerance,
+        eigensolver=warm_eigensolver(config),
     )
 
 
@@ -495,6 +523,7 @@ def tekfac_block(info: BlockInfo, config: TEKFACConfig, registry: Any) -> TEKFAC
         trace_damping=config.conv_damping == "trace" and _is_conv(info),
         trace_floor=config.trace_floor,
         refresh_tolerance=config.refresh_tolerance,
+        eigensolver=warm_eigensolver(config),
     )
 
 
@@ -507,6 +536,8 @@ _EIGEN_BAD_CONFIGS: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
     ({"correct_eigenvalues": "yes"}, ConfigError),
     ({"structure": "no-such-structure"}, UnknownComponentError),
     ({"not_an_option": 1}, ConfigError),
+    ({"eigensolver": "warm", "warm_tolerance": 0.0}, ConfigError),
+    ({"eigensolver": "warm", "warm_iterations": -1}, ConfigError),
 )
 
 EKFAC_SPEC = MethodSpec(
@@ -523,6 +554,7 @@ EKFAC_SPEC = MethodSpec(
         {"damping": 1e-2},
         {"damping": 1e-2, "fisher": "type-2", "T_inv": 3},
         {"damping": RelativeDamping(value=1e-2, on="product"), "fisher": "mc", "scale_decay": 0.75},
+        {"damping": 1e-2, "T_inv": 2, "eigensolver": "warm"},
     ),
     recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.3, "kl_clip": KL_CLIP, "grad_ratio_clip": GRAD_RATIO_CLIP},
     bad_configs=_EIGEN_BAD_CONFIGS,

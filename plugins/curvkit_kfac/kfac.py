@@ -18,6 +18,7 @@ from typing import Any
 
 from curvkit.blocks import BlockInfo, KroneckerBlock
 from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComponentError
+from curvkit.linalg.basis import check_eigensolver
 from curvkit.linalg.damping import ExactDamping
 from curvkit.methods import KroneckerConfig, MethodSpec
 
@@ -36,7 +37,33 @@ GRAD_RATIO_CLIP = 100.0
 class KFACConfig(KroneckerConfig):
     """K-FAC's options: those of :class:`curvkit.methods.KroneckerConfig` (Fisher type,
     ``kfac_approx``, ``ema_decay`` ρ, ``T_stats``, ``T_inv``, ``damping`` λ, ``inverter``,
-    ``structure``, ``factor_dtype``)."""
+    ``structure``, ``factor_dtype``) plus:
+
+    Args:
+        eigensolver: With ``inverter="eigh"``: ``"exact"`` (default) decomposes every factor
+            at every refresh; ``"warm"`` starts from the previous eigenbasis (up to
+            ``warm_iterations`` steps of orthogonal iteration) and falls back to ``eigh``
+            when the result reproduces the factor worse than ``warm_tolerance``
+            (:class:`curvkit.linalg.basis.WarmEigensolver`).
+        warm_tolerance: The largest relative reconstruction error
+            ``‖F − Q diag(λ) Qᵀ‖_F/‖F‖_F`` a warm start may leave, in ``(0, 1)``.
+        warm_iterations: Steps of orthogonal iteration (one QR each) at most, ``>= 0``
+            (0: keep the previous basis when it passes the check, else ``eigh``).
+    """
+
+    eigensolver: str = "exact"
+    warm_tolerance: float = 0.05
+    warm_iterations: int = 1
+
+    def problems(self) -> list[str]:
+        out = super().problems()
+        check_eigensolver(out, self.eigensolver, self.warm_tolerance, self.warm_iterations)
+        if self.eigensolver == "warm" and self.inverter != "eigh":
+            out.append(
+                f"eigensolver='warm' warm-starts the eigendecompositions of inverter='eigh', but inverter="
+                f"{self.inverter!r} does not decompose: set inverter='eigh' too, or drop eigensolver"
+            )
+        return out
 
 
 def kfac_block(info: BlockInfo, config: KFACConfig, registry: Any) -> KroneckerBlock:
@@ -58,6 +85,7 @@ KFAC_SPEC = MethodSpec(
         {"damping": ExactDamping(value=1e-2), "inverter": "eigh", "T_inv": 3},
         {"structure": "diagonal", "damping": 1e-2},
         {"fisher": "type-2", "damping": 1e-2},
+        {"damping": ExactDamping(value=1e-2), "inverter": "eigh", "eigensolver": "warm", "T_inv": 2},
     ),
     recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.1, "kl_clip": KL_CLIP, "grad_ratio_clip": GRAD_RATIO_CLIP},
     bad_configs=(
@@ -66,5 +94,7 @@ KFAC_SPEC = MethodSpec(
         ({"inverter": "cholesky", "damping": ExactDamping(value=1e-3)}, IncompatibleComponentsError),
         ({"inverter": "no-such-inverter"}, UnknownComponentError),
         ({"not_an_option": 1}, ConfigError),
+        ({"eigensolver": "warm"}, ConfigError),
+        ({"inverter": "eigh", "eigensolver": "lanczos"}, ConfigError),
     ),
 )
