@@ -562,6 +562,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         self.preconditioner.check_state_dict(pre_state)
         self._check_state_shapes(state_dict)
         self.preconditioner.load_state_dict(pre_state)
+        # own copies of the per-parameter tensors: the update writes the momentum buffers in
+        # place, so buffers shared with a live optimizer's state_dict() would couple the two
+        state_dict["state"] = {
+            k: {n: v.clone() if isinstance(v, Tensor) else v for n, v in entry.items()}
+            for k, entry in state_dict.get("state", {}).items()
+        }
         super().load_state_dict(state_dict)
         if monitor_state is not None:
             self.monitor.load_state_dict(monitor_state)

@@ -117,3 +117,16 @@ def test_every_step_with_statistics_keeps_its_hooks(t_stats):
         nn.functional.cross_entropy(model(X), y).backward()
         opt.step()
     assert seen == [True, True, True, True] if t_stats == 1 else [True, False, True, False]
+
+
+def test_loading_a_live_optimizers_state_dict_does_not_share_momenta():
+    """The update writes momentum buffers in place: an optimizer that loads another live
+    optimizer's state_dict() (no copy) must own its buffers, or training both couples them."""
+    model = _model()
+    opt, _ = _train(model, 3)
+    twin = copy.deepcopy(model)
+    opt2 = KFAC(twin, lr=0.1, damping=0.1, T_stats=3, T_inv=3)
+    opt2.load_state_dict(opt.state_dict())
+    for p, q in zip(model.parameters(), twin.parameters()):
+        a, b = opt.state[p]["momentum_buffer"], opt2.state[q]["momentum_buffer"]
+        assert torch.equal(a, b) and a.data_ptr() != b.data_ptr()
