@@ -359,7 +359,7 @@ class CurvatureBlock(ABC):
         :math:`a^\\top \\hat F b = \\tfrac14(q(a + b) - q(a - b))`, so a plugin that
         provides only :meth:`quadratic` is served by its own curvature."""
         k = len(directions)
-        out = torch.zeros(k, k, dtype=torch.float64)
+        out = torch.zeros(k, k, dtype=torch.float64, device="cpu")
         if type(self).quadratic is not CurvatureBlock.quadratic:
             for i in range(k):
                 out[i, i] = self.quadratic(directions[i])

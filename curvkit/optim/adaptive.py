@@ -187,10 +187,10 @@ def _model_grams(pre: Preconditioner, vectors: list[dict[int, Tensor]], ids: lis
     parameters, which the caller forms anyway); relative damping shifts each layer by its
     own."""
     k = len(vectors)
-    curv = torch.zeros(k, k, dtype=torch.float64)
+    curv = torch.zeros(k, k, dtype=torch.float64, device="cpu")
     damping, lam = pre.damping, pre.damping_value
     relative = isinstance(damping, RelativeDamping)
-    shift = torch.zeros(k, k, dtype=torch.float64) if relative else None
+    shift = torch.zeros(k, k, dtype=torch.float64, device="cpu") if relative else None
     covered: set[int] = set()
     identity: list[int] = []
     first = vectors[0]
