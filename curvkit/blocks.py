@@ -410,6 +410,10 @@ class KroneckerBlock(CurvatureBlock):
             :class:`~curvkit.linalg.basis.WarmEigensolver` that starts each refresh's
             decompositions from the current inverse's eigenbasis (``None``, the default: the
             exact ``eigh`` every time). Its counters say how many decompositions were warm.
+        precondition_dtype: dtype of the preconditioning products' operands (``None``, the
+            default: the inverse's own; ``torch.bfloat16``: bf16 operands with float32
+            accumulation, the stored inverse kept in float32,
+            :meth:`~curvkit.linalg.inverters.KroneckerInverse.with_product_dtype`).
     """
 
     def __init__(
@@ -420,6 +424,7 @@ class KroneckerBlock(CurvatureBlock):
         inverter: Inverter,
         factor_dtype: torch.dtype | None = None,
         eigensolver: WarmEigensolver | None = None,
+        precondition_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(info)
         if eigensolver is not None and not isinstance(inverter, EigenInverter):
@@ -432,9 +437,23 @@ class KroneckerBlock(CurvatureBlock):
         self.structure_A = input_structure(info, self.structure_A)
         self.inverter = inverter
         self.factor_dtype = factor_dtype
+        self.precondition_dtype = precondition_dtype
         self.A: FactorStructure | None = None
         self.G: FactorStructure | None = None
         self.inverse: KroneckerInverse | None = None
+
+    def _install(self, inverse: KroneckerInverse | None) -> None:
+        """Set :attr:`inverse`, with the block's product dtype."""
+        if inverse is not None and self.precondition_dtype is not None:
+            lowered = inverse.with_product_dtype(self.precondition_dtype)
+            if lowered is None:
+                raise TypeError(
+                    f"block {self.info.name!r}: precondition_dtype={self.precondition_dtype} needs an inverse with "
+                    f"low-precision products, and {type(inverse).__name__} (kind {inverse.kind!r}) has none; use "
+                    "inverter='cholesky' or 'eigh', or drop precondition_dtype"
+                )
+            inverse = lowered
+        self.inverse = inverse
 
     @classmethod
     def from_config(cls, info: BlockInfo, config: Any, registry: Any) -> KroneckerBlock:
@@ -447,6 +466,7 @@ class KroneckerBlock(CurvatureBlock):
             inverter=config.inverter_object(registry),
             factor_dtype=config.factor_dtype,
             eigensolver=warm_eigensolver(config),
+            precondition_dtype=getattr(config, "precondition_dtype", None),
         )
 
     def init(self, *, dtype: torch.dtype, device: torch.device) -> None:
@@ -475,7 +495,7 @@ class KroneckerBlock(CurvatureBlock):
 
     def load_refresh_state(self, state: dict[str, Any]) -> None:
         self.inverse_failures = int(state["inverse_failures"])
-        self.inverse = inverse_from_state(state, clone=False)
+        self._install(inverse_from_state(state, clone=False))
 
     def update(self, stats: LayerStats, decay: float) -> None:
         if self.A is None:
@@ -511,7 +531,7 @@ class KroneckerBlock(CurvatureBlock):
             inverse = damping_only_inverse(
                 self.info.d_in, self.info.d_out, damping, lam, dtype=a.dtype, device=a.device
             )
-        self.inverse = inverse
+        self._install(inverse)
 
     def precondition(self, grad: Tensor) -> Tensor:
         if self.inverse is None:
@@ -552,12 +572,13 @@ class KroneckerBlock(CurvatureBlock):
         if "A" in state:
             self.A = self.structure_A.from_tensors({k: v.clone() for k, v in state["A"].items()})
             self.G = self.structure_G.from_tensors({k: v.clone() for k, v in state["G"].items()})
-        self.inverse = inverse_from_state(state)
+        self._install(inverse_from_state(state))
 
     def describe(self) -> str:
         return (
             f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
             f"G: {self.structure_G.name} {self.info.d_out}², inverter {self.inverter.name!r}"
             + (f", {self.eigensolver.describe()}" if self.eigensolver is not None else "")
+            + (f", products in {str(self.precondition_dtype)[6:]}" if self.precondition_dtype else "")
             + ")"
         )

@@ -76,6 +76,13 @@ class KroneckerInverse:
         them one at a time)."""
         return torch.stack([inv.apply(g) for inv, g in zip(inverses, grads.unbind(0))])
 
+    def with_product_dtype(self, dtype: torch.dtype | None) -> KroneckerInverse | None:
+        """This inverse with its dense products taking their operands in ``dtype``
+        (``torch.bfloat16``: bf16 operands, float32 accumulation), the stored tensors
+        unchanged; ``None`` when the class has no such products (the default, for any
+        ``dtype`` but ``None``, which returns the inverse itself)."""
+        return self if dtype is None else None
+
     def tensors(self) -> dict[str, Tensor]:
         raise NotImplementedError
 
@@ -85,12 +92,18 @@ class KroneckerInverse:
 
 
 def _left(mat: Tensor, m: Tensor) -> Tensor:
-    """``mat @ m`` where ``mat`` is a dense matrix or the vector of a diagonal one."""
-    return mat.unsqueeze(1) * m if mat.ndim == 1 else mat @ m
+    """``mat @ m`` where ``mat`` is a dense matrix or the vector of a diagonal one (a dense
+    product takes ``m`` in ``mat``'s dtype)."""
+    return mat.unsqueeze(1) * m if mat.ndim == 1 else mat @ m.to(mat.dtype)
 
 
 def _right(m: Tensor, mat: Tensor) -> Tensor:
-    return m * mat if mat.ndim == 1 else m @ mat
+    return m * mat if mat.ndim == 1 else m.to(mat.dtype) @ mat
+
+
+def _lowered(mat: Tensor, dtype: torch.dtype | None) -> Tensor:
+    """A dense matrix's copy in the product dtype (a diagonal, or no product dtype: itself)."""
+    return mat if dtype is None or mat.ndim != 2 or not mat.numel() else mat.to(dtype)
 
 
 class FactoredInverse(KroneckerInverse):
@@ -99,25 +112,33 @@ class FactoredInverse(KroneckerInverse):
 
     kind = "factored"
 
-    def __init__(self, A_inv: Tensor, G_inv: Tensor) -> None:
+    def __init__(self, A_inv: Tensor, G_inv: Tensor, *, product_dtype: torch.dtype | None = None) -> None:
         self.A_inv = A_inv
         self.G_inv = G_inv
+        #: dtype of the products' operands (``None``: the inverses' own); the dense
+        #: inverses' copies in it are made once, here.
+        self.product_dtype = product_dtype
+        self._A = _lowered(A_inv, product_dtype)
+        self._G = _lowered(G_inv, product_dtype)
 
     def apply(self, grad: Tensor) -> Tensor:
         m = grad.to(self.A_inv.dtype)
-        return _right(_left(self.G_inv, m), self.A_inv).to(grad.dtype)
+        return _right(_left(self._G, m), self._A).to(grad.dtype)
+
+    def with_product_dtype(self, dtype: torch.dtype | None) -> FactoredInverse:
+        return self if dtype == self.product_dtype else FactoredInverse(self.A_inv, self.G_inv, product_dtype=dtype)
 
     def batch_key(self) -> Hashable | None:
         a, g = self.A_inv, self.G_inv
         if a.ndim != 2 or g.ndim != 2 or a.dtype != g.dtype or a.device != g.device:
             return None
-        return (tuple(a.shape), tuple(g.shape), a.dtype, a.device)
+        return (tuple(a.shape), tuple(g.shape), a.dtype, a.device, self.product_dtype)
 
     @classmethod
     def apply_many(cls, inverses: Sequence[KroneckerInverse], grads: Tensor) -> Tensor:
-        """``G̃⁻¹ ∇ Ã⁻¹`` for a stack: two batched products."""
-        g_inv = torch.stack([inv.G_inv for inv in inverses])  # type: ignore[attr-defined]
-        a_inv = torch.stack([inv.A_inv for inv in inverses])  # type: ignore[attr-defined]
+        """``G̃⁻¹ ∇ Ã⁻¹`` for a stack: two batched products (in the product dtype)."""
+        g_inv = torch.stack([inv._G for inv in inverses])  # type: ignore[attr-defined]
+        a_inv = torch.stack([inv._A for inv in inverses])  # type: ignore[attr-defined]
         return torch.matmul(torch.matmul(g_inv, grads.to(a_inv.dtype)), a_inv).to(grads.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
@@ -140,25 +161,37 @@ class EigenInverse(KroneckerInverse):
 
     kind = "eigen"
 
-    def __init__(self, Q_A: Tensor, Q_G: Tensor, denominator: Tensor) -> None:
+    def __init__(
+        self, Q_A: Tensor, Q_G: Tensor, denominator: Tensor, *, product_dtype: torch.dtype | None = None
+    ) -> None:
         self.Q_A = Q_A
         self.Q_G = Q_G
         self.denominator = denominator
+        #: dtype of the rotations' operands (``None``: the bases' own); the division by
+        #: the eigenvalues stays in the denominator's dtype.
+        self.product_dtype = product_dtype
+        self._QA = _lowered(Q_A, product_dtype)
+        self._QG = _lowered(Q_G, product_dtype)
+
+    def with_product_dtype(self, dtype: torch.dtype | None) -> EigenInverse:
+        if dtype == self.product_dtype:
+            return self
+        return EigenInverse(self.Q_A, self.Q_G, self.denominator, product_dtype=dtype)
 
     def rotate(self, grad: Tensor) -> Tensor:
-        """:math:`Q_G^\\top \\nabla Q_A` (into the eigenbasis)."""
+        """:math:`Q_G^\\top \\nabla Q_A` (into the eigenbasis), in the denominator's dtype."""
         m = grad.to(self.denominator.dtype)
-        if self.Q_G.numel():
-            m = self.Q_G.t() @ m
-        if self.Q_A.numel():
-            m = m @ self.Q_A
-        return m
+        if self._QG.numel():
+            m = self._QG.t() @ m.to(self._QG.dtype)
+        if self._QA.numel():
+            m = m.to(self._QA.dtype) @ self._QA
+        return m.to(self.denominator.dtype)
 
     def unrotate(self, m: Tensor) -> Tensor:
-        if self.Q_G.numel():
-            m = self.Q_G @ m
-        if self.Q_A.numel():
-            m = m @ self.Q_A.t()
+        if self._QG.numel():
+            m = self._QG @ m.to(self._QG.dtype)
+        if self._QA.numel():
+            m = m.to(self._QA.dtype) @ self._QA.t()
         return m
 
     def apply(self, grad: Tensor) -> Tensor:
@@ -170,16 +203,17 @@ class EigenInverse(KroneckerInverse):
             return None
         if not qa.dtype == qg.dtype == d.dtype or not qa.device == qg.device == d.device:
             return None
-        return (tuple(qa.shape), tuple(qg.shape), tuple(d.shape), d.dtype, d.device)
+        return (tuple(qa.shape), tuple(qg.shape), tuple(d.shape), d.dtype, d.device, self.product_dtype)
 
     @classmethod
     def apply_many(cls, inverses: Sequence[KroneckerInverse], grads: Tensor) -> Tensor:
-        """``Q_G[(Q_Gᵀ∇Q_A) ⊘ D]Q_Aᵀ`` for a stack: four batched products."""
-        q_g = torch.stack([inv.Q_G for inv in inverses])  # type: ignore[attr-defined]
-        q_a = torch.stack([inv.Q_A for inv in inverses])  # type: ignore[attr-defined]
+        """``Q_G[(Q_Gᵀ∇Q_A) ⊘ D]Q_Aᵀ`` for a stack: four batched products (in the product
+        dtype; the division in the denominator's)."""
+        q_g = torch.stack([inv._QG for inv in inverses])  # type: ignore[attr-defined]
+        q_a = torch.stack([inv._QA for inv in inverses])  # type: ignore[attr-defined]
         den = torch.stack([inv.denominator for inv in inverses])  # type: ignore[attr-defined]
-        m = torch.matmul(torch.matmul(q_g.mT, grads.to(den.dtype)), q_a).div_(den)
-        return torch.matmul(torch.matmul(q_g, m), q_a.mT).to(grads.dtype)
+        m = torch.matmul(torch.matmul(q_g.mT, grads.to(q_g.dtype)), q_a).to(den.dtype).div_(den)
+        return torch.matmul(torch.matmul(q_g, m.to(q_g.dtype)), q_a.mT).to(grads.dtype)
 
     def tensors(self) -> dict[str, Tensor]:
         return {"Q_A": self.Q_A, "Q_G": self.Q_G, "denominator": self.denominator}
@@ -196,6 +230,9 @@ class IdentityInverse(KroneckerInverse):
 
     def apply(self, grad: Tensor) -> Tensor:
         return grad
+
+    def with_product_dtype(self, dtype: torch.dtype | None) -> IdentityInverse:
+        return self  # no products
 
     def tensors(self) -> dict[str, Tensor]:
         return {}
@@ -232,9 +269,7 @@ def inverse_state(inverse: KroneckerInverse | None) -> dict[str, Any]:
     return {"inverse_kind": inverse.kind, "inverse": dict(inverse.tensors())}
 
 
-def inverse_from_state(
-    state: dict[str, Any], *, clone: bool = True, registry: Any = None
-) -> KroneckerInverse | None:
+def inverse_from_state(state: dict[str, Any], *, clone: bool = True, registry: Any = None) -> KroneckerInverse | None:
     """Inverse of :func:`inverse_state` (any registered kind, see
     :func:`inverse_from_tensors`): the inverse, or ``None`` when ``state`` holds none.
     ``clone=False`` keeps the given tensors."""

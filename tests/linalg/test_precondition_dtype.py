@@ -1,0 +1,192 @@
+"""K-FAC's ``precondition_dtype``: the preconditioning products take bf16 operands (float32
+accumulation) while the inverses are computed and stored in float32. Checked against the
+float64 ground truth ``G̃⁻¹ V Ã⁻¹``, and shown to really run in bf16 (its result differs from
+float32's by the bf16 rounding, not by nothing)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from curvkit.errors import ConfigError
+from curvkit.linalg.inverters import EigenInverse, FactoredInverse, IdentityInverse, KroneckerInverse
+from curvkit.optim import KFAC
+
+BF16 = torch.bfloat16
+
+
+def _spd(n: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4 * n, n, generator=g, dtype=torch.float64)
+    return x.t() @ x / (4 * n) + 0.1 * torch.eye(n, dtype=torch.float64)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+@pytest.fixture
+def pair():
+    a, g = _spd(40, 0), _spd(24, 1)
+    v = torch.randn(24, 40, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    exact = torch.linalg.inv(g) @ v @ torch.linalg.inv(a)
+    return a, g, v, exact
+
+
+def _factored(a: torch.Tensor, g: torch.Tensor) -> FactoredInverse:
+    return FactoredInverse(torch.linalg.inv(a).float(), torch.linalg.inv(g).float())
+
+
+def _eigen(a: torch.Tensor, g: torch.Tensor) -> EigenInverse:
+    la, qa = torch.linalg.eigh(a)
+    lg, qg = torch.linalg.eigh(g)
+    return EigenInverse(qa.float(), qg.float(), torch.outer(lg, la).float())
+
+
+@pytest.mark.parametrize("build", [_factored, _eigen], ids=["factored", "eigen"])
+def test_bf16_products_match_float64_to_bf16_accuracy(pair, build):
+    a, g, v, exact = pair
+    full = build(a, g)
+    low = full.with_product_dtype(BF16)
+    assert low is not None and low.product_dtype == BF16
+    grad = v.float()
+    out = low.apply(grad)
+    assert out.dtype == torch.float32  # the gradient's dtype comes back
+    err_low, err_full = _rel(out, exact), _rel(full.apply(grad), exact)
+    assert err_full < 1e-5
+    # bf16 keeps 8 bits of mantissa: ~0.4 % per rounding; the products really ran in bf16
+    assert 1e-4 < err_low < 2e-2, (err_low, err_full)
+    # the stored inverse is untouched (float32): state_dict round trips keep full precision
+    assert all(t.dtype == torch.float32 for t in low.tensors().values())
+    assert low.tensors().keys() == full.tensors().keys()
+
+
+@pytest.mark.parametrize("build", [_factored, _eigen], ids=["factored", "eigen"])
+def test_batched_bf16_products_equal_one_at_a_time(build):
+    invs, grads = [], []
+    for k in range(3):
+        a, g = _spd(16, 10 + k), _spd(8, 20 + k)
+        invs.append(build(a, g).with_product_dtype(BF16))
+        grads.append(torch.randn(8, 16, generator=torch.Generator().manual_seed(k)))
+    keys = {inv.batch_key() for inv in invs}
+    assert len(keys) == 1 and BF16 in next(iter(keys))
+    # a float32 inverse of the same shapes is never stacked with a bf16 one
+    assert build(_spd(16, 10), _spd(8, 20)).batch_key() not in keys
+    many = type(invs[0]).apply_many(invs, torch.stack(grads))
+    for inv, gr, out in zip(invs, grads, many.unbind(0)):
+        assert _rel(out, inv.apply(gr)) < 1e-2
+
+
+def test_diagonal_factors_stay_elementwise(pair):
+    a, g, v, _ = pair
+    diag_a = torch.diagonal(a).reciprocal().float()
+    inv = FactoredInverse(diag_a, torch.linalg.inv(g).float()).with_product_dtype(BF16)
+    exact = torch.linalg.inv(g) @ v * diag_a.double()
+    assert 1e-4 < _rel(inv.apply(v.float()), exact) < 2e-2
+
+
+def test_inverses_without_products():
+    assert IdentityInverse().with_product_dtype(BF16) is not None
+
+    class Opaque(KroneckerInverse):
+        kind = "opaque-test"
+
+    assert Opaque().with_product_dtype(None) is not None
+    assert Opaque().with_product_dtype(BF16) is None  # no silent float32 fallback
+
+
+def _mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(20, 48), nn.Tanh(), nn.Linear(48, 48), nn.Tanh(), nn.Linear(48, 5))
+
+
+def _batch() -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(3)
+    return torch.randn(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
+
+
+def _one_step(model: nn.Module, **options) -> tuple[KFAC, list[torch.Tensor]]:
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = KFAC(model, lr=0.1, damping=0.01, T_inv=1, **options)
+    X, y = _batch()
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(X), y).backward()
+    opt.step()
+    return opt, [p.detach() - b for p, b in zip(model.parameters(), before)]
+
+
+@pytest.mark.parametrize("inverter", ["cholesky", "eigh"])
+def test_kfac_step_with_bf16_products_is_the_float32_step_to_bf16_accuracy(inverter):
+    model = _mlp()
+    ref_model = copy.deepcopy(model)
+    opt, low = _one_step(model, precondition_dtype=BF16, inverter=inverter)
+    ref_opt, full = _one_step(ref_model, inverter=inverter)
+    for block in opt.preconditioner.blocks.values():
+        assert block.inverse.product_dtype == BF16
+        assert "products in bfloat16" in block.describe()
+    for block in ref_opt.preconditioner.blocks.values():
+        assert block.inverse.product_dtype is None
+    for d, r in zip(low, full):
+        assert 1e-5 < _rel(d, r) < 3e-2
+    # every parameter stays float32
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+def test_state_dict_round_trip_keeps_the_product_dtype():
+    model = _mlp()
+    opt, _ = _one_step(model, precondition_dtype=BF16)
+    state = opt.state_dict()
+    other = KFAC(copy.deepcopy(model), lr=0.1, damping=0.01, T_inv=1, precondition_dtype=BF16)
+    other.load_state_dict(state)
+    for name, block in other.preconditioner.blocks.items():
+        assert block.inverse.product_dtype == BF16
+        assert block.inverse.A_inv.dtype == torch.float32
+        torch.testing.assert_close(block.inverse.A_inv, opt.preconditioner.blocks[name].inverse.A_inv)
+    # loaded into an optimizer without the option, the same state preconditions in float32
+    plain = KFAC(copy.deepcopy(model), lr=0.1, damping=0.01, T_inv=1)
+    plain.load_state_dict(state)
+    assert all(b.inverse.product_dtype is None for b in plain.preconditioner.blocks.values())
+
+
+def test_bf16_products_train_on_digits():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = torch.tensor(X / 16.0, dtype=torch.float32)
+    y = torch.tensor(y)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = KFAC(model, precondition_dtype=BF16)  # the defaults otherwise
+    first = last = None
+    for step in range(60):
+        idx = torch.arange(step * 32, step * 32 + 32) % len(X)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(model(X[idx]), y[idx])
+        loss.backward()
+        opt.step()
+        first = float(loss.detach()) if first is None else first
+        last = float(loss.detach())
+    with torch.no_grad():
+        acc = float((model(X).argmax(1) == y).float().mean())
+    assert last < 0.5 * first and acc > 0.85, (first, last, acc)
+
+
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"precondition_dtype": torch.float16}, ["precondition_dtype=torch.float16", "torch.bfloat16"]),
+        ({"precondition_dtype": "bf16"}, ["precondition_dtype='bf16'", "torch.bfloat16"]),
+        (
+            {"precondition_dtype": BF16, "inverter": "identity"},
+            ["inverter='identity'", "'cholesky' or 'eigh'", "drop precondition_dtype"],
+        ),
+    ],
+)
+def test_bad_precondition_dtype_is_refused_with_the_fix(options, words):
+    with pytest.raises(ConfigError) as err:
+        KFAC(_mlp(), **options)
+    for word in words:
+        assert word in str(err.value)
