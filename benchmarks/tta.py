@@ -26,12 +26,13 @@ Contenders:
   refreshes every ``T_inv``, optionally subsampled statistics), the recommended settings with
   those options changed, labelled ``method[options]``;
 * K-FAC and RS-KFAC tuned over stated grids like the baselines (:data:`TUNED_GRIDS`:
-  statistics every 10 steps; K-FAC: damping × KL clip, RS-KFAC: lr × RMS clip, four
-  points each);
+  statistics every 10 steps; K-FAC: damping × KL clip, 9 points; RS-KFAC: lr × RMS clip,
+  6 points);
 * ``sgd`` (momentum 0.9) and ``adamw`` (weight decay 0.01), each over the learning-rate grid
-  :data:`SGD_GRID` / :data:`ADAMW_GRID`; the fastest grid point (median over seeds, all seeds
-  reaching the target) is the tuned baseline, and the faster of the two tuned baselines is
-  the reference of the ``× best 1st-order`` column.
+  :data:`SGD_GRID` / :data:`ADAMW_GRID` (5 and 6 points); the fastest grid point (median
+  over seeds, all seeds reaching the target) is the tuned baseline, and the faster of the
+  two tuned baselines is the reference of the ``× best 1st-order`` column. A best point on
+  the edge of its grid is reported (``# grid edge:``): the optimum may lie outside it.
 
 Fairness: every contender of a seed starts from the same initial weights and sees the same
 batches; the contenders of a seed run in **lockstep** (one step each in turn, in an order
@@ -138,10 +139,13 @@ def tasks() -> dict[str, TTATask]:
 # contenders
 # ---------------------------------------------------------------------------------------------
 
-#: SGD (momentum 0.9) learning rates tried on every task.
-SGD_GRID = (0.03, 0.1, 0.3)
-#: AdamW (weight decay 0.01, betas (0.9, 0.999)) learning rates tried on every task.
-ADAMW_GRID = (1e-3, 3e-3, 1e-2)
+#: SGD (momentum 0.9) learning rates tried on every task (1.0 diverges on most tasks: it
+#: shows that the best point is inside the grid).
+SGD_GRID = (0.03, 0.1, 0.3, 0.6, 1.0)
+#: AdamW (weight decay 0.01, betas (0.9, 0.999)) learning rates tried on every task. An
+#: earlier grid stopped at 1e-2, which was the best point on four of the five tasks: AdamW
+#: at 2e-2 or 5e-2 is faster there, so the grid goes on until its best point is inside it.
+ADAMW_GRID = (1e-3, 3e-3, 1e-2, 2e-2, 5e-2, 0.1)
 #: Amortised variants: the method's recommended settings with these options changed.
 VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("kfac", {"T_stats": 5, "T_inv": 20}),
@@ -154,24 +158,23 @@ VARIANTS: tuple[tuple[str, dict[str, Any]], ...] = (
     ("kfac", {"T_stats": 5, "T_inv": 20, "adaptive_step": "lr"}),
     ("ekfac", {"T_stats": 5, "T_inv": 20, "adaptive_step": "lr"}),
 )
-#: K-FAC and RS-KFAC tuned like the baselines, four grid points each (the baselines have
-#: three learning rates each): K-FAC with statistics every 10 steps and refreshes every 50,
-#: over damping {0.03, 0.1} × KL clip {0.003, 0.01} at lr 0.3 (the KL clip then sets the
-#: step length; the learning rate is only its upper bound); RS-KFAC with statistics every
-#: 10 steps over lr {0.03, 0.1} × RMS clip {0.07, 0.2}.
+#: K-FAC and RS-KFAC tuned like the baselines: K-FAC with statistics every 10 steps and
+#: refreshes every 50, over damping {0.01, 0.03, 0.1} × KL clip {0.001, 0.003, 0.01} at lr 0.3
+#: (the KL clip then sets the step length; the learning rate is only its upper bound);
+#: RS-KFAC with statistics every 10 steps over lr {0.03, 0.1, 0.3} × RMS clip {0.07, 0.2}.
 TUNED_GRIDS: tuple[tuple[str, dict[str, Any]], ...] = tuple(
     ("kfac", {"T_stats": 10, "T_inv": 50, "lr": 0.3, "damping": damping, "kl_clip": kl})
-    for damping in (0.03, 0.1)
-    for kl in (0.003, 0.01)
-) + tuple(("rs-kfac", {"T_stats": 10, "lr": lr, "rms_clip": clip}) for lr in (0.03, 0.1) for clip in (0.07, 0.2))
+    for damping in (0.01, 0.03, 0.1)
+    for kl in (0.001, 0.003, 0.01)
+) + tuple(("rs-kfac", {"T_stats": 10, "lr": lr, "rms_clip": clip}) for lr in (0.03, 0.1, 0.3) for clip in (0.07, 0.2))
 #: ``--quick``: one or two methods per family (``--methods`` overrides), the baselines'
-#: grids cut to their two larger learning rates (the better ones on every task in the full run).
+#: grids cut to the learning rates that were best on some task in the full run.
 QUICK_METHODS = ("kfac", "ekfac", "skfac", "rs-kfac", "so-kldwrm", "singd")
 #: ``--quick`` leaves out these tasks unless ``--tasks`` names them (MNIST-5k: K-FAC with
 #: statistics every step takes ~0.5 s per step there on one core, minutes per run).
 QUICK_SKIPS = ("mnist5k",)
-QUICK_SGD_GRID = SGD_GRID[1:]
-QUICK_ADAMW_GRID = ADAMW_GRID[1:]
+QUICK_SGD_GRID = (0.3, 0.6)
+QUICK_ADAMW_GRID = (1e-2, 2e-2, 5e-2)
 #: Method families, for the plot's panels.
 FAMILIES = {
     "K-FAC family": ("kfac", "ekfac", "tkfac", "tekfac", "skfac"),
@@ -187,6 +190,8 @@ class Contender:
     kind: str  # "sgd", "adamw" or a method name
     options: dict[str, Any]
     family: str
+    #: the tuned grid the contender is a point of ("sgd", "adamw", "kfac grid", ...; "" for none)
+    grid: str = ""
 
 
 #: Short names of options in the contenders' labels.
@@ -225,17 +230,38 @@ def contenders(
 ) -> list[Contender]:
     from curvkit.optim import available_methods
 
-    out = [Contender(f"sgd lr={lr:g}", "sgd", {"lr": lr, "momentum": 0.9}, "first-order") for lr in sgd_grid]
+    out = [Contender(f"sgd lr={lr:g}", "sgd", {"lr": lr, "momentum": 0.9}, "first-order", "sgd") for lr in sgd_grid]
     out += [
-        Contender(f"adamw lr={lr:g}", "adamw", {"lr": lr, "weight_decay": 0.01}, "first-order") for lr in adamw_grid
+        Contender(f"adamw lr={lr:g}", "adamw", {"lr": lr, "weight_decay": 0.01}, "first-order", "adamw")
+        for lr in adamw_grid
     ]
     names = available_methods() if methods is None else methods
     if recommended:
         out += [Contender(name, name, {}, _family(name)) for name in names]
     for name, changes in variants:
         if name in names:
-            out.append(Contender(_label(name, changes), name, dict(changes), _family(name)))
+            grid = f"{name} grid" if (name, changes) in TUNED_GRIDS else ""
+            out.append(Contender(_label(name, changes), name, dict(changes), _family(name), grid))
     return out
+
+
+def grid_edges(rows: list[dict[str, Any]]) -> list[str]:
+    """For each tuned grid (the baselines' and :data:`TUNED_GRIDS`), where its best point
+    (fastest to the target) sits on the edge of the grid in an option that the grid varies:
+    the optimum may then lie outside it, and the grid should be extended."""
+    notes = []
+    for grid in sorted({r.get("grid", "") for r in rows} - {""}):
+        members = [r for r in rows if r.get("grid") == grid]
+        best = _best(members, lambda r: True)
+        if best is None:
+            continue
+        for key in best["options"]:
+            values = sorted({r["options"].get(key) for r in members if isinstance(r["options"].get(key), (int, float))})
+            if len(values) > 1 and best["options"][key] in (values[0], values[-1]):
+                notes.append(
+                    f"{grid}: the best point {best['label']} has {key}={best['options'][key]:g}, an edge of {values}"
+                )
+    return notes
 
 
 def make_optimizer(c: Contender, task: TTATask, model: nn.Module, registry: Any, seed: int) -> torch.optim.Optimizer:
@@ -408,7 +434,7 @@ def run_task(
             pending = [r for r in pending if not r.done]
     rows = [summarise(c.label, runs[c.label]) for c in chosen]
     for row, c in zip(rows, chosen):
-        row["kind"], row["family"], row["options"] = c.kind, c.family, c.options
+        row["kind"], row["family"], row["options"], row["grid"] = c.kind, c.family, c.options, c.grid
     return {
         "task": task.name,
         "description": task.description,
@@ -462,6 +488,9 @@ def print_task(res: dict[str, Any], max_steps: int, seeds: int) -> dict[str, Any
             v = verdict[key]
             parts.append(f"{name} {v['label']} {v['ratio']:.2f}x" if v else f"{name}: none reached the target")
         print("# " + "; ".join(parts))
+    verdict["grid_edges"] = grid_edges(rows)
+    for note in verdict["grid_edges"]:
+        print(f"# grid edge: {note}")
     return verdict
 
 
