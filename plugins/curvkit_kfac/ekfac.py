@@ -57,7 +57,7 @@ from curvkit.methods import KroneckerConfig, MethodSpec
 from curvkit.numerics import all_finite
 from curvkit.stats.eigenbasis import rotated_second_moments
 from curvkit.structures.base import FactorStructure
-from curvkit_kfac.kfac import GRAD_RATIO_CLIP, KL_CLIP
+from curvkit_kfac.kfac import GRAD_RATIO_CLIP, KL_CLIP, check_precondition_dtype
 from curvkit_kfac.tkfac import trace_weighted_statistics
 
 __all__ = [
@@ -72,6 +72,7 @@ __all__ = [
     "rotated_second_moments",
     "tekfac_block",
 ]
+
 
 @dataclass(frozen=True, kw_only=True)
 class EKFACConfig(KroneckerConfig):
@@ -102,6 +103,10 @@ class EKFACConfig(KroneckerConfig):
             ``‖F − Q diag(λ) Qᵀ‖_F/‖F‖_F`` a warm start may leave, in ``(0, 1)``.
         warm_iterations: Steps of orthogonal iteration (one QR each) at most, ``>= 0``
             (0: keep the previous basis when it passes the check, else ``eigh``).
+        precondition_dtype: dtype of the operands of the preconditioning's rotations into
+            and out of the eigenbasis: ``None`` (default: the basis's own) or
+            ``torch.bfloat16`` (bf16 operands, float32 accumulation; the division by the
+            corrected eigenvalues stays in float32, the basis is stored in float32).
     """
 
     damping: Damping | float = field(default_factory=lambda: ExactDamping(value=1e-3))
@@ -112,6 +117,7 @@ class EKFACConfig(KroneckerConfig):
     eigensolver: str = "exact"
     warm_tolerance: float = 0.05
     warm_iterations: int = 1
+    precondition_dtype: torch.dtype | None = None
     default_damping: Any = field(default=ExactDamping, init=False, repr=False, compare=False)
 
     def problems(self) -> list[str]:
@@ -122,6 +128,7 @@ class EKFACConfig(KroneckerConfig):
         check_number(out, "scale_decay", self.scale_decay, low=0.0, high=1.0, high_open=True, optional=True)
         check_refresh_tolerance(out, self.refresh_tolerance)
         check_eigensolver(out, self.eigensolver, self.warm_tolerance, self.warm_iterations)
+        check_precondition_dtype(out, self.precondition_dtype)
         if isinstance(self.inverter, str) and self.inverter != "eigh":
             out.append(
                 f"inverter={self.inverter!r} cannot be used by {method}: it divides the gradient by re-estimated "
@@ -189,6 +196,8 @@ class EKFACBlock(CurvatureBlock):
             :attr:`skipped_refreshes` counts the refreshes that kept it.
         eigensolver: A :class:`~curvkit.linalg.basis.WarmEigensolver` for the refreshes
             that decompose (``None``, the default: the exact ``eigh``).
+        precondition_dtype: dtype of the rotations' operands (``None``: the basis's own;
+            :meth:`~curvkit.linalg.inverters.EigenInverse.with_product_dtype`).
     """
 
     def __init__(
@@ -201,9 +210,11 @@ class EKFACBlock(CurvatureBlock):
         factor_dtype: torch.dtype | None = None,
         refresh_tolerance: float = 0.0,
         eigensolver: WarmEigensolver | None = None,
+        precondition_dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__(info)
         self.eigensolver = eigensolver
+        self.precondition_dtype = precondition_dtype
         self.refresh_tolerance = float(refresh_tolerance)
         #: Refreshes that kept the eigenbasis (``refresh_tolerance``).
         self.skipped_refreshes = 0
@@ -308,7 +319,7 @@ class EKFACBlock(CurvatureBlock):
             denom = self.S + self.damping_shift(self.S)
             # only a zero shift with a direction that never saw a gradient gives 0: leave it unscaled
             denom = torch.where(denom > 0, denom, torch.ones_like(denom))
-            self._inverse = EigenInverse(self.Q_A, self.Q_G, denom)
+            self._inverse = EigenInverse(self.Q_A, self.Q_G, denom, product_dtype=self.precondition_dtype)
         return self._inverse
 
     def batch_key(self) -> Any:
@@ -432,6 +443,8 @@ class EKFACBlock(CurvatureBlock):
             mode += f", basis kept at {self.skipped_refreshes} refresh(es) (tolerance {self.refresh_tolerance:g})"
         if self.eigensolver is not None:
             mode += f", {self.eigensolver.describe()}"
+        if self.precondition_dtype is not None:
+            mode += f", products in {str(self.precondition_dtype)[6:]}"
         return (
             f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
             f"G: {self.structure_G.name} {self.info.d_out}², {mode})"
@@ -510,6 +523,7 @@ def ekfac_block(info: BlockInfo, config: EKFACConfig, registry: Any) -> EKFACBlo
         factor_dtype=config.factor_dtype,
         refresh_tolerance=config.refresh_tolerance,
         eigensolver=warm_eigensolver(config),
+        precondition_dtype=config.precondition_dtype,
     )
 
 
@@ -524,6 +538,7 @@ def tekfac_block(info: BlockInfo, config: TEKFACConfig, registry: Any) -> TEKFAC
         trace_floor=config.trace_floor,
         refresh_tolerance=config.refresh_tolerance,
         eigensolver=warm_eigensolver(config),
+        precondition_dtype=config.precondition_dtype,
     )
 
 
@@ -538,6 +553,7 @@ _EIGEN_BAD_CONFIGS: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
     ({"not_an_option": 1}, ConfigError),
     ({"eigensolver": "warm", "warm_tolerance": 0.0}, ConfigError),
     ({"eigensolver": "warm", "warm_iterations": -1}, ConfigError),
+    ({"precondition_dtype": torch.float16}, ConfigError),
 )
 
 EKFAC_SPEC = MethodSpec(
@@ -555,6 +571,7 @@ EKFAC_SPEC = MethodSpec(
         {"damping": 1e-2, "fisher": "type-2", "T_inv": 3},
         {"damping": RelativeDamping(value=1e-2, on="product"), "fisher": "mc", "scale_decay": 0.75},
         {"damping": 1e-2, "T_inv": 2, "eigensolver": "warm"},
+        {"damping": 1e-2, "precondition_dtype": torch.bfloat16},
     ),
     recommended={"lr": 0.03, "momentum": 0.9, "damping": 0.3, "kl_clip": KL_CLIP, "grad_ratio_clip": GRAD_RATIO_CLIP},
     bad_configs=_EIGEN_BAD_CONFIGS,

@@ -1,5 +1,5 @@
-"""K-FAC's ``precondition_dtype``: the preconditioning products take bf16 operands (float32
-accumulation) while the inverses are computed and stored in float32. Checked against the
+"""K-FAC's, EKFAC's and TEKFAC's ``precondition_dtype``: the preconditioning products take
+bf16 operands (float32 accumulation) while the inverses are computed and stored in float32. Checked against the
 float64 ground truth ``G̃⁻¹ V Ã⁻¹``, and shown to really run in bf16 (its result differs from
 float32's by the bf16 rounding, not by nothing)."""
 
@@ -13,7 +13,7 @@ from torch import nn
 
 from curvkit.errors import ConfigError
 from curvkit.linalg.inverters import EigenInverse, FactoredInverse, IdentityInverse, KroneckerInverse
-from curvkit.optim import KFAC
+from curvkit.optim import EKFAC, KFAC, TEKFAC
 
 BF16 = torch.bfloat16
 
@@ -108,9 +108,9 @@ def _batch() -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(64, 20, generator=g), torch.randint(0, 5, (64,), generator=g)
 
 
-def _one_step(model: nn.Module, **options) -> tuple[KFAC, list[torch.Tensor]]:
+def _one_step(model: nn.Module, cls=KFAC, **options) -> tuple[KFAC, list[torch.Tensor]]:
     before = [p.detach().clone() for p in model.parameters()]
-    opt = KFAC(model, lr=0.1, damping=0.01, T_inv=1, **options)
+    opt = cls(model, lr=0.1, damping=0.01, T_inv=1, **options)
     X, y = _batch()
     opt.zero_grad()
     nn.functional.cross_entropy(model(X), y).backward()
@@ -133,6 +133,24 @@ def test_kfac_step_with_bf16_products_is_the_float32_step_to_bf16_accuracy(inver
         assert 1e-5 < _rel(d, r) < 3e-2
     # every parameter stays float32
     assert all(p.dtype == torch.float32 for p in model.parameters())
+
+
+@pytest.mark.parametrize("cls", [EKFAC, TEKFAC], ids=["ekfac", "tekfac"])
+def test_eigenbasis_methods_with_bf16_rotations(cls):
+    model = _mlp()
+    ref_model = copy.deepcopy(model)
+    opt, low = _one_step(model, cls, precondition_dtype=BF16)
+    ref_opt, full = _one_step(ref_model, cls)
+    for block in opt.preconditioner.blocks.values():
+        assert block._ready_inverse().product_dtype == BF16
+        assert block.Q_A.dtype == torch.float32  # the basis is stored in float32
+        assert "products in bfloat16" in block.describe()
+    for block in ref_opt.preconditioner.blocks.values():
+        assert block._ready_inverse().product_dtype is None
+    for d, r in zip(low, full):
+        assert 1e-5 < _rel(d, r) < 3e-2
+    with pytest.raises(ConfigError, match="precondition_dtype=torch.float16"):
+        cls(_mlp(), precondition_dtype=torch.float16)
 
 
 def test_state_dict_round_trip_keeps_the_product_dtype():
