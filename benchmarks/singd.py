@@ -23,7 +23,9 @@ Cases:
 Structures: the package's six (``dense``, ``diagonal``, ``block30diagonal``,
 ``hierarchical15_15``, ``triltoeplitz``, ``triutoeplitz``), its four rank-1 triangular
 classes (registered into a subclass of its optimizer, as the package's own tests do), and
-curvkit's dense ``tril``/``triu`` (no package counterpart).
+curvkit's dense ``tril``/``triu`` (no package counterpart). ``--structures dense-bf16``:
+curvkit's ``dense`` with ``precondition_dtype=torch.bfloat16``, against the package's
+float32 ``dense``.
 
 Clock (``--clock``): ``cpu`` (default) is this thread's CPU time (``time.thread_time``):
 with one torch thread, forward, backward and step all run on it, and time spent waiting
@@ -75,6 +77,9 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__)
 PACKAGE_STRUCTURES = ["dense", "diagonal", "block30diagonal", "hierarchical15_15", "triltoeplitz", "triutoeplitz"]
 RANK1 = ["triltopleftdiag", "trilbottomrightdiag", "triutopleftdiag", "triubottomrightdiag"]
 OURS_ONLY = ["tril", "triu"]
+#: ``dense`` with ``precondition_dtype=torch.bfloat16`` (its products in bf16, the factors in
+#: float32), compared with the package's float32 ``dense``; not in the default list.
+BF16_PRODUCTS = "dense-bf16"
 ALL_STRUCTURES = PACKAGE_STRUCTURES + RANK1 + OURS_ONLY
 
 CLOCK: list[Callable[[], float]] = [time.thread_time]
@@ -146,6 +151,8 @@ def make_optimizer(kind: str, structure: str | None, T: int, model: nn.Module) -
         from curvkit.optim import SINGD
 
         # the raw update, as the package's (recommended=False: no trust region, no factor-step bound)
+        if structure == BF16_PRODUCTS:
+            return SINGD(model, structure="dense", T=T, recommended=False, precondition_dtype=torch.bfloat16, **HYPER)
         return SINGD(model, structure=structure, T=T, recommended=False, **HYPER)
     if kind == "pkg":
         return _package_class()(  # type: ignore[no-any-return]
@@ -219,7 +226,7 @@ def run_case(case: Case, T: int, structures: list[str], rounds: int, impls: list
         contenders = [Contender(case, "sgd", None, T), Contender(case, "adamw", None, T)]
         for s in structures:
             for kind in impls:
-                if kind == "pkg" and s in OURS_ONLY:
+                if kind == "pkg" and (s in OURS_ONLY or s == BF16_PRODUCTS):
                     continue
                 contenders.append(Contender(case, kind, s, T))
         for c in contenders:
@@ -257,7 +264,8 @@ def report(case: str, T: int, res: dict[str, Any], structures: list[str]) -> lis
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in structures:
         o = res.get(f"ours:{s}")
-        p = res.get(f"pkg:{s}")
+        ps = "dense" if s == BF16_PRODUCTS else s  # the package's counterpart
+        p = res.get(f"pkg:{ps}")
         if o is None:
             continue
         if o["error"]:
@@ -265,12 +273,12 @@ def report(case: str, T: int, res: dict[str, Any], structures: list[str]) -> lis
             continue
         o_ov = paired(res, f"ours:{s}", "sgd")
         if p is not None and not p["error"]:
-            p_ov = paired(res, f"pkg:{s}", "sgd")
+            p_ov = paired(res, f"pkg:{ps}", "sgd")
             ratio = o_ov / p_ov if p_ov > 0 else float("nan")
             p_ms, p_ovs, rs, p_mib = f"{p['ms']:.2f}", f"{p_ov:.2f}", f"{ratio:.2f}", f"{p['state_bytes'] / 2**20:.2f}"
             if not ratio <= 0.7:
                 misses.append(f"{case} T={T} {s}: ours/pkg overhead {ratio:.2f} > 0.7")
-            slower = paired(res, f"ours:{s}", f"pkg:{s}")
+            slower = paired(res, f"ours:{s}", f"pkg:{ps}")
             if slower > 0:
                 misses.append(f"{case} T={T} {s}: ours {slower:.2f} ms/step slower than the package (paired)")
         else:

@@ -61,6 +61,11 @@ class SINGDConfig(StatisticsConfig):
             paper's update, the field default) is off; the recommended settings use 0.5,
             which normal training stays far below (β₁‖m_K‖ ≤ 0.04 on ``curvkit bench``'s
             tasks), so it does not change a run that needs no bound.
+        precondition_dtype: With ``structure="dense"``: dtype of the preconditioning
+            products' operands, ``∇ K Kᵀ`` and ``C Cᵀ ·`` — ``None`` (default: the factors'
+            dtype) or ``torch.bfloat16`` (bf16 operands, float32 accumulation; ``K``,
+            ``C``, their momenta and the update stay in ``factor_dtype``; the bf16 copies
+            are made once per factor update).
     """
 
     damping: SINGDDamping | float = field(default_factory=lambda: SINGDDamping(value=1e-3))
@@ -72,6 +77,7 @@ class SINGDConfig(StatisticsConfig):
     normalize_lr_cov: bool = False
     factor_dtype: DTypeSpec = None
     max_factor_step: float | None = None
+    precondition_dtype: torch.dtype | None = None
 
     def normalise(self) -> list[str]:
         out = super().normalise()
@@ -102,6 +108,16 @@ class SINGDConfig(StatisticsConfig):
         s = self.structure
         if not (isinstance(s, str) or (isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, str) for x in s))):
             out.append(f"structure={s!r} must be a registered structure name or a pair (K's, C's) of names")
+        if self.precondition_dtype not in (None, torch.bfloat16):
+            out.append(
+                f"precondition_dtype={self.precondition_dtype!r} must be None (the factors' dtype) or torch.bfloat16 "
+                "(bf16 products with float32 accumulation)"
+            )
+        elif self.precondition_dtype is not None and s not in ("dense", ("dense", "dense")):
+            out.append(
+                f"precondition_dtype={self.precondition_dtype} runs the dense products of structure='dense' in bf16; "
+                f"structure={s!r} has structured products: use structure='dense' or drop precondition_dtype"
+            )
         f = self.factor_dtype
         pair = f if isinstance(f, tuple) else (f, f)
         if len(pair) != 2 or not all(x is None or isinstance(x, torch.dtype) for x in pair):

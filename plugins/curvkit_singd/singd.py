@@ -113,6 +113,8 @@ class SINGDBlock(CurvatureBlock):
         # where that saves work (see _dense_square)
         self._P_K: Tensor | FactorStructure | HierarchicalSquare | None = None
         self._P_C: Tensor | FactorStructure | HierarchicalSquare | None = None
+        # with precondition_dtype: the dense K Kᵀ / C Cᵀ (or K, C) in that dtype, per update
+        self._lowered: dict[str, Tensor] | None = None
         # scratch buffers for intermediate products (see _rmatmul_buffered); not state
         self._buffers: dict[str, Tensor] = {}
         # (stats, H_K, H_C, scale of H_K, scale of H_C) computed by batch_is_finite for update
@@ -126,7 +128,7 @@ class SINGDBlock(CurvatureBlock):
         if self.config.alpha1:
             self.m_K = self.structure_K.zeros(self.info.d_in, dtype=dk, device=device)
             self.m_C = self.structure_C.zeros(self.info.d_out, dtype=dc, device=device)
-        self._P_K = self._P_C = None
+        self._P_K = self._P_C = self._lowered = None
         self.err_K = self.err_C = None
 
     # --- data-parallel training: the grams are batch averages, reduced over ranks ------------
@@ -275,7 +277,7 @@ class SINGDBlock(CurvatureBlock):
             return False
         self.K, self.C = new_K, new_C
         self.err_K, self.err_C = err_K, err_C
-        self._P_K = self._P_C = None
+        self._P_K = self._P_C = self._lowered = None
         if self.m_K is not None:
             self.m_K, self.m_C = new_m_K, new_m_C
         self.num_updates += 1
@@ -315,7 +317,7 @@ class SINGDBlock(CurvatureBlock):
             self.skipped_updates += 1
             return False
         self.K, self.C = DiagonalStructure(new_k), DiagonalStructure(new_c)
-        self._P_K = self._P_C = None
+        self._P_K = self._P_C = self._lowered = None
         if self.m_K is not None:
             self.m_K, self.m_C = DiagonalStructure(mk), DiagonalStructure(mc)
         self.num_updates += 1
@@ -361,6 +363,9 @@ class SINGDBlock(CurvatureBlock):
             self._P_K = self._dense_square(K, d_in, d_out)
         if self._P_C is None:
             self._P_C = self._dense_square(C, d_out, d_in)
+        low = self.config.precondition_dtype
+        if low is not None and isinstance(K, DenseStructure) and isinstance(C, DenseStructure):
+            return self._precondition_lowered(grad, low)
         # ∇ K Kᵀ = (K (∇ K)ᵀ)ᵀ, then C (Cᵀ ·) = C (· ᵀ C)ᵀ; with K Kᵀ / C Cᵀ kept (dense
         # or in the structure, both symmetric), one product per side
         x = grad.to(K.dtype)
@@ -390,6 +395,23 @@ class SINGDBlock(CurvatureBlock):
             return C.square_left(x).to(grad.dtype)
         y = C.rmatmul(x.T).T
         return C.matmul(y).to(grad.dtype)
+
+    def _precondition_lowered(self, grad: Tensor, dtype: torch.dtype) -> Tensor:
+        """``C Cᵀ ∇ K Kᵀ`` of dense factors with the products' operands in ``dtype`` (copies
+        of ``K Kᵀ`` / ``C Cᵀ``, or of ``K`` / ``C`` where the squares are not kept, made once
+        per factor update); the result in the gradient's dtype."""
+        assert isinstance(self._P_K, Tensor) and isinstance(self._P_C, Tensor)
+        assert self.K is not None and self.C is not None
+        if self._lowered is None:
+            self._lowered = {
+                "K": (self._P_K if self._P_K.numel() else self.K.matrix).to(dtype),  # type: ignore[attr-defined]
+                "C": (self._P_C if self._P_C.numel() else self.C.matrix).to(dtype),  # type: ignore[attr-defined]
+            }
+        k, c = self._lowered["K"], self._lowered["C"]
+        x = grad.to(dtype)
+        x = x @ k if self._P_K.numel() else (x @ k) @ k.T
+        x = c @ x if self._P_C.numel() else c @ (c.T @ x)
+        return x.to(grad.dtype)
 
     @staticmethod
     def _gram(cls: type[FactorStructure], F: FactorStructure, rows: Tensor) -> FactorStructure:
@@ -490,7 +512,7 @@ class SINGDBlock(CurvatureBlock):
         return out
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self._P_K = self._P_C = None
+        self._P_K = self._P_C = self._lowered = None
         self.num_updates = int(state["num_updates"])
         self.skipped_updates = int(state["skipped_updates"])
         self.bounded_steps = int(state.get("bounded_steps", 0))
@@ -510,7 +532,9 @@ class SINGDBlock(CurvatureBlock):
         mode = "IKFAC" if self.config.kfac_like else "SINGD"
         return (
             f"{mode}(K: {self.structure_K.name} {self.info.d_in}², C: {self.structure_C.name} {self.info.d_out}², "
-            f"T={self.config.T})"
+            f"T={self.config.T}"
+            + (f", products in {str(self.config.precondition_dtype)[6:]}" if self.config.precondition_dtype else "")
+            + ")"
         )
 
 

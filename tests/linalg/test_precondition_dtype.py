@@ -13,7 +13,7 @@ from torch import nn
 
 from curvkit.errors import ConfigError
 from curvkit.linalg.inverters import EigenInverse, FactoredInverse, IdentityInverse, KroneckerInverse
-from curvkit.optim import EKFAC, KFAC, TEKFAC
+from curvkit.optim import EKFAC, KFAC, SINGD, TEKFAC
 
 BF16 = torch.bfloat16
 
@@ -208,3 +208,29 @@ def test_bad_precondition_dtype_is_refused_with_the_fix(options, words):
         KFAC(_mlp(), **options)
     for word in words:
         assert word in str(err.value)
+
+
+@pytest.mark.parametrize("T", [1, 3])
+def test_dense_singd_with_bf16_products(T):
+    """``C Cᵀ ∇ K Kᵀ`` with bf16 operands against float64's, for both product paths (the
+    squares kept, T = 3; ``K`` and ``C`` applied twice, T = 1 on layers wider than tall),
+    after a few updates have moved ``K`` and ``C`` away from the identity."""
+    model = _mlp()
+    opt = SINGD(model, structure="dense", T=T, lr=0.1, precondition_dtype=BF16)
+    X, y = _batch()
+    for _ in range(4):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(X), y).backward()
+        opt.step()
+    for name, block in opt.preconditioner.blocks.items():
+        assert "products in bfloat16" in block.describe()
+        assert block.K.dtype == torch.float32 and block.C.dtype == torch.float32
+        kk, cc = (t.double() for t in block.preconditioner_dense())
+        g = torch.randn(block.info.d_out, block.info.d_in, generator=torch.Generator().manual_seed(5))
+        err = _rel(block.precondition(g), cc @ g.double() @ kk)
+        assert 1e-5 < err < 3e-2, (name, err)
+
+
+def test_bf16_products_need_dense_singd():
+    with pytest.raises(ConfigError, match="structure='dense'"):
+        SINGD(_mlp(), structure="diagonal", precondition_dtype=BF16)
