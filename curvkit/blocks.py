@@ -231,6 +231,14 @@ class CurvatureBlock(ABC):
         ignores it."""
         del lr
 
+    #: Whether the block's statistics come from the batch factors ``LayerStats.A()`` /
+    #: ``G()``, whose Gram products ``stats_dtype`` runs in bf16: ``True``; ``False`` (the
+    #: default) for a block that computes its own statistics, which ``stats_dtype`` would not
+    #: reach — a method with such blocks refuses ``stats_dtype`` when it is built instead
+    #: of ignoring it; ``None`` for a block without Kronecker-factor statistics (unit-wise
+    #: blocks), which the option does not concern.
+    honours_stats_dtype: ClassVar[bool | None] = False
+
     # --- data-parallel training (curvkit.distributed) ----------------------------------------
 
     #: Names of :meth:`batch_statistics` entries that are symmetric matrices; they travel as
@@ -479,6 +487,7 @@ class KroneckerBlock(CurvatureBlock):
         return stats.A(), stats.G()
 
     symmetric_statistics: ClassVar[frozenset[str]] = frozenset({"A", "G"})
+    honours_stats_dtype: ClassVar[bool | None] = True  # batch_factors: stats.A(), stats.G()
 
     def batch_statistics(self, stats: LayerStats) -> dict[str, Tensor] | None:
         """``{"A", "G"}``, the batch's factors, unless a subclass folds in something else

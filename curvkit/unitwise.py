@@ -86,6 +86,8 @@ class UnitwiseBlock(CurvatureBlock):
             parameters' dtype if wider).
     """
 
+    honours_stats_dtype: ClassVar[bool | None] = None  # no Kronecker factors
+
     symmetric_statistics: ClassVar[frozenset[str]] = frozenset()
 
     def __init__(self, info: BlockInfo, *, ema_decay: float = DEFAULT_EMA_DECAY, factor_dtype: Any = None) -> None:

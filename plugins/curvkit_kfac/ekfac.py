@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -199,6 +199,8 @@ class EKFACBlock(CurvatureBlock):
         precondition_dtype: dtype of the rotations' operands (``None``: the basis's own;
             :meth:`~curvkit.linalg.inverters.EigenInverse.with_product_dtype`).
     """
+
+    honours_stats_dtype: ClassVar[bool | None] = True  # batch_factors: stats.A(), stats.G()
 
     def __init__(
         self,
@@ -464,6 +466,8 @@ class TEKFACBlock(EKFACBlock):
         trace_floor: :math:`\vartheta`.
         **kwargs: As :class:`EKFACBlock`.
     """
+
+    honours_stats_dtype: ClassVar[bool | None] = False  # TKFAC's trace-weighted statistics
 
     def __init__(self, info: BlockInfo, *, trace_damping: bool = False, trace_floor: float = 1e-3, **kwargs: Any):
         super().__init__(info, **kwargs)

@@ -133,6 +133,8 @@ class TKFACBlock(KroneckerBlock):
     docstring). A failed decomposition keeps the last good inverse and is counted in
     :attr:`inverse_failures`."""
 
+    honours_stats_dtype: ClassVar[bool | None] = False  # TKFAC's trace-weighted statistics, not A(), G()
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.delta: Tensor | None = None

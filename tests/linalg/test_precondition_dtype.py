@@ -234,3 +234,38 @@ def test_dense_singd_with_bf16_products(T):
 def test_bf16_products_need_dense_singd():
     with pytest.raises(ConfigError, match="structure='dense'"):
         SINGD(_mlp(), structure="diagonal", precondition_dtype=BF16)
+
+
+@pytest.mark.parametrize(
+    ("method", "honoured"),
+    [("kfac", True), ("ekfac", True), ("rs-kfac", True), ("so-kldwrm", True)]
+    + [(m, False) for m in ("tkfac", "tekfac", "skfac", "b-kfac", "singd", "ikfac")],
+)
+def test_stats_dtype_is_honoured_or_refused_never_ignored(method, honoured):
+    """A method either runs its statistics' products in bf16 with ``stats_dtype`` (its state
+    after two steps differs from float32's) or refuses the option when built."""
+    from curvkit.optim import create
+
+    X, y = _batch()
+
+    def state(**options):
+        model = _mlp()
+        opt = create(method, model, **options)
+        for _ in range(2):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X), y).backward()
+            opt.step()
+        out = []
+        for block in opt.preconditioner.blocks.values():
+            for value in block.state_dict().values():
+                if isinstance(value, torch.Tensor):
+                    out.append(value.double().flatten())
+                elif isinstance(value, dict):
+                    out += [v.double().flatten() for v in value.values() if isinstance(v, torch.Tensor)]
+        return torch.cat(out)
+
+    if honoured:
+        assert not torch.equal(state(), state(stats_dtype=BF16))
+    else:
+        with pytest.raises(ConfigError, match="stats_dtype=torch.bfloat16.*no effect"):
+            create(method, _mlp(), stats_dtype=BF16)
