@@ -73,11 +73,18 @@ class KFACConfig(KroneckerConfig):
                 f"{self.inverter!r} does not decompose: set inverter='eigh' too, or drop eigensolver"
             )
         dtype = self.precondition_dtype
-        if check_precondition_dtype(out, dtype) and dtype is not None and self.inverter not in ("cholesky", "eigh"):
-            out.append(
-                f"precondition_dtype={self.precondition_dtype} runs the products of inverter='cholesky' or 'eigh' in "
-                f"bf16; inverter={self.inverter!r} has none: use one of those two, or drop precondition_dtype"
-            )
+        if check_precondition_dtype(out, dtype) and dtype is not None:
+            pair = self.structure if isinstance(self.structure, tuple) else (self.structure, self.structure)
+            if "dense" not in pair:
+                out.append(
+                    f"precondition_dtype={dtype} runs the dense products of the inverses in bf16, but structure="
+                    f"{self.structure!r} has none (a diagonal inverse is a scaling): drop precondition_dtype"
+                )
+            if self.inverter not in ("cholesky", "eigh"):
+                out.append(
+                    f"precondition_dtype={dtype} runs the products of inverter='cholesky' or 'eigh' in bf16; "
+                    f"inverter={self.inverter!r} has none: use one of those two, or drop precondition_dtype"
+                )
         return out
 
 

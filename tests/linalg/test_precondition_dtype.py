@@ -201,6 +201,7 @@ def test_bf16_products_train_on_digits():
             {"precondition_dtype": BF16, "inverter": "identity"},
             ["inverter='identity'", "'cholesky' or 'eigh'", "drop precondition_dtype"],
         ),
+        ({"precondition_dtype": BF16, "structure": "diagonal"}, ["structure='diagonal'", "drop precondition_dtype"]),
     ],
 )
 def test_bad_precondition_dtype_is_refused_with_the_fix(options, words):
