@@ -128,7 +128,14 @@ class EKFACConfig(KroneckerConfig):
         check_number(out, "scale_decay", self.scale_decay, low=0.0, high=1.0, high_open=True, optional=True)
         check_refresh_tolerance(out, self.refresh_tolerance)
         check_eigensolver(out, self.eigensolver, self.warm_tolerance, self.warm_iterations)
-        check_precondition_dtype(out, self.precondition_dtype)
+        if check_precondition_dtype(out, self.precondition_dtype) and self.precondition_dtype is not None:
+            pair = self.structure if isinstance(self.structure, tuple) else (self.structure, self.structure)
+            if "dense" not in pair:
+                out.append(
+                    f"precondition_dtype={self.precondition_dtype} runs the eigenbasis rotations in bf16, but "
+                    f"structure={self.structure!r} has none (diagonal factors are their own eigenbasis): drop "
+                    "precondition_dtype"
+                )
         if isinstance(self.inverter, str) and self.inverter != "eigh":
             out.append(
                 f"inverter={self.inverter!r} cannot be used by {method}: it divides the gradient by re-estimated "

@@ -151,6 +151,8 @@ def test_eigenbasis_methods_with_bf16_rotations(cls):
         assert 1e-5 < _rel(d, r) < 3e-2
     with pytest.raises(ConfigError, match="precondition_dtype=torch.float16"):
         cls(_mlp(), precondition_dtype=torch.float16)
+    with pytest.raises(ConfigError, match="structure='diagonal'"):
+        cls(_mlp(), precondition_dtype=BF16, structure="diagonal")
 
 
 def test_state_dict_round_trip_keeps_the_product_dtype():
