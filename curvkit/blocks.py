@@ -143,6 +143,12 @@ def _trace(factor: Tensor) -> Tensor:
     return factor.sum() if factor.ndim == 1 else factor.diagonal().sum()
 
 
+def products_note(dtype: torch.dtype | None) -> str:
+    """The ``describe()`` suffix of a block whose preconditioning products run in ``dtype``
+    (``precondition_dtype``; nothing for ``None``)."""
+    return "" if dtype is None else f", products in {str(dtype).removeprefix('torch.')}"
+
+
 class CurvatureBlock(ABC):
     """Per-layer state of a method (see the module docstring for the five verbs).
 
@@ -588,6 +594,6 @@ class KroneckerBlock(CurvatureBlock):
             f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
             f"G: {self.structure_G.name} {self.info.d_out}², inverter {self.inverter.name!r}"
             + (f", {self.eigensolver.describe()}" if self.eigensolver is not None else "")
-            + (f", products in {str(self.precondition_dtype)[6:]}" if self.precondition_dtype else "")
+            + products_note(self.precondition_dtype)
             + ")"
         )

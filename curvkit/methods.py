@@ -51,8 +51,35 @@ __all__ = [
     "Schedule",
     "ScheduleValues",
     "StatisticsConfig",
+    "check_precondition_dtype",
     "names_a_damping",
 ]
+
+
+def check_precondition_dtype(
+    out: list[str], value: Any, structure: str | tuple[str, str], *, every_side_dense: bool = False
+) -> None:
+    """The problems of a method's ``precondition_dtype`` option: it must be ``None`` or
+    ``torch.bfloat16``, and the factor ``structure`` must give the products something dense
+    to run in bf16 (at least one ``"dense"`` side; with ``every_side_dense``, both) — else
+    the option would change nothing, and it is refused instead."""
+    if value is None:
+        return
+    if value is not torch.bfloat16:
+        out.append(
+            f"precondition_dtype={value!r} must be None (the factors' dtype) or torch.bfloat16 (bf16 products with "
+            "float32 accumulation)"
+        )
+        return
+    pair = structure if isinstance(structure, tuple) else (structure, structure)
+    dense = [side == "dense" for side in pair]
+    if not (all(dense) if every_side_dense else any(dense)):
+        out.append(
+            f"precondition_dtype={value} runs the dense preconditioning products in bf16, but structure="
+            f"{structure!r} has {'structured' if every_side_dense else 'no dense'} ones, where it would change "
+            "nothing: use structure='dense' or drop precondition_dtype"
+        )
+
 
 #: Legal values of ``loss_average`` (how the training loss is normalised).
 LOSS_AVERAGES = (None, "batch", "batch+sequence")
@@ -519,6 +546,7 @@ class MethodSpec:
                 )
             kwargs = {**recommended, **kwargs}
         return self.config_cls(**kwargs)
+
     def check(self, config: MethodConfig, registry: Any) -> None:
         """Check the configuration's components against the registry (raises
         :class:`UnknownComponentError` or :class:`IncompatibleComponentsError`)."""

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats
-from curvkit.errors import UnsupportedModuleError
+from curvkit.errors import ConfigError, UnsupportedModuleError
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.optim.guards import OutlierGates
 from curvkit.optim.layers import Batched, StepMatrices
@@ -64,12 +64,32 @@ def build_blocks(spec: MethodSpec, plan: TrackingPlan, config: MethodConfig, reg
             except UnsupportedModuleError as err:  # the factory declines this layer
                 reason = str(err)
         out.first_order[layer.name] = reason
+    _check_stats_dtype(spec.name, config, out.blocks)
     for name, layer in out.layers.items():
         columns = getattr(layer.handler, "first_order_columns", None)
         cols = columns(layer.module) if columns is not None and not layer.tied else []
         if cols:
             out.first_order_columns[name] = cols
     return out
+
+
+def _check_stats_dtype(method: str, config: MethodConfig, blocks: dict[str, CurvatureBlock]) -> None:
+    """Refuse ``stats_dtype`` for a method whose blocks compute their statistics without the
+    batch factors' Gram products (:attr:`~curvkit.blocks.CurvatureBlock.honours_stats_dtype`
+    ``False``): the option would have no effect."""
+    dtype = getattr(config, "stats_dtype", None)
+    if dtype is None:
+        return
+    ignoring = sorted({type(b).__name__ for b in blocks.values() if type(b).honours_stats_dtype is False})
+    if ignoring:
+        raise ConfigError(
+            f"method {method!r}",
+            [
+                f"stats_dtype={dtype} runs the Gram products of the batch factors A and G in bf16, but "
+                f"{', '.join(ignoring)} computes {method}'s statistics without them, so it would have no effect: drop "
+                "stats_dtype (precondition_dtype, where the method has it, lowers the preconditioning products)"
+            ],
+        )
 
 
 def fold_statistics(

@@ -52,7 +52,6 @@ from torch import Tensor, nn
 from curvkit.blocks import CurvatureBlock, GradientStats, LayerStats
 from curvkit.config import FisherType
 from curvkit.distributed.base import Distributor, resolve_distributor
-from curvkit.errors import ConfigError
 from curvkit.methods import MethodConfig, MethodSpec, StatisticsConfig
 from curvkit.optim.blockset import build_blocks, fold_statistics, precondition_blocks
 from curvkit.optim.capture import StatisticsCapture
@@ -170,7 +169,6 @@ class Preconditioner:
             )
         self.plan = make_plan(model, registry, self.config.unsupported)
         built = build_blocks(self.spec, self.plan, self.config, registry)
-        _check_stats_dtype(self.spec.name, self.config, built.blocks)
         self.blocks: dict[str, CurvatureBlock] = built.blocks
         self.layers: dict[str, LayerPlan] = built.layers
         #: Layers this method cannot precondition (first-order), with the reason.
@@ -625,21 +623,3 @@ class Preconditioner:
         except Exception:  # pragma: no cover - interpreter shutdown
             pass
 
-
-def _check_stats_dtype(method: str, config: Any, blocks: dict[str, CurvatureBlock]) -> None:
-    """Refuse ``stats_dtype`` for a method whose blocks compute their statistics without the
-    batch factors' Gram products (:attr:`~curvkit.blocks.CurvatureBlock.honours_stats_dtype`
-    ``False``): the option would have no effect."""
-    dtype = getattr(config, "stats_dtype", None)
-    if dtype is None:
-        return
-    ignoring = sorted({type(b).__name__ for b in blocks.values() if type(b).honours_stats_dtype is False})
-    if ignoring:
-        raise ConfigError(
-            f"method {method!r}",
-            [
-                f"stats_dtype={dtype} runs the Gram products of the batch factors A and G in bf16, but "
-                f"{', '.join(ignoring)} computes {method}'s statistics without them, so it would have no effect: drop "
-                "stats_dtype (precondition_dtype, where the method has it, lowers the preconditioning products)"
-            ],
-        )

@@ -40,7 +40,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, as_structure, input_structure
+from curvkit.blocks import BlockInfo, CurvatureBlock, LayerStats, as_structure, input_structure, products_note
 from curvkit.config import check_number
 from curvkit.errors import ConfigError, UnknownComponentError
 from curvkit.linalg.basis import (
@@ -53,11 +53,11 @@ from curvkit.linalg.basis import (
 from curvkit.linalg.damping import Damping, ExactDamping, PiDamping, RelativeDamping
 from curvkit.linalg.inverters import EigenInverse, compute_dtype, symmetric_eigh
 from curvkit.linalg.kronecker import EigenbasisOperator
-from curvkit.methods import KroneckerConfig, MethodSpec
+from curvkit.methods import KroneckerConfig, MethodSpec, check_precondition_dtype
 from curvkit.numerics import all_finite
 from curvkit.stats.eigenbasis import rotated_second_moments
 from curvkit.structures.base import FactorStructure
-from curvkit_kfac.kfac import GRAD_RATIO_CLIP, KL_CLIP, check_precondition_dtype
+from curvkit_kfac.kfac import GRAD_RATIO_CLIP, KL_CLIP
 from curvkit_kfac.tkfac import trace_weighted_statistics
 
 __all__ = [
@@ -128,14 +128,7 @@ class EKFACConfig(KroneckerConfig):
         check_number(out, "scale_decay", self.scale_decay, low=0.0, high=1.0, high_open=True, optional=True)
         check_refresh_tolerance(out, self.refresh_tolerance)
         check_eigensolver(out, self.eigensolver, self.warm_tolerance, self.warm_iterations)
-        if check_precondition_dtype(out, self.precondition_dtype) and self.precondition_dtype is not None:
-            pair = self.structure if isinstance(self.structure, tuple) else (self.structure, self.structure)
-            if "dense" not in pair:
-                out.append(
-                    f"precondition_dtype={self.precondition_dtype} runs the eigenbasis rotations in bf16, but "
-                    f"structure={self.structure!r} has none (diagonal factors are their own eigenbasis): drop "
-                    "precondition_dtype"
-                )
+        check_precondition_dtype(out, self.precondition_dtype, self.structure)
         if isinstance(self.inverter, str) and self.inverter != "eigh":
             out.append(
                 f"inverter={self.inverter!r} cannot be used by {method}: it divides the gradient by re-estimated "
@@ -452,8 +445,7 @@ class EKFACBlock(CurvatureBlock):
             mode += f", basis kept at {self.skipped_refreshes} refresh(es) (tolerance {self.refresh_tolerance:g})"
         if self.eigensolver is not None:
             mode += f", {self.eigensolver.describe()}"
-        if self.precondition_dtype is not None:
-            mode += f", products in {str(self.precondition_dtype)[6:]}"
+        mode += products_note(self.precondition_dtype)
         return (
             f"{type(self).__name__}(A: {self.structure_A.name} {self.info.d_in}², "
             f"G: {self.structure_G.name} {self.info.d_out}², {mode})"

@@ -22,9 +22,9 @@ from curvkit.blocks import BlockInfo, KroneckerBlock
 from curvkit.errors import ConfigError, IncompatibleComponentsError, UnknownComponentError
 from curvkit.linalg.basis import check_eigensolver
 from curvkit.linalg.damping import ExactDamping
-from curvkit.methods import KroneckerConfig, MethodSpec
+from curvkit.methods import KroneckerConfig, MethodSpec, check_precondition_dtype
 
-__all__ = ["GRAD_RATIO_CLIP", "KFACConfig", "KFAC_SPEC", "KL_CLIP", "check_precondition_dtype", "kfac_block"]
+__all__ = ["GRAD_RATIO_CLIP", "KFACConfig", "KFAC_SPEC", "KL_CLIP", "kfac_block"]
 
 #: The K-FAC family's default trust region (its recommended settings): the KL clip κ (Ba et
 #: al. 2017), :math:`\eta^2\nu\langle\Delta, \nabla\rangle \le \kappa` over all layers, ...
@@ -72,31 +72,13 @@ class KFACConfig(KroneckerConfig):
                 f"eigensolver='warm' warm-starts the eigendecompositions of inverter='eigh', but inverter="
                 f"{self.inverter!r} does not decompose: set inverter='eigh' too, or drop eigensolver"
             )
-        dtype = self.precondition_dtype
-        if check_precondition_dtype(out, dtype) and dtype is not None:
-            pair = self.structure if isinstance(self.structure, tuple) else (self.structure, self.structure)
-            if "dense" not in pair:
-                out.append(
-                    f"precondition_dtype={dtype} runs the dense products of the inverses in bf16, but structure="
-                    f"{self.structure!r} has none (a diagonal inverse is a scaling): drop precondition_dtype"
-                )
-            if self.inverter not in ("cholesky", "eigh"):
-                out.append(
-                    f"precondition_dtype={dtype} runs the products of inverter='cholesky' or 'eigh' in bf16; "
-                    f"inverter={self.inverter!r} has none: use one of those two, or drop precondition_dtype"
-                )
+        check_precondition_dtype(out, self.precondition_dtype, self.structure)
+        if self.precondition_dtype is not None and self.inverter not in ("cholesky", "eigh"):
+            out.append(
+                f"precondition_dtype={self.precondition_dtype} runs the products of inverter='cholesky' or 'eigh' in "
+                f"bf16; inverter={self.inverter!r} has none: use one of those two, or drop precondition_dtype"
+            )
         return out
-
-
-def check_precondition_dtype(out: list[str], value: Any) -> bool:
-    """Append a problem unless ``value`` is ``None`` or ``torch.bfloat16``; whether it is."""
-    if value in (None, torch.bfloat16):
-        return True
-    out.append(
-        f"precondition_dtype={value!r} must be None (the inverses' dtype) or torch.bfloat16 (bf16 products with "
-        "float32 accumulation)"
-    )
-    return False
 
 
 def kfac_block(info: BlockInfo, config: KFACConfig, registry: Any) -> KroneckerBlock:

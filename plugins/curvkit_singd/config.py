@@ -12,7 +12,7 @@ import torch
 from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import ScalarDamping
-from curvkit.methods import StatisticsConfig
+from curvkit.methods import StatisticsConfig, check_precondition_dtype
 from curvkit.structures.base import FactorStructure
 from curvkit_singd.structures import resolve_structure
 
@@ -108,16 +108,7 @@ class SINGDConfig(StatisticsConfig):
         s = self.structure
         if not (isinstance(s, str) or (isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, str) for x in s))):
             out.append(f"structure={s!r} must be a registered structure name or a pair (K's, C's) of names")
-        if self.precondition_dtype not in (None, torch.bfloat16):
-            out.append(
-                f"precondition_dtype={self.precondition_dtype!r} must be None (the factors' dtype) or torch.bfloat16 "
-                "(bf16 products with float32 accumulation)"
-            )
-        elif self.precondition_dtype is not None and s not in ("dense", ("dense", "dense")):
-            out.append(
-                f"precondition_dtype={self.precondition_dtype} runs the dense products of structure='dense' in bf16; "
-                f"structure={s!r} has structured products: use structure='dense' or drop precondition_dtype"
-            )
+        check_precondition_dtype(out, self.precondition_dtype, s, every_side_dense=True)
         f = self.factor_dtype
         pair = f if isinstance(f, tuple) else (f, f)
         if len(pair) != 2 or not all(x is None or isinstance(x, torch.dtype) for x in pair):

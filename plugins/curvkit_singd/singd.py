@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerStats
+from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerStats, products_note
 from curvkit.config import KFACApprox
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import Damping
@@ -532,9 +532,7 @@ class SINGDBlock(CurvatureBlock):
         mode = "IKFAC" if self.config.kfac_like else "SINGD"
         return (
             f"{mode}(K: {self.structure_K.name} {self.info.d_in}², C: {self.structure_C.name} {self.info.d_out}², "
-            f"T={self.config.T}"
-            + (f", products in {str(self.config.precondition_dtype)[6:]}" if self.config.precondition_dtype else "")
-            + ")"
+            f"T={self.config.T}" + products_note(self.config.precondition_dtype) + ")"
         )
 
 
