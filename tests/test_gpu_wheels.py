@@ -10,25 +10,19 @@ themselves, with pip.)
 from __future__ import annotations
 
 import importlib.metadata
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+from _scripts import BENCHMARKS, load_benchmark
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_wheels.py"
+SCRIPT = BENCHMARKS / "gpu_wheels.py"
 pytestmark = pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not part of this checkout")
 
 
 @pytest.fixture(scope="module")
 def gw():
-    spec = importlib.util.spec_from_file_location("gpu_wheels", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_wheels"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("gpu_wheels.py", "gpu_wheels")
 
 
 def _covered(gw) -> set[str]:

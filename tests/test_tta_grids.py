@@ -3,23 +3,15 @@ optimum may lie outside), an interior one is not, and the stated grids are what 
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from _scripts import BENCHMARKS, load_benchmark
 
-SCRIPT = Path(__file__).resolve().parent.parent / "benchmarks" / "tta.py"
-pytestmark = pytest.mark.skipif(not SCRIPT.exists(), reason="benchmarks/ is not part of this checkout")
+pytestmark = pytest.mark.skipif(not (BENCHMARKS / "tta.py").exists(), reason="benchmarks/ is not part of this checkout")
 
 
 @pytest.fixture(scope="module")
 def tta():
-    spec = importlib.util.spec_from_file_location("tta_bench", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["tta_bench"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("tta.py", "tta_bench")
 
 
 def _row(label: str, grid: str, options: dict, seconds: float | None) -> dict:
