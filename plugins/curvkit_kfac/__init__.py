@@ -10,8 +10,9 @@ from __future__ import annotations
 from curvkit.hookspecs import hookimpl
 from curvkit.methods import MethodSpec
 from curvkit.registry import DampingRegister, MethodRegister
-from curvkit_kfac.ekfac import EKFAC_SPEC, TEKFAC_SPEC, EKFACConfig, TEKFACConfig
+from curvkit_kfac.ekfac import EKFAC_SPEC, EKFACConfig
 from curvkit_kfac.kfac import KFAC_SPEC, KFACConfig
+from curvkit_kfac.tekfac import TEKFAC_SPEC, TEKFACConfig
 from curvkit_kfac.tkfac import TKFAC_SPEC, TKFACConfig, TKFACDamping
 
 __all__ = [

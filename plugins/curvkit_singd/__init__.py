@@ -14,16 +14,8 @@ from __future__ import annotations
 from curvkit.hookspecs import hookimpl
 from curvkit.methods import MethodSpec
 from curvkit.registry import DampingRegister, MethodRegister, StructureRegister
-from curvkit_singd.singd import (
-    IKFAC_SPEC,
-    INGD_SPEC,
-    SINGD_SPEC,
-    IKFACConfig,
-    INGDConfig,
-    SINGDBlock,
-    SINGDConfig,
-    SINGDDamping,
-)
+from curvkit_singd.singd import IKFACConfig, INGDConfig, SINGDBlock, SINGDConfig, SINGDDamping
+from curvkit_singd.specs import IKFAC_SPEC, INGD_SPEC, SINGD_SPEC
 from curvkit_singd.structures import block_diagonal, bundled_structures, hierarchical
 
 __all__ = [

@@ -19,7 +19,8 @@ import copy
 import pytest
 import torch
 from _models import build_case
-from curvkit_kfac.ekfac import EKFACBlock, TEKFACBlock
+from curvkit_kfac.ekfac import EKFACBlock
+from curvkit_kfac.tekfac import TEKFACBlock
 from torch import nn
 
 import curvkit.optim
