@@ -205,8 +205,9 @@ class UnitwiseBlock(CurvatureBlock):
     def precondition(self, grad: Tensor) -> Tensor:
         if self.inverse is None:
             raise RuntimeError(f"block {self.info.name!r}: precondition() before the first refresh()")
-        out = torch.einsum("dij,dj->di", self.inverse, grad.to(self.inverse.dtype))
-        return out.to(grad.dtype)
+        g = grad if grad.dtype == self.inverse.dtype else grad.to(self.inverse.dtype)
+        out = torch.bmm(self.inverse, g.unsqueeze(-1)).squeeze(-1)  # per unit F_i⁻¹ g_i (einsum: ~4× the time)
+        return out if out.dtype == grad.dtype else out.to(grad.dtype)
 
     def as_operator(self) -> UnitwiseOperator:
         """The EMA of the per-unit Fisher, ``blockdiag(F_1, …, F_D)``."""

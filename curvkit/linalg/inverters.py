@@ -91,14 +91,20 @@ class KroneckerInverse:
         raise NotImplementedError
 
 
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` in ``dtype`` (itself, without a call into torch, when it already is: this is
+    the hot path of every step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def _left(mat: Tensor, m: Tensor) -> Tensor:
     """``mat @ m`` where ``mat`` is a dense matrix or the vector of a diagonal one (a dense
     product takes ``m`` in ``mat``'s dtype)."""
-    return mat.unsqueeze(1) * m if mat.ndim == 1 else mat @ m.to(mat.dtype)
+    return mat.unsqueeze(1) * m if mat.ndim == 1 else mat @ _as(m, mat.dtype)
 
 
 def _right(m: Tensor, mat: Tensor) -> Tensor:
-    return m * mat if mat.ndim == 1 else m.to(mat.dtype) @ mat
+    return m * mat if mat.ndim == 1 else _as(m, mat.dtype) @ mat
 
 
 def _lowered(mat: Tensor, dtype: torch.dtype | None) -> Tensor:
@@ -122,8 +128,7 @@ class FactoredInverse(KroneckerInverse):
         self._G = _lowered(G_inv, product_dtype)
 
     def apply(self, grad: Tensor) -> Tensor:
-        m = grad.to(self.A_inv.dtype)
-        return _right(_left(self._G, m), self._A).to(grad.dtype)
+        return _as(_right(_left(self._G, _as(grad, self.A_inv.dtype)), self._A), grad.dtype)
 
     def with_product_dtype(self, dtype: torch.dtype | None) -> FactoredInverse:
         return self if dtype == self.product_dtype else FactoredInverse(self.A_inv, self.G_inv, product_dtype=dtype)
@@ -180,22 +185,25 @@ class EigenInverse(KroneckerInverse):
 
     def rotate(self, grad: Tensor) -> Tensor:
         """:math:`Q_G^\\top \\nabla Q_A` (into the eigenbasis), in the denominator's dtype."""
-        m = grad.to(self.denominator.dtype)
+        m = _as(grad, self.denominator.dtype)
         if self._QG.numel():
-            m = self._QG.t() @ m.to(self._QG.dtype)
+            m = self._QG.t() @ _as(m, self._QG.dtype)
         if self._QA.numel():
-            m = m.to(self._QA.dtype) @ self._QA
-        return m.to(self.denominator.dtype)
+            m = _as(m, self._QA.dtype) @ self._QA
+        return _as(m, self.denominator.dtype)
 
     def unrotate(self, m: Tensor) -> Tensor:
         if self._QG.numel():
-            m = self._QG @ m.to(self._QG.dtype)
+            m = self._QG @ _as(m, self._QG.dtype)
         if self._QA.numel():
-            m = m.to(self._QA.dtype) @ self._QA.t()
+            m = _as(m, self._QA.dtype) @ self._QA.t()
         return m
 
     def apply(self, grad: Tensor) -> Tensor:
-        return self.unrotate(self.rotate(grad).div_(self.denominator)).to(grad.dtype)
+        m = self.rotate(grad)
+        # in place where the rotation made a new tensor; never into the caller's gradient
+        m = m.div(self.denominator) if m is grad else m.div_(self.denominator)
+        return _as(self.unrotate(m), grad.dtype)
 
     def batch_key(self) -> Hashable | None:
         qa, qg, d = self.Q_A, self.Q_G, self.denominator

@@ -76,7 +76,7 @@ def squared_norms(tensors: list[Tensor]) -> list[float]:
     """``‖x‖²`` of each tensor (one fused multi-tensor reduction), as Python floats."""
     if not tensors:
         return []
-    return [float(n) ** 2 for n in torch._foreach_norm(tensors)]
+    return [n * n for n in torch.stack(torch._foreach_norm(tensors)).tolist()]  # one synchronisation
 
 
 def gradient_squares(step: StepMatrices) -> dict[str, float]:
@@ -114,13 +114,13 @@ def direction_reductions(
 
 def inner_products(pairs: list[tuple[Tensor, Tensor]]) -> list[float]:
     """``⟨x, y⟩`` of each pair (one reduction per pair, no temporary), as Python floats."""
-    out = []
+    if not pairs:
+        return []
+    dots = []
     for x, y in pairs:
         a, b = x.reshape(-1), y.reshape(-1)
-        if a.dtype != b.dtype:
-            b = b.to(a.dtype)
-        out.append(float(torch.dot(a, b)))
-    return out
+        dots.append(torch.dot(a, b if b.dtype == a.dtype else b.to(a.dtype)))
+    return torch.stack(dots).tolist() if len(dots) > 1 else [float(dots[0])]  # one synchronisation
 
 
 def finite_from_squares(squares: list[float], tensors: list[Tensor]) -> bool:
@@ -168,9 +168,10 @@ def update_bound(group: dict[str, Any], ps: list[Tensor], ds: list[Tensor], stat
     lr, wd, mu, mode = abs(group["lr"]), group["weight_decay"], group["momentum"], group["weight_decay_mode"]
     shrink = abs(1 - group["lr"] * wd) if wd != 0 and mode == "decoupled" else 1.0
     after = abs(wd) if mode == "after" else 0.0
-    bufs = [st.get("momentum_buffer") if mu != 0 else None for st in states]
+    bufs = [st.get("momentum_buffer") for st in states] if mu != 0 else [None] * len(states)
     held = [b for b in bufs if b is not None]
-    norms = [float(x) for x in torch._foreach_norm([*ds, *(p.detach() for p in ps), *held])]
+    values = ps if not torch.is_grad_enabled() else [p.detach() for p in ps]  # no graph for a norm
+    norms = torch.stack(torch._foreach_norm([*ds, *values, *held])).tolist()  # one synchronisation
     n = len(ps)
     top_p, top_m = _largest(ps[0].dtype), _largest(ds[0].dtype)  # one dtype each per bucket
     k_buf = 2 * n

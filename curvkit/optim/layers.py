@@ -42,7 +42,10 @@ __all__ = [
 def layer_matrix(layer: LayerPlan, weight_tensor: Tensor, bias_tensor: Tensor | None) -> Tensor:
     """A layer's weight-shaped tensor (and bias) as one ``(d_out, d_in [+1])`` matrix (through
     the handler's weight layout, :func:`curvkit.stats.handlers.weight_matrix`)."""
-    mat = weight_matrix(layer.handler, layer.module, weight_tensor)
+    if weight_tensor.ndim == 2 and not _custom_layout(layer.handler):
+        mat = weight_tensor  # already (d_out, d_in): no reshape on the hot path
+    else:
+        mat = weight_matrix(layer.handler, layer.module, weight_tensor)
     if layer.has_bias:
         assert bias_tensor is not None
         mat = torch.cat([mat, bias_tensor.reshape(-1, 1)], dim=1)
@@ -51,10 +54,21 @@ def layer_matrix(layer: LayerPlan, weight_tensor: Tensor, bias_tensor: Tensor | 
 
 def split_layer_matrix(layer: LayerPlan, mat: Tensor) -> tuple[Tensor, Tensor | None]:
     """Inverse of :func:`layer_matrix`: ``(weight-shaped, bias-shaped or None)``."""
-    w = layer.weight
+    ref = layer.weight_ref
+    shape = ref.param.shape if ref.rows is None else ref.shape
+    plain = len(shape) == 2 and not _custom_layout(layer.handler)  # the matrix is the weight's own layout
     if layer.has_bias:
-        return weight_from_matrix(layer.handler, layer.module, mat[:, :-1], w.shape), mat[:, -1].reshape(-1)
-    return weight_from_matrix(layer.handler, layer.module, mat, w.shape), None
+        w_part, b_part = mat[:, :-1], mat[:, -1]
+        return (w_part if plain else weight_from_matrix(layer.handler, layer.module, w_part, shape)), b_part
+    return (mat if plain else weight_from_matrix(layer.handler, layer.module, mat, shape)), None
+
+
+def _custom_layout(handler: object) -> bool:
+    """Whether a handler stores its weight in a layout of its own (``weight_matrix`` /
+    ``weight_from_matrix``, e.g. GPT-2's ``Conv1D``)."""
+    if getattr(handler, "weight_matrix", None) is not None:
+        return True
+    return getattr(handler, "weight_from_matrix", None) is not None
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
@@ -196,9 +210,14 @@ def split_directions(
         if b.plan is None or not all(dirs.get(n) is v for n, v in zip(b.names, b.views)):
             continue
         o = b.out
-        if any(scales.get(n, 1.0) != 1.0 for n in b.names):
-            factors = torch.tensor([scales.get(n, 1.0) for n in b.names], dtype=o.dtype, device=o.device)
-            o = o * factors.view(-1, 1, 1)
+        factors = [scales.get(n, 1.0) for n in b.names]
+        if len(set(factors)) == 1 and factors[0] != 1.0:  # one factor (the KL clip's): a scalar product
+            o = o * factors[0]
+        elif any(f != 1.0 for f in factors):
+            # the factors in float32 at least (as a Python scalar multiplies a 16-bit tensor)
+            math_dtype = torch.promote_types(o.dtype, torch.float32)
+            stacked = torch.tensor(factors, dtype=math_dtype, device=o.device)
+            o = (o * stacked.view(-1, 1, 1)).to(o.dtype)
         ws, bs = b.plan.split(o)
         out.update(zip(b.names, zip(ws, bs if bs is not None else (None,) * len(ws))))
     for name, mat in dirs.items():

@@ -423,8 +423,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             if b_ref is not None:
                 tracked.add(id(b_ref.param))
             blocks[name].set_step_size(group["lr"])
-            gw = w_ref.grad()
-            gb = None if b_ref is None else b_ref.grad()
+            gw = w_ref.param.grad if w_ref.rows is None else w_ref.grad()
+            gb = None if b_ref is None else (b_ref.param.grad if b_ref.rows is None else b_ref.grad())
             if gw is None and gb is None:
                 continue
             if gw is None:
@@ -433,9 +433,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 gb = torch.zeros_like(b_ref.view())
             if adapt_now:  # the LM quadratic model reads the raw gradient
                 raw[name] = layer_matrix(layer, gw, gb)
-            gw = self._decay_before(w_ref.param, w_ref.view(), gw, groups)
+            if group["weight_decay"] != 0 and group["weight_decay_mode"] == "before":
+                gw = gw.add(w_ref.view(), alpha=group["weight_decay"])
             if b_ref is not None and gb is not None:
-                gb = self._decay_before(b_ref.param, b_ref.view(), gb, groups)
+                b_group = groups[id(b_ref.param)]
+                if b_group["weight_decay"] != 0 and b_group["weight_decay_mode"] == "before":
+                    gb = gb.add(b_ref.view(), alpha=b_group["weight_decay"])
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
         return grads, raw, fallback
@@ -448,18 +451,19 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         groups: dict[int, dict[str, Any]],
     ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, float]]:
         """Stage 3: ``({id: parameter}, {id: its direction}, {id: its trust-region scale})``,
-        the layers' directions in the parameters' shapes (a parameter split into parts gets
-        its rows from each, scaled here) and the fallback's gradients; the update applies
-        the scales (one multi-tensor product)."""
+        the layers' directions in the parameters' shapes, scaled by their layers'
+        trust-region factors (one product per layer matrix, before it is split; a
+        parameter split into parts gets its rows from each), and the fallback's gradients,
+        whose factor the update applies (one multi-tensor product)."""
         pre = self.preconditioner
         nu = scales.get("", 1.0)
         direction: dict[int, Tensor] = {}
         params: dict[int, Tensor] = {}
         factor: dict[int, float] = {}
         pieces: dict[int, list[tuple[tuple[int, int], Tensor]]] = {}
-        for name, (w_dir, b_dir) in pre.layer_directions(dirs).items():
-            layer = pre.layers[name]
-            scale = scales.get(name, 1.0)
+        layers = pre.layers
+        for name, (w_dir, b_dir) in pre.layer_directions(dirs, scales).items():
+            layer = layers[name]
             refs = [(layer.weight_ref, w_dir)]
             if b_dir is not None and layer.bias_ref is not None:
                 refs.append((layer.bias_ref, b_dir))
@@ -467,9 +471,8 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 params[id(ref.param)] = ref.param
                 if ref.rows is None:
                     direction[id(ref.param)] = d
-                    factor[id(ref.param)] = scale
                 else:
-                    pieces.setdefault(id(ref.param), []).append((ref.rows, d * scale if scale != 1.0 else d))
+                    pieces.setdefault(id(ref.param), []).append((ref.rows, d))
         for i, parts in pieces.items():
             direction[i] = self._assemble(params[i], parts, groups, nu)
         for p in fallback:
@@ -512,10 +515,11 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if kl_clip is None and self.rms_clip is None and self.grad_ratio_clip is None:
             return {}
         pre = self.preconditioner
+        layers = pre.layers
         return trust_region_scales(
             TrustRegion(kl_clip, self.rms_clip, self.grad_ratio_clip),
             dirs,
-            {name: groups[id(pre.layers[name].weight_ref.param)]["lr"] for name in dirs},
+            {name: groups[id(layers[name].weight_ref.param)]["lr"] for name in dirs},
             pre.grad_norms_sq,
             pre.inner_products,
             [(p, groups[id(p)]["lr"]) for p in fallback],
@@ -531,15 +535,20 @@ class CurvatureOptimizer(torch.optim.Optimizer):
     ) -> Tensor:
         """A parameter's direction from the rows its blocks cover; rows no block moved
         (a part without a gradient this step) take the first-order direction."""
+        parts = sorted(parts, key=lambda part: part[0][0])
+        rows = int(param.shape[0])
+        ends = [0] + [r1 for (_, r1), _ in parts]
+        if all(r0 == end for ((r0, _), _), end in zip(parts, ends)) and ends[-1] == rows:
+            # the parts tile the rows (q, k and v of an attention's in-projection): one copy
+            return torch.cat([d if d.dtype == param.dtype else d.to(param.dtype) for _, d in parts])
         out = torch.empty_like(param)
-        covered = torch.zeros(param.shape[0], dtype=torch.bool, device=param.device)
+        covered = torch.zeros(rows, dtype=torch.bool, device=param.device)
         for (r0, r1), d in parts:
             out[r0:r1] = d
             covered[r0:r1] = True
-        if not bool(covered.all()):
-            g = param.grad if param.grad is not None else torch.zeros_like(param)
-            g = self._decay_before(param, param, g, groups)
-            out[~covered] = g[~covered] * nu
+        g = param.grad if param.grad is not None else torch.zeros_like(param)
+        g = self._decay_before(param, param, g, groups)
+        out[~covered] = g[~covered] * nu
         return out
 
     # --- checkpoints ---------------------------------------------------------------------------
