@@ -25,7 +25,8 @@ Structures: the package's six (``dense``, ``diagonal``, ``block30diagonal``,
 classes (registered into a subclass of its optimizer, as the package's own tests do), and
 curvkit's dense ``tril``/``triu`` (no package counterpart). ``--structures dense-bf16``:
 curvkit's ``dense`` with ``precondition_dtype=torch.bfloat16``, against the package's
-float32 ``dense``.
+float32 ``dense``; ``dense-bf16-all``: also ``stats_dtype=torch.bfloat16`` (the update's
+Gram products over the batch's rows in bf16 too).
 
 Clock (``--clock``): ``cpu`` (default) is this thread's CPU time (``time.thread_time``):
 with one torch thread, forward, backward and step all run on it, and time spent waiting
@@ -80,6 +81,9 @@ OURS_ONLY = ["tril", "triu"]
 #: ``dense`` with ``precondition_dtype=torch.bfloat16`` (its products in bf16, the factors in
 #: float32), compared with the package's float32 ``dense``; not in the default list.
 BF16_PRODUCTS = "dense-bf16"
+#: ``dense-bf16`` with ``stats_dtype=torch.bfloat16`` as well (the update's grams in bf16).
+BF16_ALL = "dense-bf16-all"
+LOWERED = (BF16_PRODUCTS, BF16_ALL)
 ALL_STRUCTURES = PACKAGE_STRUCTURES + RANK1 + OURS_ONLY
 
 CLOCK: list[Callable[[], float]] = [time.thread_time]
@@ -151,8 +155,11 @@ def make_optimizer(kind: str, structure: str | None, T: int, model: nn.Module) -
         from curvkit.optim import SINGD
 
         # the raw update, as the package's (recommended=False: no trust region, no factor-step bound)
-        if structure == BF16_PRODUCTS:
-            return SINGD(model, structure="dense", T=T, recommended=False, precondition_dtype=torch.bfloat16, **HYPER)
+        if structure in LOWERED:
+            lowered = {"precondition_dtype": torch.bfloat16}
+            if structure == BF16_ALL:
+                lowered["stats_dtype"] = torch.bfloat16
+            return SINGD(model, structure="dense", T=T, recommended=False, **lowered, **HYPER)
         return SINGD(model, structure=structure, T=T, recommended=False, **HYPER)
     if kind == "pkg":
         return _package_class()(  # type: ignore[no-any-return]
@@ -226,7 +233,7 @@ def run_case(case: Case, T: int, structures: list[str], rounds: int, impls: list
         contenders = [Contender(case, "sgd", None, T), Contender(case, "adamw", None, T)]
         for s in structures:
             for kind in impls:
-                if kind == "pkg" and (s in OURS_ONLY or s == BF16_PRODUCTS):
+                if kind == "pkg" and (s in OURS_ONLY or s in LOWERED):
                     continue
                 contenders.append(Contender(case, kind, s, T))
         for c in contenders:
@@ -264,7 +271,7 @@ def report(case: str, T: int, res: dict[str, Any], structures: list[str]) -> lis
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for s in structures:
         o = res.get(f"ours:{s}")
-        ps = "dense" if s == BF16_PRODUCTS else s  # the package's counterpart
+        ps = "dense" if s in LOWERED else s  # the package's counterpart
         p = res.get(f"pkg:{ps}")
         if o is None:
             continue

@@ -109,6 +109,12 @@ class SINGDConfig(StatisticsConfig):
         if not (isinstance(s, str) or (isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, str) for x in s))):
             out.append(f"structure={s!r} must be a registered structure name or a pair (K's, C's) of names")
         check_precondition_dtype(out, self.precondition_dtype, s, every_side_dense=True)
+        if self.stats_dtype is torch.bfloat16 and (s != "dense" and s != ("dense", "dense")):
+            out.append(
+                f"stats_dtype={self.stats_dtype} runs the dense Gram products of the update (Kᵀ XᵀX K, Cᵀ GᵀG C) in "
+                f"bf16, but structure={s!r} has structured factors, whose grams are no dense products: it would have "
+                "no effect there; use structure='dense' or drop stats_dtype"
+            )
         f = self.factor_dtype
         pair = f if isinstance(f, tuple) else (f, f)
         if len(pair) != 2 or not all(x is None or isinstance(x, torch.dtype) for x in pair):

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
@@ -31,6 +31,7 @@ from curvkit.blocks import BlockInfo, CurvatureBlock, KroneckerOperator, LayerSt
 from curvkit.config import KFACApprox
 from curvkit.linalg.damping import Damping
 from curvkit.numerics import all_finite, compensated_add
+from curvkit.stats.factors import gram
 from curvkit.structures.base import DenseStructure, DiagonalStructure, FactorStructure
 from curvkit_singd.config import IKFACConfig, INGDConfig, SINGDConfig, SINGDDamping
 from curvkit_singd.structures import (
@@ -88,6 +89,12 @@ class SINGDBlock(CurvatureBlock):
     momentum skips the update and leaves ``K``, ``C`` and the momenta untouched
     (counted in :attr:`skipped_updates`).
     """
+
+    #: ``stats_dtype=torch.bfloat16`` lowers the Gram products of the update
+    #: (``Kᵀ XᵀX K``, ``Cᵀ GᵀG C``: the products over the batch's rows) to bf16 operands with
+    #: float32 accumulation; the config refuses it for structured factors, whose grams are
+    #: no dense products.
+    honours_stats_dtype: ClassVar[bool | None] = True
 
     def __init__(self, info: BlockInfo, config: SINGDConfig, structures: tuple[type[FactorStructure], ...]) -> None:
         super().__init__(info)
@@ -183,6 +190,7 @@ class SINGDBlock(CurvatureBlock):
             self.init(dtype=stats.dtype, device=stats.device)
         assert self.K is not None and self.C is not None
         K, C = self.K, self.C
+        low = getattr(stats, "product_dtype", None)  # stats_dtype: the rows' products in bf16
         # (N, R, d_in) without the bias column, cached on the stats (any other object with
         # rows(), such as a test's stand-in, goes through rows())
         x = stats.in_features if isinstance(stats, LayerStats) else None
@@ -212,13 +220,13 @@ class SINGDBlock(CurvatureBlock):
                             self._buffers["rows"] = buf
                     buf[:, :-1].copy_(x)
                     x = buf
-                H_K = self._gram(self.structure_K, K, x)
+                H_K = self._gram(self.structure_K, K, x, low)
         else:
             a_rows, g_rows = stats.rows()
             g, sK, sC = g_rows.reshape(-1, g_rows.shape[-1]), 1.0, 1.0
-            H_K = self._gram(self.structure_K, K, a_rows)
+            H_K = self._gram(self.structure_K, K, a_rows, low)
         # H_K = Π̂(Kᵀ X Xᵀ K) = Π̂(S Sᵀ), S = Kᵀ X = (Xᵀ K)ᵀ (rows are Xᵀ)
-        return H_K, self._gram(self.structure_C, C, g), sK, sC
+        return H_K, self._gram(self.structure_C, C, g, low), sK, sC
 
     def update(self, stats: LayerStats, decay: float) -> bool | None:
         pending, self._pending = self._pending, None
@@ -409,11 +417,20 @@ class SINGDBlock(CurvatureBlock):
         return x.to(grad.dtype)
 
     @staticmethod
-    def _gram(cls: type[FactorStructure], F: FactorStructure, rows: Tensor) -> FactorStructure:
+    def _gram(
+        cls: type[FactorStructure], F: FactorStructure, rows: Tensor, low: torch.dtype | None = None
+    ) -> FactorStructure:
         """``Π̂(Fᵀ XᵀX F)`` from the rows ``X``: ``Π̂(S Sᵀ)`` with ``S = Fᵀ Xᵀ = (X F)ᵀ``, or for
         a block-diagonal (diagonal) ``F`` block by block (entry by entry) from ``X``'s
         diagonal Gram blocks (column sums of squares); for a hierarchical ``F`` from the
-        column groups of ``X F`` (no concatenation)."""
+        column groups of ``X F`` (no concatenation). ``low`` (``stats_dtype``, dense ``F``
+        only): the products over the rows take bf16 operands and accumulate in float32."""
+        if low is not None and isinstance(F, DenseStructure) and F.dtype not in _HALF:
+            M = F.matrix
+            if rows.shape[0] > 2 * rows.shape[1]:  # Fᵀ (XᵀX) F: the n-row product in bf16
+                return cls.from_dense(symmetric_mm(M.T, gram(rows, product_dtype=low).to(M.dtype) @ M))
+            s_rows = rows.to(low) @ M.to(low)  # X F with bf16 operands (its result rounded to bf16)
+            return cls.from_dense(gram(s_rows, product_dtype=low).to(M.dtype))
         x = rows.to(F.dtype)
         if isinstance(F, (BlockDiagonalStructure, HierarchicalStructure, TrilToeplitzStructure, TriuToeplitzStructure)):
             return F.sandwich_gram(x)

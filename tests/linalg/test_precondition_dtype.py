@@ -241,8 +241,8 @@ def test_bf16_products_need_dense_singd():
 
 @pytest.mark.parametrize(
     ("method", "honoured"),
-    [("kfac", True), ("ekfac", True), ("rs-kfac", True), ("so-kldwrm", True)]
-    + [(m, False) for m in ("tkfac", "tekfac", "skfac", "b-kfac", "singd", "ikfac")],
+    [("kfac", True), ("ekfac", True), ("rs-kfac", True), ("so-kldwrm", True), ("singd", True), ("ikfac", True)]
+    + [(m, False) for m in ("tkfac", "tekfac", "skfac", "b-kfac")],
 )
 def test_stats_dtype_is_honoured_or_refused_never_ignored(method, honoured):
     """A method either runs its statistics' products in bf16 with ``stats_dtype`` (its state
@@ -272,3 +272,57 @@ def test_stats_dtype_is_honoured_or_refused_never_ignored(method, honoured):
     else:
         with pytest.raises(ConfigError, match="stats_dtype=torch.bfloat16.*no effect"):
             create(method, _mlp(), stats_dtype=BF16)
+
+
+# --- SINGD's update grams in bf16 (stats_dtype) ----------------------------------------------
+
+
+@pytest.mark.parametrize("rows", [200, 40], ids=["many-rows", "few-rows"])
+def test_singd_dense_grams_in_bf16_match_float64_to_bf16_accuracy(rows):
+    """``Fᵀ XᵀX F`` of a dense factor with ``stats_dtype``: within bf16's accuracy of the
+    float64 product, and farther from it than float32's (the products ran in bf16). Both
+    orders: ``Fᵀ (XᵀX) F`` for many rows, ``(X F)ᵀ (X F)`` for few."""
+    from curvkit_singd.singd import SINGDBlock
+
+    from curvkit.structures.base import DenseStructure
+
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(rows, 48, generator=gen, dtype=torch.float64)
+    m = torch.eye(48, dtype=torch.float64) + 0.1 * torch.randn(48, 48, generator=gen, dtype=torch.float64)
+    exact = m.T @ (x.T @ x) @ m
+    f = DenseStructure(m.float())
+    full = SINGDBlock._gram(DenseStructure, f, x.float())
+    low = SINGDBlock._gram(DenseStructure, f, x.float(), BF16)
+    assert low.matrix.dtype == torch.float32  # accumulated and stored in float32
+    err_full, err_low = _rel(full.matrix, exact), _rel(low.matrix, exact)
+    assert err_full < 1e-5
+    assert 1e-4 < err_low < 2e-2, (err_low, err_full)
+
+
+def test_singd_stats_dtype_lowers_the_update_and_trains():
+    """Dense SINGD with ``stats_dtype``: its factors after three updates stay within bf16's
+    accuracy of a float64 run's and differ from float32's (the option is not ignored)."""
+    X, y = _batch()
+
+    def factors(dtype, **options):
+        torch.manual_seed(0)
+        model = _mlp().to(dtype)
+        opt = SINGD(model, **options)
+        for _ in range(3):
+            opt.zero_grad()
+            nn.functional.cross_entropy(model(X.to(dtype)), y).backward()
+            opt.step()
+        assert opt.preconditioner.counters["skipped_steps"] == 0
+        return [t.double() for b in opt.preconditioner.blocks.values() for t in (b.K.matrix, b.C.matrix)]
+
+    exact, f32, low = factors(torch.float64), factors(torch.float32), factors(torch.float32, stats_dtype=BF16)
+    for e, a, b in zip(exact, f32, low):
+        assert not torch.equal(a, b)
+        assert _rel(b - torch.eye(len(b), dtype=b.dtype), e - torch.eye(len(e), dtype=e.dtype)) < 5e-2
+        assert _rel(a, e) <= _rel(b, e)
+
+
+@pytest.mark.parametrize("structure", ["diagonal", ("dense", "diagonal"), "block30diagonal"])
+def test_singd_stats_dtype_needs_dense_factors(structure):
+    with pytest.raises(ConfigError, match="stats_dtype=torch.bfloat16.*structure='dense'"):
+        SINGD(_mlp(), structure=structure, stats_dtype=BF16)
