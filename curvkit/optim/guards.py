@@ -153,7 +153,13 @@ def updates_fit(plans: Iterable[tuple[dict[str, Any], list[Tensor], list[Tensor]
     return True
 
 
-def update_bound(group: dict[str, Any], ps: list[Tensor], ds: list[Tensor], states: list[dict[str, Any]]) -> bool:
+def update_bound(
+    group: dict[str, Any],
+    ps: list[Tensor],
+    ds: list[Tensor],
+    states: list[dict[str, Any]],
+    known: list[float | None] | None = None,
+) -> bool:
     r"""The guard of the in-place SGD update of a group's parameters ``ps`` by the
     directions ``ds`` (their per-parameter ``states`` hold the momentum buffers): with
     :math:`\theta' = s\theta - \eta m'` and :math:`m' = \mu m + \Delta + \gamma_a\theta`
@@ -162,7 +168,9 @@ def update_bound(group: dict[str, Any], ps: list[Tensor], ds: list[Tensor], stat
     :math:`\lVert m'\rVert \le \mu\lVert m\rVert + \lVert\Delta\rVert + \gamma_a\lVert\theta\rVert`
     and :math:`\max|\theta'| \le |s|\lVert\theta\rVert + \eta\lVert m'\rVert` must be finite
     and below the dtypes' largest values, so the update cannot write a non-finite number.
-    One fused multi-tensor norm for the group, before anything is written."""
+    One fused multi-tensor norm for the group, before anything is written; ``known``
+    (aligned with ``ds``): bounds of ``‖Δ‖`` already computed elsewhere (``None``: take
+    the norm here)."""
     if not ps:
         return True
     lr, wd, mu, mode = abs(group["lr"]), group["weight_decay"], group["momentum"], group["weight_decay_mode"]
@@ -171,8 +179,12 @@ def update_bound(group: dict[str, Any], ps: list[Tensor], ds: list[Tensor], stat
     bufs = [st.get("momentum_buffer") for st in states] if mu != 0 else [None] * len(states)
     held = [b for b in bufs if b is not None]
     values = ps if not torch.is_grad_enabled() else [p.detach() for p in ps]  # no graph for a norm
-    norms = torch.stack(torch._foreach_norm([*ds, *values, *held])).tolist()  # one synchronisation
     n = len(ps)
+    todo = ds if known is None else [d for d, k in zip(ds, known) if k is None]
+    norms = torch.stack(torch._foreach_norm([*todo, *values, *held])).tolist()  # one synchronisation
+    if known is not None and len(todo) < n:  # put the known bounds of ‖Δ‖ in their places
+        computed = iter(norms[: len(todo)])
+        norms = [next(computed) if k is None else k for k in known] + norms[len(todo) :]
     top_p, top_m = _largest(ps[0].dtype), _largest(ds[0].dtype)  # one dtype each per bucket
     k_buf = 2 * n
     for k in range(n):

@@ -392,7 +392,7 @@ class CurvatureOptimizer(torch.optim.Optimizer):
         if self.adaptive_step is not None:
             applied = adaptive_update(self, params, direction, groups, factors)
         else:
-            applied = apply_updates(self.state, params, direction, groups, factors)
+            applied = apply_updates(self.state, params, direction, groups, factors, self._direction_bounds(scales))
         if not applied:
             pre.revert_step("nonfinite_updates")
             self.monitor.skipped(pre.steps, pre.counters)
@@ -480,6 +480,31 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             direction[id(p)], params[id(p)] = self._decay_before(p, p, p.grad, groups), p
             factor[id(p)] = nu
         return params, direction, factor
+
+    def _direction_bounds(self, scales: dict[str, float]) -> dict[int, float]:
+        """``{id(parameter): an upper bound of ‖its direction‖}`` from the layers'
+        ``‖Δ_l‖`` that the direction guard already computed (with a per-layer clip on), so
+        the update's guard need not take those norms again: a parameter's part of a
+        layer's matrix is no longer than the matrix (times the layer's scale); a parameter
+        assembled from several layers' rows gets the root of their sum of squares, one
+        with rows no layer covers none."""
+        known = self.preconditioner.direction_norms_sq
+        if not known:
+            return {}
+        layers = self.preconditioner.layers
+        squares: dict[int, float] = {}
+        rows: dict[int, list[int]] = {}  # {id: [rows covered, rows in all]} of parameters split into parts
+        for name, sq in known.items():
+            layer = layers[name]
+            scale = scales.get(name, 1.0)
+            for ref in (layer.weight_ref, layer.bias_ref if layer.has_bias else None):
+                if ref is None:
+                    continue
+                i = id(ref.param)
+                squares[i] = squares.get(i, 0.0) + sq * scale * scale
+                if ref.rows is not None:
+                    rows.setdefault(i, [0, int(ref.param.shape[0])])[0] += ref.rows[1] - ref.rows[0]
+        return {i: math.sqrt(v) for i, v in squares.items() if i not in rows or rows[i][0] == rows[i][1]}
 
     def _check_step_hyperparameters(self) -> None:
         """Refuse non-finite or out-of-range hyperparameters met at step time (set after

@@ -25,12 +25,15 @@ def apply_updates(
     directions: dict[int, Tensor],
     groups: dict[int, dict[str, Any]],
     scales: dict[int, float] | None = None,
+    direction_bounds: dict[int, float] | None = None,
 ) -> bool:
     """Weight decay (after / decoupled), momentum and the update — SGD's exact operations,
     one multi-tensor call per operation for the parameters of a group that share dtypes.
 
     ``scales`` (``{id(parameter): factor}``, default 1): the trust region's factors, applied
-    to the directions first (one multi-tensor product per group).
+    to the directions first (one multi-tensor product per group). ``direction_bounds``
+    (``{id(parameter): a bound of ‖its direction‖}``, after the scale): norms known already
+    (the direction guard's), which the guard then does not take again.
 
     Guarded before anything is written: one fused norm of the parameters, directions and
     momentum buffers bounds every increment (:func:`~curvkit.optim.guards.update_bound`);
@@ -43,25 +46,28 @@ def apply_updates(
     for i, d in directions.items():
         p = params[i]
         buckets.setdefault((id(groups[i]), p.dtype, d.dtype, p.device), []).append(i)
-    plain: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Any]]]] = []
+    plain: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[dict[str, Any]], list[float | None]]] = []
     compensated: list[tuple[dict[str, Any], list[Tensor], list[Tensor], list[tuple[dict[str, Any], Tensor]]]] = []
     for (_, dtype, _, _), ids in buckets.items():
         group = groups[ids[0]]
         ps = [params[i] for i in ids]
         ds = [directions[i] for i in ids]
+        bounds: list[float | None] = [None] * len(ids)
         if scales:
             factors = [scales.get(i, 1.0) for i in ids]
             if any(f != 1.0 for f in factors):
                 ds = list(torch._foreach_mul(ds, factors))
+        if direction_bounds:
+            bounds = [direction_bounds.get(i) if not scales or scales.get(i, 1.0) == 1.0 else None for i in ids]
         if group.get("kahan_sum", True) and dtype in (torch.bfloat16, torch.float16):
             compensated.append((group, ps, *_compensated_plan(state, group, ps, ds)))
         else:
-            plain.append((group, ps, ds, [state[p] for p in ps]))
-    if not all(update_bound(group, ps, ds, sts) for group, ps, ds, sts in plain):
+            plain.append((group, ps, ds, [state[p] for p in ps], bounds))
+    if not all(update_bound(group, ps, ds, sts, known) for group, ps, ds, sts, known in plain):
         return False
     if compensated and not updates_fit((group, ps, incs, True) for group, ps, incs, _ in compensated):
         return False
-    for group, ps, ds, sts in plain:
+    for group, ps, ds, sts, _ in plain:
         _plain_update(group, ps, ds, sts)
     for _, ps, incs, bufs in compensated:
         for st, m in bufs:

@@ -134,3 +134,53 @@ def test_optimizer_step_leaves_gradients_unchanged_with_a_damping_only_eigen_inv
     for p, g, b in zip(model.parameters(), grads, before):
         assert torch.equal(p.grad, g), "the step must not write into .grad"
         assert not torch.equal(p.detach(), b)
+
+
+def test_update_guard_reuses_the_direction_guards_norms_as_valid_bounds():
+    """With a per-layer clip the direction guard has ``‖Δ_l‖``; the update's guard takes it
+    as the bound of each parameter's direction instead of a norm of its own. The bound
+    must hold (no smaller than the parameter's direction, rows assembled from parts
+    included) and still refuse an update that would overflow."""
+    torch.manual_seed(0)
+    model = _Attention().double()
+    lr = 0.3
+    opt = curvkit.optim.create("kfac", model, lr=lr, momentum=0.0, damping=0.1, grad_ratio_clip=0.5, kl_clip=1e-3)
+    x, y = _batch(0)
+    nn.functional.cross_entropy(model(x), y).backward()
+    opt.step()
+    x, y = _batch(1)
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    seen: dict[int, float] = {}
+    original = opt._direction_bounds
+
+    def spy(scales):
+        out = original(scales)
+        seen.update(out)
+        return out
+
+    opt._direction_bounds = spy  # type: ignore[method-assign]
+    opt.step()
+    in_proj = model.att.in_proj_weight
+    assert id(in_proj) in seen, "a parameter tiled by q, k and v gets a bound"
+    layer_params = {
+        id(r.param) for layer in opt.preconditioner.layers.values() for r in (layer.weight_ref, layer.bias_ref) if r
+    }
+    assert set(seen) == layer_params, "every tracked parameter gets a bound"
+    for p in model.parameters():
+        if id(p) in seen:
+            moved = float((before[id(p)] - p.detach()).norm()) / lr
+            assert moved <= seen[id(p)] * (1 + 1e-12), (moved, seen[id(p)])
+    # an update that would overflow a parameter is still refused
+    opt.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    with torch.no_grad():  # after the backward: gradient and direction stay finite
+        model.head.weight[0, 0] = torch.finfo(torch.float64).max
+    kept = {n: p.detach().clone() for n, p in model.named_parameters()}
+    skipped = opt.preconditioner.counters["skipped_steps"]
+    opt.step()
+    assert opt.preconditioner.counters["skipped_steps"] == skipped + 1
+    assert opt.preconditioner.counters["nonfinite_updates"] >= 1
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), kept[n]), n
