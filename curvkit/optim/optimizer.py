@@ -64,6 +64,7 @@ from curvkit.errors import ConfigError
 from curvkit.methods import MethodConfig, MethodSpec
 from curvkit.numerics import all_finite_many
 from curvkit.optim.adaptive import ADAPTIVE_STEPS, adapt_damping, adaptive_update, describe_adaptive
+from curvkit.optim.directions import decay_before, parameter_directions
 from curvkit.optim.layers import layer_matrix
 from curvkit.optim.monitor import DivergenceMonitor
 from curvkit.optim.options import (
@@ -387,12 +388,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             self.monitor.skipped(pre.steps, pre.counters)
             return loss
         scales = self._trust_region(dirs, fallback, groups)
-        params, direction, factors = self._parameter_directions(dirs, scales, fallback, groups)
+        params, direction, factors, bounds = parameter_directions(pre, dirs, scales, fallback, groups)
         old = {i: p.detach().clone() for i, p in params.items()} if adapt_now else None
         if self.adaptive_step is not None:
             applied = adaptive_update(self, params, direction, groups, factors)
         else:
-            applied = apply_updates(self.state, params, direction, groups, factors, self._direction_bounds(scales))
+            applied = apply_updates(self.state, params, direction, groups, factors, bounds)
         if not applied:
             pre.revert_step("nonfinite_updates")
             self.monitor.skipped(pre.steps, pre.counters)
@@ -433,78 +434,12 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 gb = torch.zeros_like(b_ref.view())
             if adapt_now:  # the LM quadratic model reads the raw gradient
                 raw[name] = layer_matrix(layer, gw, gb)
-            if group["weight_decay"] != 0 and group["weight_decay_mode"] == "before":
-                gw = gw.add(w_ref.view(), alpha=group["weight_decay"])
+            gw = decay_before(group, w_ref.view(), gw)
             if b_ref is not None and gb is not None:
-                b_group = groups[id(b_ref.param)]
-                if b_group["weight_decay"] != 0 and b_group["weight_decay_mode"] == "before":
-                    gb = gb.add(b_ref.view(), alpha=b_group["weight_decay"])
+                gb = decay_before(groups[id(b_ref.param)], b_ref.view(), gb)
             grads[name] = (gw, gb)
         fallback = [p for g in self.param_groups for p in g["params"] if id(p) not in tracked and p.grad is not None]
         return grads, raw, fallback
-
-    def _parameter_directions(
-        self,
-        dirs: dict[str, Tensor],
-        scales: dict[str, float],
-        fallback: list[Tensor],
-        groups: dict[int, dict[str, Any]],
-    ) -> tuple[dict[int, Tensor], dict[int, Tensor], dict[int, float]]:
-        """Stage 3: ``({id: parameter}, {id: its direction}, {id: its trust-region scale})``,
-        the layers' directions in the parameters' shapes, scaled by their layers'
-        trust-region factors (one product per layer matrix, before it is split; a
-        parameter split into parts gets its rows from each), and the fallback's gradients,
-        whose factor the update applies (one multi-tensor product)."""
-        pre = self.preconditioner
-        nu = scales.get("", 1.0)
-        direction: dict[int, Tensor] = {}
-        params: dict[int, Tensor] = {}
-        factor: dict[int, float] = {}
-        pieces: dict[int, list[tuple[tuple[int, int], Tensor]]] = {}
-        layers = pre.layers
-        for name, (w_dir, b_dir) in pre.layer_directions(dirs, scales).items():
-            layer = layers[name]
-            refs = [(layer.weight_ref, w_dir)]
-            if b_dir is not None and layer.bias_ref is not None:
-                refs.append((layer.bias_ref, b_dir))
-            for ref, d in refs:
-                params[id(ref.param)] = ref.param
-                if ref.rows is None:
-                    direction[id(ref.param)] = d
-                else:
-                    pieces.setdefault(id(ref.param), []).append((ref.rows, d))
-        for i, parts in pieces.items():
-            direction[i] = self._assemble(params[i], parts, groups, nu)
-        for p in fallback:
-            assert p.grad is not None
-            direction[id(p)], params[id(p)] = self._decay_before(p, p, p.grad, groups), p
-            factor[id(p)] = nu
-        return params, direction, factor
-
-    def _direction_bounds(self, scales: dict[str, float]) -> dict[int, float]:
-        """``{id(parameter): an upper bound of ‖its direction‖}`` from the layers'
-        ``‖Δ_l‖`` that the direction guard already computed (with a per-layer clip on), so
-        the update's guard need not take those norms again: a parameter's part of a
-        layer's matrix is no longer than the matrix (times the layer's scale); a parameter
-        assembled from several layers' rows gets the root of their sum of squares, one
-        with rows no layer covers none."""
-        known = self.preconditioner.direction_norms_sq
-        if not known:
-            return {}
-        layers = self.preconditioner.layers
-        squares: dict[int, float] = {}
-        rows: dict[int, list[int]] = {}  # {id: [rows covered, rows in all]} of parameters split into parts
-        for name, sq in known.items():
-            layer = layers[name]
-            scale = scales.get(name, 1.0)
-            for ref in (layer.weight_ref, layer.bias_ref if layer.has_bias else None):
-                if ref is None:
-                    continue
-                i = id(ref.param)
-                squares[i] = squares.get(i, 0.0) + sq * scale * scale
-                if ref.rows is not None:
-                    rows.setdefault(i, [0, int(ref.param.shape[0])])[0] += ref.rows[1] - ref.rows[0]
-        return {i: math.sqrt(v) for i, v in squares.items() if i not in rows or rows[i][0] == rows[i][1]}
 
     def _check_step_hyperparameters(self) -> None:
         """Refuse non-finite or out-of-range hyperparameters met at step time (set after
@@ -524,14 +459,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
                 problems,
             )
 
-    def _decay_before(self, param: Tensor, value: Tensor, g: Tensor, groups: dict[int, dict[str, Any]]) -> Tensor:
-        """``g + γ θ`` for ``weight_decay_mode="before"`` (``value``: ``θ``, or the rows of
-        ``param`` a block covers)."""
-        group = groups[id(param)]
-        if group["weight_decay_mode"] == "before" and group["weight_decay"] != 0:
-            return g.add(value, alpha=group["weight_decay"])
-        return g
-
     def _trust_region(
         self, dirs: dict[str, Tensor], fallback: list[Tensor], groups: dict[int, dict[str, Any]]
     ) -> dict[str, float]:
@@ -550,31 +477,6 @@ class CurvatureOptimizer(torch.optim.Optimizer):
             [(p, groups[id(p)]["lr"]) for p in fallback],
             pre.direction_norms_sq,
         )
-
-    def _assemble(
-        self,
-        param: Tensor,
-        parts: list[tuple[tuple[int, int], Tensor]],
-        groups: dict[int, dict[str, Any]],
-        nu: float,
-    ) -> Tensor:
-        """A parameter's direction from the rows its blocks cover; rows no block moved
-        (a part without a gradient this step) take the first-order direction."""
-        parts = sorted(parts, key=lambda part: part[0][0])
-        rows = int(param.shape[0])
-        ends = [0] + [r1 for (_, r1), _ in parts]
-        if all(r0 == end for ((r0, _), _), end in zip(parts, ends)) and ends[-1] == rows:
-            # the parts tile the rows (q, k and v of an attention's in-projection): one copy
-            return torch.cat([d if d.dtype == param.dtype else d.to(param.dtype) for _, d in parts])
-        out = torch.empty_like(param)
-        covered = torch.zeros(rows, dtype=torch.bool, device=param.device)
-        for (r0, r1), d in parts:
-            out[r0:r1] = d
-            covered[r0:r1] = True
-        g = param.grad if param.grad is not None else torch.zeros_like(param)
-        g = self._decay_before(param, param, g, groups)
-        out[~covered] = g[~covered] * nu
-        return out
 
     # --- checkpoints ---------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 import curvkit.optim
+import curvkit.optim.optimizer as optimizer_module
 from curvkit.linalg.inverters import EigenInverse
 
 
@@ -136,7 +137,7 @@ def test_optimizer_step_leaves_gradients_unchanged_with_a_damping_only_eigen_inv
         assert not torch.equal(p.detach(), b)
 
 
-def test_update_guard_reuses_the_direction_guards_norms_as_valid_bounds():
+def test_update_guard_reuses_the_direction_guards_norms_as_valid_bounds(monkeypatch):
     """With a per-layer clip the direction guard has ``‖Δ_l‖``; the update's guard takes it
     as the bound of each parameter's direction instead of a norm of its own. The bound
     must hold (no smaller than the parameter's direction, rows assembled from parts
@@ -153,14 +154,13 @@ def test_update_guard_reuses_the_direction_guards_norms_as_valid_bounds():
     nn.functional.cross_entropy(model(x), y).backward()
     before = {id(p): p.detach().clone() for p in model.parameters()}
     seen: dict[int, float] = {}
-    original = opt._direction_bounds
+    original = optimizer_module.apply_updates
 
-    def spy(scales):
-        out = original(scales)
-        seen.update(out)
-        return out
+    def spy(state, params, directions, groups, scales=None, direction_bounds=None):
+        seen.update(direction_bounds or {})
+        return original(state, params, directions, groups, scales, direction_bounds)
 
-    opt._direction_bounds = spy  # type: ignore[method-assign]
+    monkeypatch.setattr(optimizer_module, "apply_updates", spy)
     opt.step()
     in_proj = model.att.in_proj_weight
     assert id(in_proj) in seen, "a parameter tiled by q, k and v gets a bound"
