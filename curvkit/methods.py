@@ -52,8 +52,17 @@ __all__ = [
     "ScheduleValues",
     "StatisticsConfig",
     "check_precondition_dtype",
+    "has_dense_sides",
     "names_a_damping",
 ]
+
+
+def has_dense_sides(structure: str | tuple[str, str], *, every_side: bool = False) -> bool:
+    """Whether a factor ``structure`` (one name, or the pair of the two sides') has a dense
+    side (with ``every_side``: only dense sides) — what a bf16 option needs to lower."""
+    pair = structure if isinstance(structure, tuple) else (structure, structure)
+    dense = [side == "dense" for side in pair]
+    return all(dense) if every_side else any(dense)
 
 
 def check_precondition_dtype(
@@ -71,9 +80,7 @@ def check_precondition_dtype(
             "float32 accumulation)"
         )
         return
-    pair = structure if isinstance(structure, tuple) else (structure, structure)
-    dense = [side == "dense" for side in pair]
-    if not (all(dense) if every_side_dense else any(dense)):
+    if not has_dense_sides(structure, every_side=every_side_dense):
         out.append(
             f"precondition_dtype={value} runs the dense preconditioning products in bf16, but structure="
             f"{structure!r} has {'structured' if every_side_dense else 'no dense'} ones, where it would change "

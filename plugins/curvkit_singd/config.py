@@ -12,7 +12,7 @@ import torch
 from curvkit.config import check_number
 from curvkit.errors import ConfigError
 from curvkit.linalg.damping import ScalarDamping
-from curvkit.methods import StatisticsConfig, check_precondition_dtype
+from curvkit.methods import StatisticsConfig, check_precondition_dtype, has_dense_sides
 from curvkit.structures.base import FactorStructure
 from curvkit_singd.structures import resolve_structure
 
@@ -109,18 +109,24 @@ class SINGDConfig(StatisticsConfig):
         if not (isinstance(s, str) or (isinstance(s, tuple) and len(s) == 2 and all(isinstance(x, str) for x in s))):
             out.append(f"structure={s!r} must be a registered structure name or a pair (K's, C's) of names")
         check_precondition_dtype(out, self.precondition_dtype, s, every_side_dense=True)
-        if self.stats_dtype is torch.bfloat16 and (s != "dense" and s != ("dense", "dense")):
-            out.append(
-                f"stats_dtype={self.stats_dtype} runs the dense Gram products of the update (Kᵀ XᵀX K, Cᵀ GᵀG C) in "
-                f"bf16, but structure={s!r} has structured factors, whose grams are no dense products: it would have "
-                "no effect there; use structure='dense' or drop stats_dtype"
-            )
         f = self.factor_dtype
         pair = f if isinstance(f, tuple) else (f, f)
         if len(pair) != 2 or not all(x is None or isinstance(x, torch.dtype) for x in pair):
             out.append(f"factor_dtype={f!r} must be a torch.dtype, None, or a pair (K's, C's) of them")
         elif any(x is not None and not x.is_floating_point for x in pair):
             out.append(f"factor_dtype={f!r} must be floating-point dtype(s)")
+        if self.stats_dtype is torch.bfloat16:
+            grams = "stats_dtype=torch.bfloat16 runs the dense Gram products of the update (Kᵀ XᵀX K, Cᵀ GᵀG C) in bf16"
+            if isinstance(s, str | tuple) and not has_dense_sides(s, every_side=True):
+                out.append(
+                    f"{grams}, but structure={s!r} has structured factors, whose grams are no dense products: it "
+                    "would have no effect there; use structure='dense' or drop stats_dtype"
+                )
+            elif any(x in (torch.float16, torch.bfloat16) for x in pair):
+                out.append(
+                    f"{grams}, but factor_dtype={f!r} keeps a factor in 16 bits, whose grams already run in its own "
+                    "dtype: it would have no effect there; drop stats_dtype or keep the factors in float32"
+                )
         return out
 
     # --- resolution ------------------------------------------------------------------------

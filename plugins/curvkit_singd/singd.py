@@ -425,22 +425,20 @@ class SINGDBlock(CurvatureBlock):
         diagonal Gram blocks (column sums of squares); for a hierarchical ``F`` from the
         column groups of ``X F`` (no concatenation). ``low`` (``stats_dtype``, dense ``F``
         only): the products over the rows take bf16 operands and accumulate in float32."""
-        if low is not None and isinstance(F, DenseStructure) and F.dtype not in _HALF:
-            M = F.matrix
-            if rows.shape[0] > 2 * rows.shape[1]:  # Fᵀ (XᵀX) F: the n-row product in bf16
-                return cls.from_dense(symmetric_mm(M.T, gram(rows, product_dtype=low).to(M.dtype) @ M))
-            s_rows = rows.to(low) @ M.to(low)  # X F with bf16 operands (its result rounded to bf16)
-            return cls.from_dense(gram(s_rows, product_dtype=low).to(M.dtype))
         x = rows.to(F.dtype)
         if isinstance(F, (BlockDiagonalStructure, HierarchicalStructure, TrilToeplitzStructure, TriuToeplitzStructure)):
             return F.sandwich_gram(x)
         if isinstance(F, DiagonalStructure):  # diag(F)² ⊙ Σ_rows X², without forming X F
             return DiagonalStructure(F.diag * F.diag * (x * x).sum(0))
-        if isinstance(F, DenseStructure) and x.shape[0] > 2 * x.shape[1] and F.dtype not in _HALF:
-            # more than 2d rows: Fᵀ (XᵀX) F costs n d² + 2 d³ multiply-adds, (X F)ᵀ (X F) 2 n d²
-            # (in half precision the latter: two roundings of the result instead of three)
+        if isinstance(F, DenseStructure) and F.dtype not in _HALF:
             M = F.matrix
-            return cls.from_dense(symmetric_mm(M.T, symmetric_mm(x.T, x) @ M))
+            if x.shape[0] > 2 * x.shape[1]:
+                # more than 2d rows: Fᵀ (XᵀX) F costs n d² + 2 d³ multiply-adds, (X F)ᵀ (X F) 2 n d²
+                xtx = symmetric_mm(x.T, x) if low is None else gram(x, product_dtype=low).to(M.dtype)
+                return cls.from_dense(symmetric_mm(M.T, xtx @ M))
+            if low is not None:  # X F with bf16 operands (rounded to bf16), then its gram
+                return cls.from_dense(gram(x.to(low) @ M.to(low), product_dtype=low).to(M.dtype))
+        # (in half precision (X F)ᵀ (X F): two roundings of the result instead of three)
         return s_gram(cls, F.rmatmul(x).T)
 
     def _scratch(self, key: str, like: Tensor) -> Tensor:

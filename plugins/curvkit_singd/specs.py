@@ -43,6 +43,8 @@ _BAD: tuple[tuple[dict[str, Any], type[Exception]], ...] = (
     ({"factor_dtype": "bf16"}, ConfigError),
     ({"kfac_approx": "sideways"}, ConfigError),
     ({"precondition_dtype": torch.bfloat16, "structure": "diagonal"}, ConfigError),
+    ({"stats_dtype": torch.bfloat16, "structure": "diagonal"}, ConfigError),
+    ({"stats_dtype": torch.bfloat16, "factor_dtype": torch.bfloat16}, ConfigError),
 )
 
 #: SINGD updates K and C every T steps; nothing is refreshed (K, C are the preconditioner)
@@ -63,6 +65,7 @@ SINGD_SPEC = MethodSpec(
         {"T": 1, "lr_cov": 0.1, "damping": 1e-2, "structure": ("block3diagonal", "triltoeplitz")},
         {"T": 1, "lr_cov": 0.1, "damping": 1e-2, "structure": "hierarchical3_2", "fisher": "mc"},
         {"T": 1, "lr_cov": 0.1, "damping": 1e-2, "structure": "dense", "precondition_dtype": torch.bfloat16},
+        {"T": 1, "lr_cov": 0.1, "damping": 1e-2, "structure": "dense", "stats_dtype": torch.bfloat16},
     ),
     bad_configs=(*_BAD, ({"structure": "nonesuch"}, Exception), ({"kfac_like": True, "alpha1": 0.5}, ConfigError)),
     recommended=RECOMMENDED,

@@ -326,3 +326,11 @@ def test_singd_stats_dtype_lowers_the_update_and_trains():
 def test_singd_stats_dtype_needs_dense_factors(structure):
     with pytest.raises(ConfigError, match="stats_dtype=torch.bfloat16.*structure='dense'"):
         SINGD(_mlp(), structure=structure, stats_dtype=BF16)
+
+
+@pytest.mark.parametrize("factor_dtype", [torch.bfloat16, torch.float16, (torch.float32, torch.bfloat16)])
+def test_singd_stats_dtype_with_16_bit_factors_is_refused(factor_dtype):
+    """16-bit factors' grams already run in their own dtype: ``stats_dtype`` would change
+    nothing there, so it is refused rather than ignored."""
+    with pytest.raises(ConfigError, match="stats_dtype=torch.bfloat16.*factor_dtype=.*no effect"):
+        SINGD(_mlp(), factor_dtype=factor_dtype, stats_dtype=BF16)
